@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Set up (or bring up to date) a development machine for lmscope; safe to run again and again.
+#
+#   bash scripts/setup.sh        (run from anywhere; works in the repository root)
+#
+# 1. .venv (python3 -m venv) if missing, and an up-to-date pip in it.
+# 2. llama-cpp-python, from a wheel cached in $LMSCOPE_WHEEL_CACHE (default ~/.cache/lmscope/wheels);
+#    PyPI has only its sdist, so the wheel is built once (3-7 min on 2 cores) and reused by every later
+#    venv, clone and CI run on the machine. See docs/building.md.
+# 3. pip install -e ".[server,plot,dev]"
+# 4. The default model (SmolLM2-135M-Instruct Q4_1, ~98 MB) into ~/.cache/lmscope/models ($LMSCOPE_HOME).
+#
+# Environment:
+#   LMSCOPE_WHEEL_CACHE   folder of prebuilt llama-cpp-python wheels
+#   LMSCOPE_CMAKE_ARGS    replaces the portable CMake flags below (e.g. "-DGGML_CUDA=on"); a wheel built
+#                         with other flags is cached in a subfolder of its own
+#   LMSCOPE_HOME          where models are cached (default ~/.cache/lmscope)
+#   PYTHON                interpreter used to create .venv (default python3)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+LLAMA_CPP_VERSION=0.3.36
+# The one place the llama.cpp build flags are written. GGML_NATIVE=OFF: a -march=native build segfaults on
+# AMX-capable Xeons (this machine) on the first decode of a Q4_0/Q4_1/Q8_0 model; the portable build runs
+# everywhere. LLAVA_BUILD=OFF skips the multimodal library lmscope does not use.
+PORTABLE_CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"
+CMAKE_FLAGS="${LMSCOPE_CMAKE_ARGS:-$PORTABLE_CMAKE_ARGS}"
+WHEEL_CACHE="${LMSCOPE_WHEEL_CACHE:-$HOME/.cache/lmscope/wheels}"
+if [ "$CMAKE_FLAGS" != "$PORTABLE_CMAKE_ARGS" ]; then
+    WHEEL_CACHE="$WHEEL_CACHE/cmake-$(printf '%s' "$CMAKE_FLAGS" | sha256sum | cut -c1-12)"
+fi
+VENV=.venv
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check)
+
+# pip, minus the "Location ... is ignored" lines that extra index settings of some machines print per package.
+pip_() {
+    "${PIP[@]}" "$@" 2>&1 | { grep -v -e "is ignored: it is neither a file nor a directory" || true; }
+}
+
+T_START=$(date +%s)
+step_t0=$T_START
+say() { echo "[setup] $*"; }
+step() { step_t0=$(date +%s); say "$* ..."; }
+done_step() { say "  done in $(( $(date +%s) - step_t0 ))s${1:+ ($1)}"; }
+
+# --- 1. virtual environment ------------------------------------------------------------------------------
+make_venv() {
+    if [ ! -x "$PY" ]; then
+        step "creating $VENV with ${PYTHON:-python3}"
+        "${PYTHON:-python3}" -m venv "$VENV"
+        done_step "$("$PY" --version)"
+    fi
+    "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else
+        f"[setup] lmscope needs Python >= 3.10, .venv has {sys.version.split()[0]}: "
+        "remove .venv and rerun with PYTHON=python3.11 (or newer)")'
+}
+
+# --- 2. llama-cpp-python ---------------------------------------------------------------------------------
+LLAMA_MARK="$VENV/.llama-cpp-cmake-args"  # the flags the installed llama-cpp-python was built with
+llama_ok() {
+    [ "$("$PY" -c "import importlib.metadata as m; print(m.version('llama-cpp-python'))" 2>/dev/null)" \
+        = "$LLAMA_CPP_VERSION" ] && [ -f "$LLAMA_MARK" ] && [ "$(cat "$LLAMA_MARK")" = "$CMAKE_FLAGS" ]
+}
+install_cached_llama() {
+    # --no-index: the cached wheel or nothing; this never falls back to building the sdist.
+    "${PIP[@]}" install -q --force-reinstall --no-index --no-deps --find-links "$WHEEL_CACHE" \
+        "llama-cpp-python==$LLAMA_CPP_VERSION" >/dev/null 2>&1 && printf '%s\n' "$CMAKE_FLAGS" >"$LLAMA_MARK"
+}
+build_llama_wheel() {
+    if ! command -v c++ >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            say "  no C++ compiler: apt-get install build-essential"
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential
+        else
+            say "no C++ compiler found: install one (Debian: apt-get install build-essential)" >&2
+            exit 1
+        fi
+    fi
+    local build_dir log
+    build_dir=$(mktemp -d "$WHEEL_CACHE/.build.XXXXXX")
+    log="$WHEEL_CACHE/build-$LLAMA_CPP_VERSION.log"
+    step "building the llama-cpp-python $LLAMA_CPP_VERSION wheel, CMAKE_ARGS=\"$CMAKE_FLAGS\", $(nproc) jobs (3-7 min; log: $log)"
+    # --no-cache-dir: pip's own wheel cache is keyed by the sdist, not by CMAKE_ARGS, so it could hand back a
+    # wheel built earlier with other flags (a native or CUDA one) instead of building.
+    if ! CMAKE_ARGS="$CMAKE_FLAGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+            "${PIP[@]}" wheel --no-cache-dir --no-deps -w "$build_dir" "llama-cpp-python==$LLAMA_CPP_VERSION" \
+            >"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        rm -rf "$build_dir"
+        say "building llama-cpp-python failed; full log: $log" >&2
+        exit 1
+    fi
+    mv -f "$build_dir"/*.whl "$WHEEL_CACHE"/
+    rm -rf "$build_dir"
+    done_step "wheel cached in $WHEEL_CACHE"
+}
+install_llama() {
+    if llama_ok; then
+        say "llama-cpp-python $LLAMA_CPP_VERSION already in $VENV"
+        return
+    fi
+    mkdir -p "$WHEEL_CACHE"
+    step "installing llama-cpp-python $LLAMA_CPP_VERSION from $WHEEL_CACHE"
+    if install_cached_llama; then
+        done_step "cached wheel"
+        return
+    fi
+    say "  no usable wheel cached"
+    # One build at a time per cache: a concurrent setup waits here, then finds the wheel.
+    exec 9>"$WHEEL_CACHE/.build.lock"
+    flock 9
+    install_cached_llama || { build_llama_wheel && install_cached_llama; } || {
+        say "the freshly built wheel in $WHEEL_CACHE does not install" >&2
+        exit 1
+    }
+    exec 9>&-
+}
+
+# --- 3. lmscope and its extras ---------------------------------------------------------------------------
+install_lmscope() {
+    step "pip install -e .[server,plot,dev]"
+    # llama-cpp-python==0.3.36 is already satisfied, so this never builds it; it adds its dependencies.
+    pip_ install -q -e ".[server,plot,dev]"
+    done_step
+    llama_ok || { say "pip replaced llama-cpp-python; expected $LLAMA_CPP_VERSION from $WHEEL_CACHE" >&2; exit 1; }
+}
+
+# --- run -------------------------------------------------------------------------------------------------
+make_venv
+# Steps 2-3 are skipped when nothing they depend on changed since the last successful run.
+STAMP="$VENV/.lmscope-setup"
+stamp_value() { { cat pyproject.toml; echo "$LLAMA_CPP_VERSION $CMAKE_FLAGS"; } | sha256sum | cut -c1-16; }
+if [ -z "${LMSCOPE_SETUP_FORCE:-}" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_value)" ] && llama_ok
+then
+    say "$VENV is up to date with pyproject.toml (LMSCOPE_SETUP_FORCE=1 reinstalls)"
+else
+    rm -f "$STAMP"
+    step "upgrading pip"
+    pip_ install -q --upgrade pip
+    done_step "$("${PIP[@]}" --version | cut -d' ' -f1-2)"
+    install_llama
+    install_lmscope
+    stamp_value >"$STAMP"
+fi
+
+# --- 4. default model ------------------------------------------------------------------------------------
+step "default model"
+"$PY" -c "from lmscope.service.models import pull_default_model; print(pull_default_model())"
+done_step
+
+say "ready in $(( $(date +%s) - T_START ))s: $VENV ($("$PY" --version), llama-cpp-python $LLAMA_CPP_VERSION)"
