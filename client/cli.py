@@ -1,0 +1,83 @@
+"""The `lmscope` command.
+
+    lmscope pull                 fetch and verify the default model, print its path
+    lmscope serve [--model P]    serve a model (needs the server extra: pip install "lmscope[server]")
+    lmscope info [--server A]    describe the model a server holds
+    lmscope demo                 start a server on the default model and show what lmscope does
+
+Commands that talk to a server take `--server HOST:PORT` (default `$LMSCOPE_SERVER` or 127.0.0.1:50051).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .core import DEFAULT_ADDRESS
+
+
+def _server_extra(name: str):
+    try:
+        import importlib
+
+        return importlib.import_module(f"lmscope.service.{name}")
+    except ImportError as exc:
+        sys.exit(f"error: this command needs the server extra ({exc.name} is missing): "
+                 f"pip install 'lmscope[server]'")
+
+
+def _pull(args) -> int:
+    models = _server_extra("models")
+    try:
+        print(models.pull_default_model(force=args.force, progress=lambda m: print(m, file=sys.stderr)))
+    except models.ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _info(args) -> int:
+    from .client import Client
+
+    with Client(args.server) as client:
+        print(client.model_info())
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import demo
+
+    return demo(args.server)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lmscope", description="Look inside GGUF language models")
+    commands = parser.add_subparsers(dest="command", required=True)
+    default_server = os.environ.get("LMSCOPE_SERVER", DEFAULT_ADDRESS)
+
+    pull = commands.add_parser("pull", help="fetch and verify the default model")
+    pull.add_argument("--force", action="store_true", help="download again even if cached")
+    pull.set_defaults(handler=_pull)
+
+    serve = commands.add_parser("serve", help="serve a GGUF model over gRPC")
+    serve.set_defaults(handler=None)
+
+    info = commands.add_parser("info", help="describe the model a server holds")
+    info.add_argument("--server", default=default_server)
+    info.set_defaults(handler=_info)
+
+    demo = commands.add_parser("demo", help="a short tour on the default model")
+    demo.add_argument("--server", default=os.environ.get("LMSCOPE_SERVER"),
+                      help="use this server instead of starting one")
+    demo.set_defaults(handler=_demo)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "serve":
+        server = _server_extra("server")
+        return server.main(argv[1:])
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

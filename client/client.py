@@ -1,0 +1,8 @@
+"""`Client`: the core RPCs plus one mixin per kind of analysis, each in its own module."""
+from __future__ import annotations
+
+from .core import CoreClient
+
+
+class Client(CoreClient):
+    """Connect to an lmscope server: ``Client("127.0.0.1:50051")`` (see `CoreClient` for options)."""

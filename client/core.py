@@ -1,0 +1,345 @@
+"""The core client: one method per server capability, numpy results, readable errors.
+
+`Client` (in `lmscope.client`) is this class plus the analysis mixins (lenses, steering, attention, ...),
+each in its own module and each built only on the methods here.
+
+>>> from lmscope.client import Client                          # doctest: +SKIP
+>>> c = Client("127.0.0.1:50051")                              # doctest: +SKIP
+>>> run = c.run("The capital of France is")                    # doctest: +SKIP
+>>> run.hidden_states.shape   # (n_layer + 1, n_tokens, n_embd)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from . import interventions as iv
+from . import tensors
+from .results import Generation, ModelInfo, Run, TopK, Tokens
+from .sites import SiteFilter, select_sites
+from .wire import lmscope_pb2 as pb
+from .wire import lmscope_pb2_grpc as pb_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+class LmscopeError(Exception):
+    """A call the server refused or could not complete. `code` is the grpc.StatusCode."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _raise(error: grpc.RpcError):
+    raise LmscopeError(error.code(), error.details() or "") from None
+
+
+class _BearerToken(grpc.AuthMetadataPlugin):
+    def __init__(self, token: str):
+        self._token = token
+
+    def __call__(self, context, callback):
+        callback((("authorization", f"Bearer {self._token}"),), None)
+
+
+def _channel(address: str | Sequence[str], token: str | None, root_certificates: bytes | None,
+             tls: bool, max_message_bytes: int) -> grpc.Channel:
+    if isinstance(address, str):
+        target = address
+    else:
+        addresses = list(address)
+        target = addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
+    options = [("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.lb_policy_name", "round_robin")]
+    if tls or root_certificates is not None:
+        credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        if token:
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.metadata_call_credentials(_BearerToken(token)))
+        return grpc.secure_channel(target, credentials, options=options)
+    channel = grpc.insecure_channel(target, options=options)
+    if token:
+        channel = grpc.intercept_channel(channel, _TokenInterceptor(token))
+    return channel
+
+
+class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Bearer token on a plain-text channel (loopback or a trusted network); TLS uses call credentials."""
+
+    def __init__(self, token: str):
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def _details(self, details):
+        return details._replace(metadata=list(details.metadata or []) + [self._metadata])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
+class CoreClient:
+    """Connection to one lmscope server (or several serving the same model)."""
+
+    def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, *, token: str | None = None,
+                 tls: bool = False, root_certificates: bytes | None = None, timeout: float | None = None,
+                 max_message_mb: int = 64):
+        self.address = address
+        self.timeout = timeout
+        token = token or os.environ.get("LMSCOPE_TOKEN")
+        self._channel = _channel(address, token, root_certificates, tls, max_message_mb << 20)
+        self._stub = pb_grpc.InspectorStub(self._channel)
+        self._info: ModelInfo | None = None
+
+    # ----- plumbing --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _unary(self, method: str, request):
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            _raise(error)
+
+    def _stream(self, method: str, request, metadata=None) -> Iterator:
+        try:
+            yield from getattr(self._stub, method)(request, timeout=self.timeout, metadata=metadata)
+        except grpc.RpcError as error:
+            _raise(error)
+
+    def _tensor_stream(self, method: str, request, metadata=None):
+        header = None
+        assembler = tensors.Assembler()
+        for chunk in self._stream(method, request, metadata):
+            if chunk.HasField("header"):
+                header = chunk.header
+            else:
+                assembler.add(chunk.tensor)
+        return header, assembler.arrays()
+
+    # ----- model -----------------------------------------------------------------------------------
+
+    def model_info(self, refresh: bool = False) -> ModelInfo:
+        if self._info is None or refresh:
+            self._info = ModelInfo.from_proto(self._unary("GetModelInfo", pb.ModelInfoRequest()))
+        return self._info
+
+    @property
+    def n_layer(self) -> int:
+        return self.model_info().n_layer
+
+    def sites(self, selection: SiteFilter = "*") -> list[str]:
+        """Capture-site names of the loaded model chosen by a filter (name, glob, list or predicate)."""
+        return select_sites(self.model_info().capture_sites, selection)
+
+    # ----- tokens ----------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False,
+                 chat: bool = False) -> Tokens:
+        response = self._unary("Tokenize", pb.TokenizeRequest(text=text, add_special=add_special,
+                                                              parse_special=parse_special, chat=chat))
+        return Tokens(list(response.token_ids), list(response.pieces), response.text)
+
+    def detokenize(self, token_ids: Iterable[int]) -> str:
+        return self._unary("Detokenize", pb.DetokenizeRequest(token_ids=[int(t) for t in token_ids])).text
+
+    def token_id(self, text: str) -> int:
+        """The first token of `text` (no BOS): how a multi-token word is reduced to one id."""
+        ids = self.tokenize(text, add_special=False).token_ids
+        if not ids:
+            raise ValueError(f"{text!r} tokenizes to nothing")
+        return ids[0]
+
+    # ----- forward passes --------------------------------------------------------------------------
+
+    @staticmethod
+    def _prompt(prompt, chat: bool = False) -> pb.Prompt:
+        if isinstance(prompt, str):
+            return pb.Prompt(text=prompt, chat=chat)
+        return pb.Prompt(token_ids=[int(t) for t in prompt])
+
+    def _capture_selection(self, layers, capture) -> list[str]:
+        if capture is not None:
+            return capture if isinstance(capture, str) else (
+                self.sites(capture) if callable(capture) else list(capture))
+        if layers is None:
+            return ["embed", "blocks.*.resid_post"]
+        return [f"blocks.{int(L)}.resid_post" for L in layers]
+
+    def _run_request(self, prompts, *, layers=None, capture=None, positions=None, logits=True,
+                     dtype="float32", steer=None, ablate=None, patch=None, interventions=None, chat=False,
+                     lens: pb.LensSpec | None = None) -> pb.RunRequest:
+        mode = {True: pb.LOGITS_ALL, "all": pb.LOGITS_ALL, "last": pb.LOGITS_LAST,
+                False: pb.LOGITS_NONE, None: pb.LOGITS_NONE, "none": pb.LOGITS_NONE}[logits]
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be 'float32' or 'float16', not {dtype!r}")
+        needs_layers = steer is not None or ablate is not None
+        return pb.RunRequest(
+            prompts=[self._prompt(p, chat) for p in prompts],
+            capture=self._capture_selection(layers, capture),
+            positions=[int(p) for p in positions] if positions is not None else [],
+            logits=mode, dtype=pb.FLOAT16 if dtype == "float16" else pb.FLOAT32,
+            interventions=iv.build(self.n_layer if needs_layers else 0, steer, ablate, patch, interventions),
+            lens=lens)
+
+    def _runs(self, request: pb.RunRequest, metadata=None) -> list[Run]:
+        header, arrays = self._tensor_stream("Run", request, metadata)
+        runs = []
+        for s, seq in enumerate(header.sequences):
+            captures = {site: arrays[(site, s)] for site in header.sites if (site, s) in arrays}
+            extra = {name: a for (name, seq_index), a in arrays.items()
+                     if seq_index == s and name not in captures and name != "logits"}
+            runs.append(Run(token_ids=list(seq.token_ids), positions=list(seq.positions),
+                            logits=arrays.get(("logits", s)), captures=captures, extra=extra,
+                            decode_ms=header.decode_ms, total_ms=header.total_ms, n_layer=self.n_layer))
+        return runs
+
+    def run(self, prompt, *, layers: Sequence[int] | None = None, capture: SiteFilter | None = None,
+            positions: Sequence[int] | None = None, logits: bool | str = True, dtype: str = "float32",
+            steer=None, ablate=None, patch=None, interventions=None, chat: bool = False) -> Run:
+        """One forward pass. By default captures every hidden state and returns logits for every token.
+
+        layers: capture only these blocks' outputs (``blocks.L.resid_post``).
+        capture: any sites instead (name, glob, list or predicate; see `lmscope.client.sites`).
+        positions: token positions to return (negative from the end); default all.
+        logits: True / "all", "last", or False.
+        dtype: "float32" or "float16" on the wire (results are float16 arrays then).
+        steer / ablate / patch / interventions: edits of the forward pass (`lmscope.client.interventions`).
+        chat: wrap a text prompt in the model's chat template.
+        """
+        request = self._run_request([prompt], layers=layers, capture=capture, positions=positions, logits=logits,
+                                    dtype=dtype, steer=steer, ablate=ablate, patch=patch,
+                                    interventions=interventions, chat=chat)
+        return self._runs(request)[0]
+
+    def run_batch(self, prompts: Sequence, *, batch_size: int = 64, progress: bool = False, **options) -> list[Run]:
+        """Many prompts, `batch_size` per request (decoded together by the server), results in order."""
+        from .progress import progress_bar
+
+        runs: list[Run] = []
+        with progress_bar(len(prompts), enabled=progress, desc="prompts") as bar:
+            for start in range(0, len(prompts), batch_size):
+                part = list(prompts[start:start + batch_size])
+                runs += self._runs(self._run_request(part, **options))
+                bar.update(len(part))
+        return runs
+
+    # ----- vocabulary-side math --------------------------------------------------------------------
+
+    def top_k(self, logits: np.ndarray, k: int = 10, temperature: float = 1.0) -> TopK:
+        """The next-token table of one logits row: ids, pieces and probabilities (softmax at `temperature`)."""
+        logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        z = logits / temperature
+        probs = np.exp(z - z.max())
+        probs /= probs.sum()
+        ids = np.argsort(-probs, kind="stable")[:k]
+        pieces = self.tokenize_pieces(ids)
+        return TopK(ids=ids.astype(np.int64), pieces=pieces, probs=probs[ids], logits=logits[ids])
+
+    def tokenize_pieces(self, ids: Iterable[int]) -> list[str]:
+        pieces = self._unary("Detokenize", pb.DetokenizeRequest(token_ids=[int(t) for t in ids])).pieces
+        return [p.decode("utf-8", "replace") for p in pieces]
+
+    def unembed(self, vectors: np.ndarray, final_norm: bool = True) -> np.ndarray:
+        """Final norm (unless final_norm=False) + LM head applied server-side: logits (n, n_vocab)."""
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        spec = pb.LensSpec(enabled=True, skip_final_norm=not final_norm, return_logits=True)
+        _, arrays = self._tensor_stream("Unembed", pb.UnembedRequest(vectors=tensors.to_tensor(vectors), spec=spec))
+        return arrays[("lens.logits", 0)]
+
+    def lens_vectors(self, vectors: np.ndarray, *, top_k: int = 10, temperature: float = 1.0,
+                     target_ids: Sequence[int] = (), final_norm: bool = True) -> dict[str, np.ndarray]:
+        """Server-side lens reduction of vectors: top_ids, top_probs, target_probs, target_ranks, entropy."""
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        spec = pb.LensSpec(enabled=True, top_k=top_k, temperature=temperature, target_ids=list(target_ids),
+                           skip_final_norm=not final_norm)
+        _, arrays = self._tensor_stream("Unembed", pb.UnembedRequest(vectors=tensors.to_tensor(vectors), spec=spec))
+        return {name.removeprefix("lens."): a for (name, _), a in arrays.items()}
+
+    def weights(self, name: str, indices: Sequence[int] | None = None, axis: int = 0,
+                dtype: str = "float32") -> np.ndarray:
+        """A GGUF weight tensor (dequantized), or some of its rows/columns, in numpy order."""
+        request = pb.WeightsRequest(name=name, axis=axis, indices=[int(i) for i in indices or []],
+                                    dtype=pb.FLOAT16 if dtype == "float16" else pb.FLOAT32)
+        _, arrays = self._tensor_stream("GetWeights", request)
+        return arrays[("weights", 0)]
+
+    def embedding_rows(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Rows of the token embedding table (dequantized): (n, n_embd)."""
+        return self.weights("token_embd.weight", list(token_ids), axis=0)
+
+    def embed(self, texts: Sequence[str] | str, pooling: str = "mean", normalize: bool = True,
+              batch_size: int = 64):
+        """Sentence embeddings from the final-normed last hidden state (what llama.cpp's embeddings are).
+
+        pooling: "mean" (over tokens), "last" (last token), "none" (a list of (n_tokens, n_embd) arrays).
+        normalize: L2-normalize each vector.
+        """
+        if pooling not in ("mean", "last", "none"):
+            raise ValueError(f"pooling must be 'mean', 'last' or 'none', not {pooling!r}")
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        runs = self.run_batch(texts, batch_size=batch_size, capture=["ln_final"], logits=False,
+                              positions=[-1] if pooling == "last" else None)
+        vectors = []
+        for run in runs:
+            states = run.captures["ln_final"].astype(np.float32)
+            v = states.mean(axis=0) if pooling == "mean" else states[-1] if pooling == "last" else states
+            if normalize:
+                v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+            vectors.append(v)
+        if pooling == "none":
+            return vectors[0] if single else vectors
+        stacked = np.stack(vectors)
+        return stacked[0] if single else stacked
+
+    # ----- generation ------------------------------------------------------------------------------
+
+    def generate_stream(self, prompt, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                        top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), chat: bool = False,
+                        steer=None, ablate=None, patch=None, interventions=None) -> Iterator[pb.GenerateEvent]:
+        """Raw generation events as they arrive (start, token..., end)."""
+        needs_layers = steer is not None or ablate is not None
+        request = pb.GenerateRequest(
+            prompt=self._prompt(prompt, chat), max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, stop=list(stop),
+            interventions=iv.build(self.n_layer if needs_layers else 0, steer, ablate, patch, interventions))
+        yield from self._stream("Generate", request)
+
+    def generate(self, prompt, *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), chat: bool = False,
+                 steer=None, ablate=None, patch=None, interventions=None, on_token=None) -> Generation:
+        """Generate text (greedy at temperature 0). `on_token(text)` is called as tokens stream in."""
+        generation = Generation(prompt_token_ids=[], token_ids=[], text="", finish_reason="")
+        for event in self.generate_stream(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                          top_p=top_p, seed=seed, stop=stop, chat=chat, steer=steer,
+                                          ablate=ablate, patch=patch, interventions=interventions):
+            kind = event.WhichOneof("kind")
+            if kind == "start":
+                generation.prompt_token_ids = list(event.start.prompt_token_ids)
+            elif kind == "token":
+                generation.token_ids.append(event.token.id)
+                if on_token is not None:
+                    on_token(event.token.text)
+            else:
+                generation.text = event.end.text
+                generation.finish_reason = event.end.finish_reason
+                generation.prompt_ms = event.end.prompt_ms
+                generation.generate_ms = event.end.generate_ms
+        return generation

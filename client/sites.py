@@ -1,0 +1,98 @@
+"""One naming scheme for every capture and intervention site, and the filters that select them.
+
+Site names follow TransformerLens: ``embed``, ``blocks.{L}.resid_post``, ``blocks.{L}.attn.pattern``, ...
+The server maps each name onto the llama.cpp graph tensor that holds it (``service/graph_sites.py``) and
+lists in ``ModelInfo.capture_sites`` the names the loaded model really offers. Layer ``L`` is always the
+0-based transformer block; ``blocks.{L}.resid_post`` is its output, which is hidden-state index ``L + 1``
+(index 0 is ``embed``).
+
+| site | what it holds | shape per prompt |
+| --- | --- | --- |
+| ``embed`` | token embeddings entering block 0 | (tokens, n_embd) |
+| ``blocks.{L}.ln1`` | RMS-normed input of the attention | (tokens, n_embd) |
+| ``blocks.{L}.attn.q`` / ``.k`` | queries / keys after RoPE | (tokens, heads, head_dim) |
+| ``blocks.{L}.attn.v`` | values | (tokens, kv_heads, head_dim) |
+| ``blocks.{L}.attn.scores`` | raw ``q . k`` (not yet scaled by 1/sqrt(head_dim), not masked) | (heads, tokens, tokens) |
+| ``blocks.{L}.attn.pattern`` | attention probabilities (causal) | (heads, tokens, tokens) |
+| ``blocks.{L}.attn.z`` | per-head attention output before the output projection | (tokens, heads * head_dim) |
+| ``blocks.{L}.attn_out`` | attention output after the output projection | (tokens, n_embd) |
+| ``blocks.{L}.resid_mid`` | residual stream after attention | (tokens, n_embd) |
+| ``blocks.{L}.ln2`` | RMS-normed input of the MLP | (tokens, n_embd) |
+| ``blocks.{L}.mlp.gate`` / ``.up`` | gate / up projections | (tokens, n_ff) |
+| ``blocks.{L}.mlp.post`` | neuron activations silu(gate) * up | (tokens, n_ff) |
+| ``blocks.{L}.mlp_out`` | MLP output (down projection) | (tokens, n_embd) |
+| ``blocks.{L}.resid_post`` | residual stream after the block | (tokens, n_embd) |
+| ``ln_final`` | final-normed residual, the input of the LM head | (tokens, n_embd) |
+
+Filters, accepted wherever sites are selected: an exact name, a shell-style glob (``"blocks.*.resid_post"``,
+``"blocks.1?.attn.*"``), a list of those, or a predicate called on each name.
+
+>>> select_sites(["embed", "blocks.0.resid_post", "blocks.1.resid_post", "ln_final"], "blocks.*.resid_post")
+['blocks.0.resid_post', 'blocks.1.resid_post']
+>>> site_layer("blocks.12.mlp.post")
+12
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Callable, Iterable, Sequence, Union
+
+SiteFilter = Union[str, Sequence[str], Callable[[str], bool]]
+
+# Site templates in graph order within a block; `{L}` is the layer.
+BLOCK_SITES = (
+    "ln1", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern", "attn.z", "attn_out",
+    "resid_mid", "ln2", "mlp.gate", "mlp.up", "mlp.post", "mlp_out", "resid_post",
+)
+# Sites whose tensors are (heads, query tokens, key tokens) rather than one row per token.
+PATTERN_SITES = ("attn.scores", "attn.pattern")
+
+_LAYER = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def block_site(layer: int, kind: str) -> str:
+    return f"blocks.{layer}.{kind}"
+
+
+def site_layer(name: str) -> int | None:
+    """The block index in a site name, or None for ``embed`` / ``ln_final``."""
+    match = _LAYER.match(name)
+    return int(match.group(1)) if match else None
+
+
+def site_kind(name: str) -> str:
+    """The name without its block prefix: ``blocks.3.attn.q`` -> ``attn.q``."""
+    match = _LAYER.match(name)
+    return match.group(2) if match else name
+
+
+def all_site_names(n_layer: int) -> list[str]:
+    """Every name of the scheme for a model of `n_layer` blocks, in graph order."""
+    return ["embed"] + [block_site(L, k) for L in range(n_layer) for k in BLOCK_SITES] + ["ln_final"]
+
+
+def select_sites(available: Iterable[str], selection: SiteFilter) -> list[str]:
+    """The names in `available` chosen by `selection`, in `available`'s order.
+
+    A string or list entry without glob characters must name an available site exactly; otherwise a
+    `KeyError` says which name is unknown (a typo must not silently capture nothing).
+    """
+    available = list(available)
+    if callable(selection):
+        return [name for name in available if selection(name)]
+    patterns = [selection] if isinstance(selection, str) else list(selection)
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"site filters are strings, lists of strings or predicates, not {type(pattern).__name__}")
+        if any(c in pattern for c in "*?["):
+            matched = fnmatch.filter(available, pattern)
+            if not matched:
+                raise KeyError(f"no capture site matches {pattern!r}")
+            chosen.update(matched)
+        elif pattern in available:
+            chosen.add(pattern)
+        else:
+            raise KeyError(f"unknown capture site {pattern!r}; ModelInfo.capture_sites lists the valid names")
+    return [name for name in available if name in chosen]

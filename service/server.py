@@ -1,0 +1,189 @@
+"""`lmscope serve`: the gRPC server process.
+
+The front end (this process) holds no model: it validates requests, queues them, and supervises worker
+processes that run llama.cpp (`service/worker.py`). It also serves the standard gRPC health service
+(SERVING once the workers are up; usable as a Kubernetes gRPC probe) and server reflection, so `grpcurl`
+can list and call the API.
+
+Security defaults: binds 127.0.0.1; binding any other address requires TLS (`--tls-cert/--tls-key`) or an
+explicit `--insecure`. With `--token-file`, every call except health checks must carry
+`authorization: Bearer <token>` (compared in constant time). Clients never name files: the model is
+chosen when the server starts.
+"""
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.client.wire import lmscope_pb2_grpc as pb_grpc
+
+from .errors import RequestError
+from .models import ModelPathError, resolve_model_path
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inspector"].full_name
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+
+class _TokenAuth(grpc.ServerInterceptor):
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing or wrong bearer token: pass token=... to Client or set LMSCOPE_TOKEN")
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(handler_call_details)
+        presented = dict(handler_call_details.invocation_metadata).get("authorization", "")
+        if hmac.compare_digest(presented.encode(), self._expected):
+            return continuation(handler_call_details)
+        return self._deny
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Server:
+    """A running lmscope server: gRPC front end + worker pool."""
+
+    def __init__(self, args: argparse.Namespace):
+        from .engine import EngineConfig
+        from .servicer import InspectorServicer
+        from .worker import WorkerPool
+
+        model_path = resolve_model_path(args.model)
+        config = EngineConfig(model_path=str(model_path), n_ctx=args.n_ctx, n_threads=args.threads,
+                              n_gpu_layers=args.n_gpu_layers, n_batch=args.n_batch,
+                              max_capture_bytes=args.max_capture_mb << 20,
+                              max_generated_tokens=args.max_generated_tokens,
+                              max_prompt_tokens=args.max_prompt_tokens, max_batch_prompts=args.max_batch_prompts)
+        self.started = time.perf_counter()
+        self.pool = WorkerPool(config, n_workers=args.workers, max_queue=args.max_queue, test_hooks=args.test_hooks)
+        message_bytes = args.max_message_mb << 20
+        options = [("grpc.max_send_message_length", message_bytes),
+                   ("grpc.max_receive_message_length", message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        interceptors = [_TokenAuth(_read_token(args.token_file))] if args.token_file else []
+        # Threads: one per worker running, one per queued request, plus room for health checks.
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers + args.max_queue + 4),
+                                options=options, interceptors=interceptors,
+                                maximum_concurrent_rpcs=args.workers + args.max_queue + 2)
+        pb_grpc.add_InspectorServicer_to_server(
+            InspectorServicer(self.pool, message_bytes, test_hooks=args.test_hooks), self.grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.grpc)
+        address = f"{args.host}:{args.port}"
+        if args.tls_cert or args.tls_key:
+            if not (args.tls_cert and args.tls_key):
+                raise RequestError("INVALID_ARGUMENT", "TLS needs both --tls-cert and --tls-key")
+            with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
+                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            self.port = self.grpc.add_secure_port(address, credentials)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
+        if not self.port:
+            self.pool.close()
+            raise RequestError("UNAVAILABLE", f"cannot listen on {address} (in use or not a local address?)")
+        self.host = args.host
+        self.model_path = model_path
+        self.grpc.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self, grace: float) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.grpc.stop(grace).wait()
+        self.pool.close()
+
+
+def _read_token(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise RequestError("INVALID_ARGUMENT", f"cannot read --token-file {path}: {exc.strerror}") from None
+    if len(token) < 16:
+        raise RequestError("INVALID_ARGUMENT", f"the token in {path} is shorter than 16 characters")
+    return token
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="path to a GGUF file (default: the default model, fetched once)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    parser.add_argument("--port", type=int, default=50051, help="port (0 = any free port)")
+    parser.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens per worker")
+    parser.add_argument("--n-batch", type=int, default=512, help="tokens per llama.cpp batch (ubatch)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per worker (0 = all cores)")
+    parser.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (CUDA/Metal builds)")
+    parser.add_argument("--workers", type=int, default=1, help="model worker processes (requests in parallel)")
+    parser.add_argument("--max-queue", type=int, default=32, help="requests waiting for a worker before RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-capture-mb", type=int, default=2048, help="largest answer one request may produce")
+    parser.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message either way")
+    parser.add_argument("--max-prompt-tokens", type=int, default=0, help="longest prompt (0 = n_ctx)")
+    parser.add_argument("--max-generated-tokens", type=int, default=4096)
+    parser.add_argument("--max-batch-prompts", type=int, default=1024)
+    parser.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key enables TLS")
+    parser.add_argument("--tls-key", help="PEM private key")
+    parser.add_argument("--token-file", help="file holding a bearer token every client must present")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --host without TLS (anyone who can reach it can use it)")
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds to finish requests on SIGTERM")
+    parser.add_argument("--test-hooks", action="store_true", default=bool(os.environ.get("LMSCOPE_TEST_HOOKS")),
+                        help=argparse.SUPPRESS)
+
+
+def serve(args: argparse.Namespace) -> int:
+    if not _is_loopback(args.host) and not (args.tls_cert or args.insecure):
+        print(f"error: --host {args.host} exposes the server beyond this machine; add --tls-cert/--tls-key, "
+              f"or --insecure if the network is trusted", file=sys.stderr)
+        return 2
+    try:
+        server = Server(args)
+    except (ModelPathError, RequestError) as exc:
+        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    info = server.pool.info
+    print(f"lmscope serving {info['name']} ({info['description']}, {info['n_layer']} layers) from "
+          f"{server.model_path} on {server.address} [{server.pool.size} worker(s), ready in "
+          f"{time.perf_counter() - server.started:.1f} s]", flush=True)
+    stop.wait()
+    print("lmscope: stopping", flush=True)
+    server.stop(args.grace)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lmscope serve", description="Serve a GGUF model for inspection")
+    add_arguments(parser)
+    return serve(parser.parse_args(argv))

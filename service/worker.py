@@ -1,0 +1,278 @@
+"""Model worker processes and their supervisor.
+
+llama.cpp is native code: an abort or a segfault inside it kills the process it runs in. So the gRPC front
+end never loads a model itself. Each worker process owns one `Engine` (model + contexts) and serves one
+request at a time over a pipe; the `WorkerPool` in the front end hands requests to idle workers, queues
+the rest up to a limit, and watches the worker while it works:
+
+- the client went away or its deadline passed: the worker's cancel flag is set, and the engine stops
+  between ubatches / generated tokens and answers CANCELLED;
+- the worker died (signal, abort): the request fails with UNAVAILABLE and a message that says so, and a
+  fresh worker is started in the background, so the next request succeeds.
+
+Messages on the pipe are pickled tuples; numpy arrays travel with pickle protocol 5, without copies through
+Python bytes objects. A worker sends ("item", x) any number of times (generation), then ("done", x) or
+("error", code, message).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from typing import Callable, Iterator
+
+from .errors import RequestError
+
+PICKLE_PROTOCOL = 5
+_CANCEL_GRACE_S = 10.0
+
+
+def _worker_main(conn, config, cancel_flag, test_hooks: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when workers stop
+    try:
+        from .engine import Engine
+        from .operations import Operations
+
+        engine = Engine(config)
+        ops = Operations(engine, test_hooks=test_hooks)
+        engine.set_cancel(cancel_flag.is_set)
+        conn.send(("ready", engine.model_info()))
+    except RequestError as exc:
+        conn.send(("error", exc.code, exc.message))
+        return
+    except BaseException as exc:  # noqa: BLE001 - report any start-up failure to the supervisor
+        conn.send(("error", "FAILED_PRECONDITION", f"the model could not be loaded: {exc}"))
+        return
+    from .engine import Cancelled
+
+    while True:
+        try:
+            op, payload = conn.recv()
+        except EOFError:
+            return
+        try:
+            handler = getattr(ops, op)
+            result = handler(**payload)
+            if isinstance(result, Iterator):
+                for item in result:
+                    conn.send(("item", item))
+                conn.send(("done", None))
+            else:
+                conn.send(("done", result))
+        except Cancelled:
+            conn.send(("error", "CANCELLED", "the request was cancelled"))
+        except RequestError as exc:
+            conn.send(("error", exc.code, exc.message))
+        except Exception as exc:  # noqa: BLE001 - a bug must fail one request, not the worker
+            conn.send(("error", "INTERNAL", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))
+
+
+class _Worker:
+    def __init__(self, config, test_hooks: bool, index: int):
+        self.config = config
+        self.test_hooks = test_hooks
+        self.index = index
+        self.info: dict | None = None
+        self._start()
+
+    def _start(self) -> None:
+        context = mp.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.cancel = context.Event()
+        self.process = context.Process(target=_worker_main, args=(child, self.config, self.cancel, self.test_hooks),
+                                       name=f"lmscope-worker-{self.index}", daemon=True)
+        self.process.start()
+        child.close()
+
+    def wait_ready(self, timeout: float) -> dict:
+        if not self.conn.poll(timeout):
+            raise RequestError("UNAVAILABLE", f"the model worker did not start within {timeout:.0f} s")
+        try:
+            message = self.conn.recv()
+        except EOFError:
+            raise RequestError("FAILED_PRECONDITION",
+                               f"the model worker died while loading the model (exit code {self._exit_code()})") from None
+        if message[0] == "error":
+            raise RequestError(message[1], message[2])
+        self.info = message[1]
+        return self.info
+
+    def _exit_code(self):
+        self.process.join(timeout=1.0)
+        return self.process.exitcode
+
+    def restart(self) -> None:
+        self.stop()
+        self._start()
+        self.wait_ready(timeout=600)
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+    def crash_message(self) -> str:
+        code = self._exit_code()
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return (f"the model worker crashed ({how}) while running this request; "
+                f"a new worker is starting, retry the request")
+
+
+class WorkerPool:
+    """A fixed set of workers, a bounded queue, and supervision of each request."""
+
+    def __init__(self, config, n_workers: int = 1, max_queue: int = 64, test_hooks: bool = False,
+                 start_timeout: float = 600.0):
+        self.config = config
+        self.max_queue = max_queue
+        self._workers = [_Worker(config, test_hooks, i) for i in range(n_workers)]
+        try:
+            infos = [w.wait_ready(start_timeout) for w in self._workers]
+        except BaseException:
+            self.close()
+            raise
+        self.info = infos[0]
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        for worker in self._workers:
+            self._idle.put(worker)
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return len(self._workers)
+
+    def busy(self) -> int:
+        return self.size - self._idle.qsize()
+
+    def _acquire(self, is_active: Callable[[], bool]) -> _Worker:
+        with self._lock:
+            if self._closed:
+                raise RequestError("UNAVAILABLE", "the server is shutting down")
+            if self._waiting >= self.max_queue:
+                raise RequestError("RESOURCE_EXHAUSTED",
+                                   f"the server is busy: {self.size} worker(s) working and {self._waiting} requests "
+                                   f"queued (limit {self.max_queue}); retry later")
+            self._waiting += 1
+        try:
+            while True:
+                try:
+                    return self._idle.get(timeout=0.1)
+                except queue.Empty:
+                    if not is_active():
+                        raise RequestError("CANCELLED", "the request was cancelled while queued")
+                    if self._closed:
+                        raise RequestError("UNAVAILABLE", "the server is shutting down")
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
+    def _release(self, worker: _Worker, healthy: bool) -> None:
+        if healthy:
+            self._idle.put(worker)
+            return
+
+        def replace():
+            try:
+                worker.restart()
+            except RequestError:
+                pass  # leave it out of the pool; the pool shrinks rather than hand out a dead worker
+            else:
+                self._idle.put(worker)
+        threading.Thread(target=replace, name="lmscope-worker-restart", daemon=True).start()
+
+    def call(self, op: str, payload: dict, is_active: Callable[[], bool] = lambda: True):
+        """Run a non-streaming operation and return its result."""
+        result = None
+        for kind, value in self._run(op, payload, is_active):
+            if kind == "done":
+                result = value
+        return result
+
+    def stream(self, op: str, payload: dict, is_active: Callable[[], bool] = lambda: True) -> Iterator:
+        """Run a streaming operation, yielding its items."""
+        for kind, value in self._run(op, payload, is_active):
+            if kind == "item":
+                yield value
+
+    def _run(self, op: str, payload: dict, is_active: Callable[[], bool]):
+        worker = self._acquire(is_active)
+        healthy = False
+        try:
+            worker.cancel.clear()
+            try:
+                worker.conn.send((op, payload))
+            except (BrokenPipeError, OSError):
+                raise RequestError("UNAVAILABLE", worker.crash_message()) from None
+            cancelled_at = None
+            while True:
+                if not worker.conn.poll(0.05):
+                    if not worker.process.is_alive():
+                        raise RequestError("UNAVAILABLE", worker.crash_message())
+                    if cancelled_at is None and not is_active():
+                        worker.cancel.set()
+                        cancelled_at = time.monotonic()
+                    elif cancelled_at is not None and time.monotonic() - cancelled_at > _CANCEL_GRACE_S:
+                        raise RequestError("CANCELLED", "the request was cancelled; the worker was restarted")
+                    continue
+                try:
+                    message = worker.conn.recv()
+                except (EOFError, OSError):
+                    raise RequestError("UNAVAILABLE", worker.crash_message()) from None
+                kind = message[0]
+                if kind == "error":
+                    healthy = True
+                    raise RequestError(message[1], message[2])
+                if kind == "done":
+                    healthy = True
+                    yield message
+                    return
+                if cancelled_at is None and not is_active():
+                    worker.cancel.set()
+                    cancelled_at = time.monotonic()
+                yield message
+        finally:
+            # A generator closed early (the client went away mid-stream) leaves the worker mid-request:
+            # cancel it and drain its answer before handing it to anyone else.
+            if not healthy and worker.process.is_alive() and self._drain(worker):
+                healthy = True
+            self._release(worker, healthy)
+
+    @staticmethod
+    def _drain(worker: _Worker) -> bool:
+        worker.cancel.set()
+        deadline = time.monotonic() + _CANCEL_GRACE_S
+        while time.monotonic() < deadline:
+            if not worker.conn.poll(0.05):
+                if not worker.process.is_alive():
+                    return False
+                continue
+            try:
+                kind = worker.conn.recv()[0]
+            except (EOFError, OSError):
+                return False
+            if kind in ("done", "error"):
+                return True
+        return False
+
+    def close(self) -> None:
+        self._closed = True
+        for worker in self._workers:
+            worker.stop()
+
+    def rss_bytes(self) -> int:
+        """Resident memory of all worker processes (Linux)."""
+        total = 0
+        for worker in self._workers:
+            try:
+                with open(f"/proc/{worker.process.pid}/statm") as f:
+                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError):
+                pass
+        return total
