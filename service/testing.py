@@ -1,0 +1,320 @@
+"""Tiny deterministic llama-architecture GGUF models for tests.
+
+:func:`build_tiny_model` writes a small random-weight model that llama.cpp loads and decodes like any real
+GGUF file, in a few tens of milliseconds, without a network or another model file. Tests use it
+wherever the behaviour of the service, not the quality of the model, is under test.
+
+What the file contains:
+
+* ``general.architecture = "llama"`` with RMSNorm, rotary embeddings (normal / non-NeoX mode, base 10000),
+  grouped-query attention and a SwiGLU feed-forward block: the same graph llama.cpp builds for Llama,
+  SmolLM2 and friends.
+* A real byte-level BPE tokenizer (``tokenizer.ggml.model = "gpt2"``, pre-tokenizer ``"gpt-2"``): the 256
+  byte tokens (GPT-2's byte-to-unicode alphabet, so any UTF-8 text, Chinese included, tokenizes without
+  an unknown token), :data:`N_MERGES` merges learned deterministically from a small built-in English text
+  (so common words like ``" the"``, ``" capital"`` or ``" France"`` are single tokens) and four control
+  tokens: ``<|bos|>`` (BOS, added to every prompt), ``<|endoftext|>`` (EOS), ``<|im_start|>`` and
+  ``<|im_end|>`` (end of a chat turn). The vocabulary has :data:`TINY_VOCAB_SIZE` tokens.
+* A ChatML ``tokenizer.chat_template`` (when ``chat_template=True``).
+* Random weights from ``numpy.random.default_rng(seed)``, scaled so that every activation stays of order
+  one, attention patterns are neither uniform nor one-hot and the logits (standard deviation about 4)
+  depend on the prompt. The same arguments always give byte-identical files.
+
+``weight_type`` chooses how the 2-D matrices are stored: ``"f32"``, ``"f16"`` or ``"q8_0"`` (quantized
+with :func:`gguf.quants.quantize`; it needs ``n_embd`` and ``n_ff`` to be multiples of 32). Norm weights
+are always F32. ``tied=True`` leaves out ``output.weight``: llama.cpp then uses ``token_embd.weight`` as
+the output matrix.
+
+Example::
+
+    >>> import tempfile, pathlib
+    >>> from lmscope.service.testing import build_tiny_model, TINY_VOCAB_SIZE
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "tiny.gguf"
+    >>> path = build_tiny_model(out, n_layer=2, tied=True, weight_type="q8_0")
+    >>> path == out and path.stat().st_size > 0
+    True
+    >>> import gguf
+    >>> reader = gguf.GGUFReader(path)
+    >>> len(reader.fields["tokenizer.ggml.tokens"].data) == TINY_VOCAB_SIZE
+    True
+    >>> "output.weight" in {t.name for t in reader.tensors}
+    False
+
+From a shell: ``python scripts/make_tiny_model.py /tmp/tiny.gguf --n-layer 2 --tied --weight-type q8_0``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "build_tiny_model",
+    "tiny_vocab",
+    "N_MERGES",
+    "SPECIAL_TOKENS",
+    "TINY_VOCAB_SIZE",
+    "CHATML_TEMPLATE",
+    "WEIGHT_TYPES",
+]
+
+#: Control tokens, in id order (ids 0-3).
+SPECIAL_TOKENS = ("<|bos|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>")
+BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(4)
+
+#: Number of BPE merges learned from :data:`_CORPUS`.
+N_MERGES = 240
+
+#: Number of tokens in the tiny models' vocabulary (checked by :func:`tiny_vocab`).
+TINY_VOCAB_SIZE = 500
+
+#: ChatML, the format SmolLM2-Instruct and Qwen use; llama.cpp recognises it by ``<|im_start|>``.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+WEIGHT_TYPES = ("f32", "f16", "q8_0")
+
+# Training text for the merges: plain English written for this module. Only the merges learned from it
+# matter, so it favours the words that appear in test prompts.
+_CORPUS = """
+The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome.
+The capital of Spain is Madrid. The capital of Japan is Tokyo. Paris is a city in France, and Berlin is
+a city in Germany. What is the capital of France? The answer is Paris.
+The weather is nice today. It is a good day to go for a walk in the park with a friend.
+I have two green apples and three red apples. She has one apple and he has two. They have many apples.
+The cat sat on the mat. The dog ran in the garden. A bird is singing in the tree near the house.
+This is a small model for testing. The model reads the text, one token at a time, and predicts the next
+token. We look inside the model to see what it does with each word of the prompt.
+There are many languages in the world: English, French, German, Spanish, Chinese and Japanese.
+Water is wet and fire is hot. The sun is bright in the morning and the moon is bright at night.
+My name is Alice. Her name is Mary and his name is John. What is your name? Where do you live?
+Hello, how are you? I am fine, thank you. Please tell me a story about a king and a queen.
+Once upon a time there was a little girl who lived in a village near the forest.
+She was very happy when she found the old book, and she read it all day long.
+You should always be kind to other people, because they will be kind to you.
+The number one comes before two, and two comes before three, four and five.
+It was the best of times, it was the worst of times. In the beginning there was the word.
+Love is patient, love is kind. The quick brown fox jumps over the lazy dog.
+"""
+
+_PRETOKEN = re.compile(
+    r"'(?:s|t|re|ve|m|ll|d)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"
+)
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    )
+    chars = {}
+    extra = 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def _learn_merges(text: str, n_merges: int) -> list[tuple[str, str]]:
+    """Byte-level BPE training on ``text``: most frequent adjacent pair first, ties by pair order."""
+    alphabet = _byte_alphabet()
+    counts = Counter(
+        tuple(alphabet[b] for b in piece.encode("utf-8")) for piece in _PRETOKEN.findall(text)
+    )
+    words = [list(w) for w in counts]
+    freq = list(counts.values())
+    pairs: Counter = Counter()
+    for word, count in zip(words, freq):
+        for pair in zip(word, word[1:]):
+            pairs[pair] += count
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n_merges and pairs:
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        joined = best[0] + best[1]
+        for word, count in zip(words, freq):
+            if len(word) < 2 or best[0] not in word:
+                continue
+            i = 0
+            merged = []
+            while i < len(word):
+                if i + 1 < len(word) and word[i] == best[0] and word[i + 1] == best[1]:
+                    merged.append(joined)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            if len(merged) == len(word):
+                continue
+            for pair in zip(word, word[1:]):
+                pairs[pair] -= count
+            for pair in zip(merged, merged[1:]):
+                pairs[pair] += count
+            word[:] = merged
+        pairs = +pairs  # drop pairs whose count fell to zero
+    return merges
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_vocab() -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
+    """The tokenizer of every tiny model: ``(tokens, token_types, merges)``.
+
+    Token ids: 0-3 the :data:`SPECIAL_TOKENS` (type 3, control), 4-259 the byte tokens in byte order
+    (type 1, normal), then one token per distinct merge result in merge order.
+    """
+    tokens = list(SPECIAL_TOKENS) + _byte_alphabet()
+    types = [3] * len(SPECIAL_TOKENS) + [1] * 256
+    seen = set(tokens)
+    merges = _learn_merges(_CORPUS, N_MERGES)
+    if len(merges) != N_MERGES:  # the corpus is fixed: this is a programming error
+        raise AssertionError(f"learned {len(merges)} merges, expected {N_MERGES}")
+    for a, b in merges:
+        if a + b not in seen:
+            seen.add(a + b)
+            tokens.append(a + b)
+            types.append(1)
+    if len(tokens) != TINY_VOCAB_SIZE:
+        raise AssertionError(f"vocabulary has {len(tokens)} tokens, expected {TINY_VOCAB_SIZE}")
+    return tuple(tokens), tuple(types), tuple(f"{a} {b}" for a, b in merges)
+
+
+
+
+def build_tiny_model(
+    path: str | os.PathLike,
+    *,
+    n_layer: int = 4,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 128,
+    seed: int = 0,
+    tied: bool = False,
+    weight_type: str = "f32",
+    n_ctx_train: int = 512,
+    chat_template: bool = True,
+) -> Path:
+    """Write a deterministic random-weight llama GGUF model to ``path`` and return it as a ``Path``.
+
+    ``n_embd`` must be divisible by ``n_head`` with an even head size, ``n_head`` by ``n_head_kv``;
+    ``weight_type`` is one of :data:`WEIGHT_TYPES`. Existing files are overwritten; missing parent
+    folders are created.
+    """
+    import gguf  # the server extra; imported here so that importing this module stays cheap
+
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"weight_type must be one of {WEIGHT_TYPES}, not {weight_type!r}")
+    for name, value in (("n_layer", n_layer), ("n_embd", n_embd), ("n_head", n_head),
+                        ("n_head_kv", n_head_kv), ("n_ff", n_ff), ("n_ctx_train", n_ctx_train)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer, not {value!r}")
+    if n_embd % n_head or (n_embd // n_head) % 2:
+        raise ValueError("n_embd must be a multiple of n_head with an even head size")
+    if n_head % n_head_kv:
+        raise ValueError("n_head must be a multiple of n_head_kv")
+    if weight_type == "q8_0" and (n_embd % 32 or n_ff % 32):
+        raise ValueError("q8_0 needs n_embd and n_ff to be multiples of 32")
+
+    tokens, token_types, merges = tiny_vocab()
+    n_vocab = len(tokens)
+    head_dim = n_embd // n_head
+    n_embd_kv = head_dim * n_head_kv
+
+    qtype = {
+        "f32": gguf.GGMLQuantizationType.F32,
+        "f16": gguf.GGMLQuantizationType.F16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    }[weight_type]
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[weight_type]
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+
+    writer.add_name("lmscope-tiny")
+    writer.add_description("random-weight test model written by lmscope.service.testing")
+    writer.add_file_type(int(file_type))
+    writer.add_context_length(n_ctx_train)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(n_vocab)
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(list(tokens))
+    writer.add_token_types(list(token_types))
+    writer.add_token_merges(list(merges))
+    writer.add_bos_token_id(BOS_ID)
+    writer.add_eos_token_id(EOS_ID)
+    writer.add_pad_token_id(EOS_ID)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    if chat_template:
+        writer.add_chat_template(CHATML_TEMPLATE)
+
+    rng = np.random.default_rng(seed)
+
+    def normal(shape, std):
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+
+    def norm_weight():
+        return (1.0 + 0.1 * rng.standard_normal(n_embd, dtype=np.float32)).astype(np.float32)
+
+    def add_matrix(name, array):
+        # numpy (rows, cols) = ggml ne [cols, rows]: a (n_out, n_in) array is the ggml {n_in, n_out}
+        # weight that llama.cpp multiplies activations with.
+        if qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, array)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, array.astype(np.float16))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+
+    # Scales: rows of token_embd have norm about 4, so tied logits of the normalised final state have a
+    # standard deviation of about 4; projections out of a normalised state use 1/sqrt(fan_in), with
+    # q and k a little larger so that attention is not uniform.
+    add_matrix("token_embd.weight", normal((n_vocab, n_embd), 4.0 / np.sqrt(n_embd)))
+    for il in range(n_layer):
+        blk = f"blk.{il}"
+        writer.add_tensor(f"{blk}.attn_norm.weight", norm_weight())
+        add_matrix(f"{blk}.attn_q.weight", normal((n_embd, n_embd), 1.5 / np.sqrt(n_embd)))
+        add_matrix(f"{blk}.attn_k.weight", normal((n_embd_kv, n_embd), 1.5 / np.sqrt(n_embd)))
+        add_matrix(f"{blk}.attn_v.weight", normal((n_embd_kv, n_embd), 1.0 / np.sqrt(n_embd)))
+        add_matrix(f"{blk}.attn_output.weight", normal((n_embd, n_embd), 1.0 / np.sqrt(n_embd)))
+        writer.add_tensor(f"{blk}.ffn_norm.weight", norm_weight())
+        add_matrix(f"{blk}.ffn_gate.weight", normal((n_ff, n_embd), 1.0 / np.sqrt(n_embd)))
+        add_matrix(f"{blk}.ffn_up.weight", normal((n_ff, n_embd), 1.0 / np.sqrt(n_embd)))
+        add_matrix(f"{blk}.ffn_down.weight", normal((n_embd, n_ff), 1.0 / np.sqrt(n_ff)))
+    writer.add_tensor("output_norm.weight", norm_weight())
+    if not tied:
+        add_matrix("output.weight", normal((n_vocab, n_embd), 4.0 / np.sqrt(n_embd)))
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
