@@ -261,6 +261,7 @@ class Engine:
         self.n_ctx = config.n_ctx
         self.n_batch = min(config.n_batch, config.n_ctx)
         self.n_threads = config.n_threads or os.cpu_count() or 1
+        self.n_seq_max = min(config.n_seq_max, self.n_batch)  # llama.cpp needs n_seq_max <= n_batch
         self.weights = Weights(config.model_path)
         self._contexts: dict[bool, tuple[int, object]] = {}
         self._pass: _Pass | None = None
@@ -376,7 +377,7 @@ class Engine:
         params.n_ctx = self.n_ctx
         params.n_batch = self.n_batch
         params.n_ubatch = self.n_batch
-        params.n_seq_max = self.config.n_seq_max
+        params.n_seq_max = self.n_seq_max
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads
         params.kv_unified = True  # prompts of one batch share the whole context, and rows keep batch order
@@ -593,7 +594,7 @@ class Engine:
         """Prompt indices decoded together: at most n_seq_max sequences and n_ctx tokens per group."""
         group, tokens = [], 0
         for i, prompt in enumerate(prompts):
-            if group and (len(group) == self.config.n_seq_max or tokens + len(prompt) > self.n_ctx):
+            if group and (len(group) == self.n_seq_max or tokens + len(prompt) > self.n_ctx):
                 yield group
                 group, tokens = [], 0
             group.append(i)
