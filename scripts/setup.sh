@@ -5,7 +5,7 @@
 #
 # 1. .venv (python3 -m venv) if missing, and an up-to-date pip in it.
 # 2. llama-cpp-python, from a wheel cached in $LMSCOPE_WHEEL_CACHE (default ~/.cache/lmscope/wheels);
-#    PyPI has only its sdist, so the wheel is built once (3-7 min on 2 cores) and reused by every later
+#    PyPI has only its sdist, so the wheel is built once (5-10 min on 2 cores) and reused by every later
 #    venv, clone and CI run on the machine. See docs/building.md.
 # 3. pip install -e ".[server,plot,dev]"
 # 4. The default model (SmolLM2-135M-Instruct Q4_1, ~98 MB) into ~/.cache/lmscope/models ($LMSCOPE_HOME).
@@ -80,7 +80,7 @@ build_llama_wheel() {
     local build_dir log
     build_dir=$(mktemp -d "$WHEEL_CACHE/.build.XXXXXX")
     log="$WHEEL_CACHE/build-$LLAMA_CPP_VERSION.log"
-    step "building the llama-cpp-python $LLAMA_CPP_VERSION wheel, CMAKE_ARGS=\"$CMAKE_FLAGS\", $(nproc) jobs (3-7 min; log: $log)"
+    step "building the llama-cpp-python $LLAMA_CPP_VERSION wheel, CMAKE_ARGS=\"$CMAKE_FLAGS\", $(nproc) jobs (5-10 min; log: $log)"
     # --no-cache-dir: pip's own wheel cache is keyed by the sdist, not by CMAKE_ARGS, so it could hand back a
     # wheel built earlier with other flags (a native or CUDA one) instead of building.
     if ! CMAKE_ARGS="$CMAKE_FLAGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
@@ -110,10 +110,13 @@ install_llama() {
     # One build at a time per cache: a concurrent setup waits here, then finds the wheel.
     exec 9>"$WHEEL_CACHE/.build.lock"
     flock 9
-    install_cached_llama || { build_llama_wheel && install_cached_llama; } || {
-        say "the freshly built wheel in $WHEEL_CACHE does not install" >&2
-        exit 1
-    }
+    if install_cached_llama; then
+        say "  installed the wheel a concurrent setup built"
+    else
+        build_llama_wheel
+        install_cached_llama || { say "the freshly built wheel in $WHEEL_CACHE does not install" >&2; exit 1; }
+        say "  installed the new wheel"
+    fi
     exec 9>&-
 }
 
@@ -127,6 +130,9 @@ install_lmscope() {
 }
 
 # --- run -------------------------------------------------------------------------------------------------
+# One setup at a time per checkout (a lock on pyproject.toml, which needs no file of its own).
+exec 8<pyproject.toml
+flock 8
 make_venv
 # Steps 2-3 are skipped when nothing they depend on changed since the last successful run.
 STAMP="$VENV/.lmscope-setup"
