@@ -20,6 +20,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 LLAMA_CPP_VERSION=0.3.36
+export HOME="${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}"  # CI may run with a bare environment
 # The one place the llama.cpp build flags are written. GGML_NATIVE=OFF: a -march=native build segfaults on
 # AMX-capable Xeons (this machine) on the first decode of a Q4_0/Q4_1/Q8_0 model; the portable build runs
 # everywhere. LLAVA_BUILD=OFF skips the multimodal library lmscope does not use.
