@@ -153,7 +153,7 @@ fi
 
 # --- 4. default model ------------------------------------------------------------------------------------
 step "default model"
-"$PY" -c "from lmscope.service.models import pull_default_model; print(pull_default_model())"
+"$VENV/bin/lmscope" pull
 done_step
 
 say "ready in $(( $(date +%s) - T_START ))s: $VENV ($("$PY" --version), llama-cpp-python $LLAMA_CPP_VERSION)"
