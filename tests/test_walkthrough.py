@@ -1,0 +1,22 @@
+"""The walkthrough runs end to end against a real server on the default model, and its notebook is in sync."""
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_notebook_is_generated_from_the_script():
+    result = subprocess.run([sys.executable, "scripts/sync_walkthrough.py", "--check"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_walkthrough_script_runs_every_section(smol_server):
+    env = {**os.environ, "LMSCOPE_SERVER": smol_server.address, "MPLBACKEND": "Agg"}
+    result = subprocess.run([sys.executable, "examples/walkthrough.py"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    sections = [line for line in result.stdout.splitlines() if line.startswith("saved docs/walkthrough/")]
+    assert sections, result.stdout[-2000:]
