@@ -72,13 +72,13 @@ class PatchSweep:
         return (self.values - self.corrupted_value) / span
 
     def plot(self, *, normalized: bool = False, ax=None, save: str | None = None):
-        """Heatmap of the sweep (layers down, positions across); returns the figure."""
+        """Heatmap of the sweep (positions down, layers across, as in causal tracing); returns the figure."""
         values = self.normalized() if normalized else self.values
         limit = float(np.nanmax(np.abs(values))) or 1.0
-        return heatmap(values, row_labels=[str(L) for L in self.layers],
-                       col_labels=[f"{p}: {t}" for p, t in zip(self.positions, self.tokens)],
+        return heatmap(values.T, row_labels=[f"{p}: {t}" for p, t in zip(self.positions, self.tokens)],
+                       col_labels=[str(L) for L in self.layers],
                        title=f"activation patching of {self.site} (clean into corrupted)",
-                       xlabel="position", ylabel="layer",
+                       xlabel="layer", ylabel="position: token (clean/corrupted)",
                        colorbar_label="restored fraction" if normalized else self.metric_name,
                        cmap="RdBu", vmin=-limit, vmax=limit, ax=ax, save=save)
 

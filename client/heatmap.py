@@ -51,10 +51,11 @@ def heatmap(values: np.ndarray, *, row_labels: Sequence[str], col_labels: Sequen
             col_labels = [_escape_wide(label) for label in col_labels]
         else:
             family = [plt.rcParams["font.family"][0], font]
+    upright = max(map(len, col_labels), default=0) <= 2  # short column labels (layer numbers) stay upright
     if ax is None:
         n_rows, n_cols = values.shape
-        width = min(18.0, 2.5 + 0.45 * n_cols)
-        height = min(18.0, 2.0 + 0.4 * n_rows)
+        width = min(18.0, max(6.0, 3.0 + (0.3 if upright else 0.45) * n_cols))
+        height = min(14.0, max(3.0, 2.0 + 0.35 * n_rows))
         fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
     else:
         fig = ax.figure
@@ -62,7 +63,7 @@ def heatmap(values: np.ndarray, *, row_labels: Sequence[str], col_labels: Sequen
     ax.set_xticks(range(len(col_labels)))
     ax.set_yticks(range(len(row_labels)))
     text_options = {"family": family} if family else {}
-    ax.set_xticklabels(col_labels, rotation=90, **text_options)
+    ax.set_xticklabels(col_labels, rotation=0 if upright else 90, **text_options)
     ax.set_yticklabels(row_labels, **text_options)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

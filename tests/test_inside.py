@@ -372,3 +372,13 @@ def test_bad_input_gets_a_precise_status(client, call, code, words):
         call(client)
     assert info.value.code.name == code
     assert words in info.value.message
+
+
+def test_token_labels_name_the_characters_split_over_tokens():
+    from lmscope.client.token_labels import snippet, token_labels
+
+    apple = "蘋".encode()  # three bytes, here one token each
+    pieces = [b" two", "兩".encode()[:2], "兩".encode()[2:] + apple[:1], apple[1:2], apple[2:], b"\n", b"\xff"]
+    assert token_labels(pieces) == [" two", "兩[1/2]", "兩[2/2]蘋[1/3]", "蘋[2/3]", "蘋[3/3]", "\\n", "\\xff"]
+    assert snippet(pieces, 3) == " two兩[[蘋]]\\n"      # the mark widens to the whole character
+    assert snippet(pieces[2:], 2) == "[[蘋]]\\n"        # a character cut by the window's edge is dropped
