@@ -174,7 +174,7 @@ class CoreClient:
 
     def _capture_selection(self, layers, capture) -> list[str]:
         if capture is not None:
-            return capture if isinstance(capture, str) else (
+            return [capture] if isinstance(capture, str) else (
                 self.sites(capture) if callable(capture) else list(capture))
         if layers is None:
             return ["embed", "blocks.*.resid_post"]

@@ -12,7 +12,7 @@ lists in ``ModelInfo.capture_sites`` the names the loaded model really offers. L
 | ``blocks.{L}.ln1`` | RMS-normed input of the attention | (tokens, n_embd) |
 | ``blocks.{L}.attn.q`` / ``.k`` | queries / keys after RoPE | (tokens, heads, head_dim) |
 | ``blocks.{L}.attn.v`` | values | (tokens, kv_heads, head_dim) |
-| ``blocks.{L}.attn.scores`` | raw ``q . k`` (not yet scaled by 1/sqrt(head_dim), not masked) | (heads, tokens, tokens) |
+| ``blocks.{L}.attn.scores`` | raw ``q . k`` (not scaled by 1/sqrt(head_dim)); 0 for keys after the query (see below) | (heads, tokens, tokens) |
 | ``blocks.{L}.attn.pattern`` | attention probabilities (causal) | (heads, tokens, tokens) |
 | ``blocks.{L}.attn.z`` | per-head attention output before the output projection | (tokens, heads * head_dim) |
 | ``blocks.{L}.attn_out`` | attention output after the output projection | (tokens, n_embd) |
@@ -23,6 +23,11 @@ lists in ``ModelInfo.capture_sites`` the names the loaded model really offers. L
 | ``blocks.{L}.mlp_out`` | MLP output (down projection) | (tokens, n_embd) |
 | ``blocks.{L}.resid_post`` | residual stream after the block | (tokens, n_embd) |
 | ``ln_final`` | final-normed residual, the input of the LM head | (tokens, n_embd) |
+
+``attn.scores``: llama.cpp scales and masks the scores inside its softmax, so its ``kq`` tensor holds neither; lmscope
+returns the causal part and 0 above the diagonal, like the pattern. With the default F16 KV cache, q and k
+are rounded to float16 before the product: ``pattern == softmax(scores / sqrt(head_dim))`` with the mask.
+Both attention sites exist only without flash attention, which the server turns off for such requests.
 
 Filters, accepted wherever sites are selected: an exact name, a shell-style glob (``"blocks.*.resid_post"``,
 ``"blocks.1?.attn.*"``), a list of those, or a predicate called on each name.
