@@ -151,7 +151,14 @@ else
     stamp_value >"$STAMP"
 fi
 
-# --- 4. default model ------------------------------------------------------------------------------------
+# --- 4. a CJK font, so plots can label Chinese tokens (optional: plots fall back to escapes without it) ----
+if ! fc-list :lang=zh 2>/dev/null | grep -q . && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    step "CJK font for plots (fonts-wqy-microhei)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-wqy-microhei; } >/dev/null 2>&1 \
+        && done_step || say "  could not install it; plots will show Chinese tokens as escapes"
+fi
+
+# --- 5. default model ------------------------------------------------------------------------------------
 step "default model"
 "$VENV/bin/lmscope" pull
 done_step
