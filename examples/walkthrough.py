@@ -52,3 +52,64 @@ for text in ["今天天氣真好！", "The weather is really nice today!"]:
     print(f"{text!r}: {len(text)} characters -> {len(tokens)} tokens")
     for token_id, piece in zip(tokens.token_ids, tokens.pieces):
         print(f"   {token_id:>6}  {piece!r}")
+
+
+# %% [markdown]
+# ## 4. The LM head: logits -> softmax -> probabilities
+# The last hidden state goes through the final norm and the LM head to give one logit per vocabulary entry;
+# softmax turns them into probabilities, and the temperature sharpens (T < 1) or flattens (T > 1) them.
+# SmolLM2 ties its embeddings: the LM head *is* the embedding table, so a logit is the dot product of the
+# final-normed state with that token's embedding row. Look for: " Paris" on top; the curve flattening with T.
+
+# %%
+prompt = "The capital of France is"
+run = c.run(prompt, capture=["ln_final"], logits="last", positions=[-1])
+logits = run.logits[-1].astype(np.float64)
+print(c.top_k(logits, k=5))
+print("tied embeddings:", info.tied_embeddings)
+top = c.top_k(logits, k=5)
+rows = c.embedding_rows(top.ids)
+by_hand = rows @ run.captures["ln_final"][-1]
+print("logit = ln_final . embedding row:", np.round(by_hand, 3), "vs llama.cpp", np.round(top.logits, 3))
+
+fig, ax = plt.subplots(figsize=(7, 3.5))
+for temperature in (0.5, 1.0, 2.0):
+    table = c.top_k(logits, k=15, temperature=temperature)
+    ax.plot(range(15), table.probs, marker="o", label=f"T = {temperature}")
+ax.set_xticks(range(15), [p.replace(" ", "␣") for p in c.top_k(logits, k=15).pieces], rotation=60)
+ax.set_ylabel("probability")
+ax.set_title(f"next token after {prompt!r}")
+ax.legend()
+save(fig, "temperature")
+
+
+# %% [markdown]
+# ## 8. Patchscopes: what does a hidden state mean? (arXiv 2401.06102)
+# Take the hidden state of the last token of an entity name at one layer, patch it into a few-shot
+# "describe x" prompt in place of `x`, and let the model talk. Look for: a description of the entity,
+# although the target prompt never names it.
+
+# %%
+target = "Syria: country in the Middle East. Leonardo DiCaprio: American actor. x:"
+for source in ["Diana, Princess of Wales", "Barack Obama", "the Eiffel Tower in Paris"]:
+    ps = c.patchscope(source=source, source_layer=8, source_position=-1, target=target, target_layer=3,
+                      target_position=-1, max_tokens=12)
+    print(f"{source!r:32} -> {ps.text!r}")
+
+
+# %% [markdown]
+# ## 9. Inside a layer: attention heads and FFN neurons
+# Attention probabilities per head (arXiv 1706.03762): each row is a query token, each column a key; the
+# mask is causal, so everything above the diagonal is 0. Then an FFN neuron read as a key-value memory
+# (arXiv 2012.14913): its value vector (a column of the down projection) pushed through the LM head shows
+# which tokens it promotes. Look for: heads that look at the previous token or at the first token.
+
+# %%
+att = c.attention("兩顆青蘋果", layers=[3, 10])
+print(att.head_summary())
+save(att.plot(layer=10, head=2), "attention_cjk")
+
+neurons = c.neurons("The capital of France is Paris", layer=20)
+strongest = int(neurons.top(position=-1, k=1)[0][0])
+print(f"layer 20: neuron {strongest} fires most on the last token; its value vector through the LM head:")
+print(c.neuron_top_tokens(layer=20, neuron=strongest, k=8))
