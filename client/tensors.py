@@ -76,7 +76,7 @@ def from_tensor(tensor: pb.Tensor) -> np.ndarray:
 def to_chunks(name: str, array: np.ndarray, sequence: int = 0,
               chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
     """Split an array into `TensorChunk`s of at most `chunk_bytes` bytes of data each."""
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")  # not ascontiguousarray: it turns a 0-d array into shape (1,)
     dtype = wire_dtype(array)
     shape = list(array.shape)
     if array.size == 0:
