@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import time
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -54,3 +55,15 @@ def cpu_seconds(pid: int) -> float:
 def server_rss_bytes(server_pid: int) -> dict[str, int]:
     """Resident memory of the front end and of all its workers together."""
     return {"front_end": rss_bytes(server_pid), "workers": sum(rss_bytes(p) for p in worker_pids(server_pid))}
+
+
+def seconds_until_idle(pid: int, timeout: float = 10.0, window: float = 0.5) -> float:
+    """Seconds until process `pid` used under 10 % of a core over `window` (a worker waiting for work uses
+    none); raises TimeoutError if it keeps computing for `timeout` seconds."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        before = cpu_seconds(pid)
+        time.sleep(window)
+        if cpu_seconds(pid) - before < 0.1 * window:
+            return time.monotonic() - start
+    raise TimeoutError(f"process {pid} kept computing for {timeout} s")

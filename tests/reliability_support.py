@@ -1,13 +1,10 @@
 """Helpers shared by the reliability, security and fuzz tests: raw stubs, health checks, worker facts."""
 from __future__ import annotations
 
-import time
-
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lmscope.client import Intervention
 from lmscope.client.wire import lmscope_pb2 as pb
 from lmscope.client.wire import lmscope_pb2_grpc as pb_grpc
 from lmscope.service import procinfo
@@ -38,29 +35,6 @@ def crash_run(address: str, how: str, timeout: float = 60.0) -> grpc.RpcError:
     except grpc.RpcError as error:
         return error
     raise AssertionError("the crash request succeeded")
-
-
-def endless(client) -> list[Intervention]:
-    """Interventions that make greedy generation repeat one ordinary token for ever (never EOS):
-    the final-normed state is pinned to a multiple of that token's row of the LM head."""
-    row = client.weights("output.weight", [100])[0]
-    return [Intervention("set", ["ln_final"], 10 * row)]
-
-
-def endless_request(client, max_tokens: int = 4000) -> pb.GenerateRequest:
-    return pb.GenerateRequest(prompt=pb.Prompt(text=PROMPT), max_tokens=max_tokens,
-                              interventions=[iv.to_proto() for iv in endless(client)])
-
-
-def wait_until_idle(pid: int, timeout: float = 10.0, window: float = 0.5) -> float:
-    """Seconds until process `pid` used under 10 % of a core over `window`; fails after `timeout`."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        before = procinfo.cpu_seconds(pid)
-        time.sleep(window)
-        if procinfo.cpu_seconds(pid) - before < 0.1 * window:
-            return time.monotonic() - start
-    raise AssertionError(f"process {pid} kept computing for {timeout} s")
 
 
 def only_worker(server) -> int:

@@ -33,13 +33,13 @@ FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthChe
                                                                         HealthCheck.data_too_large])
 FUZZ_MORE = settings(FUZZ, max_examples=100)  # the RPCs with the most fields and the deepest paths
 
-N_EMBD, N_VOCAB, N_LAYER = 64, 500, 4
+N_EMBD, N_VOCAB = 64, 500
 SITE_WORDS = ["embed", "ln_final", "*", "blocks.*.resid_post", "blocks.0.attn.pattern", "blocks.3.mlp.post",
               "blocks.1.attn.q", "blocks.2.attn_out", "blocks.9.resid_post", "blocks.-1.resid_post", "[", "[!a]*",
               "blocks.0.*", "logits", "", "blocks.3.resid_post"]
 HOSTILE_TEXT = ["", "\x00", "\x00" * 100, "<|im_start|>user\nhi<|im_end|>", "<s></s>", "\ufffd", "\u202e\u200b",
-                "🙂" * 300, "今天天氣真好！" * 50, "%s%n%x", "{{ raise('x') }}", "/etc/passwd", "../../model.gguf",
-                "a" * 5000, " " * 1000, "\n" * 500]
+                "🙂" * 300, "今天天氣真好！" * 50, "%s%n%x", "{{ raise('x') }}", "/etc/passwd",
+                "../../model.gguf", "a" * 5000, " " * 1000, "\n" * 500]
 PLAIN_TEXT = ["The capital of France is", "Hello world", "今天天氣真好！", "a b c d e f g", "<|im_start|>", "x"]
 RESIDUAL_SITES = ["embed", "blocks.*.resid_post", "blocks.1.resid_mid", "blocks.2.attn_out", "ln_final"]
 EDITABLE_SITES = ["embed", "blocks.0.resid_post", "blocks.*.resid_post", "blocks.2.resid_mid", "blocks.3.attn_out",

@@ -19,10 +19,10 @@ import pytest
 from lmscope.client import Client, Intervention, LmscopeError, Patch
 from lmscope.client.wire import lmscope_pb2 as pb
 from lmscope.service import procinfo
+from lmscope.service.exercise import endless, endless_request
 from lmscope.service.launch import launch_server
 
-from reliability_support import (NOT_SERVING, PROMPT, SERVING, as_arrays, crash_run, endless, endless_request,
-                                 health, only_worker, stub, wait_until_idle)
+from reliability_support import NOT_SERVING, PROMPT, SERVING, as_arrays, crash_run, health, only_worker, stub
 
 TINY_ARGS = ("--threads", "1", "--n-ctx", "4096", "--test-hooks")
 
@@ -123,7 +123,7 @@ def test_a_deadline_stops_a_long_generation_and_frees_the_worker(one_worker):
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - started < 5
         # 4000 pinned tokens take many seconds; the worker must stop at once instead.
-        assert wait_until_idle(only_worker(one_worker)) < 5
+        assert procinfo.seconds_until_idle(only_worker(one_worker)) < 5
         started = time.monotonic()
         assert client.run(PROMPT, layers=[0], logits=False).resid_post(0).shape[1] == 64
         assert time.monotonic() - started < 5
@@ -135,7 +135,7 @@ def test_a_deadline_stops_a_long_batched_run(one_worker):
         with pytest.raises(LmscopeError) as info:
             hasty.run_batch([ids] * 64, batch_size=64, logits=False, capture=[])
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert wait_until_idle(only_worker(one_worker)) < 5
+        assert procinfo.seconds_until_idle(only_worker(one_worker)) < 5
         assert client.run(PROMPT, layers=[0], logits=False).resid_post(0).shape[1] == 64
 
 
@@ -147,7 +147,7 @@ def test_a_streaming_generation_stops_when_its_client_goes_away(one_worker):
         events = [next(stream) for _ in range(5)]
         assert events[0].HasField("start") and events[4].HasField("token")
         channel.close()  # the client goes away mid-stream
-        assert wait_until_idle(only_worker(one_worker)) < 5
+        assert procinfo.seconds_until_idle(only_worker(one_worker)) < 5
         started = time.monotonic()
         client.run(PROMPT, layers=[0], logits=False)
         assert time.monotonic() - started < 5
@@ -178,7 +178,7 @@ def test_past_the_queue_limit_requests_are_refused_and_health_still_answers(one_
     assert time.monotonic() - started < 2
     channel.close()
     del running, queued
-    assert wait_until_idle(only_worker(one_worker), timeout=20) < 20
+    assert procinfo.seconds_until_idle(only_worker(one_worker), timeout=20) < 20
     with Client(one_worker.address, timeout=30) as client:
         client.run(PROMPT, layers=[0], logits=False)
 
