@@ -10,6 +10,7 @@ the end: nothing crashed, even if a restart would have hidden it.
 """
 from __future__ import annotations
 
+import os
 import random
 
 import grpc
@@ -29,9 +30,11 @@ FUZZ_ARGS = ("--threads", "1", "--n-ctx", "256", "--max-prompt-tokens", "128", "
              "--max-batch-prompts", "8", "--max-capture-mb", "4")
 CALL_TIMEOUT_S = 60
 REQUEST_FAULTS = {"INVALID_ARGUMENT", "OUT_OF_RANGE", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "NOT_FOUND"}
-FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                        HealthCheck.data_too_large])
-FUZZ_MORE = settings(FUZZ, max_examples=100)  # the RPCs with the most fields and the deepest paths
+# Examples per RPC; a longer hunt: LMSCOPE_FUZZ_EXAMPLES=600 .venv/bin/python -m pytest -q tests/test_fuzz.py
+EXAMPLES = int(os.environ.get("LMSCOPE_FUZZ_EXAMPLES", "50"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                              HealthCheck.data_too_large])
+FUZZ_MORE = settings(FUZZ, max_examples=2 * EXAMPLES)  # the RPCs with the most fields and the deepest paths
 
 N_EMBD, N_VOCAB = 64, 500
 SITE_WORDS = ["embed", "ln_final", "*", "blocks.*.resid_post", "blocks.0.attn.pattern", "blocks.3.mlp.post",
