@@ -73,19 +73,11 @@ class Server:
         from .servicer import InspectorServicer
         from .worker import WorkerPool
 
-        # Everything that can be wrong with the arguments is found before the model is loaded.
+        # Everything that can be wrong with the arguments, or the address, is found before the model loads.
         credentials = _tls_credentials(args.tls_cert, args.tls_key)
         interceptors = [_TokenAuth(_read_token(args.token_file))] if args.token_file else []
         model_path = resolve_model_path(args.model)
-        config = EngineConfig(model_path=str(model_path), n_ctx=args.n_ctx, n_threads=args.threads,
-                              n_gpu_layers=args.n_gpu_layers, n_batch=args.n_batch,
-                              max_capture_bytes=args.max_capture_mb << 20,
-                              max_generated_tokens=args.max_generated_tokens,
-                              max_prompt_tokens=args.max_prompt_tokens, max_batch_prompts=args.max_batch_prompts)
         self.started = time.perf_counter()
-        self.health = health.HealthServicer()
-        self.pool = WorkerPool(config, n_workers=args.workers, max_queue=args.max_queue, test_hooks=args.test_hooks,
-                               on_health=self._set_health)
         message_bytes = args.max_message_mb << 20
         options = [("grpc.max_send_message_length", message_bytes),
                    ("grpc.max_receive_message_length", message_bytes),
@@ -96,19 +88,28 @@ class Server:
         threads = args.workers + args.max_queue + _THREAD_HEADROOM
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options,
                                 interceptors=interceptors, maximum_concurrent_rpcs=threads)
+        address = f"{args.host}:{args.port}"
+        try:
+            self.port = (self.grpc.add_secure_port(address, credentials) if credentials is not None
+                         else self.grpc.add_insecure_port(address))
+        except RuntimeError:  # grpc's "Failed to bind to address"
+            self.port = 0
+        if not self.port:
+            raise RequestError("UNAVAILABLE", f"cannot listen on {address}: the port is in use, or the host is "
+                                              f"not an address of this machine")
+        config = EngineConfig(model_path=str(model_path), n_ctx=args.n_ctx, n_threads=args.threads,
+                              n_gpu_layers=args.n_gpu_layers, n_batch=args.n_batch,
+                              max_capture_bytes=args.max_capture_mb << 20,
+                              max_generated_tokens=args.max_generated_tokens,
+                              max_prompt_tokens=args.max_prompt_tokens, max_batch_prompts=args.max_batch_prompts)
+        self.health = health.HealthServicer()
+        self.pool = WorkerPool(config, n_workers=args.workers, max_queue=args.max_queue, test_hooks=args.test_hooks,
+                               on_health=self._set_health)
         add_inspector_service(InspectorServicer(self.pool, message_bytes, test_hooks=args.test_hooks), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.grpc)
-        address = f"{args.host}:{args.port}"
-        if credentials is not None:
-            self.port = self.grpc.add_secure_port(address, credentials)
-        else:
-            self.port = self.grpc.add_insecure_port(address)
-        if not self.port:
-            self.pool.close()
-            raise RequestError("UNAVAILABLE", f"cannot listen on {address} (in use or not a local address?)")
         self.host = args.host
         self.model_path = model_path
         self.grpc.start()

@@ -100,6 +100,15 @@ def test_a_non_loopback_host_is_refused_without_tls_or_insecure(tiny_model, host
     assert time.monotonic() - started < 30  # refused before any model is loaded
 
 
+def test_a_port_in_use_is_a_clear_error(tiny_model):
+    with launch_server(tiny_model, args=BASE_ARGS) as server:
+        port = server.address.rsplit(":", 1)[1]
+        result = _serve("--model", str(tiny_model), "--port", port, *BASE_ARGS)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in result.stderr
+    assert "Traceback" not in result.stderr and "lmscope serving" not in result.stdout
+
+
 def test_tls_or_insecure_lets_a_non_loopback_host_pass_the_gate():
     parser = argparse.ArgumentParser()
     server_module.add_arguments(parser)
