@@ -135,9 +135,12 @@ class Operations:
                                         seed=seed, stop=stop, interventions=interventions)
 
     def crash(self, how: str) -> None:
-        """Test hook (off unless the server runs with test hooks): kill this worker the way native code would."""
+        """Test hook (off unless the server runs with test hooks): kill this worker the way native code would
+        ("segv", "abort"), or hang it like a native call that never returns and ignores cancellation ("hang")."""
         if not self.test_hooks:
             raise RequestError("PERMISSION_DENIED", "test hooks are disabled on this server")
         if how == "abort":
             os.abort()
+        if how == "hang":
+            time.sleep(24 * 3600)
         ctypes.string_at(0)  # segmentation fault

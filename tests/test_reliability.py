@@ -22,7 +22,8 @@ from lmscope.service import procinfo
 from lmscope.service.exercise import endless, endless_request
 from lmscope.service.launch import launch_server
 
-from reliability_support import NOT_SERVING, PROMPT, SERVING, as_arrays, crash_run, health, only_worker, stub
+from reliability_support import (CRASH_METADATA, NOT_SERVING, PROMPT, SERVING, as_arrays, crash_run, health,
+                                 only_worker, stub)
 
 TINY_ARGS = ("--threads", "1", "--n-ctx", "4096", "--test-hooks")
 
@@ -151,6 +152,21 @@ def test_a_streaming_generation_stops_when_its_client_goes_away(one_worker):
         started = time.monotonic()
         client.run(PROMPT, layers=[0], logits=False)
         assert time.monotonic() - started < 5
+
+
+def test_a_worker_that_ignores_a_cancel_is_replaced(one_worker):
+    """A worker stuck in a call that never checks the cancel flag (test hook: it sleeps) is killed once
+    the request has been cancelled for 10 s, and a new worker serves the next request."""
+    old_worker = only_worker(one_worker)
+    request = pb.RunRequest(prompts=[pb.Prompt(text=PROMPT)])
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub(one_worker.address).Run(request, metadata=((CRASH_METADATA, "hang"),), timeout=1))
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    started = time.monotonic()
+    with Client(one_worker.address, timeout=60) as client:
+        client.run(PROMPT, layers=[0], logits=False)
+    assert 5 < time.monotonic() - started < 30  # it waited for the 10 s grace, then for the new worker
+    assert only_worker(one_worker) != old_worker
 
 
 # ----- queue limit and health ----------------------------------------------------------------------
