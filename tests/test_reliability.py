@@ -283,6 +283,13 @@ def test_memory_stays_flat_over_many_requests(one_worker):
 
 # ----- graceful shutdown -----------------------------------------------------------------------------
 
+def _serving(address: str) -> bool:
+    try:
+        return health(address, timeout=2) == SERVING
+    except grpc.RpcError:
+        return False
+
+
 def test_sigterm_lets_an_in_flight_generation_finish_and_exits_zero(tiny_model):
     server = launch_server(tiny_model, args=TINY_ARGS + ("--grace", "60"))
     with Client(server.address, timeout=120) as client:
@@ -298,7 +305,10 @@ def test_sigterm_lets_an_in_flight_generation_finish_and_exits_zero(tiny_model):
         thread.start()
         assert first_token.wait(60)
         server.process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _serving(server.address):
+            time.sleep(0.05)
+        time.sleep(0.5)  # health turns NOT_SERVING just before the gRPC server stops taking calls
         with pytest.raises(LmscopeError) as refused:
             client.run(PROMPT)  # no new work once stopping
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE
