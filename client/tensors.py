@@ -7,6 +7,7 @@ that overruns the tensor, a shape or dtype that changes midway, missing bytes).
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 from .wire import lmscope_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
+MAX_DIMS = 32  # numpy's own limit on older versions; no lmscope tensor has more than 4
 
 _NUMPY_OF = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2"), pb.INT32: np.dtype("<i4")}
 _WIRE_OF = {np.dtype("float32"): pb.FLOAT32, np.dtype("float16"): pb.FLOAT16, np.dtype("int32"): pb.INT32}
@@ -47,13 +49,24 @@ def to_tensor(array: np.ndarray) -> pb.Tensor:
     return pb.Tensor(dtype=dtype, shape=list(array.shape), data=data)
 
 
+def nbytes_of(shape, dtype: np.dtype, what: str = "tensor") -> int:
+    """Bytes a tensor of this shape and dtype occupies, checking the shape first.
+
+    Shapes come off the wire: the product is taken with Python integers, so a huge shape is reported as
+    too large instead of wrapping around in int64 and passing a size check.
+    """
+    if len(shape) > MAX_DIMS:
+        raise TensorCodecError(f"{what} has {len(shape)} dimensions; at most {MAX_DIMS} are supported")
+    if any(d < 0 for d in shape):
+        raise TensorCodecError(f"{what} shape {list(shape)} has a negative dimension")
+    return math.prod(shape) * dtype.itemsize
+
+
 def from_tensor(tensor: pb.Tensor) -> np.ndarray:
     """Decode a `Tensor` message, checking that the bytes match the shape and dtype."""
     dtype = numpy_dtype(tensor.dtype)
     shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise TensorCodecError(f"tensor shape {list(shape)} has a negative dimension")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = nbytes_of(shape, dtype)
     if len(tensor.data) != expected:
         raise TensorCodecError(
             f"tensor of shape {list(shape)} and dtype {dtype.name} needs {expected} bytes, got {len(tensor.data)}")
@@ -63,7 +76,7 @@ def from_tensor(tensor: pb.Tensor) -> np.ndarray:
 def to_chunks(name: str, array: np.ndarray, sequence: int = 0,
               chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
     """Split an array into `TensorChunk`s of at most `chunk_bytes` bytes of data each."""
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")  # not ascontiguousarray: it turns a 0-d array into shape (1,)
     dtype = wire_dtype(array)
     shape = list(array.shape)
     if array.size == 0:
@@ -76,11 +89,18 @@ def to_chunks(name: str, array: np.ndarray, sequence: int = 0,
 
 
 class Assembler:
-    """Collects `TensorChunk`s into arrays keyed by (name, sequence)."""
+    """Collects `TensorChunk`s into arrays keyed by (name, sequence).
 
-    def __init__(self) -> None:
+    The chunks of one tensor must arrive in order, each starting where the previous one ended (that is how
+    `to_chunks` sends them and gRPC keeps a stream's order). Checking this, rather than only counting bytes,
+    makes a repeated, overlapping or skipped chunk an error instead of a tensor with a hole in it.
+    `max_bytes` bounds the buffer a declared shape may make us allocate.
+    """
+
+    def __init__(self, max_bytes: int | None = None) -> None:
         # (name, sequence) -> [shape, dtype, buffer, bytes received]
         self._parts: dict[tuple[str, int], list] = {}
+        self._max_bytes = max_bytes
 
     def add(self, chunk: pb.TensorChunk) -> None:
         key = (chunk.name, chunk.sequence)
@@ -88,19 +108,23 @@ class Assembler:
         shape = tuple(chunk.shape)
         part = self._parts.get(key)
         if part is None:
-            if any(d < 0 for d in shape):
-                raise TensorCodecError(f"tensor {chunk.name!r} has a negative dimension in {list(shape)}")
-            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            size = nbytes_of(shape, dtype, f"tensor {chunk.name!r}")
+            if self._max_bytes is not None and size > self._max_bytes:
+                raise TensorCodecError(f"tensor {chunk.name!r} of shape {list(shape)} needs {size} bytes, over the "
+                                       f"limit of {self._max_bytes}")
             part = self._parts[key] = [shape, dtype, bytearray(size), 0]
         if part[0] != shape or part[1] != dtype:
             raise TensorCodecError(f"tensor {chunk.name!r} changed shape or dtype between chunks")
         buffer = part[2]
+        if chunk.offset != part[3]:
+            raise TensorCodecError(f"chunk of tensor {chunk.name!r} starts at byte {chunk.offset}, but "
+                                   f"{part[3]} bytes have arrived: chunks must come in order, once each")
         end = chunk.offset + len(chunk.data)
         if end > len(buffer):
             raise TensorCodecError(
                 f"chunk of tensor {chunk.name!r} ends at byte {end}, past the tensor's {len(buffer)} bytes")
         buffer[chunk.offset:end] = chunk.data
-        part[3] += len(chunk.data)
+        part[3] = end
 
     def arrays(self) -> dict[tuple[str, int], np.ndarray]:
         """Every tensor received, complete; raises if any bytes are missing."""

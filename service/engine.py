@@ -30,13 +30,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 import llama_cpp as lc
-from llama_cpp._logger import set_verbose
-
-set_verbose(bool(os.environ.get("LMSCOPE_LLAMA_VERBOSE")))
 
 from lmscope.client.sites import all_site_names, site_kind
 
-from . import ggml
+from . import ggml, llama_log
 from .errors import RequestError
 from .graph_sites import is_pattern_site, output_rows_only, rule_for
 from .weights import Weights
@@ -74,6 +71,7 @@ class ForwardRequest:
     positions: list[int] | None = None                  # relative positions to return; None = all
     logits: str = "all"                                 # "all" | "last" | "none"
     interventions: list[Intervention] = field(default_factory=list)
+    lens_row_bytes: int = 0  # answer bytes a lens adds per captured (site, position) row; counts towards the limit
 
 
 @dataclass
@@ -99,6 +97,9 @@ def _resolve(positions: list[int] | None, n_tokens: int, what: str) -> list[int]
                                f"{what} position {p} is outside a prompt of {n_tokens} tokens "
                                f"(valid: {-n_tokens}..{n_tokens - 1})")
         out.append(q)
+    if len(set(out)) != len(out):
+        raise RequestError("INVALID_ARGUMENT", f"{what} positions {positions} name the same token twice in a prompt "
+                                               f"of {n_tokens} tokens (a negative position counts from the end)")
     return out
 
 
@@ -246,12 +247,15 @@ class _Pass:
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        llama_log.install()
         lc.llama_backend_init()
         params = lc.llama_model_default_params()
         params.n_gpu_layers = config.n_gpu_layers
+        llama_log.clear()
         self.model = lc.llama_model_load_from_file(config.model_path.encode(), params)
         if not self.model:
-            raise RequestError("INVALID_ARGUMENT", f"llama.cpp could not load the model {config.model_path}")
+            raise RequestError("INVALID_ARGUMENT", f"llama.cpp could not load the model {config.model_path}: "
+                                                   f"{llama_log.recent_problems() or 'no reason given'}")
         self.vocab = lc.llama_model_get_vocab(self.model)
         self.n_layer = lc.llama_model_n_layer(self.model)
         self.n_embd = lc.llama_model_n_embd(self.model)
@@ -566,6 +570,7 @@ class Engine:
                 total += len(pos) * per_row * (len(tokens) if is_pattern_site(site) else 1)
         if request.logits == "all":
             total += sum(len(p) for p in capture_positions) * self.n_vocab * 4
+        total += request.lens_row_bytes * len(request.capture) * sum(len(p) for p in capture_positions)
         if total > self.config.max_capture_bytes:
             raise RequestError("RESOURCE_EXHAUSTED",
                                f"the request would return {total / 2**20:.1f} MiB, over the server's limit of "

@@ -59,9 +59,12 @@ class ServerProcess:
         self.stop()
 
 
-def launch_server(model: str | os.PathLike | None = None, *, port: int = 0, host: str = "127.0.0.1",
+def launch_server(model: str | os.PathLike | None = None, *, port: int = 0, host: str | None = "127.0.0.1",
                   args: tuple[str, ...] = (), env: dict | None = None, timeout: float = 300.0) -> ServerProcess:
-    command = [sys.executable, "-m", "lmscope.client.cli", "serve", "--host", host, "--port", str(port), *args]
+    """`host=None` leaves --host out, so the server binds its default address."""
+    command = [sys.executable, "-m", "lmscope.client.cli", "serve", "--port", str(port), *args]
+    if host is not None:
+        command += ["--host", host]
     if model is not None:
         command += ["--model", str(model)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

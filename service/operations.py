@@ -8,6 +8,7 @@ stream.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import time
 
@@ -48,7 +49,8 @@ class Operations:
             self.crash(crash)
         token_lists = [self._tokens(p) for p in prompts]
         result = self.engine.forward(ForwardRequest(prompts=token_lists, capture=capture, positions=positions,
-                                                    logits=logits, interventions=interventions))
+                                                    logits=logits, interventions=interventions,
+                                                    lens_row_bytes=self._lens_row_bytes(lens)))
         tensors: list[tuple[str, int, np.ndarray]] = []
         if lens is not None:
             tensors += self._lens_of_run(capture, result, lens)
@@ -62,6 +64,13 @@ class Operations:
         return {"sequences": [{"token_ids": t, "positions": p} for t, p in zip(token_lists, result.positions)],
                 "sites": capture, "tensors": tensors, "decode_ms": result.decode_ms,
                 "total_ms": (time.perf_counter() - start) * 1e3}
+
+    def _lens_row_bytes(self, lens: dict | None) -> int:
+        """Bytes of lens results per unembedded row: top ids and probabilities, targets, entropy, logits."""
+        if lens is None:
+            return 0
+        per_row = 8 * min(lens["top_k"], self.engine.n_vocab) + 8 * len(lens["target_ids"]) + 4
+        return per_row + (4 * self.engine.n_vocab if lens["return_logits"] else 0)
 
     def _check_lens(self) -> None:
         if self.engine.unembed_error:
@@ -103,11 +112,20 @@ class Operations:
             if bad:
                 raise RequestError("OUT_OF_RANGE",
                                    f"index {bad[0]} is out of range for axis {axis} of {name} (size {shape[axis]})")
+            self._check_answer_size(name, len(indices) * math.prod(shape) // shape[axis])
             index = np.asarray(indices, dtype=np.int64)
             array = weights.rows(name, index) if axis == 0 and len(shape) == 2 else np.take(weights.read(name), index, axis=axis)
         else:
+            self._check_answer_size(name, math.prod(shape))
             array = weights.read(name)
         return {"tensors": [("weights", 0, array.astype(np.float16) if float16 else array)]}
+
+    def _check_answer_size(self, name: str, n_values: int) -> None:
+        limit = self.engine.config.max_capture_bytes
+        if 4 * n_values > limit:
+            raise RequestError("RESOURCE_EXHAUSTED",
+                               f"{n_values} values of {name} ({4 * n_values / 2**20:.1f} MiB as float32) exceed the "
+                               f"server's limit of {limit / 2**20:.0f} MiB per answer: ask for fewer indices")
 
     def generate(self, prompt: dict, max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
                  stop: list[str], interventions: list):
@@ -117,9 +135,12 @@ class Operations:
                                         seed=seed, stop=stop, interventions=interventions)
 
     def crash(self, how: str) -> None:
-        """Test hook (off unless the server runs with test hooks): kill this worker the way native code would."""
+        """Test hook (off unless the server runs with test hooks): kill this worker the way native code would
+        ("segv", "abort"), or hang it like a native call that never returns and ignores cancellation ("hang")."""
         if not self.test_hooks:
             raise RequestError("PERMISSION_DENIED", "test hooks are disabled on this server")
         if how == "abort":
             os.abort()
+        if how == "hang":
+            time.sleep(24 * 3600)
         ctypes.string_at(0)  # segmentation fault

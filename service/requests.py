@@ -23,11 +23,21 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
 MAX_SITES_PER_REQUEST = 10_000
 MAX_TOP_K = 1000
-MAX_ABS_VALUE = 1e30  # beyond this, float32 arithmetic in the model overflows to inf
+MAX_TARGET_IDS = 1024
+MAX_INTERVENTIONS = 1024
+# RMSNorm squares the residual stream in float32 (largest finite value 3.4e38): a value above 1e15 would
+# make the sum of squares overflow to inf and every later activation NaN.
+MAX_ABS_VALUE = 1e15
+# Lens temperatures outside this range overflow float32 logits / temperature (NaN probabilities).
+LENS_TEMPERATURE_RANGE = (1e-6, 1e6)
 
 
 def _fail(code: str, message: str):
     raise RequestError(code, message)
+
+
+def _dtype_name(value: int) -> str:
+    return pb.DType.Name(value) if value in pb.DType.values() else str(value)
 
 
 class RequestParser:
@@ -79,6 +89,8 @@ class RequestParser:
         return chosen
 
     def vector(self, tensor: pb.Tensor, what: str) -> np.ndarray:
+        if tensor.dtype not in (pb.FLOAT32, pb.FLOAT16):
+            _fail("INVALID_ARGUMENT", f"{what} must be FLOAT32 or FLOAT16, not {_dtype_name(tensor.dtype)}")
         try:
             array = tensors.from_tensor(tensor)
         except tensors.TensorCodecError as exc:
@@ -108,6 +120,9 @@ class RequestParser:
         return values
 
     def interventions(self, messages, n_prompts: int) -> list[Intervention]:
+        if len(messages) > MAX_INTERVENTIONS:
+            _fail("INVALID_ARGUMENT", f"{len(messages)} interventions in one request; at most {MAX_INTERVENTIONS} "
+                                      f"(one intervention may name many sites)")
         out = []
         for i, message in enumerate(messages):
             what = f"intervention {i}"
@@ -142,8 +157,12 @@ class RequestParser:
         if spec.top_k > MAX_TOP_K:
             _fail("INVALID_ARGUMENT", f"lens top_k {spec.top_k} is over the limit of {MAX_TOP_K}")
         temperature = spec.temperature or 1.0
-        if not math.isfinite(temperature) or temperature <= 0:
-            _fail("INVALID_ARGUMENT", f"lens temperature must be a positive finite number, got {spec.temperature}")
+        low, high = LENS_TEMPERATURE_RANGE
+        if not low <= temperature <= high:  # NaN fails this too
+            _fail("INVALID_ARGUMENT", f"lens temperature must be between {low:g} and {high:g} (0 means 1), "
+                                      f"got {spec.temperature}")
+        if len(spec.target_ids) > MAX_TARGET_IDS:
+            _fail("INVALID_ARGUMENT", f"{len(spec.target_ids)} lens target_ids; at most {MAX_TARGET_IDS}")
         targets = self.token_ids(spec.target_ids, "lens target_ids")
         return {"top_k": spec.top_k, "temperature": temperature, "target_ids": targets,
                 "skip_final_norm": spec.skip_final_norm, "return_logits": spec.return_logits,
@@ -152,7 +171,7 @@ class RequestParser:
     def dtype(self, value: int) -> bool:
         """True for float16."""
         if value not in (pb.FLOAT32, pb.FLOAT16):
-            _fail("INVALID_ARGUMENT", f"results can be FLOAT32 or FLOAT16, not {pb.DType.Name(value) if value in pb.DType.values() else value}")
+            _fail("INVALID_ARGUMENT", f"results can be FLOAT32 or FLOAT16, not {_dtype_name(value)}")
         return value == pb.FLOAT16
 
     # ----- requests --------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hmac
 import ipaddress
+import math
 import os
 import signal
 import sys
@@ -27,13 +28,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lmscope.client.wire import lmscope_pb2 as pb
-from lmscope.client.wire import lmscope_pb2_grpc as pb_grpc
 
 from .errors import RequestError
 from .models import ModelPathError, resolve_model_path
+from .wire_guard import add_inspector_service
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inspector"].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+_THREAD_HEADROOM = 8
 
 
 class _TokenAuth(grpc.ServerInterceptor):
@@ -71,57 +73,79 @@ class Server:
         from .servicer import InspectorServicer
         from .worker import WorkerPool
 
+        # Everything that can be wrong with the arguments, or the address, is found before the model loads.
+        credentials = _tls_credentials(args.tls_cert, args.tls_key)
+        interceptors = [_TokenAuth(_read_token(args.token_file))] if args.token_file else []
         model_path = resolve_model_path(args.model)
+        self.started = time.perf_counter()
+        message_bytes = args.max_message_mb << 20
+        options = [("grpc.max_send_message_length", message_bytes),
+                   ("grpc.max_receive_message_length", message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        # Threads: one per running and per queued request, plus headroom for calls that need no worker
+        # (health checks, model info) and for answers still streaming out after their worker was released.
+        # Past that many calls grpc answers RESOURCE_EXHAUSTED itself instead of parking calls unseen.
+        threads = args.workers + args.max_queue + _THREAD_HEADROOM
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options,
+                                interceptors=interceptors, maximum_concurrent_rpcs=threads)
+        address = f"{args.host}:{args.port}"
+        try:
+            self.port = (self.grpc.add_secure_port(address, credentials) if credentials is not None
+                         else self.grpc.add_insecure_port(address))
+        except RuntimeError:  # grpc's "Failed to bind to address"
+            self.port = 0
+        if not self.port:
+            raise RequestError("UNAVAILABLE", f"cannot listen on {address}: the port is in use, or the host is "
+                                              f"not an address of this machine")
         config = EngineConfig(model_path=str(model_path), n_ctx=args.n_ctx, n_threads=args.threads,
                               n_gpu_layers=args.n_gpu_layers, n_batch=args.n_batch,
                               max_capture_bytes=args.max_capture_mb << 20,
                               max_generated_tokens=args.max_generated_tokens,
                               max_prompt_tokens=args.max_prompt_tokens, max_batch_prompts=args.max_batch_prompts)
-        self.started = time.perf_counter()
-        self.pool = WorkerPool(config, n_workers=args.workers, max_queue=args.max_queue, test_hooks=args.test_hooks)
-        message_bytes = args.max_message_mb << 20
-        options = [("grpc.max_send_message_length", message_bytes),
-                   ("grpc.max_receive_message_length", message_bytes),
-                   ("grpc.so_reuseport", 0)]
-        interceptors = [_TokenAuth(_read_token(args.token_file))] if args.token_file else []
-        # Threads: one per worker running, one per queued request, plus room for health checks.
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers + args.max_queue + 4),
-                                options=options, interceptors=interceptors,
-                                maximum_concurrent_rpcs=args.workers + args.max_queue + 2)
-        pb_grpc.add_InspectorServicer_to_server(
-            InspectorServicer(self.pool, message_bytes, test_hooks=args.test_hooks), self.grpc)
         self.health = health.HealthServicer()
+        self.pool = WorkerPool(config, n_workers=args.workers, max_queue=args.max_queue, test_hooks=args.test_hooks,
+                               on_health=self._set_health)
+        add_inspector_service(InspectorServicer(self.pool, message_bytes, test_hooks=args.test_hooks), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.grpc)
-        address = f"{args.host}:{args.port}"
-        if args.tls_cert or args.tls_key:
-            if not (args.tls_cert and args.tls_key):
-                raise RequestError("INVALID_ARGUMENT", "TLS needs both --tls-cert and --tls-key")
-            with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
-                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-            self.port = self.grpc.add_secure_port(address, credentials)
-        else:
-            self.port = self.grpc.add_insecure_port(address)
-        if not self.port:
-            self.pool.close()
-            raise RequestError("UNAVAILABLE", f"cannot listen on {address} (in use or not a local address?)")
         self.host = args.host
         self.model_path = model_path
         self.grpc.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._set_health(True)
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def stop(self, grace: float) -> None:
+    def _set_health(self, serving: bool) -> None:
+        """SERVING while at least one model worker is alive and the server is not stopping."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.health.set(name, status)
+
+    def stop(self, grace: float) -> None:
+        self._set_health(False)
         self.grpc.stop(grace).wait()
         self.pool.close()
+
+
+def _tls_credentials(cert_path: str | None, key_path: str | None) -> grpc.ServerCredentials | None:
+    if not (cert_path or key_path):
+        return None
+    if not (cert_path and key_path):
+        raise RequestError("INVALID_ARGUMENT", "TLS needs both --tls-cert and --tls-key")
+    pem = {}
+    for flag, path in (("--tls-cert", cert_path), ("--tls-key", key_path)):
+        try:
+            with open(path, "rb") as f:
+                pem[flag] = f.read()
+        except OSError as exc:
+            raise RequestError("INVALID_ARGUMENT", f"cannot read {flag} {path}: {exc.strerror}") from None
+        if b"-----BEGIN " not in pem[flag]:
+            raise RequestError("INVALID_ARGUMENT", f"{flag} {path} is not a PEM file")
+    return grpc.ssl_server_credentials([(pem["--tls-key"], pem["--tls-cert"])])
 
 
 def _read_token(path: str) -> str:
@@ -160,10 +184,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=argparse.SUPPRESS)
 
 
-def serve(args: argparse.Namespace) -> int:
+def _argument_error(args: argparse.Namespace) -> str | None:
     if not _is_loopback(args.host) and not (args.tls_cert or args.insecure):
-        print(f"error: --host {args.host} exposes the server beyond this machine; add --tls-cert/--tls-key, "
-              f"or --insecure if the network is trusted", file=sys.stderr)
+        return (f"--host {args.host} exposes the server beyond this machine; add --tls-cert/--tls-key, "
+                f"or --insecure if the network is trusted")
+    minimums = (("--workers", args.workers, 1), ("--max-queue", args.max_queue, 0), ("--n-ctx", args.n_ctx, 1),
+                ("--n-batch", args.n_batch, 1), ("--threads", args.threads, 0), ("--port", args.port, 0),
+                ("--max-capture-mb", args.max_capture_mb, 1), ("--max-prompt-tokens", args.max_prompt_tokens, 0),
+                ("--max-generated-tokens", args.max_generated_tokens, 1),
+                ("--max-batch-prompts", args.max_batch_prompts, 1),
+                # A tensor chunk is up to 1 MiB of data plus its header: smaller messages could not carry it.
+                ("--max-message-mb", args.max_message_mb, 2))
+    for flag, value, least in minimums:
+        if value < least:
+            return f"{flag} must be at least {least}, got {value}"
+    if not (math.isfinite(args.grace) and args.grace >= 0):
+        return f"--grace must be a number of seconds >= 0, got {args.grace}"
+    return None
+
+
+def serve(args: argparse.Namespace) -> int:
+    problem = _argument_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         server = Server(args)

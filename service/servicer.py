@@ -66,7 +66,7 @@ class InspectorServicer(pb_grpc.InspectorServicer):
 
     def _test_crash(self, context) -> str | None:
         """Test hook, honoured only when the server runs with test hooks: metadata
-        `lmscope-test-crash: segv|abort` makes the worker die while running this request."""
+        `lmscope-test-crash: segv|abort|hang` makes the worker die (or hang) while running this request."""
         if not self.test_hooks:
             return None
         return dict(context.invocation_metadata()).get("lmscope-test-crash")

@@ -138,5 +138,6 @@ class Weights:
             if len(targets):
                 target_logits = logits[:, targets]
                 out["target_probs"][rows] = probs[:, targets]
-                out["target_ranks"][rows] = (logits[:, None, :] > target_logits[:, :, None]).sum(axis=2)
+                for j in range(len(targets)):  # one target at a time: memory (rows, n_vocab), not x n_targets
+                    out["target_ranks"][rows, j] = (logits > target_logits[:, j:j + 1]).sum(axis=1)
         return out

@@ -8,7 +8,14 @@ the rest up to a limit, and watches the worker while it works:
 - the client went away or its deadline passed: the worker's cancel flag is set, and the engine stops
   between ubatches / generated tokens and answers CANCELLED;
 - the worker died (signal, abort): the request fails with UNAVAILABLE and a message that says so, and a
-  fresh worker is started in the background, so the next request succeeds.
+  fresh worker is started in the background, so the next request succeeds. A worker that cannot be
+  restarted (the model file changed or vanished) is retried with growing pauses; while no worker is alive
+  requests fail at once with UNAVAILABLE instead of waiting, and `on_health(False)` is reported.
+- a worker that ignores a cancel for `_CANCEL_GRACE_S` (stuck inside one long native call) is killed and
+  replaced, so a runaway request cannot hold a worker for ever.
+
+Queue accounting: a request is admitted when a worker is idle or fewer than `max_queue` requests are
+already waiting; past that it is refused with RESOURCE_EXHAUSTED at once.
 
 Messages on the pipe are pickled tuples; numpy arrays travel with pickle protocol 5, without copies through
 Python bytes objects. A worker sends ("item", x) any number of times (generation), then ("done", x) or
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import itertools
 import queue
 import signal
 import threading
@@ -29,6 +37,7 @@ from .errors import RequestError
 
 PICKLE_PROTOCOL = 5
 _CANCEL_GRACE_S = 10.0
+_RESTART_PAUSES_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # before each restart attempt; the last one repeats
 
 
 def _worker_main(conn, config, cancel_flag, test_hooks: bool) -> None:
@@ -127,9 +136,10 @@ class WorkerPool:
     """A fixed set of workers, a bounded queue, and supervision of each request."""
 
     def __init__(self, config, n_workers: int = 1, max_queue: int = 64, test_hooks: bool = False,
-                 start_timeout: float = 600.0):
+                 start_timeout: float = 600.0, on_health: Callable[[bool], None] = lambda serving: None):
         self.config = config
         self.max_queue = max_queue
+        self._on_health = on_health
         self._workers = [_Worker(config, test_hooks, i) for i in range(n_workers)]
         try:
             infos = [w.wait_ready(start_timeout) for w in self._workers]
@@ -141,6 +151,8 @@ class WorkerPool:
         for worker in self._workers:
             self._idle.put(worker)
         self._waiting = 0
+        self._failed = 0  # dead workers whose restart failed (and is being retried)
+        self._restart_error = ""
         self._lock = threading.Lock()
         self._closed = False
 
@@ -151,14 +163,21 @@ class WorkerPool:
     def busy(self) -> int:
         return self.size - self._idle.qsize()
 
+    def _check_available(self) -> None:
+        if self._closed:
+            raise RequestError("UNAVAILABLE", "the server is shutting down")
+        if self._failed == self.size:
+            raise RequestError("UNAVAILABLE", f"no model worker is running: restarting it failed "
+                                              f"({self._restart_error}); the server keeps retrying")
+
     def _acquire(self, is_active: Callable[[], bool]) -> _Worker:
         with self._lock:
-            if self._closed:
-                raise RequestError("UNAVAILABLE", "the server is shutting down")
-            if self._waiting >= self.max_queue:
+            self._check_available()
+            queued = self._waiting - self._idle.qsize()
+            if queued >= self.max_queue:
                 raise RequestError("RESOURCE_EXHAUSTED",
-                                   f"the server is busy: {self.size} worker(s) working and {self._waiting} requests "
-                                   f"queued (limit {self.max_queue}); retry later")
+                                   f"the server is busy: {self.size} worker(s) working and {max(queued, 0)} "
+                                   f"requests queued (limit {self.max_queue}); retry later")
             self._waiting += 1
         try:
             while True:
@@ -167,8 +186,7 @@ class WorkerPool:
                 except queue.Empty:
                     if not is_active():
                         raise RequestError("CANCELLED", "the request was cancelled while queued")
-                    if self._closed:
-                        raise RequestError("UNAVAILABLE", "the server is shutting down")
+                    self._check_available()
         finally:
             with self._lock:
                 self._waiting -= 1
@@ -179,12 +197,31 @@ class WorkerPool:
             return
 
         def replace():
-            try:
-                worker.restart()
-            except RequestError:
-                pass  # leave it out of the pool; the pool shrinks rather than hand out a dead worker
-            else:
-                self._idle.put(worker)
+            failed = False
+            for attempt in itertools.count():
+                time.sleep(_RESTART_PAUSES_S[min(attempt, len(_RESTART_PAUSES_S) - 1)])
+                if self._closed:
+                    return
+                try:
+                    worker.restart()
+                    break
+                except RequestError as exc:
+                    with self._lock:
+                        self._restart_error = exc.message
+                        if not failed:
+                            failed = True
+                            self._failed += 1
+                            if self._failed == self.size:
+                                self._on_health(False)
+            if self._closed:  # closed while the new worker was starting
+                worker.stop()
+                return
+            if failed:
+                with self._lock:
+                    if self._failed == self.size:
+                        self._on_health(True)
+                    self._failed -= 1
+            self._idle.put(worker)
         threading.Thread(target=replace, name="lmscope-worker-restart", daemon=True).start()
 
     def call(self, op: str, payload: dict, is_active: Callable[[], bool] = lambda: True):
@@ -203,7 +240,7 @@ class WorkerPool:
 
     def _run(self, op: str, payload: dict, is_active: Callable[[], bool]):
         worker = self._acquire(is_active)
-        healthy = False
+        healthy = stuck = False
         try:
             worker.cancel.clear()
             try:
@@ -219,6 +256,7 @@ class WorkerPool:
                         worker.cancel.set()
                         cancelled_at = time.monotonic()
                     elif cancelled_at is not None and time.monotonic() - cancelled_at > _CANCEL_GRACE_S:
+                        stuck = True
                         raise RequestError("CANCELLED", "the request was cancelled; the worker was restarted")
                     continue
                 try:
@@ -240,7 +278,7 @@ class WorkerPool:
         finally:
             # A generator closed early (the client went away mid-stream) leaves the worker mid-request:
             # cancel it and drain its answer before handing it to anyone else.
-            if not healthy and worker.process.is_alive() and self._drain(worker):
+            if not healthy and not stuck and worker.process.is_alive() and self._drain(worker):
                 healthy = True
             self._release(worker, healthy)
 
