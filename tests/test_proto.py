@@ -15,12 +15,3 @@ def test_generated_stubs_are_up_to_date(tmp_path):
         checked_in = (ROOT / "client" / "wire" / name).read_text()
         assert fresh == checked_in, f"client/wire/{name} is stale: run python scripts/gen_proto.py"
 
-
-def test_no_rpc_takes_a_file_path():
-    """Clients never name files on the server: no request message has a path-like field."""
-    from lmscope.client.wire import lmscope_pb2 as pb
-
-    for service in pb.DESCRIPTOR.services_by_name.values():
-        for method in service.methods:
-            for field in method.input_type.fields:
-                assert not any(word in field.name for word in ("path", "file", "dir")), (method.name, field.name)
