@@ -84,6 +84,39 @@ save(fig, "temperature")
 
 
 # %% [markdown]
+# ## 6. Representation engineering: the refusal direction (arXiv 2406.11717)
+# Refusal is mediated by one direction: the difference between the mean hidden states of harmful and of
+# harmless requests. Each candidate layer is tested by *adding* its direction to harmless prompts (do they
+# start refusing?) and *ablating* it from harmful ones (do they stop?); the best layer wins. Look for: the
+# steered harmless request turning into a refusal, and the ablated harmful request no longer refusing — a
+# 135M model refuses weakly, so the table shows whatever really happens.
+
+# %%
+from lmscope.client import refusal
+
+harmful = refusal.load_prompts("harmful", ["en"])
+harmless = refusal.load_prompts("harmless", ["en"])
+train_harmful, test_harmful = harmful[: len(harmful) // 2], harmful[len(harmful) // 2:]
+train_harmless, test_harmless = harmless[: len(harmless) // 2], harmless[len(harmless) // 2:]
+rd = c.refusal_direction(train_harmful, train_harmless, chat=True, layers=range(4, 24, 2), progress=False)
+print(rd)
+print(f"{'layer':>5} {'induce':>8} {'bypass':>8} {'KL':>7}")
+for layer, score in sorted(rd.scores.items()):
+    print(f"{layer:>5} {score.induce:8.3f} {score.bypass:8.3f} {score.kl:7.3f}")
+
+v, layer, scale = rd.vector(), rd.best_layer, rd.scale()
+print(f"\nsteering at layer {layer} with {scale:.1f} x the unit direction; ablating it everywhere")
+for prompt in test_harmless[:3]:
+    plain = c.generate(prompt, chat=True, max_tokens=24)
+    steered = c.generate(prompt, chat=True, max_tokens=24, steer={layer: scale * v})
+    print(f"harmless {prompt!r}\n   plain:   {plain.text!r}\n   + dir:   {steered.text!r}")
+for prompt in test_harmful[:3]:
+    plain = c.generate(prompt, chat=True, max_tokens=24)
+    ablated = c.generate(prompt, chat=True, max_tokens=24, ablate=v)
+    print(f"harmful  {prompt!r}\n   plain:   {plain.text!r}\n   ablated: {ablated.text!r}")
+
+
+# %% [markdown]
 # ## 8. Patchscopes: what does a hidden state mean? (arXiv 2401.06102)
 # Take the hidden state of the last token of an entity name at one layer, patch it into a few-shot
 # "describe x" prompt in place of `x`, and let the model talk. Look for: a description of the entity,
