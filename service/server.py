@@ -13,6 +13,7 @@ chosen when the server starts.
 from __future__ import annotations
 
 import argparse
+import functools
 import hmac
 import ipaddress
 import os
@@ -26,9 +27,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from lmscope.client.servers import join_host_port
 from lmscope.client.wire import lmscope_pb2 as pb
 from lmscope.client.wire import lmscope_pb2_grpc as pb_grpc
 
+from . import rpc
 from .errors import RequestError
 from .models import ModelPathError, resolve_model_path
 
@@ -72,11 +75,13 @@ class Server:
         from .worker import WorkerPool
 
         model_path = resolve_model_path(args.model)
+        rpc_servers = rpc.server_endpoints(args.rpc, args.workers, args.n_gpu_layers)
         config = EngineConfig(model_path=str(model_path), n_ctx=args.n_ctx, n_threads=args.threads,
                               n_gpu_layers=args.n_gpu_layers, n_batch=args.n_batch,
                               max_capture_bytes=args.max_capture_mb << 20,
                               max_generated_tokens=args.max_generated_tokens,
-                              max_prompt_tokens=args.max_prompt_tokens, max_batch_prompts=args.max_batch_prompts)
+                              max_prompt_tokens=args.max_prompt_tokens, max_batch_prompts=args.max_batch_prompts,
+                              rpc_servers=rpc_servers)
         self.started = time.perf_counter()
         self.pool = WorkerPool(config, n_workers=args.workers, max_queue=args.max_queue, test_hooks=args.test_hooks)
         message_bytes = args.max_message_mb << 20
@@ -95,19 +100,23 @@ class Server:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.grpc)
-        address = f"{args.host}:{args.port}"
+        address = join_host_port(args.host.strip("[]"), args.port)
         if args.tls_cert or args.tls_key:
             if not (args.tls_cert and args.tls_key):
                 raise RequestError("INVALID_ARGUMENT", "TLS needs both --tls-cert and --tls-key")
             with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
                 credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-            self.port = self.grpc.add_secure_port(address, credentials)
+            bind = functools.partial(self.grpc.add_secure_port, credentials=credentials)
         else:
-            self.port = self.grpc.add_insecure_port(address)
+            bind = self.grpc.add_insecure_port
+        try:
+            self.port = bind(address)
+        except RuntimeError:  # recent grpcio raises where older ones returned port 0
+            self.port = 0
         if not self.port:
             self.pool.close()
             raise RequestError("UNAVAILABLE", f"cannot listen on {address} (in use or not a local address?)")
-        self.host = args.host
+        self.host = args.host.strip("[]")
         self.model_path = model_path
         self.grpc.start()
         for name in ("", SERVICE_NAME):
@@ -115,7 +124,7 @@ class Server:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return join_host_port(self.host, self.port)
 
     def stop(self, grace: float) -> None:
         for name in ("", SERVICE_NAME):
@@ -155,6 +164,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", help="file holding a bearer token every client must present")
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --host without TLS (anyone who can reach it can use it)")
+    parser.add_argument("--rpc", metavar="HOST:PORT,...",
+                        help="ggml-rpc workers (`lmscope rpc-worker`) to place --n-gpu-layers layers on (needs a "
+                             "llama.cpp built with GGML_RPC, see docs/deployment.md)")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds to finish requests on SIGTERM")
     parser.add_argument("--test-hooks", action="store_true", default=bool(os.environ.get("LMSCOPE_TEST_HOOKS")),
                         help=argparse.SUPPRESS)
