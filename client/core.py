@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator, Sequence
 
 import grpc
@@ -27,6 +28,8 @@ from .wire import lmscope_pb2 as pb
 from .wire import lmscope_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+log = logging.getLogger("lmscope.client")
 
 
 class LmscopeError(Exception):
@@ -175,29 +178,28 @@ class CoreClient:
         return self._info
 
     def _check_same_model(self, info: ModelInfo) -> int:
-        """Ask every server on a channel of its own; return their total worker count.
+        """Ask every server on a channel of its own (all at once); return their total worker count.
 
         A server that does not answer is left out of the check (the balancer leaves it out of the rotation
         too) with a warning; it is not checked when it comes back later.
         """
-        fingerprints: dict[str, str] = {}
-        n_workers = 0
-        for endpoint in self.servers.endpoints:
-            channel = self._connect(ServerSet.parse(endpoint))
+        def ask(endpoint: str):
+            channel = self._connect(ServerSet(endpoint, (endpoint,), self.servers.authority))
             try:
-                reply = pb_grpc.InspectorStub(channel).GetModelInfo(pb.ModelInfoRequest(), timeout=self.timeout or 30)
+                return pb_grpc.InspectorStub(channel).GetModelInfo(pb.ModelInfoRequest(), timeout=self.timeout or 30)
             except grpc.RpcError as error:
-                logging.getLogger("lmscope.client").warning(
-                    "server %s did not answer the same-model check (%s: %s)", endpoint, error.code().name,
-                    error.details())
-                continue
+                log.warning("server %s did not answer the same-model check (%s: %s)", endpoint,
+                            error.code().name, error.details())
+                return None
             finally:
                 channel.close()
-            fingerprints[endpoint] = reply.fingerprint
-            n_workers += max(reply.n_workers, 1)
+
+        with ThreadPoolExecutor(len(self.servers.endpoints)) as pool:
+            replies = dict(zip(self.servers.endpoints, pool.map(ask, self.servers.endpoints)))
+        fingerprints = {endpoint: reply.fingerprint for endpoint, reply in replies.items() if reply is not None}
         if len(set(fingerprints.values()) | {info.fingerprint}) > 1:
             raise ModelMismatchError(fingerprints)
-        return max(n_workers, 1)
+        return max(sum(max(reply.n_workers, 1) for reply in replies.values() if reply is not None), 1)
 
     @property
     def n_layer(self) -> int:
