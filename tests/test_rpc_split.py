@@ -85,10 +85,10 @@ def rpc_worker():
 
 @pytest.mark.skipif(not RPC_SUPPORTED, reason="llama.cpp built without GGML_RPC (see docs/deployment.md)")
 def test_a_model_split_across_an_rpc_worker_gives_the_same_states(tiny_model, tiny_server, rpc_worker, reference):
-    # Two of the four blocks (and their KV cache) live in the worker process; the eval callback reads and
-    # writes their tensors over the RPC connection.
+    # --n-gpu-layers counts the output layer too: 3 = blocks 2 and 3 (weights and KV cache) and the LM head
+    # live in the worker process; the eval callback reads and writes their tensors over the RPC connection.
     with launch_server(tiny_model, args=("--threads", "1", "--n-ctx", "1024", "--rpc", rpc_worker,
-                                         "--n-gpu-layers", "2"), timeout=120) as split, \
+                                         "--n-gpu-layers", "3"), timeout=120) as split, \
             Client(split.address) as remote, Client(tiny_server.address) as local:
         assert remote.model_info().backend == "RPC"
         assert remote.model_info().fingerprint == local.model_info().fingerprint
@@ -99,8 +99,10 @@ def test_a_model_split_across_an_rpc_worker_gives_the_same_states(tiny_model, ti
         np.testing.assert_allclose(run.logits, ref["logits"], rtol=1e-3, atol=1e-3)
         np.testing.assert_allclose(run.hidden_states, local.run(PROMPT, capture=capture).hidden_states,
                                    rtol=1e-5, atol=1e-5)
-        # An edit on a layer held by the worker: steering block 3 adds the vector to its output.
+        # An edit on a layer held by the worker: steering block 2 adds the vector to its output.
         vector = np.linspace(-1, 1, 64).astype(np.float32)
-        steered = remote.run(PROMPT, steer={3: vector}, capture=capture)
-        expected = reference.forward(run.token_ids, resid_post_hook=lambda L, h: h + vector if L == 3 else None)
+        steered = remote.run(PROMPT, steer={2: vector}, capture=capture)
+        expected = reference.forward(run.token_ids, resid_post_hook=lambda L, h: h + vector if L == 2 else None)
+        np.testing.assert_allclose(steered.hidden_states[1:], expected["resid_post"], rtol=1e-3, atol=1e-3)
         np.testing.assert_allclose(steered.logits, expected["logits"], rtol=1e-3, atol=1e-3)
+        assert not np.allclose(steered.logits, run.logits, atol=1e-2)
