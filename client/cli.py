@@ -2,6 +2,7 @@
 
     lmscope pull                 fetch and verify the default model, print its path
     lmscope serve [--model P]    serve a model (needs the server extra: pip install "lmscope[server]")
+    lmscope rpc-worker [--port]  lend this host's CPU to a server that splits a model with --rpc
     lmscope info [--server A]    describe the model a server holds
     lmscope demo                 start a server on the default model and show what lmscope does
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = commands.add_parser("serve", help="serve a GGUF model over gRPC")
     serve.set_defaults(handler=None)
+    commands.add_parser("rpc-worker", help="lend this host's CPU and memory to a server started with --rpc")
 
     info = commands.add_parser("info", help="describe the model a server holds")
     info.add_argument("--server", default=default_server)
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "serve":
         server = _server_extra("server")
         return server.main(argv[1:])
+    if argv and argv[0] == "rpc-worker":
+        return _server_extra("rpc").main(argv[1:])
     args = parser.parse_args(argv)
     return args.handler(args)
 

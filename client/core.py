@@ -10,7 +10,9 @@ each in its own module and each built only on the methods here.
 """
 from __future__ import annotations
 
+import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator, Sequence
 
 import grpc
@@ -18,12 +20,16 @@ import numpy as np
 
 from . import interventions as iv
 from . import tensors
+from .dispatch import ordered_calls
 from .results import Generation, ModelInfo, Run, TopK, Tokens
+from .servers import ServerSet, service_config
 from .sites import SiteFilter, select_sites
 from .wire import lmscope_pb2 as pb
 from .wire import lmscope_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+log = logging.getLogger("lmscope.client")
 
 
 class LmscopeError(Exception):
@@ -33,6 +39,17 @@ class LmscopeError(Exception):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+
+
+class ModelMismatchError(LmscopeError):
+    """The servers behind one client hold different models (their GGUF files' sha256 differ)."""
+
+    def __init__(self, fingerprints: dict[str, str]):
+        listing = "; ".join(f"{endpoint}: {fp[:16]}" for endpoint, fp in fingerprints.items())
+        super().__init__(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"the servers hold different models ({listing}); start every server with the same "
+                         f"GGUF file, or give the client only the servers that share one")
+        self.fingerprints = fingerprints
 
 
 def _raise(error: grpc.RpcError):
@@ -47,23 +64,24 @@ class _BearerToken(grpc.AuthMetadataPlugin):
         callback((("authorization", f"Bearer {self._token}"),), None)
 
 
-def _channel(address: str | Sequence[str], token: str | None, root_certificates: bytes | None,
-             tls: bool, max_message_bytes: int) -> grpc.Channel:
-    if isinstance(address, str):
-        target = address
-    else:
-        addresses = list(address)
-        target = addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
+def _channel(servers: ServerSet, token: str | None, root_certificates: bytes | None, tls: bool,
+             max_message_bytes: int, tls_server_name: str | None = None) -> grpc.Channel:
     options = [("grpc.max_send_message_length", max_message_bytes),
                ("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.lb_policy_name", "round_robin")]
+               ("grpc.service_config", service_config()),
+               # A server host that vanishes without closing its connections (power, network) is noticed
+               # within ~30 s instead of at the next TCP timeout, and its calls fail over.
+               ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)]
     if tls or root_certificates is not None:
+        server_name = tls_server_name or servers.authority
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
         credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
         if token:
             credentials = grpc.composite_channel_credentials(
                 credentials, grpc.metadata_call_credentials(_BearerToken(token)))
-        return grpc.secure_channel(target, credentials, options=options)
-    channel = grpc.insecure_channel(target, options=options)
+        return grpc.secure_channel(servers.target, credentials, options=options)
+    channel = grpc.insecure_channel(servers.target, options=options)
     if token:
         channel = grpc.intercept_channel(channel, _TokenInterceptor(token))
     return channel
@@ -86,17 +104,33 @@ class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
 
 
 class CoreClient:
-    """Connection to one lmscope server (or several serving the same model)."""
+    """Connection to one lmscope server, or several serving the same model.
+
+    address: "host:port"; a list of them (or one comma-separated string); "dns:///name:port" for a name with
+        several records (see `lmscope.client.servers`). With several servers, calls are balanced over them
+        (gRPC round_robin) and the first `model_info()` checks that they all hold the same model.
+    max_in_flight: batch requests outstanding at once (`iter_runs`, `run_batch`, `embed`); default twice
+        the worker processes of all servers, so no worker waits for the network between requests.
+    retries: times a batch request is sent again when its server fails (UNAVAILABLE).
+    tls_server_name: the name to check server certificates against when it is not the address dialled.
+    """
 
     def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, *, token: str | None = None,
                  tls: bool = False, root_certificates: bytes | None = None, timeout: float | None = None,
-                 max_message_mb: int = 64):
+                 max_message_mb: int = 64, max_in_flight: int | None = None, retries: int = 3,
+                 tls_server_name: str | None = None):
         self.address = address
+        self.servers = ServerSet.parse(address)
         self.timeout = timeout
+        self.max_in_flight = max_in_flight
+        self.retries = retries
         token = token or os.environ.get("LMSCOPE_TOKEN")
-        self._channel = _channel(address, token, root_certificates, tls, max_message_mb << 20)
+        self._connect = lambda servers: _channel(servers, token, root_certificates, tls, max_message_mb << 20,
+                                                 tls_server_name)
+        self._channel = self._connect(self.servers)
         self._stub = pb_grpc.InspectorStub(self._channel)
         self._info: ModelInfo | None = None
+        self._n_workers = 1
 
     # ----- plumbing --------------------------------------------------------------------------------
 
@@ -134,9 +168,38 @@ class CoreClient:
     # ----- model -----------------------------------------------------------------------------------
 
     def model_info(self, refresh: bool = False) -> ModelInfo:
+        """The served model. With several servers, the first call asks each one and raises
+        `ModelMismatchError` unless every server that answers holds the same file (same sha256)."""
         if self._info is None or refresh:
-            self._info = ModelInfo.from_proto(self._unary("GetModelInfo", pb.ModelInfoRequest()))
+            info = ModelInfo.from_proto(self._unary("GetModelInfo", pb.ModelInfoRequest()))
+            self._n_workers = self._check_same_model(info) if len(self.servers.endpoints) > 1 \
+                else max(info.n_workers, 1)
+            self._info = info
         return self._info
+
+    def _check_same_model(self, info: ModelInfo) -> int:
+        """Ask every server on a channel of its own (all at once); return their total worker count.
+
+        A server that does not answer is left out of the check (the balancer leaves it out of the rotation
+        too) with a warning; it is not checked when it comes back later.
+        """
+        def ask(endpoint: str):
+            channel = self._connect(ServerSet(endpoint, (endpoint,), self.servers.authority))
+            try:
+                return pb_grpc.InspectorStub(channel).GetModelInfo(pb.ModelInfoRequest(), timeout=self.timeout or 30)
+            except grpc.RpcError as error:
+                log.warning("server %s did not answer the same-model check (%s: %s)", endpoint,
+                            error.code().name, error.details())
+                return None
+            finally:
+                channel.close()
+
+        with ThreadPoolExecutor(len(self.servers.endpoints)) as pool:
+            replies = dict(zip(self.servers.endpoints, pool.map(ask, self.servers.endpoints)))
+        fingerprints = {endpoint: reply.fingerprint for endpoint, reply in replies.items() if reply is not None}
+        if len(set(fingerprints.values()) | {info.fingerprint}) > 1:
+            raise ModelMismatchError(fingerprints)
+        return max(sum(max(reply.n_workers, 1) for reply in replies.values() if reply is not None), 1)
 
     @property
     def n_layer(self) -> int:
@@ -226,16 +289,33 @@ class CoreClient:
                                     interventions=interventions, chat=chat)
         return self._runs(request)[0]
 
+    def iter_runs(self, prompts: Iterable, *, batch_size: int = 64, **options) -> Iterator[Run]:
+        """`run_batch` as a stream: each prompt's Run in prompt order, while later requests are running.
+
+        Requests of `batch_size` prompts (decoded together by one server) are spread over the servers with
+        up to `max_in_flight` outstanding; a request whose server fails is sent again (see
+        `lmscope.client.dispatch`). Only the window of outstanding requests is held in memory.
+        """
+        prompts = list(prompts)
+        info = self.model_info()
+        requests = [self._run_request(prompts[start:start + batch_size], **options)
+                    for start in range(0, len(prompts), batch_size)]
+        window = self.max_in_flight or 2 * self._n_workers
+        for runs in ordered_calls(self._runs, requests, max_in_flight=window, retries=self.retries,
+                                  describe=lambda i: f"{info.name}: prompts {i * batch_size}.."
+                                                     f"{min((i + 1) * batch_size, len(prompts)) - 1}"):
+            yield from runs
+
     def run_batch(self, prompts: Sequence, *, batch_size: int = 64, progress: bool = False, **options) -> list[Run]:
-        """Many prompts, `batch_size` per request (decoded together by the server), results in order."""
+        """Many prompts, `batch_size` per request, several requests in flight over all servers, results in
+        prompt order (options as for `run`)."""
         from .progress import progress_bar
 
         runs: list[Run] = []
         with progress_bar(len(prompts), enabled=progress, desc="prompts") as bar:
-            for start in range(0, len(prompts), batch_size):
-                part = list(prompts[start:start + batch_size])
-                runs += self._runs(self._run_request(part, **options))
-                bar.update(len(part))
+            for run in self.iter_runs(prompts, batch_size=batch_size, **options):
+                runs.append(run)
+                bar.update(1)
         return runs
 
     # ----- vocabulary-side math --------------------------------------------------------------------

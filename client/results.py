@@ -33,6 +33,7 @@ class ModelInfo:
     limits: dict[str, int]
     backend: str
     n_gpu_layers: int
+    n_workers: int = 1
 
     @classmethod
     def from_proto(cls, message) -> "ModelInfo":

@@ -33,7 +33,7 @@ import llama_cpp as lc
 
 from lmscope.client.sites import all_site_names, site_kind
 
-from . import ggml, llama_log
+from . import ggml, llama_log, rpc
 from .errors import RequestError
 from .graph_sites import is_pattern_site, output_rows_only, rule_for
 from .weights import Weights
@@ -52,6 +52,7 @@ class EngineConfig:
     max_capture_bytes: int = 2 << 30
     max_generated_tokens: int = 4096
     max_batch_prompts: int = 1024
+    rpc_servers: tuple[str, ...] = ()  # ggml-rpc workers that take the n_gpu_layers layers (service/rpc.py)
 
 
 @dataclass
@@ -249,6 +250,8 @@ class Engine:
         self.config = config
         llama_log.install()
         lc.llama_backend_init()
+        if config.rpc_servers:
+            rpc.add_devices(list(config.rpc_servers))
         params = lc.llama_model_default_params()
         params.n_gpu_layers = config.n_gpu_layers
         llama_log.clear()
@@ -308,7 +311,8 @@ class Engine:
             site_shapes={k: list(v) for k, v in self.site_shapes.items()},
             fingerprint=self.fingerprint(),
             n_params=lc.llama_model_n_params(self.model), file_size=os.path.getsize(self.config.model_path),
-            limits=limits, backend="CUDA" if lc.llama_supports_gpu_offload() and self.config.n_gpu_layers else "CPU",
+            limits=limits, backend="RPC" if self.config.rpc_servers else (
+                "CUDA" if lc.llama_supports_gpu_offload() and self.config.n_gpu_layers else "CPU"),
             n_gpu_layers=self.config.n_gpu_layers,
         )
 

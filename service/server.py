@@ -27,8 +27,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from lmscope.client.servers import join_host_port
 from lmscope.client.wire import lmscope_pb2 as pb
 
+from . import rpc
 from .errors import RequestError
 from .models import ModelPathError, resolve_model_path
 from .wire_guard import add_inspector_service
@@ -77,6 +79,7 @@ class Server:
         credentials = _tls_credentials(args.tls_cert, args.tls_key)
         interceptors = [_TokenAuth(_read_token(args.token_file))] if args.token_file else []
         model_path = resolve_model_path(args.model)
+        rpc_servers = rpc.server_endpoints(args.rpc, args.workers, args.n_gpu_layers)
         self.started = time.perf_counter()
         message_bytes = args.max_message_mb << 20
         options = [("grpc.max_send_message_length", message_bytes),
@@ -88,7 +91,7 @@ class Server:
         threads = args.workers + args.max_queue + _THREAD_HEADROOM
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options,
                                 interceptors=interceptors, maximum_concurrent_rpcs=threads)
-        address = f"{args.host}:{args.port}"
+        address = join_host_port(args.host.strip("[]"), args.port)
         try:
             self.port = (self.grpc.add_secure_port(address, credentials) if credentials is not None
                          else self.grpc.add_insecure_port(address))
@@ -101,7 +104,8 @@ class Server:
                               n_gpu_layers=args.n_gpu_layers, n_batch=args.n_batch,
                               max_capture_bytes=args.max_capture_mb << 20,
                               max_generated_tokens=args.max_generated_tokens,
-                              max_prompt_tokens=args.max_prompt_tokens, max_batch_prompts=args.max_batch_prompts)
+                              max_prompt_tokens=args.max_prompt_tokens, max_batch_prompts=args.max_batch_prompts,
+                              rpc_servers=rpc_servers)
         self.health = health.HealthServicer()
         self.pool = WorkerPool(config, n_workers=args.workers, max_queue=args.max_queue, test_hooks=args.test_hooks,
                                on_health=self._set_health)
@@ -110,14 +114,14 @@ class Server:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.grpc)
-        self.host = args.host
+        self.host = args.host.strip("[]")
         self.model_path = model_path
         self.grpc.start()
         self._set_health(True)
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return join_host_port(self.host, self.port)
 
     def _set_health(self, serving: bool) -> None:
         """SERVING while at least one model worker is alive and the server is not stopping."""
@@ -179,6 +183,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", help="file holding a bearer token every client must present")
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --host without TLS (anyone who can reach it can use it)")
+    parser.add_argument("--rpc", metavar="HOST:PORT,...",
+                        help="ggml-rpc workers (`lmscope rpc-worker`) to place --n-gpu-layers layers on (needs a "
+                             "llama.cpp built with GGML_RPC, see docs/deployment.md)")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds to finish requests on SIGTERM")
     parser.add_argument("--test-hooks", action="store_true", default=bool(os.environ.get("LMSCOPE_TEST_HOOKS")),
                         help=argparse.SUPPRESS)

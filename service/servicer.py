@@ -61,6 +61,7 @@ class InspectorServicer(pb_grpc.InspectorServicer):
         self.test_hooks = test_hooks
         info = dict(pool.info)
         info["limits"] = dict(info["limits"], max_message_bytes=max_message_bytes)
+        info["n_workers"] = pool.size
         self.parser = RequestParser(info)
         self.info = model_info_message(info)
 

@@ -1,0 +1,170 @@
+"""Several servers behind one client: spreading, ordering, fail-over, and the same-model check.
+
+Real `lmscope serve` processes on loopback (the tiny model, one thread each). The fail-over test kills one
+server with SIGKILL while a 300-prompt batch is half done, as a crashed host would go, and compares every
+result with a single-server run of the same batch (same request composition, so the numbers must be
+bit-identical, whichever server computed them).
+"""
+from __future__ import annotations
+
+import logging
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+from lmscope.client import Client
+from lmscope.client.core import ModelMismatchError
+from lmscope.client.servers import ServerSet
+from lmscope.service.launch import launch_server
+from lmscope.service.testing import build_tiny_model
+
+SERVER_ARGS = ("--threads", "1", "--n-ctx", "1024")
+WORDS = "the quick brown fox jumps over a lazy dog while seven bright stars fade".split()
+PROMPTS = [f"{i}: " + " ".join(WORDS[i % 5: i % 5 + 2 + i % 9]) for i in range(300)]
+OPTIONS = dict(layers=[0, 3], logits="last", batch_size=4)
+
+
+def _launch(models, **kwargs):
+    with ThreadPoolExecutor(len(models)) as pool:
+        return list(pool.map(lambda m: launch_server(m, args=SERVER_ARGS, timeout=120, **kwargs), models))
+
+
+@pytest.fixture
+def three_servers(tiny_model):
+    servers = _launch([tiny_model] * 3)
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def _assert_same_runs(runs, expected):
+    assert len(runs) == len(expected)
+    for run, ref in zip(runs, expected):
+        assert run.token_ids == ref.token_ids
+        assert run.positions == ref.positions
+        assert np.array_equal(run.logits, ref.logits)
+        assert run.captures.keys() == ref.captures.keys()
+        for site in ref.captures:
+            assert np.array_equal(run.captures[site], ref.captures[site]), site
+
+
+def test_batch_survives_a_server_killed_midway(three_servers, caplog):
+    survivor, victim, third = three_servers
+    with Client(survivor.address, max_in_flight=1, timeout=60) as single:
+        expected = single.run_batch(PROMPTS, **OPTIONS)
+        # Prompt order: each result is the prompt it belongs to (the prompts tokenize differently).
+        for i in (0, 1, 150, 299):
+            assert expected[i].token_ids == single.tokenize(PROMPTS[i]).token_ids
+    assert len({tuple(r.token_ids) for r in expected}) == len(PROMPTS)
+
+    caplog.set_level(logging.WARNING, logger="lmscope.client")
+    runs = []
+    with Client([s.address for s in three_servers], timeout=60) as client:
+        assert client.model_info().n_workers == 1
+        for i, run in enumerate(client.iter_runs(PROMPTS, **OPTIONS)):
+            runs.append(run)
+            if i == 100:
+                victim.process.kill()
+                victim.process.wait(10)
+    assert victim.process.returncode is not None and survivor.process.poll() is None and third.process.poll() is None
+    _assert_same_runs(runs, expected)
+    retried = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert retried, "the killed server had requests in flight, which should have been sent again"
+    assert all("UNAVAILABLE" in message for message in retried)
+
+
+def test_default_window_counts_every_servers_workers(three_servers):
+    with Client([s.address for s in three_servers]) as client:
+        client.model_info()
+        assert client._n_workers == 3
+        runs = client.run_batch(PROMPTS[:20], **OPTIONS)
+    with Client(three_servers[0].address, max_in_flight=1) as single:
+        _assert_same_runs(runs, single.run_batch(PROMPTS[:20], **OPTIONS))
+
+
+def test_embed_spreads_and_keeps_order(three_servers):
+    texts = PROMPTS[:24]
+    with Client([s.address for s in three_servers]) as client:
+        spread = client.embed(texts, batch_size=2)
+    with Client(three_servers[0].address, max_in_flight=1) as single:
+        one_by_one = np.stack([single.embed(t) for t in texts])
+    assert spread.shape == one_by_one.shape
+    np.testing.assert_allclose(spread, one_by_one, atol=1e-5)
+
+
+def test_servers_holding_different_models_are_refused(tiny_model, model_dir):
+    other = build_tiny_model(model_dir / "tiny-seed1.gguf", n_layer=4, n_embd=64, n_head=4, n_head_kv=2,
+                             n_ff=128, seed=1)
+    servers = _launch([tiny_model, other])
+    try:
+        with Client([s.address for s in servers]) as client:
+            with pytest.raises(ModelMismatchError) as caught:
+                client.run_batch(PROMPTS[:8], **OPTIONS)
+        error = caught.value
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert set(error.fingerprints) == {s.address for s in servers}
+        assert len(set(error.fingerprints.values())) == 2
+        for server in servers:
+            assert server.address in error.message
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_a_server_that_is_down_at_start_is_left_out(tiny_server, caplog):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    caplog.set_level(logging.WARNING, logger="lmscope.client")
+    with Client([tiny_server.address, closed], timeout=30) as client:
+        runs = client.run_batch(PROMPTS[:12], **OPTIONS)
+    assert [r.token_ids for r in runs] == [r.token_ids for r in Client(tiny_server.address).run_batch(PROMPTS[:12], **OPTIONS)]
+    assert any(closed in r.getMessage() for r in caplog.records)
+
+
+def test_ipv4_and_ipv6_servers_behind_one_channel(tiny_model):
+    v4 = launch_server(tiny_model, args=SERVER_ARGS, timeout=120)
+    v6 = launch_server(tiny_model, host="::1", args=SERVER_ARGS, timeout=120)
+    try:
+        assert v6.address.startswith("[::1]:")
+        with Client([v4.address, v6.address]) as client:
+            assert client.servers.target.startswith("ipv6:")
+            runs = client.run_batch(PROMPTS[:10], **OPTIONS)
+        with Client(v6.address, max_in_flight=1) as single:
+            _assert_same_runs(runs, single.run_batch(PROMPTS[:10], **OPTIONS))
+    finally:
+        v4.stop()
+        v6.stop()
+
+
+@pytest.mark.parametrize("address, target, endpoints", [
+    ("10.0.0.5:50051", "10.0.0.5:50051", ("10.0.0.5:50051",)),
+    (["10.0.0.5:50051", "10.0.0.6:50052"], "ipv4:10.0.0.5:50051,10.0.0.6:50052", ("10.0.0.5:50051", "10.0.0.6:50052")),
+    ("10.0.0.5:1,10.0.0.6:2", "ipv4:10.0.0.5:1,10.0.0.6:2", ("10.0.0.5:1", "10.0.0.6:2")),
+    (["[::1]:7", "[fe80::1]:8"], "ipv6:[::1]:7,[fe80::1]:8", ("[::1]:7", "[fe80::1]:8")),
+    (["10.0.0.5:1", "[::1]:2"], "ipv6:[::ffff:10.0.0.5]:1,[::1]:2", ("10.0.0.5:1", "[::1]:2")),
+    (["localhost:1", "10.0.0.6:2"], "ipv4:127.0.0.1:1,10.0.0.6:2", ("localhost:1", "10.0.0.6:2")),
+    ("dns:///localhost:9", "dns:///localhost:9", ("127.0.0.1:9",)),
+    ("ipv4:1.2.3.4:5,1.2.3.5:5", "ipv4:1.2.3.4:5,1.2.3.5:5", ("1.2.3.4:5", "1.2.3.5:5")),
+    (["10.0.0.5"], "10.0.0.5:50051", ("10.0.0.5:50051",)),
+])
+def test_addresses_become_one_balanced_target(address, target, endpoints):
+    if "localhost" in str(address) and {r[4][0] for r in socket.getaddrinfo("localhost", 1)} != {"127.0.0.1"}:
+        pytest.skip("localhost resolves to more than 127.0.0.1 here")
+    servers = ServerSet.parse(address)
+    assert servers.target == target
+    assert servers.endpoints == endpoints
+
+
+@pytest.mark.parametrize("address, message", [
+    ("::1:50051", "needs brackets"),
+    ("10.0.0.5:http", "bad port"),
+    ([], "no server address"),
+    ([":50051", "10.0.0.5:1"], "no host"),
+])
+def test_bad_addresses_say_what_to_fix(address, message):
+    with pytest.raises(ValueError, match=message):
+        ServerSet.parse(address)
