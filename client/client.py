@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from .core import CoreClient
+from .embeddings import EmbeddingMixin
+from .lens import LensMixin
+from .projection import ProjectionMixin
 
 
-class Client(CoreClient):
+class Client(LensMixin, ProjectionMixin, EmbeddingMixin, CoreClient):
     """Connect to an lmscope server: ``Client("127.0.0.1:50051")`` (see `CoreClient` for options)."""

@@ -109,6 +109,10 @@ class Operations:
             array = weights.read(name)
         return {"tensors": [("weights", 0, array.astype(np.float16) if float16 else array)]}
 
+    def nearest_tokens(self, vectors: np.ndarray, k: int, table: str, exclude_ids: list[int]) -> dict:
+        found = self.engine.weights.nearest(vectors, k, table, exclude_ids)
+        return {"tensors": [(f"nearest.{name}", 0, a) for name, a in found.items()]}
+
     def generate(self, prompt: dict, max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
                  stop: list[str], interventions: list):
         tokens = self._tokens(prompt)

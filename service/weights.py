@@ -32,6 +32,8 @@ class Weights:
                              self.field(f"{self.architecture}.attention.layer_norm_epsilon") or 1e-5)
         self.n_ff = self._n_ff()
         self._lm_head: np.ndarray | None = None
+        self._embedding: np.ndarray | None = None
+        self._inverse_norms: dict[str, np.ndarray] = {}
         self._norm: tuple[np.ndarray, np.ndarray | None] | None = None
 
     def field(self, key: str):
@@ -139,4 +141,45 @@ class Weights:
                 target_logits = logits[:, targets]
                 out["target_probs"][rows] = probs[:, targets]
                 out["target_ranks"][rows] = (logits[:, None, :] > target_logits[:, :, None]).sum(axis=2)
+        return out
+
+    def vocabulary_table(self, table: str) -> np.ndarray:
+        """The token-embedding table ("embedding") or the LM head ("lm_head"), (n_vocab, n_embd) float32.
+
+        In a tied model both names are one array (the head is `token_embd.weight`), held once.
+        """
+        if table == "lm_head" or self.tied:
+            return self.lm_head
+        if self._embedding is None:
+            self._embedding = self.read("token_embd.weight")
+        return self._embedding
+
+    def nearest(self, vectors: np.ndarray, k: int, table: str, exclude_ids: list[int] = ()) -> dict[str, np.ndarray]:
+        """The k rows of a vocabulary table with the highest cosine similarity to each vector.
+
+        The inverse row norms are computed once per table and kept, rather than a normalized copy of the
+        table: cosine = (v / |v|) . row * (1 / |row|) costs one extra multiply per score and no second
+        copy of the largest matrix. All-zero rows (unused tokens) score 0; excluded tokens score -inf, so
+        they are never among the k.
+        """
+        matrix = self.vocabulary_table(table)
+        key = "lm_head" if table == "lm_head" or self.tied else "embedding"
+        if key not in self._inverse_norms:
+            norms = np.linalg.norm(matrix, axis=1)
+            self._inverse_norms[key] = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-30), 0.0).astype(np.float32)
+        inverse_norms = self._inverse_norms[key]
+        queries = vectors.astype(np.float64)  # float64: the norm of a large float32 vector overflows
+        queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+        n = queries.shape[0]
+        exclude = np.asarray(exclude_ids, dtype=np.int64)
+        out = {"ids": np.zeros((n, k), np.int32), "scores": np.zeros((n, k), np.float32)}
+        for start in range(0, n, LENS_ROWS_PER_CHUNK):
+            rows = slice(start, min(n, start + LENS_ROWS_PER_CHUNK))
+            scores = (queries[rows] @ matrix.T) * inverse_norms
+            scores[:, exclude] = -np.inf
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+            top = np.take_along_axis(top, order, axis=1)
+            out["ids"][rows] = top
+            out["scores"][rows] = np.take_along_axis(scores, top, axis=1)
         return out
