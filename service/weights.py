@@ -22,6 +22,31 @@ from .errors import RequestError
 LENS_ROWS_PER_CHUNK = 256
 
 
+ARGMAX_TOP_K = 32  # up to this k, k argmax passes beat one argpartition over a vocabulary-wide row
+
+
+def top_k_columns(values: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of the k largest values of each row, largest first (ties: lowest index first).
+
+    For small k, k passes of argmax (each masking the winner, restored afterwards) are an order of magnitude
+    faster than argpartition over 50k columns; larger k use argpartition + a sort of the k candidates.
+    """
+    if k > ARGMAX_TOP_K:
+        top = np.argpartition(values, values.shape[1] - k, axis=1)[:, -k:]
+        order = np.argsort(-np.take_along_axis(values, top, axis=1), axis=1, kind="stable")
+        return np.take_along_axis(top, order, axis=1)
+    rows = np.arange(values.shape[0])
+    top = np.empty((values.shape[0], k), np.int64)
+    saved = np.empty((values.shape[0], k), values.dtype)
+    for i in range(k):
+        top[:, i] = values.argmax(axis=1)
+        saved[:, i] = values[rows, top[:, i]]
+        values[rows, top[:, i]] = -np.inf
+    for i in range(k):
+        values[rows, top[:, i]] = saved[:, i]
+    return top
+
+
 class Weights:
     def __init__(self, path: str):
         self.reader = GGUFReader(path)
@@ -126,20 +151,21 @@ class Weights:
             logits = self.unembed(x[rows], final_norm)
             if keep_logits:
                 out["logits"][rows] = logits
+            # softmax(z) = e / total with z = logits / T - max, e = exp(z); its entropy is log(total) - sum(e z) / total.
+            # Only gathered probabilities are divided, and p log p is never materialized: the passes over the
+            # (rows, n_vocab) block, not the LM-head product, were most of the reduction's time.
             scaled = logits / np.float32(temperature)
             scaled -= scaled.max(axis=1, keepdims=True)
-            probs = np.exp(scaled)
-            probs /= probs.sum(axis=1, keepdims=True)
-            out["entropy"][rows] = -(probs * np.log(np.maximum(probs, 1e-30))).sum(axis=1)
+            exps = np.exp(scaled)
+            total = exps.sum(axis=1)
+            out["entropy"][rows] = np.log(total) - np.einsum("ij,ij->i", exps, scaled) / total
             if k:
-                top = np.argpartition(-probs, k - 1, axis=1)[:, :k]
-                order = np.argsort(-np.take_along_axis(probs, top, axis=1), axis=1, kind="stable")
-                top = np.take_along_axis(top, order, axis=1)
+                top = top_k_columns(logits, k)
                 out["top_ids"][rows] = top
-                out["top_probs"][rows] = np.take_along_axis(probs, top, axis=1)
+                out["top_probs"][rows] = np.take_along_axis(exps, top, axis=1) / total[:, None]
             if len(targets):
                 target_logits = logits[:, targets]
-                out["target_probs"][rows] = probs[:, targets]
+                out["target_probs"][rows] = exps[:, targets] / total[:, None]
                 out["target_ranks"][rows] = (logits[:, None, :] > target_logits[:, :, None]).sum(axis=2)
         return out
 
@@ -177,9 +203,7 @@ class Weights:
             rows = slice(start, min(n, start + LENS_ROWS_PER_CHUNK))
             scores = (queries[rows] @ matrix.T) * inverse_norms
             scores[:, exclude] = -np.inf
-            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-            top = np.take_along_axis(top, order, axis=1)
+            top = top_k_columns(scores, k)
             out["ids"][rows] = top
             out["scores"][rows] = np.take_along_axis(scores, top, axis=1)
         return out

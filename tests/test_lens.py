@@ -36,13 +36,14 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # ----- logit lens ------------------------------------------------------------------------------------
 
-def test_logit_lens_equals_numpy_unembedding_of_the_captured_states(client, reference):
-    lens = client.logit_lens(PROMPT, top_k=5, temperature=1.5, targets=[" France", 300])
+@pytest.mark.parametrize("top_k", [5, 40])  # the server picks the top k by argmax passes up to 32, argpartition above
+def test_logit_lens_equals_numpy_unembedding_of_the_captured_states(client, reference, top_k):
+    lens = client.logit_lens(PROMPT, top_k=top_k, temperature=1.5, targets=[" France", 300])
     states = client.run(PROMPT, logits=False).hidden_states  # the same forward pass, captured raw
     probs = softmax(reference.unembed(states), 1.5)  # (n_layer + 1, n_tokens, n_vocab), float64 from GGUF
     n = len(lens.token_ids)
-    assert lens.top_ids.shape == (reference.n_layer + 1, n, 5) and lens.positions == list(range(n))
-    expected_top = np.argsort(-probs, axis=-1, kind="stable")[..., :5]
+    assert lens.top_ids.shape == (reference.n_layer + 1, n, top_k) and lens.positions == list(range(n))
+    expected_top = np.argsort(-probs, axis=-1, kind="stable")[..., :top_k]
     np.testing.assert_array_equal(lens.top_ids, expected_top)
     np.testing.assert_allclose(lens.top_probs, np.take_along_axis(probs, expected_top, -1), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(lens.entropy, entropy(probs), rtol=1e-4, atol=1e-5)
@@ -224,13 +225,14 @@ def test_probe_scores_several_continuous_targets_at_once(client, planted):
 def test_nearest_tokens_are_the_numpy_cosine_neighbours(client, reference):
     table = reference.weight("token_embd.weight").astype(np.float64)
     word = client.token_id(" capital")
-    result = client.nearest_tokens(" capital", k=8)
     cosines = cosine_rows(table[word][None], table)[0]
     cosines[word] = -np.inf  # the query word itself is left out
-    order = np.argsort(-cosines, kind="stable")[:8]
-    np.testing.assert_array_equal(result.ids, order)
-    np.testing.assert_allclose(result.scores, cosines[order], rtol=1e-5)
-    assert result.tokens == client.tokenize_pieces(order)
+    for k in (8, 40):
+        result = client.nearest_tokens(" capital", k=k)
+        order = np.argsort(-cosines, kind="stable")[:k]
+        np.testing.assert_array_equal(result.ids, order)
+        np.testing.assert_allclose(result.scores, cosines[order], rtol=1e-5)
+        assert result.tokens == client.tokenize_pieces(order)
 
     vectors = np.random.default_rng(0).normal(size=(2, reference.n_embd)).astype(np.float32)
     head = reference.output_weight.astype(np.float64)
