@@ -78,6 +78,8 @@ class LogitLens:
     temperature: float
     targets: dict[int, TargetTrace] = field(default_factory=dict)
     layers: list[str] = field(default_factory=list)
+    decode_ms: float = 0.0  # server: the forward pass with capture (llama_decode)
+    total_ms: float = 0.0   # server: the whole request, the lens reduction included
     # ids -> (probs, ranks, texts) of more targets, and word -> (first token id, multi_token)
     _fetch_targets: Callable[[list[int]], tuple[np.ndarray, np.ndarray, list[str]]] | None = field(default=None,
                                                                                                   repr=False)
@@ -231,20 +233,22 @@ class LensMixin:
         target_ids = [r[0] for r in resolved]
         capture = ["embed"] + [f"blocks.{L}.resid_post" for L in range(info.n_layer)]
 
-        if affine is None:
-            def reduce(top: int, ids: list[int]):
-                spec = pb.LensSpec(enabled=True, top_k=top, temperature=temperature, target_ids=ids)
-                run = self._runs(self._run_request([prompt], capture=capture, positions=positions, logits=False,
-                                                   chat=chat, lens=spec))[0]
-                return run, {name.removeprefix("lens."): array for name, array in run.extra.items()}
-            run, reduced = reduce(top_k, target_ids)
-        else:
-            run = self.run(prompt, capture=capture, positions=positions, logits=False, chat=chat)
-            states = _apply_affine(run.hidden_states, affine, info.n_embd)
+        states = None
+        if affine is not None:
+            raw = self.run(prompt, capture=capture, positions=positions, logits=False, chat=chat)
+            states = _apply_affine(raw.hidden_states, affine, info.n_embd)
 
-            def reduce(top: int, ids: list[int]):
-                return run, self._lens_rows(states, top_k=top, temperature=temperature, target_ids=ids)
-            run, reduced = reduce(top_k, target_ids)
+        def reduce(top: int, ids: list[int]):
+            """(run, lens arrays) for every (hidden state, position) row: one Run request with the lens, or,
+            on the affine path, Unembed requests over the transformed states."""
+            if states is not None:
+                return raw, self._lens_rows(states, top_k=top, temperature=temperature, target_ids=ids)
+            spec = pb.LensSpec(enabled=True, top_k=top, temperature=temperature, target_ids=ids)
+            lensed = self._runs(self._run_request([prompt], capture=capture, positions=positions, logits=False,
+                                                  chat=chat, lens=spec))[0]
+            return lensed, {name.removeprefix("lens."): array for name, array in lensed.extra.items()}
+
+        run, reduced = reduce(top_k, target_ids)
 
         def fetch_targets(ids: list[int]):
             more = reduce(0, ids)[1]
@@ -257,6 +261,7 @@ class LensMixin:
             top_ids=top_ids, top_probs=reduced["top_probs"],
             top_tokens=[[[pieces[int(t)] for t in cell] for cell in row] for row in top_ids],
             entropy=reduced["entropy"], temperature=temperature, layers=hidden_state_labels(info.n_layer),
+            decode_ms=run.decode_ms, total_ms=run.total_ms,
             _fetch_targets=fetch_targets, _token_of=lambda word: first_token(self, word))
         for n, (token_id, multi) in enumerate(resolved):
             lens.targets[token_id] = TargetTrace(token_id, pieces[token_id], reduced["target_probs"][..., n],

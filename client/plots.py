@@ -53,8 +53,11 @@ def _finish(fig, save: str | pathlib.Path | None):
 
 
 def token_label(text: str, width: int = 10) -> str:
-    """A token as it can be shown in a cell: control characters escaped (as repr does), long ones shortened."""
-    shown = "".join(repr(ch)[1:-1] if unicodedata.category(ch).startswith("C") else ch for ch in text)
+    """A token as it can be shown in a cell: control characters escaped (as repr does), a token made only
+    of whitespace made visible (a space as "␣"), long ones shortened."""
+    blank = bool(text) and not text.strip()
+    shown = "".join("␣" if blank and ch == " " else repr(ch)[1:-1] if blank or unicodedata.category(ch)[0] == "C"
+                    else ch for ch in text)
     return shown if len(shown) <= width else shown[:width - 1] + "…"
 
 
@@ -110,7 +113,7 @@ def layer_curves(x_labels: Sequence[str], curves: Mapping[str, np.ndarray], *, y
             ax.plot(x, np.asarray(values, dtype=float), marker="o", markersize=3, label=name)
         if baseline is not None:
             ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label=baseline_label)
-        step = max(1, len(x_labels) // 16)
+        step = -(-len(x_labels) // 16)  # at most 16 tick labels
         ax.set_xticks(x[::step], [x_labels[i] for i in x[::step]])
         ax.set_xlabel("layer")
         ax.set_ylabel(ylabel)
