@@ -4,6 +4,7 @@
     lmscope serve [--model P]    serve a model (needs the server extra: pip install "lmscope[server]")
     lmscope rpc-worker [--port]  lend this host's CPU to a server that splits a model with --rpc
     lmscope info [--server A]    describe the model a server holds
+    lmscope lens "PROMPT"        the logit lens of the prompt's last token, one line per layer
     lmscope demo                 start a server on the default model and show what lmscope does
 
 Commands that talk to a server take `--server HOST:PORT` (default `$LMSCOPE_SERVER` or 127.0.0.1:50051).
@@ -45,6 +46,22 @@ def _info(args) -> int:
     return 0
 
 
+def _lens(args) -> int:
+    from .client import Client
+
+    from .core import LmscopeError
+
+    with Client(args.server) as client:
+        try:
+            lens = client.logit_lens(args.prompt, top_k=args.top_k, temperature=args.temperature,
+                                     targets=args.target, positions=[args.position], chat=args.chat)
+        except (LmscopeError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(lens.table(position=args.position))
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import demo
 
@@ -67,6 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     info = commands.add_parser("info", help="describe the model a server holds")
     info.add_argument("--server", default=default_server)
     info.set_defaults(handler=_info)
+
+    lens = commands.add_parser("lens", help="logit lens: what each layer predicts after the prompt")
+    lens.add_argument("prompt")
+    lens.add_argument("--server", default=default_server)
+    lens.add_argument("--top-k", type=int, default=5, help="tokens per layer (default 5)")
+    lens.add_argument("--temperature", type=float, default=1.0)
+    lens.add_argument("--position", type=int, default=-1, help="prompt position to lens (default -1, the last)")
+    lens.add_argument("--target", action="append", default=[],
+                      help="also show this token's probability and rank (repeatable; a word counts by its first token)")
+    lens.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    lens.set_defaults(handler=_lens)
 
     demo = commands.add_parser("demo", help="a short tour on the default model")
     demo.add_argument("--server", default=os.environ.get("LMSCOPE_SERVER"),

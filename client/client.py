@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 from .core import CoreClient
+from .embeddings import EmbeddingMixin
 from .inside import InsideMixin
+from .lens import LensMixin
+from .projection import ProjectionMixin
 
 
-class Client(InsideMixin, CoreClient):
+class Client(LensMixin, ProjectionMixin, EmbeddingMixin, InsideMixin, CoreClient):
     """Connect to an lmscope server: ``Client("127.0.0.1:50051")`` (see `CoreClient` for options)."""

@@ -352,6 +352,19 @@ class CoreClient:
         _, arrays = self._tensor_stream("Unembed", pb.UnembedRequest(vectors=tensors.to_tensor(vectors), spec=spec))
         return {name.removeprefix("lens."): a for (name, _), a in arrays.items()}
 
+    def nearest_token_ids(self, vectors: np.ndarray, k: int = 10, table: str = "embedding",
+                          exclude_ids: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """Server-side cosine nearest neighbours of vectors among the rows of a vocabulary table.
+
+        table: "embedding" (token_embd) or "lm_head". exclude_ids: tokens never returned.
+        Returns ids and cosine scores, each (n, k), best first.
+        """
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        request = pb.NearestTokensRequest(vectors=tensors.to_tensor(vectors), k=k, table=table,
+                                          exclude_ids=[int(t) for t in exclude_ids])
+        _, arrays = self._tensor_stream("NearestTokens", request)
+        return arrays[("nearest.ids", 0)], arrays[("nearest.scores", 0)]
+
     def weights(self, name: str, indices: Sequence[int] | None = None, axis: int = 0,
                 dtype: str = "float32") -> np.ndarray:
         """A GGUF weight tensor (dequantized), or some of its rows/columns, in numpy order."""

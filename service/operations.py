@@ -127,6 +127,10 @@ class Operations:
                                f"{n_values} values of {name} ({4 * n_values / 2**20:.1f} MiB as float32) exceed the "
                                f"server's limit of {limit / 2**20:.0f} MiB per answer: ask for fewer indices")
 
+    def nearest_tokens(self, vectors: np.ndarray, k: int, table: str, exclude_ids: list[int]) -> dict:
+        found = self.engine.weights.nearest(vectors, k, table, exclude_ids)
+        return {"tensors": [(f"nearest.{name}", 0, a) for name, a in found.items()]}
+
     def generate(self, prompt: dict, max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
                  stop: list[str], interventions: list):
         tokens = self._tokens(prompt)

@@ -30,6 +30,8 @@ MAX_INTERVENTIONS = 1024
 MAX_ABS_VALUE = 1e15
 # Lens temperatures outside this range overflow float32 logits / temperature (NaN probabilities).
 LENS_TEMPERATURE_RANGE = (1e-6, 1e6)
+MAX_NEAREST_ROWS = 4096  # query vectors per NearestTokens request (each costs a pass over the vocabulary)
+VOCABULARY_TABLES = ("embedding", "lm_head")
 
 
 def _fail(code: str, message: str):
@@ -235,6 +237,28 @@ class RequestParser:
             _fail("RESOURCE_EXHAUSTED", f"{vectors.shape[0]} rows of full logits exceed the server's limit "
                                         f"({rows_limit} rows); ask for top_k instead or send fewer vectors")
         return {"vectors": vectors, "spec": self.lens(request.spec)}
+
+    def nearest_tokens(self, request: pb.NearestTokensRequest) -> dict:
+        table = request.table or "embedding"
+        if table not in VOCABULARY_TABLES:
+            _fail("INVALID_ARGUMENT", f"unknown table {request.table!r}; use 'embedding' or 'lm_head'")
+        exclude = sorted(set(self.token_ids(request.exclude_ids, "exclude_ids")))
+        limit = min(self.n_vocab - len(exclude), MAX_TOP_K)
+        if not 1 <= request.k <= limit:
+            _fail("OUT_OF_RANGE", f"k must be between 1 and {limit}, got {request.k}")
+        vectors = self.vector(request.vectors, "vectors")
+        if vectors.ndim == 1:
+            vectors = vectors[None, :]
+        if vectors.shape[1] != self.info["n_embd"]:
+            _fail("INVALID_ARGUMENT", f"vectors have width {vectors.shape[1]}; this model's {table} rows have "
+                                      f"width {self.info['n_embd']}")
+        if vectors.shape[0] > MAX_NEAREST_ROWS:
+            _fail("RESOURCE_EXHAUSTED", f"{vectors.shape[0]} query vectors in one request; at most "
+                                        f"{MAX_NEAREST_ROWS}: split them")
+        zero = np.flatnonzero(np.linalg.norm(vectors, axis=1) == 0)
+        if len(zero):
+            _fail("INVALID_ARGUMENT", f"vector {zero[0]} is all zeros, so its cosine similarity is undefined")
+        return {"vectors": vectors, "k": request.k, "table": table, "exclude_ids": exclude}
 
     def weights(self, request: pb.WeightsRequest) -> dict:
         return {"name": self.text(request.name, "name"), "axis": request.axis, "indices": list(request.indices),

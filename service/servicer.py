@@ -26,7 +26,7 @@ def _statuses(method):
             context.abort(getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN), exc.message)
         context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
-    if method.__name__ in ("Run", "Generate", "Unembed", "GetWeights"):
+    if method.__name__ in ("Run", "Generate", "Unembed", "GetWeights", "NearestTokens"):
         @functools.wraps(method)
         def streaming(self, request, context):
             try:
@@ -119,3 +119,8 @@ class InspectorServicer(pb_grpc.InspectorServicer):
         result = self.pool.call("weights", self.parser.weights(request), context.is_active)
         yield from _chunks(result["tensors"])
 
+
+    @_statuses
+    def NearestTokens(self, request, context):
+        result = self.pool.call("nearest_tokens", self.parser.nearest_tokens(request), context.is_active)
+        yield from _chunks(result["tensors"])

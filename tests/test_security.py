@@ -226,6 +226,7 @@ CLIENT_TEXT_FIELDS = {
     "lmscope.v1.RunRequest.capture": "site names or globs, matched against ModelInfo.capture_sites",
     "lmscope.v1.GenerateRequest.stop": "stop strings",
     "lmscope.v1.WeightsRequest.name": "a tensor name looked up in the loaded GGUF's tensor table",
+    "lmscope.v1.NearestTokensRequest.table": "\"embedding\" or \"lm_head\", checked against a fixed list",
 }
 
 

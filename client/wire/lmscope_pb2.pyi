@@ -341,3 +341,15 @@ class WeightsRequest(_message.Message):
     indices: _containers.RepeatedScalarFieldContainer[int]
     dtype: DType
     def __init__(self, name: _Optional[str] = ..., axis: _Optional[int] = ..., indices: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class NearestTokensRequest(_message.Message):
+    __slots__ = ("vectors", "k", "table", "exclude_ids")
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_IDS_FIELD_NUMBER: _ClassVar[int]
+    vectors: Tensor
+    k: int
+    table: str
+    exclude_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, vectors: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., table: _Optional[str] = ..., exclude_ids: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -69,6 +69,11 @@ class InspectorStub:
                 request_serializer=lmscope__pb2.WeightsRequest.SerializeToString,
                 response_deserializer=lmscope__pb2.RunChunk.FromString,
                 _registered_method=True)
+        self.NearestTokens = channel.unary_stream(
+                '/lmscope.v1.Inspector/NearestTokens',
+                request_serializer=lmscope__pb2.NearestTokensRequest.SerializeToString,
+                response_deserializer=lmscope__pb2.RunChunk.FromString,
+                _registered_method=True)
 
 
 class InspectorServicer:
@@ -125,6 +130,15 @@ class InspectorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NearestTokens(self, request, context):
+        """The k tokens whose rows in a vocabulary table (token embeddings or LM head) have the highest cosine
+        similarity with each query vector; the table never leaves the server. Streams tensors "nearest.ids"
+        (n, k) INT32 and "nearest.scores" (n, k) FLOAT32, best first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InspectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +175,11 @@ def add_InspectorServicer_to_server(servicer, server):
             'GetWeights': grpc.unary_stream_rpc_method_handler(
                     servicer.GetWeights,
                     request_deserializer=lmscope__pb2.WeightsRequest.FromString,
+                    response_serializer=lmscope__pb2.RunChunk.SerializeToString,
+            ),
+            'NearestTokens': grpc.unary_stream_rpc_method_handler(
+                    servicer.NearestTokens,
+                    request_deserializer=lmscope__pb2.NearestTokensRequest.FromString,
                     response_serializer=lmscope__pb2.RunChunk.SerializeToString,
             ),
     }
@@ -352,6 +371,33 @@ class Inspector:
             target,
             '/lmscope.v1.Inspector/GetWeights',
             lmscope__pb2.WeightsRequest.SerializeToString,
+            lmscope__pb2.RunChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NearestTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lmscope.v1.Inspector/NearestTokens',
+            lmscope__pb2.NearestTokensRequest.SerializeToString,
             lmscope__pb2.RunChunk.FromString,
             options,
             channel_credentials,
