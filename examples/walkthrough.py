@@ -55,6 +55,50 @@ for text in ["今天天氣真好！", "The weather is really nice today!"]:
 
 
 # %% [markdown]
+# ## 2. The embedding table
+# Each token id selects one row of the embedding table: the same token always gets the same row, and tokens
+# used alike end up with similar rows (word2vec's observation, arXiv 1301.3781, holds inside LMs too).
+# Analogies by vector arithmetic — Emb(冷) - Emb(cold) + Emb(small) ≈ Emb(小)? — are tried below with the
+# honest result: in a small model's *input* embeddings they mostly do not work. Look for: sensible
+# neighbours of " apple" and " king"; whether 小 / " queen" show up at all.
+
+# %%
+ids = c.tokenize(" apple apple", add_special=False).token_ids
+rows = c.embedding_rows(ids)
+print(f"' apple' is token {ids[0]}; its row has {rows.shape[1]} numbers; same token, same row: "
+      f"{np.array_equal(rows[0], rows[1])}")
+for word in [" apple", " king", " Paris"]:
+    print(c.nearest_tokens(word, k=8))
+for a, b, c_word, expected in [("冷", "cold", "small", "小"), (" king", " man", " woman", " queen")]:
+    result = c.analogy(a, b, c_word, k=10)
+    print(result)
+    print(f"   rank of {expected!r} among the answers: "
+          f"{next((i for i, t in enumerate(result.neighbours.tokens) if t == expected), 'not in the top 10')}")
+
+
+# %% [markdown]
+# ## 3. Layer by layer: contextual embeddings (arXiv 1909.00512)
+# The embedding of a token is the same everywhere; its hidden state is not. Each layer mixes in context, so
+# the same word in two different contexts drifts apart with depth. Look for: "apple" the fruit vs the
+# company (and 蘋果 in 來吃蘋果 vs 蘋果手機) starting at similarity 1.0 and separating in later layers.
+
+# %%
+pairs = {
+    "apple": ["I ate a red apple with lunch.", "Apple released a new iPhone today."],
+    "蘋果": ["我想來吃蘋果", "蘋果手機很貴"],
+}
+fig, ax = plt.subplots(figsize=(7, 3.5))
+for word, contexts in pairs.items():
+    similarity = c.contextual_similarity(word, contexts)
+    ax.plot(range(len(similarity.layers)), similarity.mean_similarity, marker=".", label=f"{word}: {contexts}")
+    print(word, np.round(similarity.mean_similarity[::5], 3))
+ax.set_xlabel("hidden state (0 = embedding, L + 1 = output of block L)")
+ax.set_ylabel("cosine similarity across contexts")
+ax.legend(fontsize=7)
+save(fig, "contextual_similarity")
+
+
+# %% [markdown]
 # ## 4. The LM head: logits -> softmax -> probabilities
 # The last hidden state goes through the final norm and the LM head to give one logit per vocabulary entry;
 # softmax turns them into probabilities, and the temperature sharpens (T < 1) or flattens (T > 1) them.
@@ -81,6 +125,27 @@ ax.set_ylabel("probability")
 ax.set_title(f"next token after {prompt!r}")
 ax.legend()
 save(fig, "temperature")
+
+
+# %% [markdown]
+# ## 5. Projection to low dimensions and linear probes (arXiv 2310.02207, "Language Models Represent Space and Time")
+# Hidden states live in hundreds of dimensions; PCA shows their main axes, and a linear probe asks whether a
+# property can be read off linearly. Look for: cities grouping by continent in the PCA picture, and the
+# probe's R² for latitude/longitude rising in the middle layers.
+
+# %%
+import csv
+
+with open(ROOT / "client" / "data" / "world_cities.csv", encoding="utf-8") as f:
+    cities = [row for row in csv.DictReader(line for line in f if not line.startswith("#"))][:120]
+names = [row["city"] for row in cities]
+projection = c.project(names, layer=[4, 15, 25], progress=False)
+save(projection.plot(labels=[row["continent"] for row in cities]), "pca_cities")
+coordinates = np.array([[float(row["latitude"]), float(row["longitude"])] for row in cities])
+probe = c.probe(names, coordinates, layer=list(range(0, info.n_layer, 3)), output_names=["latitude", "longitude"],
+                progress=False)
+print(probe)
+save(probe.plot(), "probe_cities")
 
 
 # %% [markdown]
@@ -114,6 +179,21 @@ for prompt in test_harmful[:3]:
     plain = c.generate(prompt, chat=True, max_tokens=24)
     ablated = c.generate(prompt, chat=True, max_tokens=24, ablate=v)
     print(f"harmful  {prompt!r}\n   plain:   {plain.text!r}\n   ablated: {ablated.text!r}")
+
+
+# %% [markdown]
+# ## 7. Logit lens (nostalgebraist 2020) and the latent language (arXiv 2402.10588)
+# Apply the final norm and the LM head to every layer's hidden state, as if the model stopped there. Look
+# for: " Paris" appearing only in the last layers; and, translating French to Chinese, the English word
+# "flower" rising in the middle layers before 花 takes over — "do Llamas work in English?".
+
+# %%
+lens = c.logit_lens("The capital of France is", top_k=3)
+print(lens.table(position=-1))
+save(lens.plot(), "logit_lens")
+latent = c.latent_language('Français: "fleur" - 中文: "', target="花", pivot="flower")
+print(latent)
+save(latent.plot(), "latent_language")
 
 
 # %% [markdown]

@@ -320,7 +320,7 @@ def nearest_rpc(client, vectors, k=5, table="", exclude=()):
     (lambda c: c.logit_lens(PROMPT, targets=[10 ** 6]), "OUT_OF_RANGE", "lens target_ids has token id 1000000"),
     (lambda c: c.logit_lens(PROMPT, top_k=5000), "INVALID_ARGUMENT", "top_k 5000 is over the limit"),
     (lambda c: c._runs(c._run_request([PROMPT], lens=pb.LensSpec(enabled=True, top_k=1, temperature=-1.0))),
-     "INVALID_ARGUMENT", "temperature must be a positive"),
+     "INVALID_ARGUMENT", "lens temperature must be between"),
     (lambda c: c.logit_lens(PROMPT, positions=[40]), "OUT_OF_RANGE", "outside a prompt"),
     (lambda c: c.project(["a b", "c d"], layer=1, position=9, progress=False), "OUT_OF_RANGE", "outside a prompt"),
 ])
