@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -21,15 +20,6 @@ import time
 from dataclasses import dataclass, field
 
 _READY = re.compile(r"^lmscope serving .* on (\S+) \[")
-
-
-def _die_with_parent() -> None:
-    """Linux: the server gets SIGTERM when the process that launched it dies, however it dies."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class LaunchError(RuntimeError):
@@ -68,7 +58,7 @@ def launch_server(model: str | os.PathLike | None = None, *, port: int = 0, host
     if model is not None:
         command += ["--model", str(model)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, **(env or {})}, bufsize=1, preexec_fn=_die_with_parent)
+                               env={**os.environ, "LMSCOPE_EXIT_WITH_PARENT": str(os.getpid()), **(env or {})}, bufsize=1)
     log: list[str] = []
     address: list[str] = []
     ready = threading.Event()

@@ -227,7 +227,11 @@ def serve(args: argparse.Namespace) -> int:
     print(f"lmscope serving {info['name']} ({info['description']}, {info['n_layer']} layers) from "
           f"{server.model_path} on {server.address} [{server.pool.size} worker(s), ready in "
           f"{time.perf_counter() - server.started:.1f} s]", flush=True)
-    stop.wait()
+    # A server started by launch_server() stops when the process that started it is gone, however it went.
+    parent = os.environ.get("LMSCOPE_EXIT_WITH_PARENT")
+    while not stop.wait(1.0):
+        if parent and os.getppid() != int(parent):
+            break
     print("lmscope: stopping", flush=True)
     server.stop(args.grace)
     return 0
