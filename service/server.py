@@ -13,7 +13,6 @@ chosen when the server starts.
 from __future__ import annotations
 
 import argparse
-import functools
 import hmac
 import ipaddress
 import os
@@ -101,16 +100,15 @@ class Server:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.grpc)
         address = join_host_port(args.host.strip("[]"), args.port)
-        if args.tls_cert or args.tls_key:
-            if not (args.tls_cert and args.tls_key):
-                raise RequestError("INVALID_ARGUMENT", "TLS needs both --tls-cert and --tls-key")
-            with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
-                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-            bind = functools.partial(self.grpc.add_secure_port, credentials=credentials)
-        else:
-            bind = self.grpc.add_insecure_port
         try:
-            self.port = bind(address)
+            if args.tls_cert or args.tls_key:
+                if not (args.tls_cert and args.tls_key):
+                    raise RequestError("INVALID_ARGUMENT", "TLS needs both --tls-cert and --tls-key")
+                with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
+                    credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+                self.port = self.grpc.add_secure_port(address, credentials)
+            else:
+                self.port = self.grpc.add_insecure_port(address)
         except RuntimeError:  # recent grpcio raises where older ones returned port 0
             self.port = 0
         if not self.port:
