@@ -114,7 +114,12 @@ def server_endpoints(rpc: str | None, workers: int, n_gpu_layers: int) -> tuple[
 
 
 def add_devices(endpoints: list[str]) -> None:
-    """Register each worker's devices with ggml; the next model load places layers on them."""
+    """Register each worker's devices with ggml; the next model load places layers on them.
+
+    Runs in the model worker process, also when it is restarted after a crash: the workers are checked
+    again first, so one that is gone is an error message rather than an abort inside ggml-rpc.
+    """
+    check_reachable(endpoints)
     lib = _library()
     registry = _rpc_registry(lib)
     if not registry:

@@ -8,14 +8,18 @@ bit-identical, whichever server computed them).
 from __future__ import annotations
 
 import logging
+import secrets
+import shutil
 import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
 
-from lmscope.client import Client
+from lmscope.client import Client, LmscopeError
 from lmscope.client.core import ModelMismatchError
 from lmscope.client.servers import ServerSet
 from lmscope.service.launch import launch_server
@@ -27,9 +31,9 @@ PROMPTS = [f"{i}: " + " ".join(WORDS[i % 5: i % 5 + 2 + i % 9]) for i in range(3
 OPTIONS = dict(layers=[0, 3], logits="last", batch_size=4)
 
 
-def _launch(models, **kwargs):
+def _launch(models, extra_args=()):
     with ThreadPoolExecutor(len(models)) as pool:
-        return list(pool.map(lambda m: launch_server(m, args=SERVER_ARGS, timeout=120, **kwargs), models))
+        return list(pool.map(lambda m: launch_server(m, args=(*SERVER_ARGS, *extra_args), timeout=120), models))
 
 
 @pytest.fixture
@@ -125,6 +129,14 @@ def test_a_server_that_is_down_at_start_is_left_out(tiny_server, caplog):
     assert any(closed in r.getMessage() for r in caplog.records)
 
 
+def test_a_dns_name_reaches_the_server_behind_it(tiny_server):
+    port = tiny_server.address.rsplit(":", 1)[1]
+    with Client(f"dns:///localhost:{port}") as client:
+        runs = client.run_batch(PROMPTS[:6], **OPTIONS)
+    with Client(tiny_server.address, max_in_flight=1) as single:
+        _assert_same_runs(runs, single.run_batch(PROMPTS[:6], **OPTIONS))
+
+
 def test_ipv4_and_ipv6_servers_behind_one_channel(tiny_model):
     v4 = launch_server(tiny_model, args=SERVER_ARGS, timeout=120)
     v6 = launch_server(tiny_model, host="::1", args=SERVER_ARGS, timeout=120)
@@ -168,3 +180,41 @@ def test_addresses_become_one_balanced_target(address, target, endpoints):
 def test_bad_addresses_say_what_to_fix(address, message):
     with pytest.raises(ValueError, match=message):
         ServerSet.parse(address)
+
+
+@pytest.fixture
+def tls_files(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", tmp_path / "tls.key", "-out", tmp_path / "tls.crt", "-subj", "/CN=inspect.internal",
+                    "-addext", "subjectAltName=DNS:inspect.internal"], check=True, capture_output=True)
+    (tmp_path / "token").write_text(secrets.token_hex(16))
+    return tmp_path
+
+
+def test_tls_and_token_across_replicas(tiny_model, tls_files):
+    """The container's default: TLS and a bearer token; clients dial IPs and check the certificate's name."""
+    servers = _launch([tiny_model] * 2, ("--tls-cert", str(tls_files / "tls.crt"), "--tls-key",
+                                         str(tls_files / "tls.key"), "--token-file", str(tls_files / "token")))
+    addresses = [s.address for s in servers]
+    tls = dict(tls=True, root_certificates=(tls_files / "tls.crt").read_bytes(), tls_server_name="inspect.internal")
+    try:
+        with Client(addresses, token=(tls_files / "token").read_text(), **tls) as client:
+            runs = client.run_batch(PROMPTS[:8], **OPTIONS)
+            assert [r.token_ids for r in runs] == [client.tokenize(p).token_ids for p in PROMPTS[:8]]
+        with Client(addresses, token="wrong-token-of-enough-length", **tls) as client:
+            with pytest.raises(LmscopeError) as caught:
+                client.run_batch(PROMPTS[:2], **OPTIONS)
+            assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+        # The exec health probe of docs/deployment.md: TLS, no token (health is exempt from it).
+        probe = ("import grpc, sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; "
+                 f"ch = grpc.secure_channel('{addresses[0]}', grpc.ssl_channel_credentials("
+                 f"open('{tls_files / 'tls.crt'}', 'rb').read()), "
+                 "options=[('grpc.ssl_target_name_override', 'inspect.internal')]); "
+                 "sys.exit(g.HealthStub(ch).Check(h.HealthCheckRequest(), timeout=3).status "
+                 "!= h.HealthCheckResponse.SERVING)")
+        assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0
+    finally:
+        for server in servers:
+            server.stop()
