@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from .core import CoreClient
+from .steering import SteeringMixin
 
 
-class Client(CoreClient):
+class Client(SteeringMixin, CoreClient):
     """Connect to an lmscope server: ``Client("127.0.0.1:50051")`` (see `CoreClient` for options)."""
