@@ -4,8 +4,11 @@
 >>> c = Client("127.0.0.1:50051")         # doctest: +SKIP
 """
 from .client import Client
+from .control_vector import ControlVector
 from .core import LmscopeError
 from .interventions import Intervention, Patch
 from .results import Generation, ModelInfo, Run, TopK, Tokens
+from .steering import LayerScore, RefusalDirection
 
-__all__ = ["Client", "LmscopeError", "Intervention", "Patch", "Generation", "ModelInfo", "Run", "TopK", "Tokens"]
+__all__ = ["Client", "LmscopeError", "Intervention", "Patch", "Generation", "ModelInfo", "Run", "TopK", "Tokens",
+           "ControlVector", "LayerScore", "RefusalDirection"]

@@ -6,7 +6,8 @@ from .embeddings import EmbeddingMixin
 from .inside import InsideMixin
 from .lens import LensMixin
 from .projection import ProjectionMixin
+from .steering import SteeringMixin
 
 
-class Client(LensMixin, ProjectionMixin, EmbeddingMixin, InsideMixin, CoreClient):
+class Client(LensMixin, ProjectionMixin, EmbeddingMixin, InsideMixin, SteeringMixin, CoreClient):
     """Connect to an lmscope server: ``Client("127.0.0.1:50051")`` (see `CoreClient` for options)."""

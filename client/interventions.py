@@ -4,7 +4,8 @@ Every intervention is an `Intervention(op, sites, vector, positions)` applied by
 forward pass (see `proto/lmscope.proto`). The helpers below build the common ones:
 
 - ``steer={layer: vector}`` (or a `ControlVector`): ADD the vector to the output of block ``layer``
-  (``blocks.{layer}.resid_post``) at every position, generated tokens included. Block 0 can be steered.
+  (``blocks.{layer}.resid_post``; the layer convention is in `lmscope.client.control_vector`) at every
+  position, generated tokens included. Block 0 can be steered.
 - ``ablate=direction``: ABLATE (project out) the direction from the residual stream everywhere: the
   embeddings and every block's ``resid_mid`` and ``resid_post``, at every position (arXiv 2406.11717).
 - ``patch=[Patch(layer, position, vector)]``: SET (or ADD) one residual row, prompt positions only.
@@ -62,9 +63,17 @@ class Patch:
         return Intervention(self.mode, [site], np.asarray(self.vector, dtype=np.float32), positions=[self.position])
 
 
-def steering(steer) -> list[Intervention]:
-    """{layer: vector} or an object with a `.directions` mapping -> ADD interventions."""
+def steering(steer, n_layer: int) -> list[Intervention]:
+    """{layer: vector} or a `ControlVector` (anything with a `.directions` mapping) -> ADD interventions."""
     directions: Mapping[int, np.ndarray] = getattr(steer, "directions", steer)
+    if not isinstance(directions, Mapping):
+        raise ValueError("steer must be {layer: vector} or a ControlVector")
+    for layer in directions:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise ValueError(f"steering layer {layer!r} is not a block index (an int)")
+        if not 0 <= layer < n_layer:
+            raise ValueError(f"steering layer {layer} is out of range: the model has {n_layer} blocks "
+                             f"(0..{n_layer - 1})")
     return [Intervention("add", [f"blocks.{int(layer)}.resid_post"], np.asarray(v, dtype=np.float32))
             for layer, v in sorted(directions.items())]
 
@@ -81,7 +90,7 @@ def build(n_layer: int, steer=None, ablate=None, patch: Iterable[Patch] | None =
           interventions: Iterable[Intervention] | None = None) -> list[pb.Intervention]:
     out: list[Intervention] = []
     if steer is not None:
-        out += steering(steer)
+        out += steering(steer, n_layer)
     if ablate is not None:
         out += ablation(ablate, n_layer)
     if patch is not None:

@@ -582,20 +582,18 @@ class Engine:
                                f"positions, skip logits, or split the prompts")
 
     def _outputs(self, request, prompts, capture_positions) -> list[set[int]]:
-        """Positions llama.cpp must treat as outputs, per prompt."""
+        """Positions llama.cpp must treat as outputs, per prompt.
+
+        Interventions add none: in the last block, rows of non-output tokens are dropped before the
+        output-rows-only sites, and nothing downstream reads them, so an edit there could change nothing
+        observable, while every extra output row costs a full LM-head row (a whole-prompt ablation would
+        otherwise compute logits for every token)."""
         late_sites = [s for s in request.capture if output_rows_only(s, self.n_layer)]
-        late_interventions = [iv for iv in request.interventions
-                              if any(output_rows_only(s, self.n_layer) for s in iv.sites)]
         outputs = []
-        for s, (tokens, pos) in enumerate(zip(prompts, capture_positions)):
+        for tokens, pos in zip(prompts, capture_positions):
             chosen = {len(tokens) - 1}
             if request.logits == "all" or late_sites:
                 chosen.update(pos)
-            for iv in late_interventions:
-                if iv.sequences is not None and s not in iv.sequences:
-                    continue
-                chosen.update(range(len(tokens)) if iv.positions is None
-                              else _resolve(iv.positions, len(tokens), "intervention"))
             outputs.append(chosen)
         return outputs
 
