@@ -139,7 +139,7 @@ def main() -> None:
         from lmscope.service.models import pull_default_model
 
         server = launch_server(pull_default_model(), args=("--threads", str(args.threads), "--n-ctx", "2048"))
-        address, server_text = server.address, f"local, {args.threads} threads"
+        address, server_text = server.address, f"local, {args.threads} thread(s)"
     try:
         with Client(address) as client:
             info = client.model_info()
