@@ -129,6 +129,15 @@ def test_a_server_that_is_down_at_start_is_left_out(tiny_server, caplog):
     assert any(closed in r.getMessage() for r in caplog.records)
 
 
+def test_a_refused_request_is_raised_at_once_not_retried(tiny_server, caplog):
+    caplog.set_level(logging.WARNING, logger="lmscope.client")
+    with Client(tiny_server.address) as client:
+        with pytest.raises(LmscopeError) as caught:
+            client.run_batch(PROMPTS[:12], positions=[500], **OPTIONS)
+    assert caught.value.code == grpc.StatusCode.OUT_OF_RANGE
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+
+
 def test_a_dns_name_reaches_the_server_behind_it(tiny_server):
     port = tiny_server.address.rsplit(":", 1)[1]
     with Client(f"dns:///localhost:{port}") as client:
