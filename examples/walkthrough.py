@@ -18,10 +18,13 @@ import matplotlib.pyplot as plt  # a notebook shows figures inline; a script wit
 import numpy as np
 
 from lmscope.client import Client
+from lmscope.client.heatmap import cjk_font
 
 ROOT = next(p for p in [pathlib.Path.cwd(), *pathlib.Path.cwd().parents] if (p / "pyproject.toml").exists())
 FIGURES = ROOT / "docs" / "walkthrough"
 FIGURES.mkdir(parents=True, exist_ok=True)
+if cjk_font():  # draw Chinese labels when a CJK font is installed (scripts/setup.sh installs one)
+    plt.rcParams["font.family"] = ["DejaVu Sans", cjk_font()]
 
 address = os.environ.get("LMSCOPE_SERVER")
 if not address:
@@ -79,12 +82,12 @@ for a, b, c_word, expected in [("冷", "cold", "small", "小"), (" king", " man"
 # %% [markdown]
 # ## 3. Layer by layer: contextual embeddings (arXiv 1909.00512)
 # The embedding of a token is the same everywhere; its hidden state is not. Each layer mixes in context, so
-# the same word in two different contexts drifts apart with depth. Look for: "apple" the fruit vs the
+# the same word in two different contexts drifts apart with depth. Look for: "Apple" the fruit vs the
 # company (and 蘋果 in 來吃蘋果 vs 蘋果手機) starting at similarity 1.0 and separating in later layers.
 
 # %%
 pairs = {
-    "apple": ["I ate a red apple with lunch.", "Apple released a new iPhone today."],
+    "Apple": ["Apple pie with cream is my favourite dessert.", "Apple released a new iPhone today."],
     "蘋果": ["我想來吃蘋果", "蘋果手機很貴"],
 }
 fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -134,14 +137,14 @@ save(fig, "temperature")
 # probe's R² for latitude/longitude rising in the middle layers.
 
 # %%
-import csv
+from lmscope.client.datasets import world_cities
 
-with open(ROOT / "client" / "data" / "world_cities.csv", encoding="utf-8") as f:
-    cities = [row for row in csv.DictReader(line for line in f if not line.startswith("#"))][:120]
-names = [row["city"] for row in cities]
+cities = world_cities()
+every_fourth = slice(0, None, 4)  # ~120 cities from every continent keep this section quick
+names = cities.names[every_fourth]
 projection = c.project(names, layer=[4, 15, 25], progress=False)
-save(projection.plot(labels=[row["continent"] for row in cities]), "pca_cities")
-coordinates = np.array([[float(row["latitude"]), float(row["longitude"])] for row in cities])
+save(projection.plot(labels=cities.continents[every_fourth]), "pca_cities")
+coordinates = np.stack([cities.latitude[every_fourth], cities.longitude[every_fourth]], axis=1)
 probe = c.probe(names, coordinates, layer=list(range(0, info.n_layer, 3)), output_names=["latitude", "longitude"],
                 progress=False)
 print(probe)
@@ -163,7 +166,7 @@ harmful = refusal.load_prompts("harmful", ["en"])
 harmless = refusal.load_prompts("harmless", ["en"])
 train_harmful, test_harmful = harmful[: len(harmful) // 2], harmful[len(harmful) // 2:]
 train_harmless, test_harmless = harmless[: len(harmless) // 2], harmless[len(harmless) // 2:]
-rd = c.refusal_direction(train_harmful, train_harmless, chat=True, layers=range(4, 24, 2), progress=False)
+rd = c.refusal_direction(train_harmful, train_harmless, chat=True, layers=[6, 10, 14, 18], progress=False)
 print(rd)
 print(f"{'layer':>5} {'induce':>8} {'bypass':>8} {'KL':>7}")
 for layer, score in sorted(rd.scores.items()):
