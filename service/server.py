@@ -31,6 +31,7 @@ from lmscope.client.wire import lmscope_pb2_grpc as pb_grpc
 
 from .errors import RequestError
 from .models import ModelPathError, resolve_model_path
+from .requantize import RequantizeError, requantized
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inspector"].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
@@ -72,6 +73,8 @@ class Server:
         from .worker import WorkerPool
 
         model_path = resolve_model_path(args.model)
+        if args.requantize:
+            model_path = requantized(model_path, args.requantize)
         config = EngineConfig(model_path=str(model_path), n_ctx=args.n_ctx, n_threads=args.threads,
                               n_gpu_layers=args.n_gpu_layers, n_batch=args.n_batch,
                               max_capture_bytes=args.max_capture_mb << 20,
@@ -137,6 +140,9 @@ def _read_token(path: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="path to a GGUF file (default: the default model, fetched once)")
+    parser.add_argument("--requantize", choices=["q8_0", "q4_0"],
+                        help="serve a copy of the model converted to this weight type (made once, cached): "
+                             "faster on CPUs, at an accuracy cost; see docs/performance.md")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     parser.add_argument("--port", type=int, default=50051, help="port (0 = any free port)")
     parser.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens per worker")
@@ -167,7 +173,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     try:
         server = Server(args)
-    except (ModelPathError, RequestError) as exc:
+    except (ModelPathError, RequestError, RequantizeError) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
     stop = threading.Event()
