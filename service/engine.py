@@ -87,6 +87,10 @@ class Cancelled(Exception):
     pass
 
 
+_PROBE_N_CTX = 256           # the start-up probe decodes one token
+_CHECK_VOCAB_SAMPLE = 256    # vocabulary rows compared by the start-up unembedding check
+
+
 def _resolve(positions: list[int] | None, n_tokens: int, what: str) -> list[int]:
     if positions is None:
         return list(range(n_tokens))
@@ -108,7 +112,8 @@ class _Pass:
     """The per-request state the eval callback routes to."""
 
     def __init__(self, engine: "Engine", prompts: list[list[int]], capture: list[str],
-                 capture_positions: list[list[int]], interventions: list[Intervention]):
+                 capture_positions: list[list[int]], interventions: list[Intervention],
+                 stop_when_done: bool = False):
         self.engine = engine
         self.n_layer = engine.n_layer
         self.capture = capture
@@ -133,6 +138,13 @@ class _Pass:
             node, op = rule_for(site)
             op_code = ggml.OP_CODES[op] if op else None
             self.targets.setdefault(node.encode(), []).append((site, op_code))
+        # When nothing after the last wanted node is needed (no logits), the callback ends the graph there:
+        # a probe of layer 5 then costs 6 of 30 layers, and an all-layer capture skips the final norm and
+        # the LM head over every output row. Later ubatches never need what was skipped: layer k only reads
+        # the KV cache of layers <= k, and any node of layer k that is wanted comes after layer k's KV store
+        # or needs no KV of its own layer.
+        self.stop_when_done = stop_when_done and bool(self.targets)
+        self.n_sites = len({site for wanted in self.targets.values() for site, _ in wanted})
         self.positions = capture_positions
         self.slot = [{p: k for k, p in enumerate(pos)} for pos in capture_positions]
         shapes = engine.site_shapes
@@ -177,7 +189,7 @@ class _Pass:
                 return bool(self._pending)
             for site in self._pending:
                 self._visit(site, tensor)
-            return True
+            return not (self.stop_when_done and len(self._seen) == self.n_sites)
         except BaseException as exc:  # an exception must not unwind through C
             if self.error is None:
                 self.error = exc
@@ -380,12 +392,12 @@ class Engine:
 
     # ----- contexts --------------------------------------------------------------------------------
 
-    def _new_context(self, flash_attn: bool):
+    def _new_context(self, flash_attn: bool, n_ctx: int | None = None):
         params = lc.llama_context_default_params()
-        params.n_ctx = self.n_ctx
-        params.n_batch = self.n_batch
-        params.n_ubatch = self.n_batch
-        params.n_seq_max = self.n_seq_max
+        params.n_ctx = n_ctx or self.n_ctx
+        params.n_batch = min(self.n_batch, params.n_ctx)
+        params.n_ubatch = params.n_batch
+        params.n_seq_max = min(self.n_seq_max, params.n_batch)
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads
         params.kv_unified = True  # prompts of one batch share the whole context, and rows keep batch order
@@ -443,8 +455,9 @@ class Engine:
                     seen.setdefault("", ())
                 return not ask
 
-        # Without flash attention, so that the attention-pattern nodes exist; freed afterwards.
-        ctx, callback = self._new_context(flash_attn=False)
+        # Without flash attention, so that the attention-pattern nodes exist; freed afterwards. One token needs
+        # no more than llama.cpp's smallest context (a full-size one would raise the worker's peak memory).
+        ctx, callback = self._new_context(flash_attn=False, n_ctx=min(self.n_ctx, _PROBE_N_CTX))
         self._pass = Probe()
         try:
             bos = lc.llama_vocab_bos(self.vocab)
@@ -472,14 +485,23 @@ class Engine:
         self.unembed_error = self._check_unembedding()
 
     def _check_unembedding(self) -> str | None:
-        """None if numpy's final norm + LM head reproduce llama.cpp's logits, else why not."""
+        """None if numpy's final norm + LM head reproduce llama.cpp's logits, else why not.
+
+        Only some vocabulary rows are compared (each position's top logits and a fixed random sample):
+        dequantizing the whole LM head here would cost every worker its size in float32 (113 MB for
+        SmolLM2) before anyone asked for a lens.
+        """
         last = f"blocks.{self.n_layer - 1}.resid_post"
         if last not in self.site_shapes:
             return f"this model has no {last} site, so the lens cannot be checked"
         tokens = self.tokenize("The quick brown fox jumps", add_special=True)[:8] or [0]
         result = self.forward(ForwardRequest(prompts=[tokens], capture=[last], logits="all"))
-        theirs = result.logits[0]
-        ours = self.weights.unembed(result.captures[last][0])
+        top = np.argsort(-result.logits[0], axis=1)[:, :8].reshape(-1)
+        sample = np.random.default_rng(0).choice(self.n_vocab, min(self.n_vocab, _CHECK_VOCAB_SAMPLE), replace=False)
+        ids = np.unique(np.concatenate([top, sample]))
+        theirs = result.logits[0][:, ids]
+        head = self.weights.rows("token_embd.weight" if self.weights.tied else "output.weight", ids)
+        ours = self.weights.final_norm(result.captures[last][0]) @ head.T
         error = float(np.max(np.abs(ours - theirs)) / (np.max(np.abs(theirs)) + 1e-6))
         if not error < 0.05:
             return (f"final norm + LM head computed from the GGUF weights differ from llama.cpp's logits "
@@ -506,6 +528,15 @@ class Engine:
             raise self._pass.error
         if status != 0:
             raise RequestError("INTERNAL", f"llama_decode failed with status {status}")
+
+    @staticmethod
+    def _reset_memory(memory) -> None:
+        """Empty the KV cache without zeroing its data: zeroing is a memset of the whole cache (94 MB for
+        SmolLM2 at n_ctx 4096, 10-20 ms, paid twice per request before). Emptied cells are masked out; what
+        they still hold is finite (every K and V row is computed from a normed residual, and requests.py
+        bounds edits), so the zero attention weight they get cancels them, as in llama.cpp's own server,
+        which never zeroes the cache between requests either."""
+        lc.llama_memory_clear(memory, False)
 
     def set_cancel(self, cancelled: Callable[[], bool]) -> None:
         self._cancel = cancelled
@@ -537,7 +568,8 @@ class Engine:
         need_pattern = any(is_pattern_site(s) for s in request.capture)
         ctx = self._context(flash_attn=self.config.flash_attn and not need_pattern)
         output_sets = self._outputs(request, prompts, capture_positions)
-        active = _Pass(self, prompts, request.capture, capture_positions, request.interventions)
+        active = _Pass(self, prompts, request.capture, capture_positions, request.interventions,
+                       stop_when_done=request.logits == "none")
         logits: list[np.ndarray] | None = None
         if request.logits != "none":
             logits = [np.zeros((len(pos) if request.logits == "all" else 1, self.n_vocab), np.float32)
@@ -549,7 +581,7 @@ class Engine:
         self._pass = active
         try:
             for group in self._groups(prompts):
-                lc.llama_memory_clear(memory, True)
+                self._reset_memory(memory)
                 cell = 0
                 for ubatch in self._ubatches(group, prompts, output_sets):
                     if self._cancel():
@@ -562,7 +594,7 @@ class Engine:
                         self._collect_logits(ctx, ubatch, logits, logit_slot)
         finally:
             self._pass = None
-            lc.llama_memory_clear(memory, True)
+            self._reset_memory(memory)
         return ForwardResult(positions=capture_positions, captures=active.out, logits=logits,
                              decode_ms=(time.perf_counter() - start) * 1e3)
 
@@ -654,7 +686,7 @@ class Engine:
         start = time.perf_counter()
         self._pass = active
         try:
-            lc.llama_memory_clear(memory, True)
+            self._reset_memory(memory)
             cell = 0
             for offset in range(0, len(prompt), self.n_batch):
                 if self._cancel():
@@ -693,7 +725,7 @@ class Engine:
         finally:
             self._pass = None
             lc.llama_sampler_free(sampler)
-            lc.llama_memory_clear(memory, True)
+            self._reset_memory(memory)
         yield {"end": {"finish_reason": finish, "n_generated": n_generated, "prompt_ms": prompt_ms,
                        "generate_ms": (time.perf_counter() - start) * 1e3 - prompt_ms, "text": text}}
 

@@ -5,11 +5,14 @@ llama-cpp-python binds llama.h but no ggml functions, so the few we need come fr
 second, independent ggml). The callback receives a raw `struct ggml_tensor *`; its name and op are read
 straight from the struct (fixed offsets, checked against `ggml_get_name` / `ggml_op_name` when the library
 is loaded, so a layout change fails loudly instead of reading garbage), because the callback runs for every
-graph node and must be cheap.
+graph node and must be cheap: the name is read with `from_address` on a fixed-size char array, about 5x
+cheaper than `ctypes.string_at` (a foreign call), which made the callback's ~940 calls per decoded ubatch
+cost ~6 % of each generated token on SmolLM2 (callgrind instruction counts).
 """
 from __future__ import annotations
 
 import ctypes
+import os
 import pathlib
 
 import numpy as np
@@ -20,6 +23,7 @@ _OFFSET_NE = 16
 _OFFSET_NB = 48
 _OFFSET_OP = 80
 _OFFSET_NAME = 256
+GGML_MAX_NAME = 64
 TENSOR_STRUCT_SIZE = 336
 
 GGML_TYPE_F32 = 0
@@ -27,9 +31,11 @@ GGML_TYPE_F16 = 1
 
 
 def _library_dir() -> pathlib.Path:
+    """Where llama_cpp loaded its libraries from: `LLAMA_CPP_LIB_PATH` overrides the packaged lib/ there too."""
     import llama_cpp
 
-    return pathlib.Path(llama_cpp.__file__).parent / "lib"
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    return pathlib.Path(override) if override else pathlib.Path(llama_cpp.__file__).parent / "lib"
 
 
 def _load() -> ctypes.CDLL:
@@ -75,8 +81,11 @@ def _op_codes() -> dict[str, int]:
 OP_CODES = _op_codes()
 
 
+_NAME_FIELD = ctypes.c_char * GGML_MAX_NAME
+
+
 def name_of(tensor: int) -> bytes:
-    return ctypes.string_at(tensor + _OFFSET_NAME)
+    return _NAME_FIELD.from_address(tensor + _OFFSET_NAME).value
 
 
 def op_of(tensor: int) -> int:

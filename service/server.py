@@ -34,6 +34,7 @@ from . import rpc
 from .errors import RequestError
 from .models import ModelPathError, resolve_model_path
 from .wire_guard import add_inspector_service
+from .requantize import RequantizeError, requantized
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inspector"].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
@@ -79,6 +80,8 @@ class Server:
         credentials = _tls_credentials(args.tls_cert, args.tls_key)
         interceptors = [_TokenAuth(_read_token(args.token_file))] if args.token_file else []
         model_path = resolve_model_path(args.model)
+        if args.requantize:
+            model_path = requantized(model_path, args.requantize)
         rpc_servers = rpc.server_endpoints(args.rpc, args.workers, args.n_gpu_layers)
         self.started = time.perf_counter()
         message_bytes = args.max_message_mb << 20
@@ -165,6 +168,9 @@ def _read_token(path: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="path to a GGUF file (default: the default model, fetched once)")
+    parser.add_argument("--requantize", choices=["q8_0", "q4_0"],
+                        help="serve a copy of the model converted to this weight type (made once, cached): "
+                             "faster on CPUs, at an accuracy cost; see docs/performance.md")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     parser.add_argument("--port", type=int, default=50051, help="port (0 = any free port)")
     parser.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens per worker")
@@ -217,7 +223,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     try:
         server = Server(args)
-    except (ModelPathError, RequestError) as exc:
+    except (ModelPathError, RequestError, RequantizeError) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
     stop = threading.Event()

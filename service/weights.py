@@ -1,7 +1,8 @@
 """Model weights read from the GGUF file with the `gguf` package: embedding rows, final norm, LM head.
 
 llama.cpp keeps weights in its own (possibly quantized, possibly GPU-resident) buffers and exposes none of
-them; reading the file is simpler and works for every backend. The file is memory-mapped; a tensor is
+them; reading the file is simpler and works for every backend. The file is memory-mapped (`gguf_index`, which
+skips the tokenizer arrays that `gguf.GGUFReader` would expand into ~160 MB of objects); a tensor is
 dequantized to float32 only when first needed, and the LM head (the largest matrix) is kept once
 dequantized, because the logit lens multiplies by it for every layer and position.
 
@@ -14,10 +15,11 @@ from __future__ import annotations
 import collections
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, LlamaFileType
+from gguf import LlamaFileType
 from gguf.quants import dequantize
 
 from .errors import RequestError
+from .gguf_index import GGUFIndex
 
 LENS_ROWS_PER_CHUNK = 256
 
@@ -49,8 +51,8 @@ def top_k_columns(values: np.ndarray, k: int) -> np.ndarray:
 
 class Weights:
     def __init__(self, path: str):
-        self.reader = GGUFReader(path)
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.index = GGUFIndex(path)
+        self.tensors = self.index.tensors
         self.architecture = self.field("general.architecture") or "llama"
         self.tied = "output.weight" not in self.tensors
         self.rms_eps = float(self.field(f"{self.architecture}.attention.layer_norm_rms_epsilon") or
@@ -62,14 +64,8 @@ class Weights:
         self._norm: tuple[np.ndarray, np.ndarray | None] | None = None
 
     def field(self, key: str):
-        field = self.reader.fields.get(key)
-        if field is None or not field.types:
-            return None
-        if field.types[0] == GGUFValueType.STRING:
-            return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
-        if field.types[0] == GGUFValueType.ARRAY:
-            return None
-        return field.parts[field.data[0]][0].item()
+        """A scalar or string metadata value; None for absent keys and arrays."""
+        return self.index.fields.get(key)
 
     def _n_ff(self) -> int:
         value = self.field(f"{self.architecture}.feed_forward_length")
@@ -79,7 +75,7 @@ class Weights:
         return int(up.shape[-1]) if up is not None else 0
 
     def tensor_types(self) -> dict[str, int]:
-        return dict(collections.Counter(t.tensor_type.name for t in self.reader.tensors))
+        return dict(collections.Counter(t.tensor_type.name for t in self.tensors.values()))
 
     def file_type_name(self) -> str:
         value = self.field("general.file_type")

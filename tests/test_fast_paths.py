@@ -1,0 +1,81 @@
+"""The engine's shortcuts for speed change no result.
+
+- A pass that needs no logits ends the graph after the last wanted node: captures must equal those of a
+  full pass (and the numpy reference), also when the prompt spans several ubatches, whose later pieces
+  read the KV cache the earlier, shortened ones wrote.
+- The KV cache is emptied without zeroing its data: what an earlier request left in the cells, extreme
+  edits included, must not reach a later request.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from lmscope.client import Client, Intervention
+from lmscope.service.launch import launch_server
+
+PROMPT_WORDS = "one two three four five six seven eight nine ten " * 4
+
+
+@pytest.fixture(scope="module")
+def small_batch_client(tiny_model):
+    # n_batch 16: a 40-token prompt is decoded as three ubatches.
+    with launch_server(tiny_model, args=("--threads", "2", "--n-ctx", "256", "--n-batch", "16")) as server:
+        with Client(server.address) as c:
+            yield c
+
+
+@pytest.mark.parametrize("capture", [
+    ["blocks.1.resid_post"],                                   # ends mid-graph, layers 2-3 skipped
+    ["blocks.2.attn.q"],                                       # ends before layer 2 stores its KV
+    ["embed", "blocks.*.resid_post"],                          # ends before the final norm and LM head
+    ["blocks.0.mlp.post", "blocks.3.resid_mid", "ln_final"],   # last-layer output rows, sites out of order
+])
+def test_a_pass_without_logits_captures_what_a_full_pass_captures(small_batch_client, reference, capture):
+    ids = small_batch_client.tokenize(PROMPT_WORDS).token_ids
+    assert len(ids) > 32
+    shortened = small_batch_client.run(ids, capture=capture, logits=False)
+    full = small_batch_client.run(ids, capture=capture, logits=True)
+    assert shortened.captures.keys() == full.captures.keys() and shortened.logits is None
+    for site, array in full.captures.items():
+        np.testing.assert_array_equal(shortened.captures[site], array, err_msg=site)
+
+
+def test_a_shortened_multi_ubatch_pass_matches_the_numpy_reference(small_batch_client, reference):
+    ids = small_batch_client.tokenize(PROMPT_WORDS).token_ids
+    run = small_batch_client.run(ids, capture=["blocks.2.resid_post"], logits=False)
+    got, expected = run.captures["blocks.2.resid_post"], reference.forward(ids)["resid_post"][2]
+    # Flash attention (on when no pattern is captured) accumulates softmax(QK) V in float16.
+    np.testing.assert_allclose(got, expected, atol=2e-2)
+    assert np.abs(got - expected).mean() < 2e-3
+
+
+def test_an_edited_request_leaves_nothing_behind_for_the_next_one(small_batch_client):
+    # Without flash attention (patterns captured) masked cache cells are multiplied by zero probabilities.
+    ids = small_batch_client.tokenize(PROMPT_WORDS).token_ids
+    capture = ["blocks.3.resid_post", "blocks.3.attn.pattern"]
+    before = small_batch_client.run(ids[:20], capture=capture)
+    huge = np.full(small_batch_client.model_info().n_embd, 1e30, np.float32)  # the largest edit accepted
+    edited = small_batch_client.run(ids, capture=capture,
+                                    interventions=[Intervention("set", "blocks.1.resid_post", huge, positions=[5])])
+    assert not np.allclose(edited.captures["blocks.3.resid_post"][:20], before.captures["blocks.3.resid_post"])
+    after = small_batch_client.run(ids[:20], capture=capture)
+    for site in capture:
+        np.testing.assert_array_equal(after.captures[site], before.captures[site], err_msg=site)
+    np.testing.assert_array_equal(after.logits, before.logits)
+
+
+def test_workers_wait_passively_between_openmp_regions(tiny_server, client):
+    client.model_info()
+    pid = tiny_server.process.pid
+    children = [int(c) for task in os.listdir(f"/proc/{pid}/task")
+                for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+    environments = [dict(item.split("=", 1) for item in open(f"/proc/{c}/environ").read().split("\0") if "=" in item)
+                    for c in children]
+    workers = [e for e, c in zip(environments, children) if "multiprocessing-fork" in open(f"/proc/{c}/cmdline").read()
+               and "spawn_main" in open(f"/proc/{c}/cmdline").read()]
+    assert workers
+    expected = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")  # a policy the user set is kept
+    assert all(e.get("OMP_WAIT_POLICY") == expected for e in workers)
