@@ -57,7 +57,7 @@ def test_an_edited_request_leaves_nothing_behind_for_the_next_one(small_batch_cl
     ids = small_batch_client.tokenize(PROMPT_WORDS).token_ids
     capture = ["blocks.3.resid_post", "blocks.3.attn.pattern"]
     before = small_batch_client.run(ids[:20], capture=capture)
-    huge = np.full(small_batch_client.model_info().n_embd, 1e30, np.float32)  # the largest edit accepted
+    huge = np.full(small_batch_client.model_info().n_embd, 1e15, np.float32)  # the largest edit accepted
     edited = small_batch_client.run(ids, capture=capture,
                                     interventions=[Intervention("set", "blocks.1.resid_post", huge, positions=[5])])
     assert not np.allclose(edited.captures["blocks.3.resid_post"][:20], before.captures["blocks.3.resid_post"])
