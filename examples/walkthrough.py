@@ -13,6 +13,7 @@
 import atexit
 import os
 import pathlib
+import sys
 
 import matplotlib.pyplot as plt  # a notebook shows figures inline; a script without a display uses Agg
 import numpy as np
@@ -40,6 +41,10 @@ print(info)
 
 def save(fig, name):
     fig.savefig(FIGURES / f"{name}.png", dpi=110, bbox_inches="tight")
+    if "ipykernel" in sys.modules:  # in the notebook, show it too
+        from IPython.display import display
+
+        display(fig)
     plt.close(fig)
     print(f"saved docs/walkthrough/{name}.png")
 
