@@ -630,10 +630,15 @@ class Engine:
         return outputs
 
     def _groups(self, prompts: list[list[int]]) -> Iterator[list[int]]:
-        """Prompt indices decoded together: at most n_seq_max sequences and n_ctx tokens per group."""
+        """Prompt indices decoded together: at most n_seq_max sequences and one batch of tokens per group.
+
+        The memory is cleared between groups. Letting a group grow past one batch would make every later
+        batch attend over (and mask out) the cache cells of all the group's earlier prompts: attention
+        cost quadratic in the group's size, for nothing, since prompts never see each other.
+        """
         group, tokens = [], 0
         for i, prompt in enumerate(prompts):
-            if group and (len(group) == self.n_seq_max or tokens + len(prompt) > self.n_ctx):
+            if group and (len(group) == self.n_seq_max or tokens + len(prompt) > self.n_batch):
                 yield group
                 group, tokens = [], 0
             group.append(i)
