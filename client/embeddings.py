@@ -158,7 +158,8 @@ class EmbeddingMixin:
         exclude: more tokens (words or ids) to leave out.
         """
         excluded = [first_token(self, w)[0] for w in exclude]
-        if isinstance(query, (str, int, np.integer)):
+        word_query = isinstance(query, (str, int, np.integer))
+        if word_query:
             token_id, multi = first_token(self, query)
             vectors = self._table_rows([token_id], table)
             excluded.append(token_id)
@@ -166,10 +167,8 @@ class EmbeddingMixin:
             vectors = np.atleast_2d(np.asarray(query, dtype=np.float32))
         ids, scores = self.nearest_token_ids(vectors, k, table, exclude_ids=excluded)
         pieces = token_texts(self, np.concatenate([ids.reshape(-1), excluded]))
-        if isinstance(query, (str, int, np.integer)):
-            described = [f"{pieces[token_id]!r} (id {token_id}{', first token of ' + repr(query) if multi else ''})"]
-        else:
-            described = [f"vector {n}" for n in range(len(vectors))]
+        described = ([f"{pieces[token_id]!r} (id {token_id}{', first token of ' + repr(query) if multi else ''})"]
+                     if word_query else [f"vector {n}" for n in range(len(vectors))])
         found = [Neighbours(query=d, table=table, ids=row_ids, tokens=[pieces[int(t)] for t in row_ids],
                             scores=row_scores) for d, row_ids, row_scores in zip(described, ids, scores)]
         return found if np.ndim(query) == 2 else found[0]

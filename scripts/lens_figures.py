@@ -17,6 +17,7 @@ import pathlib
 import time
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 
@@ -50,6 +51,11 @@ def main() -> None:
         start = time.perf_counter()
         projection = client.project(cities.prompts("The city of {city}"), layer=layers, method="pca")
         print(f"PCA of {len(cities)} cities at layers {layers}: {time.perf_counter() - start:.1f} s")
+        continents = np.array(cities.continents)
+        for layer in layers:
+            means = {name: projection.coords[layer][continents == name, :2].mean(axis=0).round(1).tolist()
+                     for name in sorted(set(cities.continents))}
+            print(f"layer {layer}: mean (PC1, PC2) per continent {means}")
         labels = [name if i % LABEL_EVERY == 0 else "" for i, name in enumerate(cities.names)]
         projection.plot(labels=labels, color=cities.continents,
                         title=f"{label}: last-token states of {len(cities)} city names, PCA per layer",
