@@ -218,11 +218,12 @@ def measure_lmscope(model, threads: int, extra: tuple, work: dict, repeat: int, 
         batched = client.run_batch(batch, batch_size=work["batch_size"], **options)
         out["batch_batched_ms"] = median_ms(lambda: client.run_batch(batch, batch_size=work["batch_size"], **options),
                                             max(1, repeat // 2))
-        sequential = [client.run(p, **options) for p in batch]
-        out["batch_sequential_ms"] = median_ms(lambda: [client.run(p, **options) for p in batch], 1)
-        out["batch_max_difference"] = max(float((np.abs(a.hidden_states - b.hidden_states).max(-1)
-                                                 / np.abs(b.hidden_states).max(-1)).max())
-                                          for a, b in zip(batched, sequential))
+        if full:
+            sequential = [client.run(p, **options) for p in batch]
+            out["batch_sequential_ms"] = median_ms(lambda: [client.run(p, **options) for p in batch], 1)
+            out["batch_max_difference"] = max(float((np.abs(a.hidden_states - b.hidden_states).max(-1)
+                                                     / np.abs(b.hidden_states).max(-1)).max())
+                                              for a, b in zip(batched, sequential))
 
         if full:
             say("  lens")
