@@ -504,6 +504,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
+        for key in ("lens_by_tokens", "lens_by_layers"):  # JSON turned their int keys into strings
+            if key in saved["lmscope"]:
+                saved["lmscope"][key] = {int(n): ms for n, ms in saved["lmscope"][key].items()}
         write_report(Path(args.out), saved["machine"], saved["work"], saved["lmscope"], saved["peer"],
                      saved["peer_error"], saved["variants"], saved["command"])
         return 0
