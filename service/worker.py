@@ -25,13 +25,13 @@ would first copy every array into one pickle bytes object (34 MB more peak memor
 """
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
-import itertools
 import pickle
-import struct
 import queue
 import signal
+import struct
 import threading
 import time
 import traceback
