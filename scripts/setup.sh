@@ -23,8 +23,10 @@ LLAMA_CPP_VERSION=0.3.36
 export HOME="${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}"  # CI may run with a bare environment
 # The one place the llama.cpp build flags are written. GGML_NATIVE=OFF: a -march=native build segfaults on
 # AMX-capable Xeons (this machine) on the first decode of a Q4_0/Q4_1/Q8_0 model; the portable build runs
-# everywhere. LLAVA_BUILD=OFF skips the multimodal library lmscope does not use.
-PORTABLE_CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"
+# everywhere. LLAVA_BUILD=OFF skips the multimodal library lmscope does not use. GGML_RPC=ON adds llama.cpp's
+# RPC backend (a few hundred KB, nothing at run time unless `lmscope serve --rpc` is used), so the model-split
+# test runs in CI like every other test.
+PORTABLE_CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DGGML_RPC=ON"
 CMAKE_FLAGS="${LMSCOPE_CMAKE_ARGS:-$PORTABLE_CMAKE_ARGS}"
 WHEEL_CACHE="${LMSCOPE_WHEEL_CACHE:-$HOME/.cache/lmscope/wheels}"
 if [ "$CMAKE_FLAGS" != "$PORTABLE_CMAKE_ARGS" ]; then
