@@ -1,8 +1,9 @@
-"""Write a tiny deterministic random-weight llama GGUF model (see lmscope.service.testing).
+"""Write a tiny deterministic random-weight GGUF model of one family (see lmscope.service.testing).
 
-Usage: python scripts/make_tiny_model.py OUT.gguf [--n-layer 4] [--n-embd 64] [--n-head 4]
-       [--n-head-kv 2] [--n-ff 128] [--seed 0] [--tied | --untied] [--weight-type f32|f16|q8_0]
-       [--n-ctx-train 512] [--no-chat-template]
+Usage: python scripts/make_tiny_model.py OUT.gguf
+       [--family llama|qwen2|qwen3|gemma2|gemma3|phi3|mixtral|qwen2moe] [--n-layer 4] [--n-embd 64]
+       [--n-head 4] [--n-head-kv 2] [--n-ff 128] [--seed 0] [--tied | --untied (default: the family's)]
+       [--weight-type f32|f16|q8_0] [--n-ctx-train 512] [--no-chat-template]
 """
 import argparse
 import pathlib
@@ -10,15 +11,16 @@ import sys
 import time
 
 try:
-    from lmscope.service.testing import WEIGHT_TYPES, build_tiny_model
+    from lmscope.service.testing import FAMILIES, WEIGHT_TYPES, build_tiny_model
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "service"))
-    from testing import WEIGHT_TYPES, build_tiny_model
+    from testing import FAMILIES, WEIGHT_TYPES, build_tiny_model
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=pathlib.Path, help="path of the .gguf file to write")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=64)
     parser.add_argument("--n-head", type=int, default=4)
@@ -27,8 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     tied = parser.add_mutually_exclusive_group()
     tied.add_argument("--tied", dest="tied", action="store_true", help="no output.weight (use token_embd)")
-    tied.add_argument("--untied", dest="tied", action="store_false", help="separate output.weight (default)")
-    parser.set_defaults(tied=False)
+    tied.add_argument("--untied", dest="tied", action="store_false", help="separate output.weight")
+    parser.set_defaults(tied=None)
     parser.add_argument("--weight-type", choices=WEIGHT_TYPES, default="f32")
     parser.add_argument("--n-ctx-train", type=int, default=512)
     parser.add_argument("--no-chat-template", dest="chat_template", action="store_false")
@@ -38,6 +40,7 @@ def main(argv=None) -> int:
     try:
         path = build_tiny_model(
             args.out,
+            family=args.family,
             n_layer=args.n_layer,
             n_embd=args.n_embd,
             n_head=args.n_head,

@@ -1,4 +1,4 @@
-"""Tiny deterministic llama-architecture GGUF models for tests.
+"""Tiny deterministic GGUF models of every supported architecture family, for tests.
 
 :func:`build_tiny_model` writes a small random-weight model that llama.cpp loads and decodes like any real
 GGUF file, in a few tens of milliseconds, without a network or another model file. Tests use it
@@ -6,9 +6,13 @@ wherever the behaviour of the service, not the quality of the model, is under te
 
 What the file contains:
 
-* ``general.architecture = "llama"`` with RMSNorm, rotary embeddings (normal / non-NeoX mode, base 10000),
-  grouped-query attention and a SwiGLU feed-forward block: the same graph llama.cpp builds for Llama,
-  SmolLM2 and friends.
+* By default (``family="llama"``) ``general.architecture = "llama"`` with RMSNorm, rotary embeddings
+  (normal / non-NeoX mode, base 10000), grouped-query attention and a SwiGLU feed-forward block: the same
+  graph llama.cpp builds for Llama, SmolLM2 and friends. The other :data:`FAMILIES` (``qwen2``, ``qwen3``,
+  ``gemma2``, ``gemma3``, ``phi3``, ``mixtral``, ``qwen2moe``) add what their llama.cpp graphs read: q/k/v
+  biases, QK-norm, scaled embeddings, post-norms, GeGLU, soft-capping, sliding-window layers (window of
+  4 tokens, so that ten-token prompts cross it), fused matrices, routed and shared experts. Each uses the
+  tensor names, shapes and metadata keys llama.cpp's loader expects for that architecture.
 * A real byte-level BPE tokenizer (``tokenizer.ggml.model = "gpt2"``, pre-tokenizer ``"gpt-2"``): the 256
   byte tokens (GPT-2's byte-to-unicode alphabet, so any UTF-8 text, Chinese included, tokenizes without
   an unknown token), :data:`N_MERGES` merges learned deterministically from a small built-in English text
@@ -20,9 +24,9 @@ What the file contains:
   one, attention patterns are neither uniform nor one-hot and the logits (standard deviation about 4)
   depend on the prompt. The same arguments always give byte-identical files.
 
-``weight_type`` chooses how the 2-D matrices are stored: ``"f32"``, ``"f16"`` or ``"q8_0"`` (quantized
-with :func:`gguf.quants.quantize`; it needs ``n_embd`` and ``n_ff`` to be multiples of 32). Norm weights
-are always F32. ``tied=True`` leaves out ``output.weight``: llama.cpp then uses ``token_embd.weight`` as
+``weight_type`` chooses how the matrices (and stacks of expert matrices) are stored: ``"f32"``, ``"f16"``
+or ``"q8_0"`` (quantized with :func:`gguf.quants.quantize`; it needs ``n_embd`` and ``n_ff`` to be
+multiples of 32). Norm weights, biases and the shared-expert gate vector are always F32. ``tied=True`` leaves out ``output.weight``: llama.cpp then uses ``token_embd.weight`` as
 the output matrix.
 
 Example::
@@ -40,7 +44,8 @@ Example::
     >>> "output.weight" in {t.name for t in reader.tensors}
     False
 
-From a shell: ``python scripts/make_tiny_model.py /tmp/tiny.gguf --n-layer 2 --tied --weight-type q8_0``.
+From a shell: ``python scripts/make_tiny_model.py /tmp/tiny.gguf --n-layer 2 --tied --weight-type q8_0``
+(``--family gemma3`` for another family).
 """
 
 from __future__ import annotations
@@ -49,12 +54,16 @@ import functools
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 __all__ = [
     "build_tiny_model",
+    "Family",
+    "FAMILIES",
     "tiny_vocab",
     "N_MERGES",
     "SPECIAL_TOKENS",
@@ -194,28 +203,92 @@ def tiny_vocab() -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
 
 
 
+@dataclass(frozen=True)
+class Family:
+    """What one tiny model family puts in its GGUF file (see :data:`FAMILIES`).
+
+    Every flag mirrors a graph feature of llama.cpp's builder for ``architecture``
+    (``vendor/llama.cpp/src/models/<architecture>.cpp`` in the llama-cpp-python sdist).
+    """
+
+    architecture: str
+    qkv_bias: bool = False        # q/k/v projections with biases (qwen2, qwen2moe)
+    qk_norm: bool = False         # RMSNorm over each head of q and k before RoPE (qwen3, gemma3)
+    post_norms: bool = False      # RMSNorm on each branch's output before it joins the stream (gemma2/3)
+    embed_scale: bool = False     # token embeddings multiplied by sqrt(n_embd) (gemma2/3)
+    ffn: str = "swiglu"           # "swiglu": silu(gate) * up; "geglu": gelu_tanh(gate) * up;
+    #                               "fused_swiglu": one ffn_up holding [gate; up] (phi3)
+    fused_qkv: bool = False       # one attn_qkv matrix holding [q; k; v] (phi3)
+    n_expert: int = 0             # routed experts per block (0: a dense FFN)
+    n_expert_used: int = 0        # experts each token is routed to
+    shared_expert: bool = False   # a sigmoid-gated shared expert beside the routed ones (qwen2moe)
+    sliding_window: int = 0       # window of the sliding-window layers, in tokens (0: none)
+    sliding_window_pattern: Optional[int] = None  # written to the file; llama.cpp's default when None
+    attn_softcap: float = 0.0     # attention logit soft-capping (gemma2)
+    final_softcap: float = 0.0    # final logit soft-capping (gemma2)
+    head_dim_factor: int = 1      # head_dim = factor * n_embd / n_head (Gemma 3 and Qwen3 use wide heads)
+    rope_base: float = 10000.0
+    rope_base_swa: Optional[float] = None  # RoPE base of the sliding-window layers, when it differs
+    tied: Optional[bool] = None   # the only output layout llama.cpp loads for this family, if any
+    default_tied: bool = False
+
+
+#: The model families :func:`build_tiny_model` writes, by ``family=`` name.
+FAMILIES = {
+    # Llama 2/3, Mistral, SmolLM: RMSNorm, normal-mode RoPE, SwiGLU.
+    "llama": Family("llama"),
+    # Qwen 2 / 2.5: llama plus q/k/v biases, NeoX RoPE.
+    "qwen2": Family("qwen2", qkv_bias=True),
+    # Qwen 3: QK-norm, no biases, heads wider than n_embd / n_head.
+    "qwen3": Family("qwen3", qk_norm=True, head_dim_factor=2),
+    # Gemma 2: scaled embeddings, pre+post norms around both branches, GeGLU, attention and final logit
+    # soft-capping, sliding-window attention on every other layer (0, 2, ...), tied head. The caps are far
+    # lower than the real 50 / 30 so that they bend the tiny model's small logits.
+    "gemma2": Family("gemma2", post_norms=True, embed_scale=True, ffn="geglu", sliding_window=4,
+                     attn_softcap=5.0, final_softcap=10.0, tied=True, default_tied=True),
+    # Gemma 3: Gemma 2 without soft-capping, plus QK-norm, wide heads and local layers (0, 1, 3 with a
+    # pattern of 3) with their own RoPE base.
+    "gemma3": Family("gemma3", post_norms=True, embed_scale=True, ffn="geglu", qk_norm=True,
+                     sliding_window=4, sliding_window_pattern=3, head_dim_factor=2, rope_base=1e6,
+                     rope_base_swa=1e4, default_tied=True),
+    # Phi-3: fused QKV and fused gate+up matrices, NeoX RoPE.
+    "phi3": Family("phi3", fused_qkv=True, ffn="fused_swiglu"),
+    # Mixtral: the llama architecture with a routed mixture of SwiGLU experts (top-2 of 4, renormalised).
+    "mixtral": Family("llama", n_expert=4, n_expert_used=2),
+    # Qwen 2 MoE: top-2 of 4 experts (weights not renormalised) plus a gated shared expert; untied head.
+    "qwen2moe": Family("qwen2moe", qkv_bias=True, n_expert=4, n_expert_used=2, shared_expert=True,
+                       tied=False),
+}
+
+
 def build_tiny_model(
     path: str | os.PathLike,
     *,
+    family: str = "llama",
     n_layer: int = 4,
     n_embd: int = 64,
     n_head: int = 4,
     n_head_kv: int = 2,
     n_ff: int = 128,
     seed: int = 0,
-    tied: bool = False,
+    tied: Optional[bool] = None,
     weight_type: str = "f32",
     n_ctx_train: int = 512,
     chat_template: bool = True,
 ) -> Path:
-    """Write a deterministic random-weight llama GGUF model to ``path`` and return it as a ``Path``.
+    """Write a deterministic random-weight GGUF model of ``family`` to ``path`` and return it as a ``Path``.
 
-    ``n_embd`` must be divisible by ``n_head`` with an even head size, ``n_head`` by ``n_head_kv``;
-    ``weight_type`` is one of :data:`WEIGHT_TYPES`. Existing files are overwritten; missing parent
-    folders are created.
+    ``family`` is a key of :data:`FAMILIES`. ``n_embd`` must be divisible by ``n_head`` with an even head
+    size, ``n_head`` by ``n_head_kv``; ``weight_type`` is one of :data:`WEIGHT_TYPES`. ``tied=None`` takes
+    the family's usual layout (untied, except Gemma); Gemma 2 and Qwen 2 MoE accept only their own.
+    Mixture-of-experts families give each expert ``n_ff`` (mixtral) or ``n_ff // 2`` (qwen2moe, whose
+    shared expert has ``n_ff``). Existing files are overwritten; missing parent folders are created.
     """
     import gguf  # the server extra; imported here so that importing this module stays cheap
 
+    fam = FAMILIES.get(family)
+    if fam is None:
+        raise ValueError(f"family must be one of {sorted(FAMILIES)}, not {family!r}")
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight_type must be one of {WEIGHT_TYPES}, not {weight_type!r}")
     for name, value in (("n_layer", n_layer), ("n_embd", n_embd), ("n_head", n_head),
@@ -226,12 +299,18 @@ def build_tiny_model(
         raise ValueError("n_embd must be a multiple of n_head with an even head size")
     if n_head % n_head_kv:
         raise ValueError("n_head must be a multiple of n_head_kv")
-    if weight_type == "q8_0" and (n_embd % 32 or n_ff % 32):
-        raise ValueError("q8_0 needs n_embd and n_ff to be multiples of 32")
+    n_ff_exp = n_ff // 2 if fam.shared_expert else n_ff
+    if weight_type == "q8_0" and (n_embd % 32 or n_ff % 32 or n_ff_exp % 32):
+        raise ValueError("q8_0 needs n_embd and n_ff (and n_ff // 2 for qwen2moe) to be multiples of 32")
+    if tied is None:
+        tied = fam.default_tied
+    if fam.tied is not None and tied != fam.tied:
+        raise ValueError(f"llama.cpp loads {family} models only with tied={fam.tied}")
 
     tokens, token_types, merges = tiny_vocab()
     n_vocab = len(tokens)
-    head_dim = n_embd // n_head
+    head_dim = fam.head_dim_factor * n_embd // n_head
+    n_embd_q = head_dim * n_head
     n_embd_kv = head_dim * n_head_kv
 
     qtype = {
@@ -247,7 +326,8 @@ def build_tiny_model(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), fam.architecture)
+    arch = fam.architecture
 
     writer.add_name("lmscope-tiny")
     writer.add_description("random-weight test model written by lmscope.service.testing")
@@ -259,9 +339,28 @@ def build_tiny_model(
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_head_kv)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(fam.rope_base)
+    writer.add_layer_norm_rms_eps(1e-5 if not fam.post_norms else 1e-6)
     writer.add_vocab_size(n_vocab)
+    if head_dim != n_embd // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if fam.sliding_window:
+        writer.add_sliding_window(fam.sliding_window)
+    if fam.sliding_window_pattern is not None:
+        writer.add_uint32(f"{arch}.attention.sliding_window_pattern", fam.sliding_window_pattern)
+    if fam.rope_base_swa is not None:
+        writer.add_float32(f"{arch}.rope.freq_base_swa", fam.rope_base_swa)
+    if fam.attn_softcap:
+        writer.add_attn_logit_softcapping(fam.attn_softcap)
+    if fam.final_softcap:
+        writer.add_final_logit_softcapping(fam.final_softcap)
+    if fam.n_expert:
+        writer.add_expert_count(fam.n_expert)
+        writer.add_expert_used_count(fam.n_expert_used)
+    if fam.shared_expert:
+        writer.add_expert_feed_forward_length(n_ff_exp)
+        writer.add_expert_shared_feed_forward_length(n_ff)
 
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
@@ -281,12 +380,12 @@ def build_tiny_model(
     def normal(shape, std):
         return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
 
-    def norm_weight():
-        return (1.0 + 0.1 * rng.standard_normal(n_embd, dtype=np.float32)).astype(np.float32)
+    def norm_weight(n=n_embd, mean=1.0):
+        return (mean + 0.1 * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
 
     def add_matrix(name, array):
         # numpy (rows, cols) = ggml ne [cols, rows]: a (n_out, n_in) array is the ggml {n_in, n_out}
-        # weight that llama.cpp multiplies activations with.
+        # weight that llama.cpp multiplies activations with; a leading expert axis becomes ne[2].
         if qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(name, array)
         elif qtype == gguf.GGMLQuantizationType.F16:
@@ -294,21 +393,56 @@ def build_tiny_model(
         else:
             writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
 
+    def add_ffn(prefix, suffix, n_in, n_hidden, lead=()):
+        """Gate, up and down projections (SwiGLU / GeGLU), optionally one per expert (``lead``)."""
+        add_matrix(f"{prefix}.ffn_gate{suffix}.weight", normal(lead + (n_hidden, n_in), 1.0 / np.sqrt(n_in)))
+        add_matrix(f"{prefix}.ffn_up{suffix}.weight", normal(lead + (n_hidden, n_in), 1.0 / np.sqrt(n_in)))
+        add_matrix(f"{prefix}.ffn_down{suffix}.weight", normal(lead + (n_in, n_hidden), 1.0 / np.sqrt(n_hidden)))
+
     # Scales: rows of token_embd have norm about 4, so tied logits of the normalised final state have a
-    # standard deviation of about 4; projections out of a normalised state use 1/sqrt(fan_in), with
-    # q and k a little larger so that attention is not uniform.
+    # standard deviation of about 4 (Gemma's sqrt(n_embd) scale makes its embeddings' entries about 4, a
+    # stream that the post-normed branches, of size about 1, then move); projections out of a normalised
+    # state use 1/sqrt(fan_in), with q and k a little larger so that attention is not uniform (QK-norm
+    # weights of about 1.5 do the same after the norm). Routers are sharper still, so that no token sits
+    # near a tie between its k-th and (k+1)-th expert.
     add_matrix("token_embd.weight", normal((n_vocab, n_embd), 4.0 / np.sqrt(n_embd)))
     for il in range(n_layer):
         blk = f"blk.{il}"
         writer.add_tensor(f"{blk}.attn_norm.weight", norm_weight())
-        add_matrix(f"{blk}.attn_q.weight", normal((n_embd, n_embd), 1.5 / np.sqrt(n_embd)))
-        add_matrix(f"{blk}.attn_k.weight", normal((n_embd_kv, n_embd), 1.5 / np.sqrt(n_embd)))
-        add_matrix(f"{blk}.attn_v.weight", normal((n_embd_kv, n_embd), 1.0 / np.sqrt(n_embd)))
-        add_matrix(f"{blk}.attn_output.weight", normal((n_embd, n_embd), 1.0 / np.sqrt(n_embd)))
+        q_std = k_std = 1.5 / np.sqrt(n_embd)
+        v_std = 1.0 / np.sqrt(n_embd)
+        if fam.fused_qkv:
+            add_matrix(f"{blk}.attn_qkv.weight", np.concatenate([
+                normal((n_embd_q, n_embd), q_std), normal((n_embd_kv, n_embd), k_std),
+                normal((n_embd_kv, n_embd), v_std)]))
+        else:
+            add_matrix(f"{blk}.attn_q.weight", normal((n_embd_q, n_embd), q_std))
+            add_matrix(f"{blk}.attn_k.weight", normal((n_embd_kv, n_embd), k_std))
+            add_matrix(f"{blk}.attn_v.weight", normal((n_embd_kv, n_embd), v_std))
+        if fam.qkv_bias:
+            writer.add_tensor(f"{blk}.attn_q.bias", normal(n_embd_q, 0.5))
+            writer.add_tensor(f"{blk}.attn_k.bias", normal(n_embd_kv, 0.5))
+            writer.add_tensor(f"{blk}.attn_v.bias", normal(n_embd_kv, 0.5))
+        if fam.qk_norm:
+            writer.add_tensor(f"{blk}.attn_q_norm.weight", norm_weight(head_dim, 1.5))
+            writer.add_tensor(f"{blk}.attn_k_norm.weight", norm_weight(head_dim, 1.5))
+        add_matrix(f"{blk}.attn_output.weight", normal((n_embd, n_embd_q), 1.0 / np.sqrt(n_embd_q)))
+        if fam.post_norms:
+            writer.add_tensor(f"{blk}.post_attention_norm.weight", norm_weight())
         writer.add_tensor(f"{blk}.ffn_norm.weight", norm_weight())
-        add_matrix(f"{blk}.ffn_gate.weight", normal((n_ff, n_embd), 1.0 / np.sqrt(n_embd)))
-        add_matrix(f"{blk}.ffn_up.weight", normal((n_ff, n_embd), 1.0 / np.sqrt(n_embd)))
-        add_matrix(f"{blk}.ffn_down.weight", normal((n_embd, n_ff), 1.0 / np.sqrt(n_ff)))
+        if fam.n_expert:
+            add_matrix(f"{blk}.ffn_gate_inp.weight", normal((fam.n_expert, n_embd), 3.0 / np.sqrt(n_embd)))
+            add_ffn(blk, "_exps", n_embd, n_ff_exp, lead=(fam.n_expert,))
+            if fam.shared_expert:
+                writer.add_tensor(f"{blk}.ffn_gate_inp_shexp.weight", normal(n_embd, 1.0 / np.sqrt(n_embd)))
+                add_ffn(blk, "_shexp", n_embd, n_ff)
+        elif fam.ffn == "fused_swiglu":
+            add_matrix(f"{blk}.ffn_up.weight", normal((2 * n_ff, n_embd), 1.0 / np.sqrt(n_embd)))
+            add_matrix(f"{blk}.ffn_down.weight", normal((n_embd, n_ff), 1.0 / np.sqrt(n_ff)))
+        else:
+            add_ffn(blk, "", n_embd, n_ff)
+        if fam.post_norms:
+            writer.add_tensor(f"{blk}.post_ffw_norm.weight", norm_weight())
     writer.add_tensor("output_norm.weight", norm_weight())
     if not tied:
         add_matrix("output.weight", normal((n_vocab, n_embd), 4.0 / np.sqrt(n_embd)))
