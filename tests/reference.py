@@ -456,6 +456,7 @@ class ReferenceModel:
         token_ids: Sequence[int],
         *,
         resid_post_hook: Optional[Callable[[int, np.ndarray], Optional[np.ndarray]]] = None,
+        site_hook: Optional[Callable[[str, int, np.ndarray], Optional[np.ndarray]]] = None,
     ) -> dict[str, np.ndarray]:
         """Run the model on ``token_ids`` (positions 0..n-1) and return every activation.
 
@@ -487,7 +488,10 @@ class ReferenceModel:
 
         ``resid_post_hook(layer, x)``, if given, is called with each block's output and may return a
         replacement (as writing into ``l_out-l`` in llama.cpp's eval callback does): later blocks and
-        the logits see the returned array; ``resid_post`` records it.
+        the logits see the returned array; ``resid_post`` records it. ``site_hook(site, layer, x)`` does
+        the same at every residual-width site: ``"embed"`` (layer -1), then per block ``"attn_out"``,
+        ``"resid_mid"``, ``"mlp_out"`` and ``"resid_post"`` (before ``resid_post_hook``); what it returns
+        replaces the activation everywhere it is used afterwards.
         """
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         T = ids.size
@@ -521,7 +525,18 @@ class ReferenceModel:
         out = {name: np.empty((L,) + shape, np.int64 if name == "experts" else dt)
                for name, shape in per_layer.items()}
 
-        x = self.embedding_rows(ids) * self.embed_scale
+        def edit(site: str, layer: int, value: np.ndarray) -> np.ndarray:
+            if site_hook is None:
+                return value
+            replaced = site_hook(site, layer, value.copy())
+            if replaced is None:
+                return value
+            replaced = np.asarray(replaced, dtype=dt)
+            if replaced.shape != value.shape:
+                raise ValueError(f"hook returned shape {replaced.shape} at {site}, expected {value.shape}")
+            return replaced
+
+        x = edit("embed", -1, self.embedding_rows(ids) * self.embed_scale)
         out["embed"] = x.copy()
         for il in range(L):
             blk = f"blk.{il}"
@@ -561,7 +576,8 @@ class ReferenceModel:
             out["attn_out_pre_norm"][il] = attn
             if post_norms:
                 attn = rms_norm(attn, self._w(f"{blk}.post_attention_norm.weight"), self.rms_eps)
-            resid_mid = x + attn
+            attn = edit("attn_out", il, attn)
+            resid_mid = edit("resid_mid", il, x + attn)
 
             h2 = rms_norm(resid_mid, self._w(f"{blk}.ffn_norm.weight"), self.rms_eps)
             if self.n_expert:
@@ -574,7 +590,8 @@ class ReferenceModel:
             out["mlp_out_pre_norm"][il] = mlp
             if post_norms:
                 mlp = rms_norm(mlp, self._w(f"{blk}.post_ffw_norm.weight"), self.rms_eps)
-            x = resid_mid + mlp
+            mlp = edit("mlp_out", il, mlp)
+            x = edit("resid_post", il, resid_mid + mlp)
             if resid_post_hook is not None:
                 replaced = resid_post_hook(il, x.copy())
                 if replaced is not None:

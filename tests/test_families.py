@@ -16,13 +16,15 @@ KV cache, emulated, the same boundary effect for q, K, V and the probabilities g
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
-from reference import ReferenceModel  # noqa: E402
+from reference import ReferenceModel, rms_norm  # noqa: E402
 from test_reference import _rel_err, _Run  # noqa: E402  (the self-contained llama.cpp runner)
 
 from lmscope.service.testing import FAMILIES, build_tiny_model  # noqa: E402
@@ -199,3 +201,244 @@ def test_each_family_feature_matters(family_dir, family, feature, monkeypatch):
     finally:
         run.close()
     assert error > 10 * _tolerance(family, "f32"), error
+
+
+# ---------------------------------------------------------------------------------------------------
+# Part 2: the same matrix through a real server on each family's tiny model
+# ---------------------------------------------------------------------------------------------------
+#
+# The server pass that captures an attention site runs without flash attention: llama.cpp then computes
+# in float32 apart from the F16 KV cache and the GELU table, both of which the reference emulates, so a
+# site agrees to ~5e-4 of its largest value (part 1); SITE_TOL leaves room for one F16 boundary flip.
+
+SITE_TOL = 2e-3
+PROMPT = PROMPTS[0]
+NO_FLASH = "blocks.0.attn.pattern"  # capturing it turns flash attention off for the request
+
+# Sites every family must offer, by block kind; plus the family's own (QK-norm, Gemma's pre-norm outputs).
+BLOCK_KINDS = ("ln1", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern", "attn.z", "attn_out",
+               "resid_mid", "ln2", "mlp.gate", "mlp.up", "mlp.post", "mlp_out", "resid_post")
+EXTRA_KINDS = {
+    "qwen3": ("attn.q_normed", "attn.k_normed"),
+    "gemma2": ("attn_out_pre_norm", "mlp_out_pre_norm"),
+    "gemma3": ("attn.q_normed", "attn.k_normed", "attn_out_pre_norm", "mlp_out_pre_norm"),
+}
+# Sites a family may legitimately lack, with a pattern its refusal must match (the reason, not just "no").
+_MOE_REASON = r"expert"
+_SCALED_Q = r"scal"  # q is scaled inside the graph: kq is not the raw q.k
+REFUSABLE = {
+    "phi3": {"mlp.gate": r"fuse", "mlp.up": r"fuse", "attn.scores": _SCALED_Q,
+             "attn.v": r"fuse|attn_qkv|view|contiguous"},
+    "gemma2": {"attn.scores": _SCALED_Q},
+    "gemma3": {"attn.scores": _SCALED_Q},
+    "mixtral": {"mlp.gate": _MOE_REASON, "mlp.up": _MOE_REASON, "mlp.post": _MOE_REASON},
+    "qwen2moe": {"mlp.gate": _MOE_REASON, "mlp.up": _MOE_REASON, "mlp.post": _MOE_REASON},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def family_model(family, family_dir, request):
+    if family == "llama":  # the session's tiny model is the default llama build
+        return request.getfixturevalue("tiny_model")
+    return build_tiny_model(family_dir / f"served-{family}.gguf", family=family)
+
+
+@pytest.fixture(scope="module")
+def family_client(family, family_model, request):
+    from conftest import SERVER_ARGS
+
+    from lmscope.client import Client
+    from lmscope.service.launch import launch_server
+
+    if family == "llama":
+        yield request.getfixturevalue("client")
+        return
+    with launch_server(family_model, args=SERVER_ARGS) as server, Client(server.address) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def family_reference(family_model):
+    return ReferenceModel(family_model, kv_cache="f16", gelu_table=True)
+
+
+@pytest.fixture(scope="module")
+def full_run(family_client):
+    return family_client.run(PROMPT, capture="*")
+
+
+def _close(actual, expected, what, tol=SITE_TOL):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    error = np.abs(actual - expected).max()
+    assert error <= tol * max(np.abs(expected).max(), 1e-6), (what, error, np.abs(expected).max())
+
+
+def _f16(x):
+    return np.asarray(x, np.float64).astype(np.float16).astype(np.float64)
+
+
+def _expected_site(ref: ReferenceModel, acts: dict, family: str, kind: str, L: int) -> np.ndarray:
+    """What `blocks.L.<kind>` must hold, from the reference's activations and the GGUF weights."""
+    T = acts["embed"].shape[0]
+    w = lambda name: ref.weight(f"blk.{L}.{name}.weight").astype(np.float64)  # noqa: E731
+    resid_pre = acts["embed"] if L == 0 else acts["resid_post"][L - 1]
+    if kind == "ln1":
+        return rms_norm(resid_pre, w("attn_norm"), ref.rms_eps)
+    if kind == "ln2":
+        return rms_norm(acts["resid_mid"][L], w("ffn_norm"), ref.rms_eps)
+    if kind in ("mlp.gate", "mlp.up"):
+        return rms_norm(acts["resid_mid"][L], w("ffn_norm"), ref.rms_eps) @ w(f"ffn_{kind[4:]}").T
+    if kind == "attn.scores":  # raw q . k of the F16-cached q and k, 0 where the pattern is masked
+        group = ref.n_head // ref.n_head_kv
+        raw = np.einsum("qhd,khd->hqk", _f16(acts["q"][L]), np.repeat(_f16(acts["k"][L]), group, axis=1))
+        return np.where(ref.attention_mask(L, T)[None], 0.0, raw)
+    if kind == "attn.z":
+        return acts["z"][L].reshape(T, -1)
+    key = {"attn.q": "q", "attn.k": "k", "attn.v": "v", "attn.pattern": "pattern", "mlp.post": "mlp_post",
+           "attn.q_normed": "q_normed", "attn.k_normed": "k_normed"}.get(kind, kind)
+    return acts[key][L]
+
+
+
+def _refusal(client, site: str) -> str:
+    from lmscope.client import LmscopeError
+
+    with pytest.raises(LmscopeError) as info:
+        client.run(PROMPT, capture=[site], logits=False)
+    assert info.value.code.name == "INVALID_ARGUMENT"
+    return info.value.message
+
+
+def test_the_server_offers_every_site_or_refuses_it_with_the_reason(family, family_client, family_reference):
+    offered = family_client.model_info().capture_sites
+    kinds = BLOCK_KINDS + EXTRA_KINDS.get(family, ())
+    refusable = REFUSABLE.get(family, {})
+    unexpected = [s for s in offered if s not in ("embed", "ln_final") and
+                  (s.split(".", 2)[-1] not in kinds or int(s.split(".")[1]) >= family_reference.n_layer)]
+    assert not unexpected, f"sites the matrix does not know: {unexpected}"
+    assert "embed" in offered and "ln_final" in offered
+    for L in range(family_reference.n_layer):
+        for kind in kinds:
+            site = f"blocks.{L}.{kind}"
+            if site in offered:
+                continue
+            assert kind in refusable, f"{family} does not offer {site}"
+            message = _refusal(family_client, site)
+            assert re.search(refusable[kind], message, re.IGNORECASE), (site, message)
+
+
+def test_every_site_on_every_layer_matches_the_reference(family, family_client, family_reference, full_run):
+    ref, run = family_reference, full_run
+    acts = ref.forward(run.token_ids)
+    assert list(run.captures) == family_client.model_info().capture_sites
+    _close(run.captures["embed"], acts["embed"], "embed")
+    _close(run.captures["ln_final"], acts["ln_final"], "ln_final")
+    _close(run.logits, acts["logits"], "logits")
+    for site, value in run.captures.items():
+        if site in ("embed", "ln_final"):
+            continue
+        L, kind = int(site.split(".")[1]), site.split(".", 2)[2]
+        _close(value, _expected_site(ref, acts, family, kind, L), site)
+
+
+def test_hidden_states_are_what_enters_and_leaves_each_block(family_client, family_reference):
+    run = family_client.run(PROMPT, capture=["embed", "blocks.*.resid_post", NO_FLASH])
+    acts = family_reference.forward(run.token_ids)
+    _close(run.hidden_states[0], acts["embed"], "hidden_states[0]")  # scaled for Gemma
+    for L in range(family_reference.n_layer):
+        _close(run.hidden_states[L + 1], acts["resid_post"][L], f"hidden_states[{L + 1}]")
+
+
+def _vector(seed: int, n: int, norm: float) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(n)
+    return (v * (norm / np.linalg.norm(v))).astype(np.float32)
+
+
+def _edited(ref, ids, edits):
+    """Reference pass with `edits`: {(site kind, layer): f(x) -> x}."""
+    return ref.forward(ids, site_hook=lambda site, L, x: edits[(site, L)](x) if (site, L) in edits else None)
+
+
+def test_add_set_and_ablate_match_the_reference_with_the_same_edit(family_client, family_reference):
+    from lmscope.client import Intervention
+
+    ref = family_reference
+    n = ref.n_embd
+    ids = family_client.tokenize(PROMPT).token_ids
+    plain = ref.forward(ids)
+    steer, added, state = _vector(1, n, 4.0), _vector(2, n, 4.0), _vector(3, n, 6.0)
+    u = _vector(4, n, 1.0)
+    position = 3
+
+    def set_row(x):
+        x[position] = state
+        return x
+
+    cases = [
+        # steering: add to a block's output at every position
+        (dict(steer={1: steer}), {("resid_post", 1): lambda x: x + steer}),
+        # add to what the FFN branch adds (after any post-norm) and set what attention adds, at one position
+        (dict(interventions=[Intervention("add", ["blocks.2.mlp_out"], added),
+                             Intervention("set", ["blocks.0.attn_out"], state, positions=[position])]),
+         {("mlp_out", 2): lambda x: x + added, ("attn_out", 0): set_row}),
+        # directional ablation: the embeddings and every resid_mid and resid_post
+        (dict(ablate=u), {(site, L): (lambda x: x - np.outer(x @ u, u))
+                          for site, layers in (("embed", [-1]), ("resid_mid", range(ref.n_layer)),
+                                               ("resid_post", range(ref.n_layer))) for L in layers}),
+    ]
+    for request, edits in cases:
+        run = family_client.run(ids, capture=["embed", "blocks.*.resid_post", NO_FLASH], **request)
+        want = _edited(ref, ids, edits)
+        assert np.abs(want["logits"] - plain["logits"]).max() > 0.1, request  # the edit matters
+        _close(run.hidden_states[0], want["embed"], ("embed", request))
+        for L in range(ref.n_layer):
+            _close(run.hidden_states[L + 1], want["resid_post"][L], (L, request))
+        _close(run.logits, want["logits"], ("logits", request))
+
+
+def test_ablation_leaves_no_component_along_the_direction_at_any_residual_site(family_client, family_reference):
+    u = _vector(5, family_reference.n_embd, 1.0)
+    capture = family_client.sites(["embed", "blocks.*.resid_mid", "blocks.*.resid_post"])
+    assert len(capture) == 1 + 2 * family_reference.n_layer
+    ablated = family_client.run(PROMPT, capture=capture, ablate=u * 10.0, logits=False)
+    for site in capture:
+        after = ablated.captures[site] @ u
+        scale = np.linalg.norm(ablated.captures[site], axis=1)
+        assert (np.abs(after) <= 1e-5 * scale + 1e-6).all(), (site, np.abs(after).max())
+
+
+def test_logit_lens_is_the_softcapped_unembedding_of_the_hidden_states(family_client, family_reference):
+    lens = family_client.logit_lens(PROMPT, top_k=5)
+    states = family_client.run(PROMPT, logits=False).hidden_states  # the same pass, captured raw
+    logits = family_reference.unembed(states)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    expected_top = np.argsort(-probs, axis=-1, kind="stable")[..., :5]
+    top = np.take_along_axis(probs, expected_top, -1)
+    np.testing.assert_allclose(lens.top_probs, top, rtol=1e-4, atol=1e-6)
+    # ids agree wherever the reference's neighbouring probabilities are not a near-tie
+    clear = np.abs(np.diff(top, axis=-1)) > 1e-5
+    assert (lens.top_ids[..., :-1] == expected_top[..., :-1])[clear].all()
+
+
+def test_attention_patterns_match_the_reference_and_cut_to_the_sliding_window(family_client, family_reference):
+    ref = family_reference
+    layers = list(range(ref.n_layer))
+    att = family_client.attention(PROMPT, layers=layers)
+    acts = ref.forward(att.token_ids)
+    T = len(att.token_ids)
+    assert T > ref.sliding_window  # the prompt crosses the window
+    for i, L in enumerate(layers):
+        masked = ref.attention_mask(L, T)
+        assert (att.probs[i][:, masked] == 0).all(), L
+        np.testing.assert_allclose(att.probs[i], acts["pattern"][L], atol=SITE_TOL, err_msg=str(L))
+    if ref.swa_layers:  # a local layer really is cut: its rows see at most `window` keys
+        local = layers.index(ref.swa_layers[0])
+        assert ((att.probs[local] > 0).sum(axis=-1) <= ref.sliding_window).all()
+        assert ((att.probs[local] > 0).sum(axis=-1)[:, -1] == ref.sliding_window).all()
