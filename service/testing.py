@@ -9,7 +9,7 @@ What the file contains:
 * By default (``family="llama"``) ``general.architecture = "llama"`` with RMSNorm, rotary embeddings
   (normal / non-NeoX mode, base 10000), grouped-query attention and a SwiGLU feed-forward block: the same
   graph llama.cpp builds for Llama, SmolLM2 and friends. The other :data:`FAMILIES` (``qwen2``, ``qwen3``,
-  ``gemma2``, ``gemma3``, ``phi3``, ``mixtral``, ``qwen2moe``) add what their llama.cpp graphs read: q/k/v
+  ``gemma2``, ``gemma3``, ``phi3``, ``mixtral``, ``qwen2moe``, ``qwen3moe``) add what their llama.cpp graphs read: q/k/v
   biases, QK-norm, scaled embeddings, post-norms, GeGLU, soft-capping, sliding-window layers (window of
   4 tokens, so that ten-token prompts cross it), fused matrices, routed and shared experts. Each uses the
   tensor names, shapes and metadata keys llama.cpp's loader expects for that architecture.
@@ -258,6 +258,8 @@ FAMILIES = {
     # Qwen 2 MoE: top-2 of 4 experts (weights not renormalised) plus a gated shared expert; untied head.
     "qwen2moe": Family("qwen2moe", qkv_bias=True, n_expert=4, n_expert_used=2, shared_expert=True,
                        tied=False),
+    # Qwen 3 MoE: Qwen 3's attention (QK-norm, wide heads) with top-2 of 4 renormalised experts.
+    "qwen3moe": Family("qwen3moe", qk_norm=True, head_dim_factor=2, n_expert=4, n_expert_used=2),
 }
 
 
@@ -358,8 +360,9 @@ def build_tiny_model(
     if fam.n_expert:
         writer.add_expert_count(fam.n_expert)
         writer.add_expert_used_count(fam.n_expert_used)
+        if arch != "llama":  # Qwen's loaders read the experts' width from here (llama uses n_ff)
+            writer.add_expert_feed_forward_length(n_ff_exp)
     if fam.shared_expert:
-        writer.add_expert_feed_forward_length(n_ff_exp)
         writer.add_expert_shared_feed_forward_length(n_ff)
 
     writer.add_tokenizer_model("gpt2")

@@ -63,6 +63,7 @@ NODES = {
     "mixtral": {**_COMMON, **_ATTN_OUT, **_RESID_MID, "ffn_moe_out": ("ADD", "mlp_out")},
     "qwen2moe": {**_COMMON, **_RESID_MID, "ffn_moe_out": ("ADD", "routed_out"),
                  "ffn_shexp_out": ("MUL", "shared_out"), "ffn_out": ("ADD", "mlp_out")},
+    "qwen3moe": {**_COMMON, **_RESID_MID, **_QK_NORM, "ffn_moe_out": ("ADD", "mlp_out")},
 }
 GLOBAL_NODES = {"result_norm": ("MUL", "ln_final"), "result_output": (None, "logits"),
                 "inp_scaled": ("SCALE", "embed"), "embd": ("GET_ROWS", "embed")}
@@ -146,7 +147,8 @@ FEATURES = [
     ("gemma2", "embed_scale"), ("gemma2", "swa_layers"), ("gemma2", "attn_softcap"),
     ("gemma2", "final_softcap"), ("gemma2", "post_norms"), ("gemma2", "gelu"),
     ("gemma3", "swa_layers"), ("gemma3", "rope_base_swa"), ("gemma3", "qk_norm"),
-    ("phi3", "fused_order"), ("mixtral", "top_k"), ("qwen2moe", "shared_expert"), ("qwen2moe", "renormalise"),
+    ("phi3", "fused_order"), ("mixtral", "top_k"), ("mixtral", "renormalise"), ("qwen2moe", "shared_expert"),
+    ("qwen2moe", "renormalise"), ("qwen3moe", "qk_norm"), ("qwen3moe", "renormalise"),
 ]
 
 
@@ -220,6 +222,7 @@ BLOCK_KINDS = ("ln1", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern
                "resid_mid", "ln2", "mlp.gate", "mlp.up", "mlp.post", "mlp_out", "resid_post")
 EXTRA_KINDS = {
     "qwen3": ("attn.q_normed", "attn.k_normed"),
+    "qwen3moe": ("attn.q_normed", "attn.k_normed"),
     "gemma2": ("attn_out_pre_norm", "mlp_out_pre_norm"),
     "gemma3": ("attn.q_normed", "attn.k_normed", "attn_out_pre_norm", "mlp_out_pre_norm"),
 }
@@ -233,6 +236,7 @@ REFUSABLE = {
     "gemma3": {"attn.scores": _SCALED_Q},
     "mixtral": {"mlp.gate": _MOE_REASON, "mlp.up": _MOE_REASON, "mlp.post": _MOE_REASON},
     "qwen2moe": {"mlp.gate": _MOE_REASON, "mlp.up": _MOE_REASON, "mlp.post": _MOE_REASON},
+    "qwen3moe": {"mlp.gate": _MOE_REASON, "mlp.up": _MOE_REASON, "mlp.post": _MOE_REASON},
 }
 
 
