@@ -420,12 +420,15 @@ class ReferenceModel:
     def _expert_mm(self, x: np.ndarray, name: str, expert: int) -> np.ndarray:
         return self._round_input(x, name) @ self._w(name)[expert].T
 
-    def _moe_ffn(self, h: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
-        """Routed experts (+ shared expert) of one block; see the module docstring."""
+    def _moe_ffn(self, h: np.ndarray, prefix: str, routes: dict[int, Sequence[int]]) -> dict[str, np.ndarray]:
+        """Routed experts (+ shared expert) of one block; see the module docstring. ``routes`` forces
+        the experts of some tokens (token -> expert ids)."""
         T, k = h.shape[0], self.n_expert_used
         router_logits = self._mm(h, f"{prefix}.ffn_gate_inp.weight")  # (T, n_expert)
         probs = _softmax(router_logits)
         chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :k]  # (T, k), most probable first
+        for t, experts in routes.items():
+            chosen[t] = experts
         weights = np.take_along_axis(probs, chosen, axis=-1)
         if self._arch.moe_renormalise:
             weights = weights / np.maximum(weights.sum(axis=-1, keepdims=True), 6.103515625e-5)
@@ -449,6 +452,20 @@ class ReferenceModel:
         result["mlp_out"] = out
         return result
 
+    def near_ties(self, acts: dict[str, np.ndarray], margin: float) -> list[tuple[int, int, tuple[int, ...]]]:
+        """Routing decisions of a mixture-of-experts pass that float32 arithmetic could take the other way:
+        ``(layer, token, experts)`` wherever the router logits of the k-th and (k+1)-th most probable
+        experts are within ``margin``, with ``experts`` the choice that swaps those two."""
+        ties = []
+        k = self.n_expert_used
+        for layer in range(self.n_layer) if self.n_expert else ():
+            order = np.argsort(-acts["router_logits"][layer], axis=-1, kind="stable")
+            for t, row in enumerate(order):
+                logits = acts["router_logits"][layer, t]
+                if logits[row[k - 1]] - logits[row[k]] < margin:
+                    ties.append((layer, t, tuple(int(e) for e in row[:k - 1]) + (int(row[k]),)))
+        return ties
+
     # -- the whole model -------------------------------------------------------------------------
 
     def forward(
@@ -457,6 +474,7 @@ class ReferenceModel:
         *,
         resid_post_hook: Optional[Callable[[int, np.ndarray], Optional[np.ndarray]]] = None,
         site_hook: Optional[Callable[[str, int, np.ndarray], Optional[np.ndarray]]] = None,
+        routes: Optional[dict[tuple[int, int], Sequence[int]]] = None,
     ) -> dict[str, np.ndarray]:
         """Run the model on ``token_ids`` (positions 0..n-1) and return every activation.
 
@@ -491,7 +509,8 @@ class ReferenceModel:
         the logits see the returned array; ``resid_post`` records it. ``site_hook(site, layer, x)`` does
         the same at every residual-width site: ``"embed"`` (layer -1), then per block ``"attn_out"``,
         ``"resid_mid"``, ``"mlp_out"`` and ``"resid_post"`` (before ``resid_post_hook``); what it returns
-        replaces the activation everywhere it is used afterwards.
+        replaces the activation everywhere it is used afterwards. ``routes`` forces the experts of
+        some ``(layer, token)`` pairs (see :meth:`near_ties`).
         """
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         T = ids.size
@@ -581,7 +600,7 @@ class ReferenceModel:
 
             h2 = rms_norm(resid_mid, self._w(f"{blk}.ffn_norm.weight"), self.rms_eps)
             if self.n_expert:
-                moe = self._moe_ffn(h2, blk)
+                moe = self._moe_ffn(h2, blk, {t: e for (layer, t), e in (routes or {}).items() if layer == il})
                 mlp = moe.pop("mlp_out")
                 for name, value in moe.items():
                     out[name][il] = value

@@ -16,6 +16,7 @@ KV cache, emulated, the same boundary effect for q, K, V and the probabilities g
 """
 from __future__ import annotations
 
+import itertools
 import re
 
 import numpy as np
@@ -78,6 +79,37 @@ def _emulating_reference(path, kv_cache):
     return ReferenceModel(path, kv_cache=kv_cache, quantize_activations=True, gelu_table=True)
 
 
+# Mixture of experts: a token whose k-th and (k+1)-th router logits are nearly equal may be routed either
+# way by llama.cpp, whose router logits carry the F16 cache's error (at most 2e-3 measured against the
+# reference). Within ROUTER_MARGIN of a tie, both routings are accepted.
+ROUTER_MARGIN = 1e-2
+MAX_TIES = 4
+
+
+def _reference_passes(ref: ReferenceModel, ids, **options):
+    """The reference pass and, for a mixture of experts, the passes that break its near-ties the other
+    way (every combination of them)."""
+    first = ref.forward(ids, **options)
+    yield first
+    ties = ref.near_ties(first, ROUTER_MARGIN)
+    assert len(ties) <= MAX_TIES, f"{len(ties)} near-ties in the routing: the tiny model routes too close to ties"
+    for r in range(1, len(ties) + 1):
+        for combo in itertools.combinations(ties, r):
+            yield ref.forward(ids, routes={(layer, t): experts for layer, t, experts in combo}, **options)
+
+
+def _agrees_with_the_reference(ref: ReferenceModel, ids, check, **options) -> None:
+    """``check(acts)`` raises AssertionError on disagreement; passes when one reference pass agrees."""
+    first_error = None
+    for acts in _reference_passes(ref, ids, **options):
+        try:
+            check(acts)
+            return
+        except AssertionError as error:
+            first_error = first_error or error
+    raise first_error
+
+
 def test_every_family_has_a_graph_table():
     assert set(NODES) == set(FAMILIES)
 
@@ -124,19 +156,22 @@ def test_reference_matches_llama_cpp_logits_and_graph_nodes(family_dir, family, 
             ids = run.tokenize(text)
             T = len(ids)
             logits = run.decode(ids)
-            want = ref.forward(ids)
             got = run.captured
             assert np.all(np.isfinite(logits)) and 1.0 < logits[-1].std() < 20.0
-            assert _rel_err(logits, want["logits"]) < tol
-            assert _rel_err(got["result_norm"], want["ln_final"]) < tol
-            embed_node = "inp_scaled" if ref.embed_scale != 1.0 else "embd"
-            assert _rel_err(got[embed_node], want["embed"]) < 1e-6
-            for il in range(ref.n_layer):
-                for node, (_, key) in NODES[family].items():
-                    assert _rel_err(got[f"{node}-{il}"], want[key][il]) < tol, (node, il)
-                soft = got[f"kq_soft_max-{il}"][:, :, :T]  # (H, T, n_kv), cache cells in position order
-                assert np.max(np.abs(soft - want["pattern"][il])) < tol, il
-                assert np.all(soft[:, ref.attention_mask(il, T)] == 0), il
+
+            def check(want):
+                assert _rel_err(logits, want["logits"]) < tol
+                assert _rel_err(got["result_norm"], want["ln_final"]) < tol
+                embed_node = "inp_scaled" if ref.embed_scale != 1.0 else "embd"
+                assert _rel_err(got[embed_node], want["embed"]) < 1e-6
+                for il in range(ref.n_layer):
+                    for node, (_, key) in NODES[family].items():
+                        assert _rel_err(got[f"{node}-{il}"], want[key][il]) < tol, (node, il)
+                    soft = got[f"kq_soft_max-{il}"][:, :, :T]  # (H, T, n_kv), cache cells in position order
+                    assert np.max(np.abs(soft - want["pattern"][il])) < tol, il
+                    assert np.all(soft[:, ref.attention_mask(il, T)] == 0), il
+
+            _agrees_with_the_reference(ref, ids, check)
     finally:
         run.close()
 
@@ -339,24 +374,30 @@ def test_the_server_offers_every_site_or_refuses_it_with_the_reason(family, fami
 
 def test_every_site_on_every_layer_matches_the_reference(family, family_client, family_reference, full_run):
     ref, run = family_reference, full_run
-    acts = ref.forward(run.token_ids)
     assert list(run.captures) == family_client.model_info().capture_sites
-    _close(run.captures["embed"], acts["embed"], "embed")
-    _close(run.captures["ln_final"], acts["ln_final"], "ln_final")
-    _close(run.logits, acts["logits"], "logits")
-    for site, value in run.captures.items():
-        if site in ("embed", "ln_final"):
-            continue
-        L, kind = int(site.split(".")[1]), site.split(".", 2)[2]
-        _close(value, _expected_site(ref, acts, family, kind, L), site)
+
+    def check(acts):
+        _close(run.captures["embed"], acts["embed"], "embed")
+        _close(run.captures["ln_final"], acts["ln_final"], "ln_final")
+        _close(run.logits, acts["logits"], "logits")
+        for site, value in run.captures.items():
+            if site in ("embed", "ln_final"):
+                continue
+            L, kind = int(site.split(".")[1]), site.split(".", 2)[2]
+            _close(value, _expected_site(ref, acts, family, kind, L), site)
+
+    _agrees_with_the_reference(ref, run.token_ids, check)
 
 
 def test_hidden_states_are_what_enters_and_leaves_each_block(family_client, family_reference):
     run = family_client.run(PROMPT, capture=["embed", "blocks.*.resid_post", NO_FLASH])
-    acts = family_reference.forward(run.token_ids)
-    _close(run.hidden_states[0], acts["embed"], "hidden_states[0]")  # scaled for Gemma
-    for L in range(family_reference.n_layer):
-        _close(run.hidden_states[L + 1], acts["resid_post"][L], f"hidden_states[{L + 1}]")
+
+    def check(acts):
+        _close(run.hidden_states[0], acts["embed"], "hidden_states[0]")  # scaled for Gemma
+        for L in range(family_reference.n_layer):
+            _close(run.hidden_states[L + 1], acts["resid_post"][L], f"hidden_states[{L + 1}]")
+
+    _agrees_with_the_reference(family_reference, run.token_ids, check)
 
 
 def _vector(seed: int, n: int, norm: float) -> np.ndarray:
@@ -364,9 +405,9 @@ def _vector(seed: int, n: int, norm: float) -> np.ndarray:
     return (v * (norm / np.linalg.norm(v))).astype(np.float32)
 
 
-def _edited(ref, ids, edits):
-    """Reference pass with `edits`: {(site kind, layer): f(x) -> x}."""
-    return ref.forward(ids, site_hook=lambda site, L, x: edits[(site, L)](x) if (site, L) in edits else None)
+def _hook(edits):
+    """A reference site_hook applying `edits`: {(site kind, layer): f(x) -> x}."""
+    return lambda site, L, x: edits[(site, L)](x) if (site, L) in edits else None
 
 
 def test_add_set_and_ablate_match_the_reference_with_the_same_edit(family_client, family_reference):
@@ -398,12 +439,15 @@ def test_add_set_and_ablate_match_the_reference_with_the_same_edit(family_client
     ]
     for request, edits in cases:
         run = family_client.run(ids, capture=["embed", "blocks.*.resid_post", NO_FLASH], **request)
-        want = _edited(ref, ids, edits)
-        assert np.abs(want["logits"] - plain["logits"]).max() > 0.1, request  # the edit matters
-        _close(run.hidden_states[0], want["embed"], ("embed", request))
-        for L in range(ref.n_layer):
-            _close(run.hidden_states[L + 1], want["resid_post"][L], (L, request))
-        _close(run.logits, want["logits"], ("logits", request))
+        assert np.abs(ref.forward(ids, site_hook=_hook(edits))["logits"] - plain["logits"]).max() > 0.1
+
+        def check(want):
+            _close(run.hidden_states[0], want["embed"], ("embed", request))
+            for L in range(ref.n_layer):
+                _close(run.hidden_states[L + 1], want["resid_post"][L], (L, request))
+            _close(run.logits, want["logits"], ("logits", request))
+
+        _agrees_with_the_reference(ref, ids, check, site_hook=_hook(edits))
 
 
 def test_ablation_leaves_no_component_along_the_direction_at_any_residual_site(family_client, family_reference):
@@ -435,14 +479,41 @@ def test_attention_patterns_match_the_reference_and_cut_to_the_sliding_window(fa
     ref = family_reference
     layers = list(range(ref.n_layer))
     att = family_client.attention(PROMPT, layers=layers)
-    acts = ref.forward(att.token_ids)
     T = len(att.token_ids)
     assert T > ref.sliding_window  # the prompt crosses the window
     for i, L in enumerate(layers):
-        masked = ref.attention_mask(L, T)
-        assert (att.probs[i][:, masked] == 0).all(), L
-        np.testing.assert_allclose(att.probs[i], acts["pattern"][L], atol=SITE_TOL, err_msg=str(L))
+        assert (att.probs[i][:, ref.attention_mask(L, T)] == 0).all(), L
+
+    def check(acts):
+        for i, L in enumerate(layers):
+            np.testing.assert_allclose(att.probs[i], acts["pattern"][L], atol=SITE_TOL, err_msg=str(L))
+
+    _agrees_with_the_reference(ref, att.token_ids, check)
     if ref.swa_layers:  # a local layer really is cut: its rows see at most `window` keys
         local = layers.index(ref.swa_layers[0])
         assert ((att.probs[local] > 0).sum(axis=-1) <= ref.sliding_window).all()
         assert ((att.probs[local] > 0).sum(axis=-1)[:, -1] == ref.sliding_window).all()
+
+
+def test_near_ties_name_the_routing_decisions_float32_could_take_the_other_way(family_dir):
+    path = build_tiny_model(family_dir / "mixtral.gguf", family="mixtral")
+    ref = ReferenceModel(path, kv_cache="f16")
+    run = _Run(path, capture={})
+    try:
+        prompts = [run.tokenize(text) for text in PROMPTS]
+    finally:
+        run.close()
+    found = 0
+    for ids in prompts:
+        acts = ref.forward(ids)
+        for layer, t, experts in ref.near_ties(acts, ROUTER_MARGIN):
+            found += 1
+            logits = acts["router_logits"][layer, t]
+            chosen = acts["experts"][layer, t]
+            assert set(experts) - set(chosen) and len(set(experts) & set(chosen)) == ref.n_expert_used - 1
+            assert 0 <= logits[chosen[-1]] - logits[list(set(experts) - set(chosen))[0]] < ROUTER_MARGIN
+            forced = ref.forward(ids, routes={(layer, t): experts})
+            assert sorted(forced["experts"][layer, t]) == sorted(experts)
+            np.testing.assert_array_equal(forced["mlp_out"][layer, :t], acts["mlp_out"][layer, :t])
+            assert np.abs(forced["mlp_out"][layer, t] - acts["mlp_out"][layer, t]).max() > 1e-3
+    assert found  # the test prompts do route some tokens near a tie: the tolerance above is exercised
