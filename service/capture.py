@@ -18,7 +18,7 @@ import numpy as np
 
 from . import ggml
 from .errors import RequestError
-from .graph_sites import is_pattern_site, output_rows_only, rule_for
+from .graph_sites import SiteRules, is_pattern_site
 
 
 @dataclass
@@ -51,14 +51,12 @@ def resolve_positions(positions: list[int] | None, n_tokens: int, what: str) -> 
 class CapturePass:
     """The per-request state the eval callback routes to."""
 
-    def __init__(self, n_layer: int, site_shapes: dict[str, tuple[int, ...]], prompts: list[list[int]],
-                 capture: list[str], capture_positions: list[list[int]], interventions: list[Intervention],
-                 stop_when_done: bool = False):
-        self.n_layer = n_layer
+    def __init__(self, site_rules: SiteRules, site_shapes: dict[str, tuple[int, ...]],
+                 output_rows_sites: set[str], prompts: list[list[int]], capture: list[str],
+                 capture_positions: list[list[int]], interventions: list[Intervention], stop_when_done: bool = False):
         self.capture = capture
+        self.output_rows_sites = output_rows_sites
         self.error: BaseException | None = None
-        # Node name -> [(site, op code or None)] for every site we read or write.
-        self.targets: dict[bytes, list[tuple[str, int | None]]] = {}
         self.interventions: dict[str, list[tuple[Intervention, list[set[int] | None], np.ndarray]]] = {}
         for iv in interventions:
             vector = iv.vector.astype(np.float32)
@@ -73,17 +71,13 @@ class CapturePass:
                                     else resolve_positions(iv.positions, len(tokens), "intervention"))
             for site in iv.sites:
                 self.interventions.setdefault(site, []).append((iv, resolved, vector))
-        for site in set(capture) | set(self.interventions):
-            node, op = rule_for(site)
-            op_code = ggml.OP_CODES[op] if op else None
-            self.targets.setdefault(node.encode(), []).append((site, op_code))
+        self.matcher = site_rules.matcher(set(capture) | set(self.interventions))
         # When nothing after the last wanted node is needed (no logits), the callback ends the graph there:
         # a probe of layer 5 then costs 6 of 30 layers, and an all-layer capture skips the final norm and
         # the LM head over every output row. Later ubatches never need what was skipped: layer k only reads
         # the KV cache of layers <= k, and any node of layer k that is wanted comes after layer k's KV store
         # or needs no KV of its own layer.
-        self.stop_when_done = stop_when_done and bool(self.targets)
-        self.n_sites = len({site for wanted in self.targets.values() for site, _ in wanted})
+        self.stop_when_done = stop_when_done and self.matcher.n_sites > 0
         self.positions = capture_positions
         self.slot = [{p: k for k, p in enumerate(pos)} for pos in capture_positions]
         shapes = site_shapes
@@ -99,7 +93,6 @@ class CapturePass:
         self.rows: list[tuple[int, int]] = []          # (prompt, position) of every token row
         self.output_rows: list[tuple[int, int]] = []   # the same for rows marked as outputs
         self.cells: list[list[int]] = [[] for _ in prompts]  # KV cell of each decoded token, per prompt
-        self._seen: set[str] = set()
         self._pending: list[str] = []
 
     def begin_ubatch(self, rows: list[tuple[int, int]], outputs: list[bool], first_cell: int) -> None:
@@ -107,28 +100,16 @@ class CapturePass:
         self.output_rows = [r for r, o in zip(rows, outputs) if o]
         for k, (s, _) in enumerate(rows):
             self.cells[s].append(first_cell + k)
-        self._seen.clear()
+        self.matcher.begin_ubatch()
 
     def callback(self, tensor: int, ask: bool, _user_data) -> bool:
         try:
             if ask:
-                wanted = self.targets.get(ggml.name_of(tensor))
-                if not wanted:
-                    return False
-                op = ggml.op_of(tensor)
-                self._pending = []
-                for site, op_code in wanted:
-                    if op_code is None:
-                        if site in self._seen:
-                            continue
-                    elif op != op_code:
-                        continue
-                    self._seen.add(site)
-                    self._pending.append(site)
+                self._pending = self.matcher.match(tensor)
                 return bool(self._pending)
             for site in self._pending:
                 self._visit(site, tensor)
-            return not (self.stop_when_done and len(self._seen) == self.n_sites)
+            return not (self.stop_when_done and len(self.matcher.found) == self.matcher.n_sites)
         except BaseException as exc:  # an exception must not unwind through C
             if self.error is None:
                 self.error = exc
@@ -142,7 +123,7 @@ class CapturePass:
         if is_pattern_site(site):
             self._capture_pattern(site, tensor, ne)
             return
-        rows = self.output_rows if output_rows_only(site, self.n_layer) else self.rows
+        rows = self.output_rows if site in self.output_rows_sites else self.rows
         data = np.empty(int(np.prod(ne)), np.float32)
         ggml.read(tensor, data)
         data = data.reshape(len(rows), -1)

@@ -6,7 +6,8 @@
 - `service/batching.py`: contexts, packing prompts into ubatches, and the one decode loop;
 - `service/capture.py`: the capture/edit pass the eval callback routes to (reads, patches, steering, ablation);
 - `service/generation.py`: sampling and the generation loop;
-- `service/verification.py`: the start-up probe of which sites exist, and the unembedding check.
+- `service/architectures.py` + `service/graph_sites.py`: where each family keeps each site in the graph;
+- `service/verification.py`: the start-up probe that finds the sites and proves what they hold.
 
 The engine is single-threaded: one request at a time per engine. Concurrency comes from several worker
 processes, each with its own engine (`service/worker.py`).
@@ -23,12 +24,15 @@ import numpy as np
 import llama_cpp as lc
 
 from . import generation
+from .architectures import embedding_scale
 from .batching import Cancelled, Contexts, collect_logits
 from .capture import CapturePass, Intervention, resolve_positions
 from .errors import RequestError
-from .graph_sites import is_pattern_site, output_rows_only
+from lmscope.client.sites import all_site_names
+
+from .graph_sites import SiteRules, is_pattern_site
 from .model import Model
-from .verification import check_unembedding, probe_sites
+from .verification import verify
 from .weights import Weights
 
 __all__ = ["Cancelled", "Engine", "EngineConfig", "ForwardRequest", "ForwardResult", "Intervention"]
@@ -83,8 +87,14 @@ class Engine:
                                  n_seq_max=min(config.n_seq_max, n_batch),  # llama.cpp needs n_seq_max <= n_batch
                                  n_threads=config.n_threads or os.cpu_count() or 1)
         self.weights = Weights(config.model_path)
-        self.site_shapes: dict[str, tuple[int, ...]] = probe_sites(self.model, self.contexts)
-        self.unembed_error = check_unembedding(self)
+        self.family = self.weights.family
+        self.site_rules = SiteRules(self.family, all_site_names(self.n_layer), self.weights.tensors)
+        verified = verify(self.model, self.contexts, self.weights, self.site_rules)
+        self.site_shapes: dict[str, tuple[int, ...]] = verified.site_shapes
+        self.output_rows_sites = verified.output_rows_sites
+        self.unavailable_sites = verified.unavailable
+        self.unembed_error = verified.unembed_error
+        self.verification = verified.checks
 
     # ----- model and vocabulary (service/model.py) ------------------------------------------------
 
@@ -135,7 +145,14 @@ class Engine:
             limits=self.limits(), backend="RPC" if self.config.rpc_servers else (
                 "CUDA" if lc.llama_supports_gpu_offload() and self.config.n_gpu_layers else "CPU"),
             n_gpu_layers=self.config.n_gpu_layers,
+            unavailable_sites=dict(self.unavailable_sites),
+            embedding_scale=embedding_scale(self.family, self.n_embd),
+            final_logit_softcapping=self.weights.final_logit_softcapping,
+            site_rules=self.family.name,
+            verification=dict(self.verification),
+            unembed_error=self.unembed_error or "",
         )
+
 
     def limits(self) -> dict:
         c = self.config
@@ -179,8 +196,8 @@ class Engine:
         need_pattern = any(is_pattern_site(s) for s in request.capture)
         ctx = self.contexts.get(flash_attn=self.config.flash_attn and not need_pattern)
         output_sets = self._outputs(request, prompts, capture_positions)
-        active = CapturePass(self.n_layer, self.site_shapes, prompts, request.capture, capture_positions,
-                             request.interventions, stop_when_done=request.logits == "none")
+        active = CapturePass(self.site_rules, self.site_shapes, self.output_rows_sites, prompts, request.capture,
+                             capture_positions, request.interventions, stop_when_done=request.logits == "none")
         logits: list[np.ndarray] | None = None
         on_decoded = None
         if request.logits != "none":
@@ -224,7 +241,7 @@ class Engine:
         output-rows-only sites, and nothing downstream reads them, so an edit there could change nothing
         observable, while every extra output row costs a full LM-head row (a whole-prompt ablation would
         otherwise compute logits for every token)."""
-        late_sites = [s for s in request.capture if output_rows_only(s, self.n_layer)]
+        late_sites = [s for s in request.capture if s in self.output_rows_sites]
         outputs = []
         for tokens, pos in zip(prompts, capture_positions):
             chosen = {len(tokens) - 1}
@@ -245,6 +262,7 @@ class Engine:
                                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context "
                                f"of {self.n_ctx} tokens")
         ctx = self.contexts.get(flash_attn=self.config.flash_attn)
-        active = CapturePass(self.n_layer, self.site_shapes, [prompt], [], [[]], list(interventions))
+        active = CapturePass(self.site_rules, self.site_shapes, self.output_rows_sites, [prompt], [], [[]],
+                             list(interventions))
         yield from generation.generate(self.model, self.contexts, ctx, active, prompt, max_tokens,
                             temperature, top_k, top_p, seed, stop)
