@@ -183,9 +183,12 @@ PHI3 = Family(
         "mlp.gate": "phi3 fuses gate and up into one ffn_up tensor; mlp.post holds the activations silu(gate) * up",
         "mlp.up": "phi3 fuses gate and up into one ffn_up tensor; mlp.post holds the activations silu(gate) * up",
         "attn.scores": _SCALED_Q.format(family="phi3"),
+        # Used only when the probe finds no separate V (the rule stays for files with separate Q/K/V).
+        "attn.v": "phi3 fuses Q, K and V into one attn_qkv projection: V is a strided view of it, not a tensor "
+                  "of its own",
     },
     notes=("Q, K and V may come from one fused attn_qkv tensor: attn.v is then a strided view and is "
-           "offered only when the probe finds it contiguous",),
+           "not offered",),
 )
 
 

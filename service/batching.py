@@ -57,6 +57,9 @@ class Contexts:
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads
         params.kv_unified = True  # prompts of one batch share the whole context, and rows keep batch order
+        # Sliding-window layers (Gemma) keep a full-size cache too: attention capture maps KV cells to
+        # positions in decode order, which a smaller ring-buffer SWA cache would reuse.
+        params.swa_full = True
         params.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                   else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         callback = lc.ggml_backend_sched_eval_callback(self._route)

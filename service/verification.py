@@ -153,8 +153,9 @@ def verify(model: Model, contexts: Contexts, weights: "Weights", site_rules: Sit
         for site in site_rules.rules:
             if site not in recorder.seen:
                 rule = site_rules.rules[site]
-                unavailable[site] = (f"llama.cpp's graph for this {family.name} model has no node "
-                                     f"{rule.node.decode()}" + (" (or the steps after it)" if rule.steps else ""))
+                unavailable[site] = family.refused.get(site_kind(site)) or (
+                    f"llama.cpp's graph for this {family.name} model has no node {rule.node.decode()}"
+                    + (" (or the steps after it)" if rule.steps else ""))
                 continue
             ne, ggml_type, contiguous = recorder.seen[site]
             if ggml_type != ggml.GGML_TYPE_F32 or not contiguous:
