@@ -1,6 +1,6 @@
 """The `lmscope` command.
 
-    lmscope pull                 fetch and verify the default model, print its path
+    lmscope pull [NAME]          fetch and verify the default model (or gemma3-270m), print its path
     lmscope serve [--model P]    serve a model (needs the server extra: pip install "lmscope[server]")
     lmscope rpc-worker [--port]  lend this host's CPU to a server that splits a model with --rpc
     lmscope info [--server A]    describe the model a server holds
@@ -31,7 +31,7 @@ def _server_extra(name: str):
 def _pull(args) -> int:
     models = _server_extra("models")
     try:
-        print(models.pull_default_model(force=args.force, progress=lambda m: print(m, file=sys.stderr)))
+        print(models.pull_model(args.name, force=args.force, progress=lambda m: print(m, file=sys.stderr)))
     except models.ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     default_server = os.environ.get("LMSCOPE_SERVER", DEFAULT_ADDRESS)
 
-    pull = commands.add_parser("pull", help="fetch and verify the default model")
+    pull = commands.add_parser("pull", help="fetch and verify the default model, or a named one")
+    pull.add_argument("name", nargs="?", default=None,
+                      help="a named model: smollm2 (the default) or gemma3-270m (Gemma terms apply)")
     pull.add_argument("--force", action="store_true", help="download again even if cached")
     pull.set_defaults(handler=_pull)
 

@@ -207,7 +207,8 @@ class CoreClient:
 
     def sites(self, selection: SiteFilter = "*") -> list[str]:
         """Capture-site names of the loaded model chosen by a filter (name, glob, list or predicate)."""
-        return select_sites(self.model_info().capture_sites, selection)
+        info = self.model_info()
+        return select_sites(info.capture_sites, selection, info.unavailable_sites)
 
     # ----- tokens ----------------------------------------------------------------------------------
 

@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from lmscope.service.architectures import OUTPUT, TOKEN_EMBEDDING, head_tensor_name
+
 from .lens import first_token, token_texts
 from .projection import layer_sites
 
@@ -146,7 +148,7 @@ class EmbeddingMixin:
         if table == "embedding":
             return self.embedding_rows(token_ids)
         if table == "lm_head":
-            head = "token_embd.weight" if self.model_info().tied_embeddings else "output.weight"
+            head = head_tensor_name(self.model_info().tied_embeddings)
             return self.weights(head, list(token_ids))
         raise ValueError(f"table must be 'embedding' or 'lm_head', not {table!r}")
 
@@ -249,15 +251,15 @@ class EmbeddingMixin:
         """Tied-embedding detection: is the LM head the embedding table (by file, or by value)?"""
         info = self.model_info()
         if info.tied_embeddings:
-            return EmbeddingTables(tied=True, head_tensor="token_embd.weight", sampled=0, mean_cosine=1.0,
+            return EmbeddingTables(tied=True, head_tensor=TOKEN_EMBEDDING, sampled=0, mean_cosine=1.0,
                                    min_cosine=1.0, max_abs_difference=0.0)
         rng = np.random.default_rng(seed)
         ids = [int(t) for t in np.sort(rng.choice(info.n_vocab, size=min(sample, info.n_vocab), replace=False))]
         embedding = self.embedding_rows(ids).astype(np.float64)
-        head = self.weights("output.weight", ids).astype(np.float64)
+        head = self.weights(OUTPUT, ids).astype(np.float64)
         cosines = np.einsum("ij,ij->i", embedding, head) / np.maximum(
             np.linalg.norm(embedding, axis=1) * np.linalg.norm(head, axis=1), 1e-30)
-        return EmbeddingTables(tied=False, head_tensor="output.weight", sampled=len(ids),
+        return EmbeddingTables(tied=False, head_tensor=OUTPUT, sampled=len(ids),
                                mean_cosine=float(cosines.mean()), min_cosine=float(cosines.min()),
                                max_abs_difference=float(np.abs(embedding - head).max()))
 

@@ -17,6 +17,8 @@ from typing import Sequence
 import grpc
 import numpy as np
 
+from lmscope.service.architectures import ffn_value_tensor, head_tensor_name
+
 from .activation_patching import IDENTITY_PROMPT, Metric, Patchscope, PatchSweep, logit_difference
 from .attention import Attention
 from .core import LmscopeError
@@ -91,7 +93,7 @@ class InsideMixin:
         """The neuron's value vector: column `neuron` of ``blk.{layer}.ffn_down.weight``, (n_embd,).
 
         Only that column travels; the server dequantizes the matrix."""
-        name = f"blk.{self._check_layer(layer)}.ffn_down.weight"
+        name = ffn_value_tensor(self.model_info().site_rules, self._check_layer(layer))
         return self.weights(name, [self._check_neuron(neuron)], axis=1)[:, 0]
 
     def neuron_top_tokens(self, layer: int, neuron: int, k: int = 10) -> NeuronTokens:
@@ -103,7 +105,7 @@ class InsideMixin:
         value = self.neuron_value(layer, neuron)
         reduced = self.lens_vectors(np.stack([value, -value]), top_k=k, final_norm=False)
         ids = reduced["top_ids"].astype(np.int64)                       # (2, k): promoted, suppressed
-        head = "token_embd.weight" if self.model_info().tied_embeddings else "output.weight"
+        head = head_tensor_name(self.model_info().tied_embeddings)
         logits = (self.weights(head, ids.reshape(-1).tolist()) @ value).reshape(ids.shape)
         labels = self.token_labels(ids.reshape(-1))
         return NeuronTokens(layer=layer, neuron=neuron,

@@ -34,6 +34,12 @@ class ModelInfo:
     backend: str
     n_gpu_layers: int
     n_workers: int = 1
+    unavailable_sites: dict[str, str] = field(default_factory=dict)  # site or "blocks.*.<kind>" -> why not offered
+    embedding_scale: float = 1.0            # embed = embedding rows * this (Gemma: sqrt(n_embd))
+    final_logit_softcapping: float = 0.0    # logits = cap * tanh(x / cap); 0 = none
+    site_rules: str = ""                    # the registry entry that placed the sites (docs/architectures.md)
+    verification: dict[str, float] = field(default_factory=dict)  # start-up check -> worst relative error
+    unembed_error: str = ""                 # why the lens is disabled; empty when verified
 
     @classmethod
     def from_proto(cls, message) -> "ModelInfo":
@@ -44,7 +50,7 @@ class ModelInfo:
                 values[name] = limits
             else:
                 value = getattr(message, name)
-                values[name] = dict(value) if name == "tensor_types" else (
+                values[name] = dict(value) if name in ("tensor_types", "unavailable_sites", "verification") else (
                     list(value) if name == "capture_sites" else value)
         return cls(**values)
 
@@ -54,7 +60,8 @@ class ModelInfo:
                 f"n_embd={self.n_embd}, n_head={self.n_head}/{self.n_head_kv} kv, n_ff={self.n_ff}, "
                 f"n_vocab={self.n_vocab}, n_ctx={self.n_ctx}/{self.n_ctx_train} train, "
                 f"tied={self.tied_embeddings}, chat_template={self.has_chat_template}, tensors[{types}], "
-                f"{len(self.capture_sites)} capture sites, fingerprint={self.fingerprint[:12]})")
+                f"{len(self.capture_sites)} capture sites ({len(self.unavailable_sites)} not offered), "
+                f"fingerprint={self.fingerprint[:12]})")
 
 
 @dataclass

@@ -41,15 +41,18 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Callable, Iterable, Sequence, Union
+from typing import Callable, Iterable, Mapping, Sequence, Union
 
 SiteFilter = Union[str, Sequence[str], Callable[[str], bool]]
 
 # Site templates in graph order within a block; `{L}` is the layer.
 BLOCK_SITES = (
-    "ln1", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern", "attn.z", "attn_out",
-    "resid_mid", "ln2", "mlp.gate", "mlp.up", "mlp.post", "mlp_out", "resid_post",
+    "ln1", "attn.q_normed", "attn.k_normed", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern",
+    "attn.z", "attn_out_pre_norm", "attn_out", "resid_mid", "ln2", "mlp.gate", "mlp.up", "mlp.post",
+    "mlp_out_pre_norm", "mlp_out", "resid_post",
 )
+# Sites of the residual stream and what the branches add to it: their meaning is the same on every family.
+RESIDUAL_SITES = ("attn_out", "resid_mid", "mlp_out", "resid_post")
 # Sites whose tensors are (heads, query tokens, key tokens) rather than one row per token.
 PATTERN_SITES = ("attn.scores", "attn.pattern")
 
@@ -77,11 +80,20 @@ def all_site_names(n_layer: int) -> list[str]:
     return ["embed"] + [block_site(L, k) for L in range(n_layer) for k in BLOCK_SITES] + ["ln_final"]
 
 
-def select_sites(available: Iterable[str], selection: SiteFilter) -> list[str]:
+def unavailable_reason(name: str, unavailable: Mapping[str, str]) -> str | None:
+    """Why the model does not offer `name`, from `ModelInfo.unavailable_sites` (exact or ``blocks.*.<kind>``)."""
+    if name in unavailable:
+        return unavailable[name]
+    return unavailable.get(f"blocks.*.{site_kind(name)}") if site_layer(name) is not None else None
+
+
+def select_sites(available: Iterable[str], selection: SiteFilter, unavailable: Mapping[str, str] | None = None) -> list[str]:
     """The names in `available` chosen by `selection`, in `available`'s order.
 
     A string or list entry without glob characters must name an available site exactly; otherwise a
-    `KeyError` says which name is unknown (a typo must not silently capture nothing).
+    `KeyError` says which name is unknown (a typo must not silently capture nothing) and, for a site the
+    model lacks (`unavailable`, from ``ModelInfo.unavailable_sites``), why it lacks it and which sites of
+    that block it has.
     """
     available = list(available)
     if callable(selection):
@@ -99,5 +111,12 @@ def select_sites(available: Iterable[str], selection: SiteFilter) -> list[str]:
         elif pattern in available:
             chosen.add(pattern)
         else:
+            reason = unavailable_reason(pattern, unavailable or {})
+            if reason is not None:
+                layer = site_layer(pattern)
+                same_block = [n for n in available if site_layer(n) == layer] if layer is not None else []
+                offered = ", ".join(site_kind(n) for n in same_block) if same_block else ", ".join(available)
+                raise KeyError(f"this model does not offer {pattern!r}: {reason}. "
+                               f"{'Block ' + str(layer) + ' offers' if layer is not None else 'It offers'}: {offered}")
             raise KeyError(f"unknown capture site {pattern!r}; ModelInfo.capture_sites lists the valid names")
     return [name for name in available if name in chosen]

@@ -163,6 +163,7 @@ fi
 # --- 5. default model ------------------------------------------------------------------------------------
 step "default model"
 "$VENV/bin/lmscope" pull
+"$VENV/bin/lmscope" pull gemma3-270m  # the second family's real model (tests/test_gemma.py); Gemma terms apply
 done_step
 
 say "ready in $(( $(date +%s) - T_START ))s: $VENV ($("$PY" --version), llama-cpp-python $LLAMA_CPP_VERSION)"

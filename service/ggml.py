@@ -22,6 +22,7 @@ _OFFSET_TYPE = 0
 _OFFSET_NE = 16
 _OFFSET_NB = 48
 _OFFSET_OP = 80
+_OFFSET_SRC = 152   # struct ggml_tensor * src[GGML_MAX_SRC], after op (80), op_params (64 bytes) and flags
 _OFFSET_NAME = 256
 GGML_MAX_NAME = 64
 TENSOR_STRUCT_SIZE = 336
@@ -90,6 +91,14 @@ def name_of(tensor: int) -> bytes:
 
 def op_of(tensor: int) -> int:
     return ctypes.c_int.from_address(tensor + _OFFSET_OP).value
+
+
+_SOURCES = ctypes.c_void_p * 2
+
+
+def sources_of(tensor: int) -> tuple[int | None, int | None]:
+    """The node's first two operands (src[0], src[1]) as addresses; None where absent."""
+    return tuple(_SOURCES.from_address(tensor + _OFFSET_SRC))
 
 
 def type_of(tensor: int) -> int:

@@ -1,72 +1,117 @@
-"""The one table that maps lmscope site names onto llama.cpp graph tensors.
+"""Finding a model's capture sites among llama.cpp's graph nodes, as the eval callback sees them.
 
 llama.cpp names graph nodes with `cb(tensor, "name", layer)`, producing e.g. `l_out-5`. A name can label
-several nodes (the Q projection, its reshape and its RoPE are all `Qcur-L`; the down projection and the
-residual add are both `ffn_out-L` until a control vector gives the add its own node), so each site also
-says which of the nodes it means: the one with a given ggml op, or the first one in graph order.
+several nodes (the Q projection, its reshape and its RoPE are all `Qcur-L`), so a rule also says which op it
+means, and some tensors have no name at all (qwen2's attention output): a rule then starts at a named node
+and follows its consumers step by step (`Step` in `service/architectures.py`). The rules are per family
+(`service/architectures.py`); this module resolves them for one model (`SiteRules`) and matches nodes in
+graph order (`NodeMatcher`), for the start-up probe and for every request alike.
 
-Which sites a model really has is not assumed from this table: the engine decodes one token at start-up,
-records every node it sees (`Inventory`), and offers only the sites it found, with their real shapes.
+Which sites a model really has is not assumed from the rules: the engine decodes a probe at start-up and
+offers only the sites it found and verified (`service/verification.py`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmscope.client.sites import PATTERN_SITES
+from lmscope.client.sites import PATTERN_SITES, site_kind, site_layer
+
+from . import ggml
+from .architectures import Family
+
+_GET_ROWS = "GET_ROWS"  # llama.cpp's selection of output rows in the last block: looked through by steps
 
 
 @dataclass(frozen=True)
-class NodeRule:
-    node: str             # node name template; `{L}` is the layer
-    op: str | None = None  # ggml op name the node must have; None = the first node with that name
+class ResolvedRule:
+    node: bytes                     # concrete node name
+    op: int | None                  # op code of the named node, or None
+    steps: tuple[int, ...]          # op codes of the consumer steps
 
 
-BLOCK_NODES = {
-    "ln1": NodeRule("attn_norm-{L}"),
-    "attn.q": NodeRule("Qcur-{L}", "ROPE"),
-    "attn.k": NodeRule("Kcur-{L}", "ROPE"),
-    "attn.v": NodeRule("Vcur-{L}"),
-    "attn.scores": NodeRule("kq-{L}", "MUL_MAT"),
-    "attn.pattern": NodeRule("kq_soft_max-{L}", "SOFT_MAX"),
-    "attn.z": NodeRule("kqv_out-{L}"),
-    "attn_out": NodeRule("attn_out-{L}"),
-    "resid_mid": NodeRule("ffn_inp-{L}"),
-    "ln2": NodeRule("ffn_norm-{L}"),
-    "mlp.gate": NodeRule("ffn_gate-{L}"),
-    "mlp.up": NodeRule("ffn_up-{L}"),
-    "mlp.post": NodeRule("ffn_swiglu-{L}"),
-    "mlp_out": NodeRule("ffn_out-{L}"),
-    "resid_post": NodeRule("l_out-{L}"),
-}
-GLOBAL_NODES = {
-    "embed": NodeRule("embd"),
-    "ln_final": NodeRule("result_norm"),
-}
-# In the last block llama.cpp drops the rows of tokens that are not outputs right after the attention
-# (`ggml_get_rows(cur, inp_out_ids)`): these sites then hold one row per *output* token only.
-OUTPUT_ROWS_ONLY_IN_LAST_BLOCK = ("resid_mid", "ln2", "mlp.gate", "mlp.up", "mlp.post", "mlp_out", "resid_post")
+class SiteRules:
+    """The concrete rule of every site name the family places, for a model with `n_layer` blocks."""
+
+    def __init__(self, family: Family, site_names: list[str], tensor_names):
+        self.family = family
+        self.rules: dict[str, ResolvedRule] = {}
+        for site in site_names:
+            rule = family.sites.get(site_kind(site))
+            if rule is None:
+                continue
+            layer = site_layer(site)
+            fill = (lambda t: t.format(L=layer)) if layer is not None else (lambda t: t)
+            steps = tuple(ggml.OP_CODES[s.op] for s in rule.then
+                          if s.if_tensor is None or fill(s.if_tensor) in tensor_names)
+            self.rules[site] = ResolvedRule(fill(rule.node).encode(), ggml.OP_CODES[rule.op] if rule.op else None,
+                                            steps)
+
+    def __contains__(self, site: str) -> bool:
+        return site in self.rules
+
+    def matcher(self, sites) -> "NodeMatcher":
+        return NodeMatcher({site: self.rules[site] for site in sites})
 
 
-def rule_for(site: str) -> tuple[str, str | None]:
-    """(llama.cpp node name, op filter) for a concrete site name."""
-    if site in GLOBAL_NODES:
-        rule = GLOBAL_NODES[site]
-        return rule.node, rule.op
-    parts = site.split(".", 2)
-    if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] not in BLOCK_NODES:
-        raise KeyError(f"unknown site {site!r}")
-    rule = BLOCK_NODES[parts[2]]
-    return rule.node.format(L=int(parts[1])), rule.op
+class NodeMatcher:
+    """Answers, node by node in graph order, which of its sites a node holds (the first match per ubatch)."""
 
+    def __init__(self, rules: dict[str, ResolvedRule]):
+        self.by_name: dict[bytes, list[tuple[str, ResolvedRule]]] = {}
+        for site, rule in rules.items():
+            self.by_name.setdefault(rule.node, []).append((site, rule))
+        self.n_sites = len(rules)
+        self._get_rows = ggml.OP_CODES[_GET_ROWS]
+        self.found: set[str] = set()
+        self._anchors: dict[int, list[tuple[str, ResolvedRule, int]]] = {}  # node address -> (site, rule, next step)
 
-def output_rows_only(site: str, n_layer: int) -> bool:
-    """Whether the site's tensor keeps only the rows of output tokens."""
-    if site == "ln_final":
-        return True
-    parts = site.split(".", 2)
-    return (len(parts) == 3 and parts[0] == "blocks" and parts[1] == str(n_layer - 1)
-            and parts[2] in OUTPUT_ROWS_ONLY_IN_LAST_BLOCK)
+    def begin_ubatch(self) -> None:
+        self.found.clear()
+        self._anchors.clear()
+
+    def match(self, tensor: int) -> list[str]:
+        hits = []
+        wanted = self.by_name.get(ggml.name_of(tensor))
+        if wanted:
+            op = ggml.op_of(tensor)
+            for site, rule in wanted:
+                if site in self.found or (rule.op is not None and op != rule.op):
+                    continue
+                if rule.steps:
+                    if not any(s == site for entries in self._anchors.values() for s, _, _ in entries):
+                        self._anchors.setdefault(tensor, []).append((site, rule, 0))
+                else:
+                    self.found.add(site)
+                    hits.append(site)
+        if self._anchors:
+            hits += self._follow(tensor)
+        return hits
+
+    def _follow(self, tensor: int) -> list[str]:
+        hits = []
+        for source in ggml.sources_of(tensor):
+            entries = self._anchors.get(source) if source else None
+            if not entries:
+                continue
+            op = ggml.op_of(tensor)
+            keep = []
+            for site, rule, step in entries:
+                if op == self._get_rows:
+                    self._anchors.setdefault(tensor, []).append((site, rule, step))
+                elif op == rule.steps[step]:
+                    if step + 1 == len(rule.steps):
+                        self.found.add(site)
+                        hits.append(site)
+                    else:
+                        self._anchors.setdefault(tensor, []).append((site, rule, step + 1))
+                else:
+                    keep.append((site, rule, step))
+            if keep:
+                self._anchors[source] = keep
+            else:
+                del self._anchors[source]
+        return hits
 
 
 def is_pattern_site(site: str) -> bool:
-    return site.split(".", 2)[-1] in PATTERN_SITES
+    return site_kind(site) in PATTERN_SITES

