@@ -400,6 +400,36 @@ def test_hidden_states_are_what_enters_and_leaves_each_block(family_client, fami
     _agrees_with_the_reference(family_reference, run.token_ids, check)
 
 
+# The default pass uses flash attention, whose CPU kernel accumulates softmax(QK) V in float16 (~1e-3
+# relative per attention output, compounding over the blocks; gemma2's soft-cap runs inside that kernel
+# then). Mixture-of-experts families are left out here: at that error, router near-ties within 1e-1
+# become common, and the routing itself is the same code with or without flash attention (checked above).
+FLASH_TOL = 1e-2
+
+
+@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if not FAMILIES[f].n_expert), indirect=True)
+def test_the_flash_attention_pass_matches_the_reference_within_its_float16_accumulation(family_client,
+                                                                                        family_reference):
+    run = family_client.run(PROMPT)  # no attention site captured: flash attention on
+    acts = family_reference.forward(run.token_ids)
+    for L in range(family_reference.n_layer):
+        _close(run.hidden_states[L + 1], acts["resid_post"][L], f"resid_post {L}", tol=FLASH_TOL)
+    _close(run.logits, acts["logits"], "logits", tol=FLASH_TOL)
+
+
+def test_neurons_are_the_ffn_activations_and_their_value_vectors_the_down_columns(family, family_client,
+                                                                                   family_reference):
+    ref, layer, neuron = family_reference, 1, 5
+    if ref.n_expert:  # every token runs its own experts: no neuron of the layer has one value vector
+        with pytest.raises(ValueError, match="expert"):
+            family_client.neuron_value(layer, neuron)
+        return
+    neurons = family_client.neurons(PROMPT, layer=layer)  # a flash-attention pass
+    _close(neurons.activations, ref.forward(neurons.token_ids)["mlp_post"][layer], "neurons", tol=FLASH_TOL)
+    value = ref.weight(f"blk.{layer}.ffn_down.weight")[:, neuron]
+    np.testing.assert_array_equal(family_client.neuron_value(layer, neuron), value)
+
+
 def _vector(seed: int, n: int, norm: float) -> np.ndarray:
     v = np.random.default_rng(seed).standard_normal(n)
     return (v * (norm / np.linalg.norm(v))).astype(np.float32)
