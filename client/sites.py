@@ -1,27 +1,32 @@
 """One naming scheme for every capture and intervention site, and the filters that select them.
 
 Site names follow TransformerLens: ``embed``, ``blocks.{L}.resid_post``, ``blocks.{L}.attn.pattern``, ...
-The server maps each name onto the llama.cpp graph tensor that holds it (``service/graph_sites.py``) and
-lists in ``ModelInfo.capture_sites`` the names the loaded model really offers. Layer ``L`` is always the
-0-based transformer block; ``blocks.{L}.resid_post`` is its output, which is hidden-state index ``L + 1``
-(index 0 is ``embed``).
+The server maps each name onto the llama.cpp graph tensor that holds it for the model's family
+(``service/architectures.py``), verifies at start-up what the residual sites hold, and lists in
+``ModelInfo.capture_sites`` the names the loaded model really offers (``ModelInfo.unavailable_sites`` says
+why the others are not; docs/architectures.md has the table per family). Layer ``L`` is always the 0-based
+transformer block; ``blocks.{L}.resid_post`` is its output, which is hidden-state index ``L + 1`` (index 0
+is ``embed``). A site means the same on every family:
 
 | site | what it holds | shape per prompt |
 | --- | --- | --- |
-| ``embed`` | token embeddings entering block 0 | (tokens, n_embd) |
-| ``blocks.{L}.ln1`` | RMS-normed input of the attention | (tokens, n_embd) |
+| ``embed`` | what enters block 0: the token embeddings after any scale (Gemma: x sqrt(n_embd)) | (tokens, n_embd) |
+| ``blocks.{L}.ln1`` | normed input of the attention | (tokens, n_embd) |
+| ``blocks.{L}.attn.q_normed`` / ``.k_normed`` | QK-norm families (Qwen3, Gemma 3): q / k after their per-head norm, before RoPE | (tokens, heads, head_dim) |
 | ``blocks.{L}.attn.q`` / ``.k`` | queries / keys after RoPE | (tokens, heads, head_dim) |
 | ``blocks.{L}.attn.v`` | values | (tokens, kv_heads, head_dim) |
 | ``blocks.{L}.attn.scores`` | raw ``q . k`` (not scaled by 1/sqrt(head_dim)); 0 for keys after the query (see below) | (heads, tokens, tokens) |
-| ``blocks.{L}.attn.pattern`` | attention probabilities (causal) | (heads, tokens, tokens) |
+| ``blocks.{L}.attn.pattern`` | attention probabilities (causal; sliding-window layers: 0 outside the window) | (heads, tokens, tokens) |
 | ``blocks.{L}.attn.z`` | per-head attention output before the output projection | (tokens, heads * head_dim) |
-| ``blocks.{L}.attn_out`` | attention output after the output projection | (tokens, n_embd) |
-| ``blocks.{L}.resid_mid`` | residual stream after attention | (tokens, n_embd) |
-| ``blocks.{L}.ln2`` | RMS-normed input of the MLP | (tokens, n_embd) |
-| ``blocks.{L}.mlp.gate`` / ``.up`` | gate / up projections | (tokens, n_ff) |
-| ``blocks.{L}.mlp.post`` | neuron activations silu(gate) * up | (tokens, n_ff) |
-| ``blocks.{L}.mlp_out`` | MLP output (down projection) | (tokens, n_embd) |
-| ``blocks.{L}.resid_post`` | residual stream after the block | (tokens, n_embd) |
+| ``blocks.{L}.attn_out_pre_norm`` | Gemma: the output projection, before the attention post-norm | (tokens, n_embd) |
+| ``blocks.{L}.attn_out`` | what the attention branch adds to the stream (after any post-norm) | (tokens, n_embd) |
+| ``blocks.{L}.resid_mid`` | the residual stream between the branches: resid_pre + attn_out | (tokens, n_embd) |
+| ``blocks.{L}.ln2`` | normed input of the MLP | (tokens, n_embd) |
+| ``blocks.{L}.mlp.gate`` / ``.up`` | gate / up projections (not offered where fused or mixture-of-experts) | (tokens, n_ff) |
+| ``blocks.{L}.mlp.post`` | neuron activations act(gate) * up (SwiGLU, Gemma: GeGLU) | (tokens, n_ff) |
+| ``blocks.{L}.mlp_out_pre_norm`` | Gemma: the down projection, before the FFN post-norm | (tokens, n_embd) |
+| ``blocks.{L}.mlp_out`` | what the MLP branch adds (after any post-norm; MoE: the experts' weighted sum) | (tokens, n_embd) |
+| ``blocks.{L}.resid_post`` | the block's output: resid_mid + mlp_out | (tokens, n_embd) |
 | ``ln_final`` | final-normed residual, the input of the LM head | (tokens, n_embd) |
 
 ``attn.scores``: llama.cpp scales and masks the scores inside its softmax, so its ``kq`` tensor holds neither; lmscope

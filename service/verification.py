@@ -239,12 +239,12 @@ def _check(model: Model, weights: "Weights", family, tokens, captured, checks) -
             note("resid_mid + mlp_out == resid_post", error)
             second = error <= ADD_TOLERANCE
         if first is False and second is not False:
-            failed[attn] = f"resid_pre + attn_out != resid_mid at layer {layer}: the node is not what attention adds"
+            failed[attn] = "resid_pre + attn_out != resid_mid: the node is not what the attention branch adds"
         if second is False and first is not False:
-            failed[mlp] = f"resid_mid + mlp_out != resid_post at layer {layer}: the node is not what the FFN adds"
+            failed[mlp] = "resid_mid + mlp_out != resid_post: the node is not what the FFN branch adds"
         if first is False and second is False:
             for s in (attn, mid, mlp):
-                failed[s] = f"neither residual identity holds at layer {layer}"
+                failed[s] = "neither residual identity holds in this block"
         if first:
             proved.update((attn, mid) + ((pre,) if pre == "embed" else ()))
         if second:
