@@ -41,7 +41,9 @@ KV16_TOL = 2e-3         # F16 KV cache, emulated: F16 boundary effects on q, K, 
 
 
 def _tolerance(family: str, kv_cache: str) -> float:
-    return KV16_TOL if kv_cache == "f16" or FAMILIES[family].ffn == "geglu" else EXACT_TOL
+    if kv_cache == "f16":
+        return KV16_TOL
+    return GELU_TOL if FAMILIES[family].ffn == "geglu" else EXACT_TOL
 
 
 # Graph nodes of each family that hold a reference quantity: node prefix -> (op, reference key).
