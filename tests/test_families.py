@@ -11,7 +11,7 @@ Tolerances, from the arithmetic (measured figures in the comments are from one m
 F32 weights with an F32 KV cache leave only float32 rounding, ~1e-6 of the largest value (measured
 5e-7..1.5e-6), except that the CPU backend's GELU goes through an F16 table: the reference emulates it
 (``gelu_table=True``), but an input that lands on the other side of an F16 rounding boundary costs one F16
-step (~5e-4 relative) in that activation (measured 3e-5..3e-4 over a model). With llama.cpp's default F16
+step (~5e-4 relative) in that activation (measured 3e-5..1e-4 over a model). With llama.cpp's default F16
 KV cache, emulated, the same boundary effect for q, K, V and the probabilities gives 1e-4..5e-4.
 """
 from __future__ import annotations
