@@ -34,35 +34,10 @@ import llama_cpp as lc
 from lmscope.client.sites import all_site_names, site_kind
 
 from . import ggml, llama_log, rpc
+from .contracts import EngineConfig, Intervention
 from .errors import RequestError
 from .graph_sites import is_pattern_site, output_rows_only, rule_for
 from .weights import Weights
-
-
-@dataclass
-class EngineConfig:
-    model_path: str
-    n_ctx: int = 4096
-    n_batch: int = 512
-    n_threads: int = 0          # 0 = all cores
-    n_gpu_layers: int = 0
-    n_seq_max: int = 64
-    flash_attn: bool = True     # for passes that do not capture attention patterns
-    max_prompt_tokens: int = 0  # 0 = n_ctx
-    max_capture_bytes: int = 2 << 30
-    max_generated_tokens: int = 4096
-    max_batch_prompts: int = 1024
-    rpc_servers: tuple[str, ...] = ()  # ggml-rpc workers that take the n_gpu_layers layers (service/rpc.py)
-
-
-@dataclass
-class Intervention:
-    """An edit at resolved sites. `positions` None = every position (and every generated token)."""
-    op: str                               # "add" | "set" | "ablate"
-    sites: list[str]
-    vector: np.ndarray                    # (width,) or (len(positions), width), float32
-    positions: list[int] | None = None    # relative (negative from the end) prompt positions
-    sequences: list[int] | None = None    # prompt indices; None = all
 
 
 @dataclass
