@@ -42,6 +42,7 @@ import time
 import traceback
 from typing import Callable, Iterator
 
+import numpy as np
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import Message
 
