@@ -8,7 +8,7 @@ are arrays, which the front end cuts into `TensorChunk`s. So reading one RPC is 
 `InspectorServicer.Run` -> `RequestParser.run` -> `RunJob` -> `Operations.run` -> `Engine.forward`.
 
 This module imports no native code: the front end loads it, and it must stay free of llama.cpp (the test
-`test_the_front_end_loads_no_native_library` checks the running server's memory map).
+`tests/test_wire_contract.py` checks the running server's memory map).
 """
 from __future__ import annotations
 
@@ -130,6 +130,9 @@ class NearestTokensJob:
 class CrashJob:
     """Test hook (see docs/reliability.md): make the worker die ("segv", "abort") or hang ("hang")."""
     how: str
+
+
+Job = TokenizeJob | DetokenizeJob | RunJob | GenerateJob | UnembedJob | WeightsJob | NearestTokensJob | CrashJob
 
 
 # ----- answers -------------------------------------------------------------------------------------------

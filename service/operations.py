@@ -16,7 +16,7 @@ import numpy as np
 
 from lmscope.client.wire import lmscope_pb2 as pb
 
-from .contracts import (CrashJob, DetokenizeJob, GenerateJob, Lens, NamedTensor, NearestTokensJob, Prompt, RunJob,
+from .contracts import (CrashJob, DetokenizeJob, GenerateJob, Job, Lens, NamedTensor, NearestTokensJob, Prompt, RunJob,
                         RunResult, Tensors, TokenizeJob, UnembedJob, WeightsJob, WorkerInfo)
 from .engine import Engine, ForwardRequest
 from .errors import RequestError
@@ -30,7 +30,7 @@ class Operations:
                           GenerateJob: self.generate, UnembedJob: self.unembed, WeightsJob: self.weights,
                           NearestTokensJob: self.nearest_tokens, CrashJob: self.crash}
 
-    def execute(self, job):
+    def execute(self, job: Job):
         """The answer to one job: a message or `RunResult`/`Tensors`, or an iterator of messages (Generate)."""
         return self._handlers[type(job)](job)
 

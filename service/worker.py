@@ -20,12 +20,15 @@ already waiting; past that it is refused with RESOURCE_EXHAUSTED at once.
 What travels: the front end sends one job (`contracts.py`, e.g. `RunJob`); the worker answers with
 ("item", message) any number of times (generation), then ("done", answer) or ("error", code, message).
 
-How it travels: pickled (`send_message` / `receive_message`), proto messages as their serialized bytes, numpy
-arrays as pickle protocol 5 out-of-band buffers. Each array is written to the pipe from its own memory and read straight into one buffer
-of its exact size, which the unpickled array then uses: an answer of N bytes costs N bytes in the worker and
-N in the front end, with no copy in between. Plain `Connection.send` would first copy every array into one
-pickle bytes object, and `Connection.recv_bytes` grows a BytesIO and reallocates it as the bytes arrive
-(figures: docs/reliability.md, "Big answers").
+How it travels: pickled (`send_message` / `receive_message`), proto messages as their serialized bytes,
+numpy arrays as pickle protocol 5 out-of-band buffers. Each array is written to the pipe from its own memory
+and read straight into one buffer of its exact size (`tensors.new_buffer`), which the unpickled array then
+uses: an answer of N bytes costs N bytes in the worker and N in the front end, with no copy in between.
+Plain `Connection.send` would first copy every array into one pickle bytes object. The buffers of big arrays
+are anonymous maps, so the front end is back to its resting size once an answer has gone out (figures:
+docs/reliability.md, "Big answers").
+The front end takes a whole answer before streaming it to the client, so a slow or stalled client holds
+memory in the front end, never a worker.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ from google.protobuf.message import Message
 
 from lmscope.client import tensors
 
-from .contracts import WorkerInfo
+from .contracts import Job, WorkerInfo
 from .errors import RequestError
 
 PICKLE_PROTOCOL = 5
@@ -296,7 +299,7 @@ class WorkerPool:
             self._idle.put(worker)
         threading.Thread(target=replace, name="lmscope-worker-restart", daemon=True).start()
 
-    def call(self, job, is_active: Callable[[], bool] = lambda: True):
+    def call(self, job: Job, is_active: Callable[[], bool] = lambda: True):
         """Run a job with one answer (`Operations.execute`) and return it."""
         result = None
         for kind, value in self._run(job, is_active):
@@ -304,13 +307,13 @@ class WorkerPool:
                 result = value
         return result
 
-    def stream(self, job, is_active: Callable[[], bool] = lambda: True) -> Iterator:
+    def stream(self, job: Job, is_active: Callable[[], bool] = lambda: True) -> Iterator:
         """Run a job whose answer is a stream (Generate), yielding its items."""
         for kind, value in self._run(job, is_active):
             if kind == "item":
                 yield value
 
-    def _run(self, job, is_active: Callable[[], bool]):
+    def _run(self, job: Job, is_active: Callable[[], bool]):
         worker = self._acquire(is_active)
         healthy = stuck = False
         try:
