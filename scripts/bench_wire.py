@@ -5,7 +5,8 @@ tokens: 128 x 49,152 float32 = 24 MiB). Each repetition starts a fresh server an
 (a process that has held a big block once may keep it: glibc's heaps do), warms both up with a small
 request, resets the peak resident memory (VmHWM) of client, front end and worker (`/proc/PID/clear_refs` 5,
 Linux), sends the big request, and reads each peak: "added" is the peak over the request minus what the
-process held before it.
+process held before it. "wire_ms" is the client's time for the request minus the worker's own (the
+header's total_ms): the pipe, the front end, gRPC and the client's assembly.
 
     python scripts/bench_wire.py [--model PATH] [--tokens 128] [--repeat 3] [--json out.json]
 
@@ -57,10 +58,11 @@ def measure_once(address: str, server_pid: int, tokens: int) -> dict:
         seconds = time.perf_counter() - started
         peaks = {name: _status_kib(pid, "VmHWM") for name, pid in pids.items()}
         answer_mib = run.logits.nbytes / 2**20
+        wire_ms = seconds * 1e3 - run.total_ms  # all but the worker's own time: pipe, front end, gRPC, client
         del run
         time.sleep(0.5)
         after = {name: _status_kib(pid, "VmRSS") for name, pid in pids.items()}
-    return {"seconds": seconds, "answer_mib": answer_mib,
+    return {"seconds": seconds, "wire_ms": wire_ms, "answer_mib": answer_mib,
             **{f"{name}_before_mib": before[name] / 1024 for name in PROCESSES},
             **{f"{name}_peak_mib": peaks[name] / 1024 for name in PROCESSES},
             **{f"{name}_added_mib": (peaks[name] - before[name]) / 1024 for name in PROCESSES},
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     m = result["median"]
     print(f"run() with all logits, {args.tokens} tokens ({m['answer_mib']:.1f} MiB answer), median of "
           f"{args.repeat} fresh servers and clients, load {result['load'][0]:.2f}:")
-    print(f"  time {m['seconds'] * 1e3:.0f} ms")
+    print(f"  time {m['seconds'] * 1e3:.0f} ms, of which {m['wire_ms']:.0f} ms outside the worker's own time")
     for name in PROCESSES:
         print(f"  {name:9s} before {m[name + '_before_mib']:6.1f}  peak {m[name + '_peak_mib']:6.1f}  "
               f"added {m[name + '_added_mib']:5.1f}  after {m[name + '_after_mib']:6.1f} MiB")
