@@ -8,7 +8,7 @@ Linux), sends the big request, and reads each peak: "added" is the peak over the
 process held before it. "wire_ms" is the client's time for the request minus the worker's own (the
 header's total_ms): the pipe, the front end, gRPC and the client's assembly.
 
-    python scripts/bench_wire.py [--model PATH] [--tokens 128] [--repeat 3] [--json out.json]
+    python scripts/bench_wire.py [--model PATH] [--tokens 128] [--repeat 3] [--dtype float16] [--json out.json]
 
 Report the machine load (`uptime`) with the figures: the times move with it, the memory does not.
 """
@@ -40,7 +40,7 @@ def _reset_peak(pid: int | str) -> None:
     pathlib.Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def measure_once(address: str, server_pid: int, tokens: int) -> dict:
+def measure_once(address: str, server_pid: int, tokens: int, dtype: str) -> dict:
     """One big request from this (fresh) process, with every process's peak memory over it."""
     from lmscope.client import Client
 
@@ -54,7 +54,7 @@ def measure_once(address: str, server_pid: int, tokens: int) -> dict:
         for pid in pids.values():
             _reset_peak(pid)
         started = time.perf_counter()
-        run = client.run(ids, capture=[], logits="all")
+        run = client.run(ids, capture=[], logits="all", dtype=dtype)
         seconds = time.perf_counter() - started
         peaks = {name: _status_kib(pid, "VmHWM") for name, pid in pids.items()}
         answer_mib = run.logits.nbytes / 2**20
@@ -69,22 +69,22 @@ def measure_once(address: str, server_pid: int, tokens: int) -> dict:
             **{f"{name}_after_mib": after[name] / 1024 for name in PROCESSES}}
 
 
-def _child(address: str, server_pid: int, tokens: int, out) -> None:
-    out.send(measure_once(address, server_pid, tokens))
+def _child(address: str, server_pid: int, tokens: int, dtype: str, out) -> None:
+    out.send(measure_once(address, server_pid, tokens, dtype))
 
 
-def measure(model, tokens: int, repeat: int) -> dict:
+def measure(model, tokens: int, repeat: int, dtype: str = "float32") -> dict:
     rows = []
     context = mp.get_context("spawn")
     for _ in range(repeat):
         with launch_server(model, args=("--workers", "1")) as server:
             receiver, sender = context.Pipe(duplex=False)
-            child = context.Process(target=_child, args=(server.address, server.process.pid, tokens, sender))
+            child = context.Process(target=_child, args=(server.address, server.process.pid, tokens, dtype, sender))
             child.start()
             rows.append(receiver.recv())
             child.join()
     summary = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
-    return {"tokens": tokens, "repeat": repeat, "median": summary, "runs": rows, "load": os.getloadavg()}
+    return {"tokens": tokens, "dtype": dtype, "repeat": repeat, "median": summary, "runs": rows, "load": os.getloadavg()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,16 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="GGUF file (default: the default model)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="the answer's dtype")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args(argv)
     model = args.model
     if model is None:
         from lmscope.service.models import pull_default_model
         model = pull_default_model(progress=None)
-    result = measure(model, args.tokens, args.repeat)
+    result = measure(model, args.tokens, args.repeat, args.dtype)
     result["model"] = str(model)
     m = result["median"]
-    print(f"run() with all logits, {args.tokens} tokens ({m['answer_mib']:.1f} MiB answer), median of "
+    print(f"run() with all logits as {args.dtype}, {args.tokens} tokens ({m['answer_mib']:.1f} MiB answer), median of "
           f"{args.repeat} fresh servers and clients, load {result['load'][0]:.2f}:")
     print(f"  time {m['seconds'] * 1e3:.0f} ms, of which {m['wire_ms']:.0f} ms outside the worker's own time")
     for name in PROCESSES:

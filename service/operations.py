@@ -75,13 +75,15 @@ class Operations:
                 tensors += [NamedTensor(site, s, a) for s, a in enumerate(result.captures[site])]
         if result.logits is not None:
             tensors += [NamedTensor("logits", s, a) for s, a in enumerate(result.logits)]
-        if job.float16:
-            tensors = [NamedTensor(t.name, t.sequence, t.array.astype(np.float16))
-                       if t.array.dtype == np.float32 else t for t in tensors]
         header = pb.RunHeader(sequences=[pb.RunHeader.Sequence(token_ids=t, positions=p)
                                          for t, p in zip(token_lists, result.positions)],
-                              sites=job.capture, decode_ms=result.decode_ms,
-                              total_ms=(time.perf_counter() - start) * 1e3)
+                              sites=job.capture, decode_ms=result.decode_ms)
+        del result  # `tensors` now owns the arrays: converting one frees its float32 original at once
+        if job.float16:
+            for i, tensor in enumerate(tensors):
+                if tensor.array.dtype == np.float32:
+                    tensors[i] = NamedTensor(tensor.name, tensor.sequence, tensor.array.astype(np.float16))
+        header.total_ms = (time.perf_counter() - start) * 1e3
         return RunResult(header=header, tensors=tensors)
 
     def _lens_row_bytes(self, lens: Lens | None) -> int:
