@@ -25,12 +25,18 @@ import socket
 from dataclasses import dataclass
 from typing import Sequence
 
+from google.protobuf import descriptor_pb2
+
+from .wire import lmscope_pb2 as pb
+
 DEFAULT_PORT = 50051
 
-# Reads that can be sent again on any server. Run is not listed: a test hook can make it crash a worker on
-# purpose, and batch runs get their own retry (`dispatch.py`) that also covers failures mid-stream, which a
-# channel retry policy cannot (gRPC retries a call only before its first response message).
-_RETRIED_METHODS = ("GetModelInfo", "Tokenize", "Detokenize", "Unembed", "GetWeights")
+_SERVICE = pb.DESCRIPTOR.services_by_name["Inspector"]
+# Reads that can be sent again on any server: the RPCs the proto marks `idempotency_level = NO_SIDE_EFFECTS`.
+# Runs are not among them; batch runs get their own retry (`dispatch.py`), which also covers failures
+# mid-stream, which a channel retry policy cannot (gRPC retries a call only before its first response).
+RETRIED_METHODS = tuple(method.name for method in _SERVICE.methods
+                        if method.GetOptions().idempotency_level == descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS)
 
 
 def service_config() -> str:
@@ -38,7 +44,7 @@ def service_config() -> str:
     return json.dumps({
         "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [{
-            "name": [{"service": "lmscope.v1.Inspector", "method": m} for m in _RETRIED_METHODS],
+            "name": [{"service": _SERVICE.full_name, "method": m} for m in RETRIED_METHODS],
             "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "2s",
                             "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
         }],

@@ -4,10 +4,15 @@ A tensor travels as one or more `TensorChunk` messages, each carrying the tensor
 dtype plus the byte offset of its piece, so that no single gRPC message grows past `CHUNK_BYTES` however
 large the tensor is. `Assembler` puts the pieces back together and refuses anything inconsistent (a chunk
 that overruns the tensor, a shape or dtype that changes midway, missing bytes).
+
+A big tensor costs its size once on each side: `to_chunks` slices a memoryview of the array (each chunk's
+bytes are copied once into its message, which protobuf requires), and `Assembler` writes each chunk into
+one buffer allocated at the first chunk (`new_buffer`); no list of pieces is joined at the end.
 """
 from __future__ import annotations
 
 import math
+import mmap
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -15,6 +20,7 @@ import numpy as np
 from .wire import lmscope_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
+_MAPPED_BYTES = 1 << 20  # buffers from this size up get pages of their own (`new_buffer`)
 MAX_DIMS = 32  # numpy's own limit on older versions; no lmscope tensor has more than 4
 
 _NUMPY_OF = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2"), pb.INT32: np.dtype("<i4")}
@@ -37,6 +43,19 @@ def wire_dtype(array: np.ndarray) -> int:
         return _WIRE_OF[array.dtype.newbyteorder("=")]
     except KeyError:
         raise TensorCodecError(f"arrays of dtype {array.dtype} cannot be sent; use float32, float16 or int32") from None
+
+
+def new_buffer(nbytes: int) -> np.ndarray:
+    """A writable, uninitialised uint8 buffer for an array arriving from elsewhere.
+
+    From 1 MiB up it is an anonymous memory map, which goes back to the operating system the moment the last
+    array on it dies. A malloc'd block of that size would too the first time, but glibc then raises its
+    mmap threshold, and later big blocks come from heaps that keep freed memory: a server that has passed
+    one 24 MiB answer would stay 24 MiB (one per thread's heap) larger for ever.
+    """
+    if nbytes < _MAPPED_BYTES:
+        return np.empty(nbytes, np.uint8)
+    return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)
 
 
 def to_tensor(array: np.ndarray) -> pb.Tensor:
@@ -98,7 +117,7 @@ class Assembler:
     """
 
     def __init__(self, max_bytes: int | None = None) -> None:
-        # (name, sequence) -> [shape, dtype, buffer, bytes received]
+        # (name, sequence) -> [shape, dtype, buffer (uint8 array, written through a memoryview), bytes received]
         self._parts: dict[tuple[str, int], list] = {}
         self._max_bytes = max_bytes
 
@@ -112,7 +131,7 @@ class Assembler:
             if self._max_bytes is not None and size > self._max_bytes:
                 raise TensorCodecError(f"tensor {chunk.name!r} of shape {list(shape)} needs {size} bytes, over the "
                                        f"limit of {self._max_bytes}")
-            part = self._parts[key] = [shape, dtype, bytearray(size), 0]
+            part = self._parts[key] = [shape, dtype, new_buffer(size), 0]
         if part[0] != shape or part[1] != dtype:
             raise TensorCodecError(f"tensor {chunk.name!r} changed shape or dtype between chunks")
         buffer = part[2]
@@ -123,7 +142,7 @@ class Assembler:
         if end > len(buffer):
             raise TensorCodecError(
                 f"chunk of tensor {chunk.name!r} ends at byte {end}, past the tensor's {len(buffer)} bytes")
-        buffer[chunk.offset:end] = chunk.data
+        memoryview(buffer)[chunk.offset:end] = chunk.data
         part[3] = end
 
     def arrays(self) -> dict[tuple[str, int], np.ndarray]:
@@ -133,7 +152,7 @@ class Assembler:
             if received != len(buffer):
                 raise TensorCodecError(
                     f"tensor {name!r} is incomplete: {received} of {len(buffer)} bytes arrived")
-            out[(name, sequence)] = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+            out[(name, sequence)] = buffer.view(dtype).reshape(shape)
         return out
 
 

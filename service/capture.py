@@ -12,23 +12,12 @@ read, and which interventions to apply; the decode loop (`service/batching.py`) 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from . import ggml
+from .contracts import Intervention
 from .errors import RequestError
 from .graph_sites import SiteRules, is_pattern_site
-
-
-@dataclass
-class Intervention:
-    """An edit at resolved sites. `positions` None = every position (and every generated token)."""
-    op: str                               # "add" | "set" | "ablate"
-    sites: list[str]
-    vector: np.ndarray                    # (width,) or (len(positions), width), float32
-    positions: list[int] | None = None    # relative (negative from the end) prompt positions
-    sequences: list[int] | None = None    # prompt indices; None = all
 
 
 def resolve_positions(positions: list[int] | None, n_tokens: int, what: str) -> list[int]:

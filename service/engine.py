@@ -27,6 +27,7 @@ from . import generation
 from .architectures import embedding_scale
 from .batching import Cancelled, Contexts, collect_logits
 from .capture import CapturePass, Intervention, resolve_positions
+from .contracts import EngineConfig
 from .errors import RequestError
 from lmscope.client.sites import all_site_names
 
@@ -36,22 +37,6 @@ from .verification import verify
 from .weights import Weights
 
 __all__ = ["Cancelled", "Engine", "EngineConfig", "ForwardRequest", "ForwardResult", "Intervention"]
-
-
-@dataclass
-class EngineConfig:
-    model_path: str
-    n_ctx: int = 4096
-    n_batch: int = 512
-    n_threads: int = 0          # 0 = all cores
-    n_gpu_layers: int = 0
-    n_seq_max: int = 64
-    flash_attn: bool = True     # for passes that do not capture attention patterns
-    max_prompt_tokens: int = 0  # 0 = n_ctx
-    max_capture_bytes: int = 2 << 30
-    max_generated_tokens: int = 4096
-    max_batch_prompts: int = 1024
-    rpc_servers: tuple[str, ...] = ()  # ggml-rpc workers that take the n_gpu_layers layers (service/rpc.py)
 
 
 @dataclass

@@ -1,9 +1,8 @@
-"""What a worker process does for each RPC, on top of its `Engine`.
+"""What a worker process does for each job (`contracts.py`), on top of its `Engine`.
 
-Requests arrive already validated against the model's shape (`service/requests.py`); what can only be
-checked once prompts are tokenized (lengths, positions, capture size) is checked by the engine before any
-call into llama.cpp. Results are plain dicts of Python values and numpy arrays, ready for the servicer to
-stream.
+Jobs arrive already validated against the model's shape (`service/requests.py`); what can only be checked
+once prompts are tokenized (lengths, positions, capture size) is checked by the engine before any call into
+llama.cpp. Small answers are the wire's own messages, arrays are `NamedTensor`s the front end streams.
 """
 from __future__ import annotations
 
@@ -11,9 +10,14 @@ import ctypes
 import math
 import os
 import time
+from typing import Iterator
 
 import numpy as np
 
+from lmscope.client.wire import lmscope_pb2 as pb
+
+from .contracts import (CrashJob, DetokenizeJob, GenerateJob, Job, Lens, NamedTensor, NearestTokensJob, Prompt, RunJob,
+                        RunResult, Tensors, TokenizeJob, UnembedJob, WeightsJob, WorkerInfo)
 from .engine import Engine, ForwardRequest
 from .errors import RequestError
 
@@ -22,61 +26,78 @@ class Operations:
     def __init__(self, engine: Engine, test_hooks: bool = False):
         self.engine = engine
         self.test_hooks = test_hooks
+        self._handlers = {TokenizeJob: self.tokenize, DetokenizeJob: self.detokenize, RunJob: self.run,
+                          GenerateJob: self.generate, UnembedJob: self.unembed, WeightsJob: self.weights,
+                          NearestTokensJob: self.nearest_tokens, CrashJob: self.crash}
 
-    def _tokens(self, prompt: dict) -> list[int]:
-        if prompt.get("token_ids"):
-            return list(prompt["token_ids"])
-        return self.engine.prompt_tokens(prompt.get("text", ""), chat=prompt.get("chat", False),
-                                         bos=not prompt.get("no_bos", False))
+    def execute(self, job: Job):
+        """The answer to one job: a message or `RunResult`/`Tensors`, or an iterator of messages (Generate)."""
+        return self._handlers[type(job)](job)
 
-    def tokenize(self, text: str, add_special: bool, parse_special: bool, chat: bool) -> dict:
-        if chat:
+    def info(self) -> WorkerInfo:
+        info = self.engine.model_info()
+        shapes = {site: tuple(shape) for site, shape in info.pop("site_shapes").items()}
+        return WorkerInfo(model=pb.ModelInfo(**{k: v for k, v in info.items() if k != "limits"},
+                                             limits=pb.Limits(**info["limits"])),
+                          site_shapes=shapes)
+
+    def _tokens(self, prompt: Prompt) -> list[int]:
+        if prompt.token_ids:
+            return list(prompt.token_ids)
+        return self.engine.prompt_tokens(prompt.text, chat=prompt.chat, bos=prompt.bos)
+
+    def tokenize(self, job: TokenizeJob) -> pb.TokenizeResponse:
+        text, parse_special = job.text, job.parse_special
+        if job.chat:
             text = self.engine.apply_chat_template(text)
             parse_special = True
-        ids = self.engine.tokenize(text, add_special=add_special, parse_special=parse_special)
-        return {"token_ids": ids, "pieces": [self.engine.piece(t) for t in ids], "text": text}
+        ids = self.engine.tokenize(text, add_special=job.add_special, parse_special=parse_special)
+        return pb.TokenizeResponse(token_ids=ids, pieces=[self.engine.piece(t) for t in ids], text=text)
 
-    def detokenize(self, token_ids: list[int]) -> dict:
-        bad = [t for t in token_ids if not 0 <= t < self.engine.n_vocab]
+    def detokenize(self, job: DetokenizeJob) -> pb.DetokenizeResponse:
+        bad = [t for t in job.token_ids if not 0 <= t < self.engine.n_vocab]
         if bad:
             raise RequestError("OUT_OF_RANGE", f"token id {bad[0]} is outside the vocabulary [0, {self.engine.n_vocab})")
-        return {"text": self.engine.detokenize(token_ids), "pieces": [self.engine.piece(t) for t in token_ids]}
+        return pb.DetokenizeResponse(text=self.engine.detokenize(job.token_ids),
+                                     pieces=[self.engine.piece(t) for t in job.token_ids])
 
-    def run(self, prompts: list[dict], capture: list[str], positions: list[int] | None, logits: str,
-            float16: bool, interventions: list, lens: dict | None, crash: str | None = None) -> dict:
+    def run(self, job: RunJob) -> RunResult:
         start = time.perf_counter()
-        if crash:
-            self.crash(crash)
-        token_lists = [self._tokens(p) for p in prompts]
-        result = self.engine.forward(ForwardRequest(prompts=token_lists, capture=capture, positions=positions,
-                                                    logits=logits, interventions=interventions,
-                                                    lens_row_bytes=self._lens_row_bytes(lens)))
-        tensors: list[tuple[str, int, np.ndarray]] = []
-        if lens is not None:
-            tensors += self._lens_of_run(capture, result, lens)
-        if lens is None or lens.get("keep_captures"):
-            for site in capture:
-                tensors += [(site, s, a) for s, a in enumerate(result.captures[site])]
+        token_lists = [self._tokens(p) for p in job.prompts]
+        result = self.engine.forward(ForwardRequest(prompts=token_lists, capture=job.capture, positions=job.positions,
+                                                    logits=job.logits, interventions=job.interventions,
+                                                    lens_row_bytes=self._lens_row_bytes(job.lens)))
+        tensors: list[NamedTensor] = []
+        if job.lens is not None:
+            tensors += self._lens_of_run(job.capture, result, job.lens)
+        if job.lens is None or job.lens.keep_captures:
+            for site in job.capture:
+                tensors += [NamedTensor(site, s, a) for s, a in enumerate(result.captures[site])]
         if result.logits is not None:
-            tensors += [("logits", s, a) for s, a in enumerate(result.logits)]
-        if float16:
-            tensors = [(n, s, a.astype(np.float16) if a.dtype == np.float32 else a) for n, s, a in tensors]
-        return {"sequences": [{"token_ids": t, "positions": p} for t, p in zip(token_lists, result.positions)],
-                "sites": capture, "tensors": tensors, "decode_ms": result.decode_ms,
-                "total_ms": (time.perf_counter() - start) * 1e3}
+            tensors += [NamedTensor("logits", s, a) for s, a in enumerate(result.logits)]
+        header = pb.RunHeader(sequences=[pb.RunHeader.Sequence(token_ids=t, positions=p)
+                                         for t, p in zip(token_lists, result.positions)],
+                              sites=job.capture, decode_ms=result.decode_ms)
+        del result  # `tensors` now owns the arrays: converting one frees its float32 original at once
+        if job.float16:
+            for i, tensor in enumerate(tensors):
+                if tensor.array.dtype == np.float32:
+                    tensors[i] = NamedTensor(tensor.name, tensor.sequence, tensor.array.astype(np.float16))
+        header.total_ms = (time.perf_counter() - start) * 1e3
+        return RunResult(header=header, tensors=tensors)
 
-    def _lens_row_bytes(self, lens: dict | None) -> int:
+    def _lens_row_bytes(self, lens: Lens | None) -> int:
         """Bytes of lens results per unembedded row: top ids and probabilities, targets, entropy, logits."""
         if lens is None:
             return 0
-        per_row = 8 * min(lens["top_k"], self.engine.n_vocab) + 8 * len(lens["target_ids"]) + 4
-        return per_row + (4 * self.engine.n_vocab if lens["return_logits"] else 0)
+        per_row = 8 * min(lens.top_k, self.engine.n_vocab) + 8 * len(lens.target_ids) + 4
+        return per_row + (4 * self.engine.n_vocab if lens.return_logits else 0)
 
     def _check_lens(self) -> None:
         if self.engine.unembed_error:
             raise RequestError("FAILED_PRECONDITION", self.engine.unembed_error)
 
-    def _lens_of_run(self, capture, result, lens: dict) -> list[tuple[str, int, np.ndarray]]:
+    def _lens_of_run(self, capture, result, lens: Lens) -> list[NamedTensor]:
         """Lens reductions per prompt, stacked over the captured sites: (n_sites, n_positions, ...)."""
         self._check_lens()
         out = []
@@ -85,21 +106,22 @@ class Operations:
             flat = stacked.reshape(-1, stacked.shape[-1])
             reduced = self._lens(flat, lens)
             for name, array in reduced.items():
-                out.append((f"lens.{name}", s, array.reshape(stacked.shape[:2] + array.shape[1:])))
+                out.append(NamedTensor(f"lens.{name}", s, array.reshape(stacked.shape[:2] + array.shape[1:])))
         return out
 
-    def _lens(self, vectors: np.ndarray, spec: dict) -> dict[str, np.ndarray]:
-        return self.engine.weights.lens(vectors, top_k=spec["top_k"], temperature=spec["temperature"],
-                                        target_ids=spec["target_ids"], final_norm=not spec["skip_final_norm"],
-                                        keep_logits=spec["return_logits"])
+    def _lens(self, vectors: np.ndarray, lens: Lens) -> dict[str, np.ndarray]:
+        return self.engine.weights.lens(vectors, top_k=lens.top_k, temperature=lens.temperature,
+                                        target_ids=lens.target_ids, final_norm=lens.final_norm,
+                                        keep_logits=lens.return_logits)
 
-    def unembed(self, vectors: np.ndarray, spec: dict, float16: bool = False) -> dict:
+    def unembed(self, job: UnembedJob) -> Tensors:
         self._check_lens()
-        reduced = self._lens(vectors.astype(np.float32), spec)
-        return {"tensors": [(f"lens.{name}", 0, a) for name, a in reduced.items()]}
+        reduced = self._lens(job.vectors.astype(np.float32), job.lens)
+        return Tensors([NamedTensor(f"lens.{name}", 0, a) for name, a in reduced.items()])
 
-    def weights(self, name: str, axis: int, indices: list[int], float16: bool) -> dict:
+    def weights(self, job: WeightsJob) -> Tensors:
         weights = self.engine.weights
+        name, axis, indices = job.name, job.axis, job.indices
         tensor = weights.tensors.get(name)
         if tensor is None:
             raise RequestError("NOT_FOUND", f"the model has no tensor {name!r}; ModelInfo.tensor_types counts them, "
@@ -118,7 +140,7 @@ class Operations:
         else:
             self._check_answer_size(name, math.prod(shape))
             array = weights.read(name)
-        return {"tensors": [("weights", 0, array.astype(np.float16) if float16 else array)]}
+        return Tensors([NamedTensor("weights", 0, array.astype(np.float16) if job.float16 else array)])
 
     def _check_answer_size(self, name: str, n_values: int) -> None:
         limit = self.engine.config.max_capture_bytes
@@ -127,24 +149,30 @@ class Operations:
                                f"{n_values} values of {name} ({4 * n_values / 2**20:.1f} MiB as float32) exceed the "
                                f"server's limit of {limit / 2**20:.0f} MiB per answer: ask for fewer indices")
 
-    def nearest_tokens(self, vectors: np.ndarray, k: int, table: str, exclude_ids: list[int]) -> dict:
-        found = self.engine.weights.nearest(vectors, k, table, exclude_ids)
-        return {"tensors": [(f"nearest.{name}", 0, a) for name, a in found.items()]}
+    def nearest_tokens(self, job: NearestTokensJob) -> Tensors:
+        found = self.engine.weights.nearest(job.vectors, job.k, job.table, job.exclude_ids)
+        return Tensors([NamedTensor(f"nearest.{name}", 0, a) for name, a in found.items()])
 
-    def generate(self, prompt: dict, max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
-                 stop: list[str], interventions: list):
-        tokens = self._tokens(prompt)
-        yield {"start": {"prompt_token_ids": tokens}}
-        yield from self.engine.generate(tokens, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                        seed=seed, stop=stop, interventions=interventions)
+    def generate(self, job: GenerateJob) -> Iterator[pb.GenerateEvent]:
+        tokens = self._tokens(job.prompt)
+        yield pb.GenerateEvent(start=pb.GenerateEvent.Start(prompt_token_ids=tokens))
+        for event in self.engine.generate(tokens, job.max_tokens, temperature=job.temperature, top_k=job.top_k,
+                                          top_p=job.top_p, seed=job.seed, stop=job.stop,
+                                          interventions=job.interventions):
+            if "end" in event:
+                yield pb.GenerateEvent(end=pb.GenerateEvent.End(**event["end"]))
+            else:
+                yield pb.GenerateEvent(token=pb.GenerateEvent.Token(id=event["token"], piece=event["piece"],
+                                                                    text=event["text"]))
 
-    def crash(self, how: str) -> None:
-        """Test hook (off unless the server runs with test hooks): kill this worker the way native code would
-        ("segv", "abort"), or hang it like a native call that never returns and ignores cancellation ("hang")."""
+    def crash(self, job: CrashJob) -> None:
+        """Test hook (honoured only by a server started with --test-hooks): kill this worker the way native
+        code would ("segv", "abort"), or hang it like a native call that never returns and ignores
+        cancellation ("hang")."""
         if not self.test_hooks:
             raise RequestError("PERMISSION_DENIED", "test hooks are disabled on this server")
-        if how == "abort":
+        if job.how == "abort":
             os.abort()
-        if how == "hang":
+        if job.how == "hang":
             time.sleep(24 * 3600)
         ctypes.string_at(0)  # segmentation fault

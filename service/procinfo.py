@@ -1,5 +1,5 @@
 """Facts about a running server's processes, read from Linux's /proc: its worker processes, their resident
-memory and CPU time.
+memory and CPU time, the files they have mapped.
 
 The reliability tests and the load and fault scripts use these to check what a client cannot see: that a
 crashed worker was replaced by a new process, that a cancelled request left its worker idle, and that
@@ -43,6 +43,16 @@ def worker_pids(server_pid: int) -> list[int]:
 def rss_bytes(pid: int) -> int:
     """Resident memory of one process."""
     return int(pathlib.Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE_BYTES
+
+
+def mapped_files(pid: int) -> set[str]:
+    """Paths of the files a process has mapped: its shared libraries among them."""
+    paths = set()
+    for line in pathlib.Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            paths.add(fields[5])
+    return paths
 
 
 def cpu_seconds(pid: int) -> float:

@@ -1,4 +1,4 @@
-"""Request validation: proto messages -> checked worker payloads, before anything reaches native code.
+"""Request validation: proto messages -> checked worker jobs (`contracts.py`), before anything reaches native code.
 
 Everything that can be checked from the request and the model's shape is checked here, in the front-end
 process: strings are valid UTF-8 and bounded, site names exist, vector widths match their sites, numbers
@@ -15,7 +15,8 @@ from lmscope.client import tensors
 from lmscope.client.sites import select_sites
 from lmscope.client.wire import lmscope_pb2 as pb
 
-from .engine import Intervention
+from .contracts import (DetokenizeJob, GenerateJob, Intervention, Lens, NearestTokensJob, Prompt, RunJob,
+                        TokenizeJob, UnembedJob, WeightsJob, WorkerInfo)
 from .errors import RequestError
 
 MAX_TEXT_BYTES = 1 << 20
@@ -43,12 +44,12 @@ def _dtype_name(value: int) -> str:
 
 
 class RequestParser:
-    def __init__(self, info: dict):
-        self.info = info
-        self.sites = info["capture_sites"]
-        self.shapes = {k: tuple(v) for k, v in info["site_shapes"].items()}
-        self.limits = info["limits"]
-        self.n_vocab = info["n_vocab"]
+    def __init__(self, worker: WorkerInfo):
+        self.info = worker.model
+        self.sites = list(worker.model.capture_sites)
+        self.shapes = worker.site_shapes
+        self.limits = worker.model.limits
+        self.n_vocab = worker.model.n_vocab
 
     # ----- pieces ----------------------------------------------------------------------------------
 
@@ -59,24 +60,24 @@ class RequestParser:
 
     def token_ids(self, ids, what: str) -> list[int]:
         ids = list(ids)
-        if len(ids) > self.limits["max_prompt_tokens"]:
+        if len(ids) > self.limits.max_prompt_tokens:
             _fail("OUT_OF_RANGE", f"{what} has {len(ids)} tokens; the server accepts at most "
-                                  f"{self.limits['max_prompt_tokens']}")
+                                  f"{self.limits.max_prompt_tokens}")
         bad = [t for t in ids if not 0 <= t < self.n_vocab]
         if bad:
             _fail("OUT_OF_RANGE", f"{what} has token id {bad[0]} outside the vocabulary [0, {self.n_vocab})")
         return ids
 
-    def prompt(self, prompt: pb.Prompt, what: str = "the prompt") -> dict:
+    def prompt(self, prompt: pb.Prompt, what: str = "the prompt") -> Prompt:
         if prompt.token_ids:
             if prompt.chat:
                 _fail("INVALID_ARGUMENT", f"{what}: chat=true needs text, not token ids")
-            return {"token_ids": self.token_ids(prompt.token_ids, what)}
+            return Prompt(token_ids=self.token_ids(prompt.token_ids, what))
         if not prompt.text:
             _fail("INVALID_ARGUMENT", f"{what} is empty: send text or token ids")
-        if prompt.chat and not self.info["has_chat_template"]:
+        if prompt.chat and not self.info.has_chat_template:
             _fail("FAILED_PRECONDITION", "this model has no chat template; send chat=false")
-        return {"text": self.text(prompt.text, what), "chat": prompt.chat, "no_bos": prompt.no_bos}
+        return Prompt(text=self.text(prompt.text, what), chat=prompt.chat, bos=not prompt.no_bos)
 
     def select(self, patterns, what: str) -> list[str]:
         patterns = list(patterns)
@@ -112,7 +113,7 @@ class RequestParser:
         values = list(values)
         if not values:
             return None
-        limit = self.limits["max_prompt_tokens"]
+        limit = self.limits.max_prompt_tokens
         bad = [p for p in values if not -limit <= p < limit]
         if bad:
             _fail("OUT_OF_RANGE", f"{what} position {bad[0]} is outside any prompt this server accepts "
@@ -155,7 +156,7 @@ class RequestParser:
             out.append(Intervention(op=op, sites=sites, vector=vector, positions=positions, sequences=sequences))
         return out
 
-    def lens(self, spec: pb.LensSpec) -> dict:
+    def lens(self, spec: pb.LensSpec) -> Lens:
         if spec.top_k > MAX_TOP_K:
             _fail("INVALID_ARGUMENT", f"lens top_k {spec.top_k} is over the limit of {MAX_TOP_K}")
         temperature = spec.temperature or 1.0
@@ -166,9 +167,9 @@ class RequestParser:
         if len(spec.target_ids) > MAX_TARGET_IDS:
             _fail("INVALID_ARGUMENT", f"{len(spec.target_ids)} lens target_ids; at most {MAX_TARGET_IDS}")
         targets = self.token_ids(spec.target_ids, "lens target_ids")
-        return {"top_k": spec.top_k, "temperature": temperature, "target_ids": targets,
-                "skip_final_norm": spec.skip_final_norm, "return_logits": spec.return_logits,
-                "keep_captures": spec.keep_captures}
+        return Lens(top_k=spec.top_k, temperature=temperature, target_ids=targets,
+                    final_norm=not spec.skip_final_norm, return_logits=spec.return_logits,
+                    keep_captures=spec.keep_captures)
 
     def dtype(self, value: int) -> bool:
         """True for float16."""
@@ -178,12 +179,12 @@ class RequestParser:
 
     # ----- requests --------------------------------------------------------------------------------
 
-    def run(self, request: pb.RunRequest) -> dict:
+    def run(self, request: pb.RunRequest) -> RunJob:
         if not request.prompts:
             _fail("INVALID_ARGUMENT", "send at least one prompt")
-        if len(request.prompts) > self.limits["max_batch_prompts"]:
+        if len(request.prompts) > self.limits.max_batch_prompts:
             _fail("RESOURCE_EXHAUSTED", f"{len(request.prompts)} prompts in one request; the server accepts at most "
-                                        f"{self.limits['max_batch_prompts']}: split the batch")
+                                        f"{self.limits.max_batch_prompts}: split the batch")
         logits = {pb.LOGITS_ALL: "all", pb.LOGITS_LAST: "last", pb.LOGITS_NONE: "none"}.get(request.logits)
         if logits is None:
             _fail("INVALID_ARGUMENT", f"unknown logits mode {request.logits}")
@@ -191,22 +192,17 @@ class RequestParser:
         lens = None
         if request.lens.enabled:
             lens = self.lens(request.lens)
-            not_residual = [s for s in capture if self.shapes[s] != (self.info["n_embd"],)]
+            not_residual = [s for s in capture if self.shapes[s] != (self.info.n_embd,)]
             if not capture or not_residual:
                 _fail("INVALID_ARGUMENT", "the lens needs captured residual-width sites (e.g. embed, "
                                           f"blocks.*.resid_post); not lensable: {not_residual[:3]}")
-        return {
-            "prompts": [self.prompt(p, f"prompt {i}") for i, p in enumerate(request.prompts)],
-            "capture": capture,
-            "positions": self.positions(request.positions, "capture"),
-            "logits": logits,
-            "float16": self.dtype(request.dtype),
-            "interventions": self.interventions(request.interventions, len(request.prompts)),
-            "lens": lens,
-        }
+        return RunJob(prompts=[self.prompt(p, f"prompt {i}") for i, p in enumerate(request.prompts)],
+                      capture=capture, positions=self.positions(request.positions, "capture"), logits=logits,
+                      float16=self.dtype(request.dtype),
+                      interventions=self.interventions(request.interventions, len(request.prompts)), lens=lens)
 
-    def generate(self, request: pb.GenerateRequest) -> dict:
-        limit = self.limits["max_generated_tokens"]
+    def generate(self, request: pb.GenerateRequest) -> GenerateJob:
+        limit = self.limits.max_generated_tokens
         if request.max_tokens == 0 or request.max_tokens > limit:
             _fail("OUT_OF_RANGE", f"max_tokens must be between 1 and {limit}, got {request.max_tokens}")
         if not math.isfinite(request.temperature) or request.temperature < 0:
@@ -218,27 +214,24 @@ class RequestParser:
         if len(request.stop) > MAX_STOP_STRINGS or any(len(s.encode()) > MAX_STOP_BYTES for s in request.stop):
             _fail("INVALID_ARGUMENT", f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_BYTES} bytes")
         interventions = self.interventions(request.interventions, 1)
-        return {
-            "prompt": self.prompt(request.prompt),
-            "max_tokens": request.max_tokens, "temperature": request.temperature, "top_k": request.top_k,
-            "top_p": request.top_p or 1.0, "seed": request.seed, "stop": list(request.stop),
-            "interventions": interventions,
-        }
+        return GenerateJob(prompt=self.prompt(request.prompt), max_tokens=request.max_tokens,
+                           temperature=request.temperature, top_k=request.top_k, top_p=request.top_p or 1.0,
+                           seed=request.seed, stop=list(request.stop), interventions=interventions)
 
-    def unembed(self, request: pb.UnembedRequest) -> dict:
+    def unembed(self, request: pb.UnembedRequest) -> UnembedJob:
         vectors = self.vector(request.vectors, "vectors")
         if vectors.ndim == 1:
             vectors = vectors[None, :]
-        if vectors.shape[1] != self.info["n_embd"]:
+        if vectors.shape[1] != self.info.n_embd:
             _fail("INVALID_ARGUMENT", f"vectors have width {vectors.shape[1]}; this model's residual width is "
-                                      f"{self.info['n_embd']}")
-        rows_limit = max(1, self.limits["max_capture_bytes"] // (4 * self.n_vocab))
+                                      f"{self.info.n_embd}")
+        rows_limit = max(1, self.limits.max_capture_bytes // (4 * self.n_vocab))
         if request.spec.return_logits and vectors.shape[0] > rows_limit:
             _fail("RESOURCE_EXHAUSTED", f"{vectors.shape[0]} rows of full logits exceed the server's limit "
                                         f"({rows_limit} rows); ask for top_k instead or send fewer vectors")
-        return {"vectors": vectors, "spec": self.lens(request.spec)}
+        return UnembedJob(vectors=vectors, lens=self.lens(request.spec))
 
-    def nearest_tokens(self, request: pb.NearestTokensRequest) -> dict:
+    def nearest_tokens(self, request: pb.NearestTokensRequest) -> NearestTokensJob:
         table = request.table or "embedding"
         if table not in VOCABULARY_TABLES:
             _fail("INVALID_ARGUMENT", f"unknown table {request.table!r}; use 'embedding' or 'lm_head'")
@@ -249,26 +242,26 @@ class RequestParser:
         vectors = self.vector(request.vectors, "vectors")
         if vectors.ndim == 1:
             vectors = vectors[None, :]
-        if vectors.shape[1] != self.info["n_embd"]:
+        if vectors.shape[1] != self.info.n_embd:
             _fail("INVALID_ARGUMENT", f"vectors have width {vectors.shape[1]}; this model's {table} rows have "
-                                      f"width {self.info['n_embd']}")
+                                      f"width {self.info.n_embd}")
         if vectors.shape[0] > MAX_NEAREST_ROWS:
             _fail("RESOURCE_EXHAUSTED", f"{vectors.shape[0]} query vectors in one request; at most "
                                         f"{MAX_NEAREST_ROWS}: split them")
         zero = np.flatnonzero(np.linalg.norm(vectors, axis=1) == 0)
         if len(zero):
             _fail("INVALID_ARGUMENT", f"vector {zero[0]} is all zeros, so its cosine similarity is undefined")
-        return {"vectors": vectors, "k": request.k, "table": table, "exclude_ids": exclude}
+        return NearestTokensJob(vectors=vectors, k=request.k, table=table, exclude_ids=exclude)
 
-    def weights(self, request: pb.WeightsRequest) -> dict:
-        return {"name": self.text(request.name, "name"), "axis": request.axis, "indices": list(request.indices),
-                "float16": self.dtype(request.dtype)}
+    def weights(self, request: pb.WeightsRequest) -> WeightsJob:
+        return WeightsJob(name=self.text(request.name, "name"), axis=request.axis, indices=list(request.indices),
+                          float16=self.dtype(request.dtype))
 
-    def tokenize(self, request: pb.TokenizeRequest) -> dict:
-        if request.chat and not self.info["has_chat_template"]:
+    def tokenize(self, request: pb.TokenizeRequest) -> TokenizeJob:
+        if request.chat and not self.info.has_chat_template:
             _fail("FAILED_PRECONDITION", "this model has no chat template; send chat=false")
-        return {"text": self.text(request.text, "text"), "add_special": request.add_special,
-                "parse_special": request.parse_special, "chat": request.chat}
+        return TokenizeJob(text=self.text(request.text, "text"), add_special=request.add_special,
+                           parse_special=request.parse_special, chat=request.chat)
 
-    def detokenize(self, request: pb.DetokenizeRequest) -> dict:
-        return {"token_ids": self.token_ids(request.token_ids, "token_ids")}
+    def detokenize(self, request: pb.DetokenizeRequest) -> DetokenizeJob:
+        return DetokenizeJob(token_ids=self.token_ids(request.token_ids, "token_ids"))

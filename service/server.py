@@ -1,7 +1,9 @@
 """`lmscope serve`: the gRPC server process.
 
-The front end (this process) holds no model: it validates requests, queues them, and supervises worker
-processes that run llama.cpp (`service/worker.py`). It also serves the standard gRPC health service
+The front end (this process) holds no model and loads no native library of llama.cpp: it validates requests,
+queues them, and supervises worker processes that run llama.cpp (`service/worker.py`); what it knows of the
+model, the workers tell it. The two start-up steps that need llama.cpp (`--requantize`, checking an `--rpc`
+build) run in a short-lived child process. It also serves the standard gRPC health service
 (SERVING once the workers are up; usable as a Kubernetes gRPC probe) and server reflection, so `grpcurl`
 can list and call the API.
 
@@ -16,12 +18,14 @@ import argparse
 import hmac
 import ipaddress
 import math
+import multiprocessing as mp
 import os
 import signal
 import sys
 import threading
 import time
 from concurrent import futures
+from typing import Callable, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,6 +35,7 @@ from lmscope.client.servers import join_host_port
 from lmscope.client.wire import lmscope_pb2 as pb
 
 from . import rpc
+from .contracts import EngineConfig
 from .errors import RequestError
 from .models import ModelPathError, resolve_model_path
 from .wire_guard import add_inspector_service
@@ -39,6 +44,7 @@ from .requantize import RequantizeError, requantized
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inspector"].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 _THREAD_HEADROOM = 8
+T = TypeVar("T")
 
 
 class _TokenAuth(grpc.ServerInterceptor):
@@ -72,7 +78,6 @@ class Server:
     """A running lmscope server: gRPC front end + worker pool."""
 
     def __init__(self, args: argparse.Namespace):
-        from .engine import EngineConfig
         from .servicer import InspectorServicer
         from .worker import WorkerPool
 
@@ -81,8 +86,8 @@ class Server:
         interceptors = [_TokenAuth(_read_token(args.token_file))] if args.token_file else []
         model_path = resolve_model_path(args.model)
         if args.requantize:
-            model_path = requantized(model_path, args.requantize)
-        rpc_servers = rpc.server_endpoints(args.rpc, args.workers, args.n_gpu_layers)
+            model_path = _in_child(requantized, model_path, args.requantize)
+        rpc_servers = _in_child(rpc.server_endpoints, args.rpc, args.workers, args.n_gpu_layers) if args.rpc else ()
         self.started = time.perf_counter()
         message_bytes = args.max_message_mb << 20
         options = [("grpc.max_send_message_length", message_bytes),
@@ -136,6 +141,13 @@ class Server:
         self._set_health(False)
         self.grpc.stop(grace).wait()
         self.pool.close()
+
+
+def _in_child(function: Callable[..., T], *args) -> T:
+    """`function(*args)` run in a spawned process (its exceptions re-raised here), for start-up steps that
+    call into llama.cpp: the front end itself never loads it."""
+    with futures.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
 
 
 def _tls_credentials(cert_path: str | None, key_path: str | None) -> grpc.ServerCredentials | None:
@@ -193,11 +205,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ggml-rpc workers (`lmscope rpc-worker`) to place --n-gpu-layers layers on (needs a "
                              "llama.cpp built with GGML_RPC, see docs/deployment.md)")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds to finish requests on SIGTERM")
-    parser.add_argument("--test-hooks", action="store_true", default=bool(os.environ.get("LMSCOPE_TEST_HOOKS")),
-                        help=argparse.SUPPRESS)
+    # Lets a client crash or hang a worker on purpose, for the crash tests (docs/reliability.md, "Test hooks").
+    # Only this flag turns it on, never the environment, and only with a loopback --host.
+    parser.add_argument("--test-hooks", action="store_true", help=argparse.SUPPRESS)
 
 
 def _argument_error(args: argparse.Namespace) -> str | None:
+    if args.test_hooks and not _is_loopback(args.host):
+        return (f"--test-hooks let any client crash the server's workers: they are for the test suite, on a "
+                f"loopback --host only, not {args.host}")
     if not _is_loopback(args.host) and not (args.tls_cert or args.insecure):
         return (f"--host {args.host} exposes the server beyond this machine; add --tls-cert/--tls-key, "
                 f"or --insecure if the network is trusted")
@@ -229,8 +245,10 @@ def serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    info = server.pool.info
-    print(f"lmscope serving {info['name']} ({info['description']}, {info['n_layer']} layers) from "
+    if args.test_hooks:
+        print("lmscope: test hooks are on: any client can crash or hang a worker (--test-hooks)", flush=True)
+    info = server.pool.info.model
+    print(f"lmscope serving {info.name} ({info.description}, {info.n_layer} layers) from "
           f"{server.model_path} on {server.address} [{server.pool.size} worker(s), ready in "
           f"{time.perf_counter() - server.started:.1f} s]", flush=True)
     # What the start-up verification refused (service/verification.py), so that nobody has to guess.

@@ -17,14 +17,22 @@ the rest up to a limit, and watches the worker while it works:
 Queue accounting: a request is admitted when a worker is idle or fewer than `max_queue` requests are
 already waiting; past that it is refused with RESOURCE_EXHAUSTED at once.
 
-Messages on the pipe are pickled tuples (`send_message` / `receive_message`); numpy arrays travel as pickle
-protocol 5 out-of-band buffers, each written to the pipe from the array's own memory: plain `Connection.send`
-would first copy every array into one pickle bytes object (34 MB more peak memory in the worker for a
-128-token all-layer run with logits, and as much again in the front end). A worker sends ("item", x) any number of times (generation), then ("done", x) or
-("error", code, message).
+What travels: the front end sends one job (`contracts.py`, e.g. `RunJob`); the worker answers with
+("item", message) any number of times (generation), then ("done", answer) or ("error", code, message).
+
+How it travels: pickled (`send_message` / `receive_message`), proto messages as their serialized bytes,
+numpy arrays as pickle protocol 5 out-of-band buffers. Each array is written to the pipe from its own memory
+and read straight into one buffer of its exact size (`tensors.new_buffer`), which the unpickled array then
+uses: an answer of N bytes costs N bytes in the worker and N in the front end, with no copy in between.
+Plain `Connection.send` would first copy every array into one pickle bytes object. The buffers of big arrays
+are anonymous maps, so the front end is back to its resting size once an answer has gone out (figures:
+docs/reliability.md, "Big answers").
+The front end takes a whole answer before streaming it to the client, so a slow or stalled client holds
+memory in the front end, never a worker.
 """
 from __future__ import annotations
 
+import io
 import itertools
 import multiprocessing as mp
 import os
@@ -37,6 +45,13 @@ import time
 import traceback
 from typing import Callable, Iterator
 
+import numpy as np
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.message import Message
+
+from lmscope.client import tensors
+
+from .contracts import Job, WorkerInfo
 from .errors import RequestError
 
 PICKLE_PROTOCOL = 5
@@ -51,19 +66,56 @@ _CANCEL_GRACE_S = 10.0
 _RESTART_PAUSES_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # before each restart attempt; the last one repeats
 
 
+def _proto(full_name: str, data: bytes) -> Message:
+    return message_factory.GetMessageClass(descriptor_pool.Default().FindMessageTypeByName(full_name)).FromString(data)
+
+
+class _Pickler(pickle.Pickler):
+    def reducer_override(self, obj):
+        # Generated proto classes claim the module `lmscope_pb2`, which pickle cannot import by that name.
+        if isinstance(obj, Message):
+            return _proto, (obj.DESCRIPTOR.full_name, obj.SerializeToString())
+        return NotImplemented
+
+
 def send_message(conn, message) -> None:
-    buffers: list[pickle.PickleBuffer] = []
-    head = pickle.dumps(message, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
-    conn.send_bytes(struct.pack("<I", len(buffers)) + head)
+    """One message: a frame with the pickle and the sizes of its out-of-band buffers, then the buffers' raw
+    bytes on the pipe itself (`Connection` writes from a memoryview without copying)."""
+    buffers: list[memoryview] = []
+    pickled = io.BytesIO()
+    _Pickler(pickled, protocol=PICKLE_PROTOCOL, buffer_callback=lambda b: buffers.append(b.raw())).dump(message)
+    head = pickled.getbuffer()
+    sizes = struct.pack(f"<I{len(buffers)}Q", len(buffers), *(b.nbytes for b in buffers))
+    conn.send_bytes(sizes + head)
     for buffer in buffers:
-        conn.send_bytes(buffer.raw())
+        _write_all(conn.fileno(), buffer)
 
 
 def receive_message(conn):
     data = conn.recv_bytes()
     (n_buffers,) = struct.unpack_from("<I", data)
-    buffers = [conn.recv_bytes() for _ in range(n_buffers)]
-    return pickle.loads(memoryview(data)[4:], buffers=buffers)
+    sizes = struct.unpack_from(f"<{n_buffers}Q", data, 4)
+    buffers = [_read_exactly(conn.fileno(), size) for size in sizes]
+    return pickle.loads(memoryview(data)[4 + 8 * n_buffers:], buffers=buffers)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    data = data.cast("B")
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _read_exactly(fd: int, size: int) -> np.ndarray:
+    """`size` bytes from the pipe into one new buffer (the array built on it owns it)."""
+    buffer = tensors.new_buffer(size)
+    view = memoryview(buffer)
+    received = 0
+    while received < size:
+        n = os.readv(fd, [view[received:]])
+        if n == 0:
+            raise EOFError("the pipe closed in the middle of a message")
+        received += n
+    return buffer
 
 
 def _worker_main(conn, config, cancel_flag, test_hooks: bool) -> None:
@@ -75,7 +127,7 @@ def _worker_main(conn, config, cancel_flag, test_hooks: bool) -> None:
         engine = Engine(config)
         ops = Operations(engine, test_hooks=test_hooks)
         engine.set_cancel(cancel_flag.is_set)
-        send_message(conn, ("ready", engine.model_info()))
+        send_message(conn, ("ready", ops.info()))
     except RequestError as exc:
         send_message(conn, ("error", exc.code, exc.message))
         return
@@ -86,12 +138,11 @@ def _worker_main(conn, config, cancel_flag, test_hooks: bool) -> None:
 
     while True:
         try:
-            op, payload = receive_message(conn)
+            job = receive_message(conn)
         except EOFError:
             return
         try:
-            handler = getattr(ops, op)
-            result = handler(**payload)
+            result = ops.execute(job)
             if isinstance(result, Iterator):
                 for item in result:
                     send_message(conn, ("item", item))
@@ -111,7 +162,7 @@ class _Worker:
         self.config = config
         self.test_hooks = test_hooks
         self.index = index
-        self.info: dict | None = None
+        self.info: WorkerInfo | None = None
         self._start()
 
     def _start(self) -> None:
@@ -124,7 +175,7 @@ class _Worker:
         self.process.start()
         child.close()
 
-    def wait_ready(self, timeout: float) -> dict:
+    def wait_ready(self, timeout: float) -> WorkerInfo:
         if not self.conn.poll(timeout):
             raise RequestError("UNAVAILABLE", f"the model worker did not start within {timeout:.0f} s")
         try:
@@ -187,9 +238,6 @@ class WorkerPool:
     def size(self) -> int:
         return len(self._workers)
 
-    def busy(self) -> int:
-        return self.size - self._idle.qsize()
-
     def _check_available(self) -> None:
         if self._closed:
             raise RequestError("UNAVAILABLE", "the server is shutting down")
@@ -251,27 +299,27 @@ class WorkerPool:
             self._idle.put(worker)
         threading.Thread(target=replace, name="lmscope-worker-restart", daemon=True).start()
 
-    def call(self, op: str, payload: dict, is_active: Callable[[], bool] = lambda: True):
-        """Run a non-streaming operation and return its result."""
+    def call(self, job: Job, is_active: Callable[[], bool] = lambda: True):
+        """Run a job with one answer (`Operations.execute`) and return it."""
         result = None
-        for kind, value in self._run(op, payload, is_active):
+        for kind, value in self._run(job, is_active):
             if kind == "done":
                 result = value
         return result
 
-    def stream(self, op: str, payload: dict, is_active: Callable[[], bool] = lambda: True) -> Iterator:
-        """Run a streaming operation, yielding its items."""
-        for kind, value in self._run(op, payload, is_active):
+    def stream(self, job: Job, is_active: Callable[[], bool] = lambda: True) -> Iterator:
+        """Run a job whose answer is a stream (Generate), yielding its items."""
+        for kind, value in self._run(job, is_active):
             if kind == "item":
                 yield value
 
-    def _run(self, op: str, payload: dict, is_active: Callable[[], bool]):
+    def _run(self, job: Job, is_active: Callable[[], bool]):
         worker = self._acquire(is_active)
         healthy = stuck = False
         try:
             worker.cancel.clear()
             try:
-                send_message(worker.conn, (op, payload))
+                send_message(worker.conn, job)
             except (BrokenPipeError, OSError):
                 raise RequestError("UNAVAILABLE", worker.crash_message()) from None
             cancelled_at = None
@@ -330,14 +378,3 @@ class WorkerPool:
         self._closed = True
         for worker in self._workers:
             worker.stop()
-
-    def rss_bytes(self) -> int:
-        """Resident memory of all worker processes (Linux)."""
-        total = 0
-        for worker in self._workers:
-            try:
-                with open(f"/proc/{worker.process.pid}/statm") as f:
-                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            except (OSError, ValueError):
-                pass
-        return total

@@ -26,7 +26,12 @@ if _version_not_supported:
 
 
 class InspectorStub:
-    """Missing associated documentation comment in .proto file."""
+    """RPCs marked `idempotency_level = NO_SIDE_EFFECTS` are reads that a client may send again, to any server
+    holding the same model, when the first attempt fails with UNAVAILABLE (the client's channel retries them:
+    `client/servers.py` derives its list from these options). Run and Generate have no side effects either, but
+    run a forward pass in native code: one that crashed its worker is not resent blindly by the channel
+    (`client/dispatch.py` retries batches of Runs, with a bound and a log line).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -77,7 +82,12 @@ class InspectorStub:
 
 
 class InspectorServicer:
-    """Missing associated documentation comment in .proto file."""
+    """RPCs marked `idempotency_level = NO_SIDE_EFFECTS` are reads that a client may send again, to any server
+    holding the same model, when the first attempt fails with UNAVAILABLE (the client's channel retries them:
+    `client/servers.py` derives its list from these options). Run and Generate have no side effects either, but
+    run a forward pass in native code: one that crashed its worker is not resent blindly by the channel
+    (`client/dispatch.py` retries batches of Runs, with a bound and a log line).
+    """
 
     def GetModelInfo(self, request, context):
         """Model hyper-parameters, weight types, capture sites, server limits and a fingerprint.
@@ -191,7 +201,12 @@ def add_InspectorServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Inspector:
-    """Missing associated documentation comment in .proto file."""
+    """RPCs marked `idempotency_level = NO_SIDE_EFFECTS` are reads that a client may send again, to any server
+    holding the same model, when the first attempt fails with UNAVAILABLE (the client's channel retries them:
+    `client/servers.py` derives its list from these options). Run and Generate have no side effects either, but
+    run a forward pass in native code: one that crashed its worker is not resent blindly by the channel
+    (`client/dispatch.py` retries batches of Runs, with a bound and a log line).
+    """
 
     @staticmethod
     def GetModelInfo(request,

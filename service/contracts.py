@@ -1,0 +1,163 @@
+"""The typed contract between the gRPC front end and a model worker.
+
+The front end (`servicer.py`) turns each validated proto request into one of the `*Job` objects below
+(`requests.py` builds them), hands it to the `WorkerPool`, and the worker's `Operations.execute` runs the
+method registered for the job's type. Answers come back as the wire's own messages where they are small
+(`pb.TokenizeResponse`, `pb.GenerateEvent`, `pb.RunHeader`, `pb.ModelInfo`) and as `NamedTensor`s where they
+are arrays, which the front end cuts into `TensorChunk`s. So reading one RPC is a straight walk:
+`InspectorServicer.Run` -> `RequestParser.run` -> `RunJob` -> `Operations.run` -> `Engine.forward`.
+
+This module imports no native code: the front end loads it, and it must stay free of llama.cpp (the test
+`tests/test_wire_contract.py` checks the running server's memory map).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lmscope.client.wire import lmscope_pb2 as pb
+
+
+@dataclass
+class EngineConfig:
+    """What a worker needs to load its model (chosen once, when the server starts)."""
+    model_path: str
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_threads: int = 0          # 0 = all cores
+    n_gpu_layers: int = 0
+    n_seq_max: int = 64
+    flash_attn: bool = True     # for passes that do not capture attention patterns
+    max_prompt_tokens: int = 0  # 0 = n_ctx
+    max_capture_bytes: int = 2 << 30
+    max_generated_tokens: int = 4096
+    max_batch_prompts: int = 1024
+    rpc_servers: tuple[str, ...] = ()  # ggml-rpc workers that take the n_gpu_layers layers (service/rpc.py)
+
+
+@dataclass
+class Intervention:
+    """An edit at resolved sites. `positions` None = every position (and every generated token)."""
+    op: str                               # "add" | "set" | "ablate"
+    sites: list[str]
+    vector: np.ndarray                    # (width,) or (len(positions), width), float32
+    positions: list[int] | None = None    # relative (negative from the end) prompt positions
+    sequences: list[int] | None = None    # prompt indices; None = all
+
+
+@dataclass
+class Prompt:
+    """Text (tokenized by the worker) or token ids (used as they are)."""
+    text: str = ""
+    token_ids: list[int] | None = None
+    chat: bool = False
+    bos: bool = True
+
+
+@dataclass
+class Lens:
+    """The reduction of unembedded rows that a Run's lens or an Unembed asks for (see proto `LensSpec`)."""
+    top_k: int
+    temperature: float
+    target_ids: list[int]
+    final_norm: bool
+    return_logits: bool
+    keep_captures: bool = False
+
+
+# ----- jobs: one per RPC that needs a worker ------------------------------------------------------------
+
+@dataclass
+class TokenizeJob:
+    text: str
+    add_special: bool
+    parse_special: bool
+    chat: bool
+
+
+@dataclass
+class DetokenizeJob:
+    token_ids: list[int]
+
+
+@dataclass
+class RunJob:
+    prompts: list[Prompt]
+    capture: list[str]                 # concrete site names
+    positions: list[int] | None        # None = every position
+    logits: str                        # "all" | "last" | "none"
+    float16: bool
+    interventions: list[Intervention] = field(default_factory=list)
+    lens: Lens | None = None
+
+
+@dataclass
+class GenerateJob:
+    prompt: Prompt
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    stop: list[str]
+    interventions: list[Intervention] = field(default_factory=list)
+
+
+@dataclass
+class UnembedJob:
+    vectors: np.ndarray  # (n, n_embd) float32
+    lens: Lens
+
+
+@dataclass
+class WeightsJob:
+    name: str
+    axis: int
+    indices: list[int]
+    float16: bool
+
+
+@dataclass
+class NearestTokensJob:
+    vectors: np.ndarray  # (n, n_embd) float32, no zero rows
+    k: int
+    table: str           # "embedding" | "lm_head"
+    exclude_ids: list[int]
+
+
+@dataclass
+class CrashJob:
+    """Test hook (see docs/reliability.md): make the worker die ("segv", "abort") or hang ("hang")."""
+    how: str
+
+
+Job = TokenizeJob | DetokenizeJob | RunJob | GenerateJob | UnembedJob | WeightsJob | NearestTokensJob | CrashJob
+
+
+# ----- answers -------------------------------------------------------------------------------------------
+
+@dataclass
+class NamedTensor:
+    name: str
+    sequence: int
+    array: np.ndarray
+
+
+@dataclass
+class RunResult:
+    header: pb.RunHeader
+    tensors: list[NamedTensor]
+
+
+@dataclass
+class Tensors:
+    tensors: list[NamedTensor]
+
+
+@dataclass
+class WorkerInfo:
+    """What a worker reports once its model is loaded: the model as the wire describes it, plus the shape
+    of every capture site (which the front end's request checks need and the wire does not carry)."""
+    model: pb.ModelInfo
+    site_shapes: dict[str, tuple[int, ...]]

@@ -1,0 +1,119 @@
+"""The path between front end and worker: what the front end loads, how answers cross the pipe, which RPCs
+the client retries, and how the test hooks are guarded.
+
+The front-end checks read the running server's memory map (`/proc/PID/maps`), so they see what the
+process really loaded, not what one import path pulls in.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import pathlib
+import threading
+
+import numpy as np
+
+from lmscope.client import Client
+from lmscope.client.servers import RETRIED_METHODS, service_config
+from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.service import procinfo
+from lmscope.service.contracts import NamedTensor, Tensors
+from lmscope.service.launch import launch_server
+from lmscope.service.server import _argument_error, add_arguments
+from lmscope.service.worker import receive_message, send_message
+
+from reliability_support import CRASH_METADATA, PROMPT, only_worker, stub
+
+NATIVE_LLAMA = ("libllama", "libggml", "llama_cpp")
+
+
+def _llama_libraries(pid: int) -> list[str]:
+    return sorted(p for p in procinfo.mapped_files(pid) if any(name in p for name in NATIVE_LLAMA))
+
+
+def test_the_front_end_loads_no_native_library_and_maps_no_weights(tiny_server, tiny_model):
+    front_end = tiny_server.process.pid
+    workers = procinfo.worker_pids(front_end)
+    assert workers
+    for worker in workers:  # the check sees llama.cpp and the model where they are
+        assert any("libllama" in p for p in _llama_libraries(worker)), _llama_libraries(worker)
+        assert str(pathlib.Path(tiny_model).resolve()) in procinfo.mapped_files(worker)
+    assert _llama_libraries(front_end) == []
+    assert str(pathlib.Path(tiny_model).resolve()) not in procinfo.mapped_files(front_end)
+
+
+def test_arrays_cross_the_pipe_intact_into_buffers_of_their_own():
+    rng = np.random.default_rng(0)
+    answer = Tensors([NamedTensor("f32", 0, rng.standard_normal((128, 1000), dtype=np.float32)),
+                      NamedTensor("f16", 1, rng.standard_normal((3, 5)).astype(np.float16)),
+                      NamedTensor("i32", 0, np.arange(12, dtype=np.int32).reshape(3, 4)[:, ::2]),  # not contiguous
+                      NamedTensor("empty", 0, np.zeros((0, 7), np.float32))])
+    sender, receiver = mp.Pipe()
+    writer = threading.Thread(target=send_message, args=(sender, ("done", answer)))  # more than a pipe holds
+    writer.start()
+    try:
+        kind, received = receive_message(receiver)
+    finally:
+        writer.join(10)
+        sender.close()
+        receiver.close()
+    assert kind == "done"
+    for sent, got in zip(answer.tensors, received.tensors):
+        assert (got.name, got.sequence, got.array.dtype, got.array.shape) == \
+               (sent.name, sent.sequence, sent.array.dtype, sent.array.shape)
+        np.testing.assert_array_equal(got.array, sent.array)
+    big = received.tensors[0].array
+    owner = big
+    while getattr(owner, "base", None) is not None or isinstance(owner, memoryview):
+        owner = owner.obj if isinstance(owner, memoryview) else owner.base
+    assert memoryview(owner).nbytes == big.nbytes  # one buffer of the array's own size, not a bigger message
+
+
+def test_the_client_retries_exactly_the_reads_the_proto_marks_side_effect_free():
+    service = pb.DESCRIPTOR.services_by_name["Inspector"]
+    marked = [m.name for m in service.methods if m.GetOptions().idempotency_level]
+    assert set(RETRIED_METHODS) == set(marked)
+    assert "NearestTokens" in RETRIED_METHODS  # once missing from a hand-kept list
+    assert "Run" not in RETRIED_METHODS and "Generate" not in RETRIED_METHODS
+    assert all(f'"method": "{m}"' in service_config() for m in RETRIED_METHODS)
+
+
+def _parse(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_test_hooks_are_on_only_by_flag_and_only_on_loopback(monkeypatch):
+    monkeypatch.setenv("LMSCOPE_TEST_HOOKS", "1")
+    assert _parse([]).test_hooks is False
+    assert _argument_error(_parse(["--test-hooks"])) is None
+    problem = _argument_error(_parse(["--test-hooks", "--host", "0.0.0.0", "--insecure"]))
+    assert problem is not None and "--test-hooks" in problem
+
+
+def test_without_test_hooks_the_crash_metadata_is_ignored(tiny_model):
+    with launch_server(tiny_model, args=("--threads", "1", "--n-ctx", "256")) as server:
+        worker = only_worker(server)
+        chunks = list(stub(server.address).Run(pb.RunRequest(prompts=[pb.Prompt(text=PROMPT)]),
+                                               metadata=((CRASH_METADATA, "segv"),), timeout=60))
+        assert chunks[0].HasField("header") and len(chunks) > 1
+        assert only_worker(server) == worker
+        with Client(server.address) as client:
+            assert client.tokenize(PROMPT).token_ids
+
+
+def test_every_rpc_is_served_by_the_typed_path(client):
+    """One call of each RPC through the whole path (servicer -> job -> worker -> answer)."""
+    info = client.model_info()
+    ids = client.tokenize(PROMPT).token_ids
+    assert client.detokenize(ids).endswith(PROMPT.split()[-1])
+    run = client.run(ids, layers=[0], logits="all")
+    assert run.logits.shape == (len(ids), info.n_vocab)
+    generation = client.generate(ids, max_tokens=2)
+    assert generation.prompt_token_ids == ids and generation.finish_reason in ("length", "eos")
+    assert client.unembed(run.resid_post(0)[-1:]).shape == (1, info.n_vocab)
+    assert client.weights("token_embd.weight", [1, 2]).shape == (2, info.n_embd)
+    nearest_ids, scores = client.nearest_token_ids(run.resid_post(0)[-1:], k=3)
+    assert nearest_ids.shape == scores.shape == (1, 3)
