@@ -281,7 +281,7 @@ class Engine:
         self.n_batch = min(config.n_batch, config.n_ctx)
         self.n_threads = config.n_threads or os.cpu_count() or 1
         self.n_seq_max = min(config.n_seq_max, self.n_batch)  # llama.cpp needs n_seq_max <= n_batch
-        self.weights = Weights(config.model_path)
+        self.weights = Weights(config.model_path, n_threads=self.n_threads)
         self._contexts: dict[bool, tuple[int, object]] = {}
         self._pass: _Pass | None = None
         self._cancel: Callable[[], bool] = lambda: False
