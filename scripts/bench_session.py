@@ -71,9 +71,8 @@ def measure_lmscope(model: str, threads: int, workers: int, repeat: int, prompt:
     with launch_server(model, args=args) as server, Client(server.address) as client:
         info = client.model_info()
         out = {"n_tokens": len(prompt), "n_vocab": info.n_vocab, "n_layer": info.n_layer, "n_embd": info.n_embd}
-        if "memory" in info.DESCRIPTOR.fields_by_name and info.HasField("memory"):
-            from google.protobuf.json_format import MessageToDict
-            out["estimate"] = MessageToDict(info.memory, preserving_proto_field_name=True)
+        if getattr(info, "memory", None):  # servers before issue #13 have no estimate
+            out["estimate"] = info.memory
         results = [None] * workers
 
         def one(i: int) -> None:
@@ -108,12 +107,13 @@ def peer(model: str, threads: int, repeat: int, prompt: list[int]) -> dict:
         lm(ids, output_hidden_states=True)  # warm-up
         out["run_all_logits_ms"] = median_ms(lambda: lm(ids, output_hidden_states=True), repeat)
 
-        def lens():
-            states = torch.stack(lm(ids, output_hidden_states=True).hidden_states)[:, 0]
-            logits = norm(states) @ head.T
-            logp = torch.log_softmax(logits, dim=-1)
-            entropy = -(logp.exp() * logp).sum(-1)
-            return logp.topk(5, dim=-1), entropy
+        def lens():  # one layer at a time: (n_tokens, n_vocab) blocks, as a user would on a big vocabulary
+            states = lm(ids, output_hidden_states=True).hidden_states
+            results = []
+            for state in states:
+                logp = torch.log_softmax(norm(state[0]) @ head.T, dim=-1)
+                results.append((logp.topk(5, dim=-1), -(logp.exp() * logp).sum(-1)))
+            return results
         out["lens_ms"] = median_ms(lens, repeat)
         query = table[prompt[1]]  # any row: the cost is the table-wide product
 
