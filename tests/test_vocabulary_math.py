@@ -16,7 +16,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from lmscope.client import Client
+from lmscope.client import Client, LmscopeError
 from lmscope.client.wire import lmscope_pb2 as pb
 from lmscope.service import weights as weights_module
 from lmscope.service.launch import launch_server
@@ -183,6 +183,13 @@ def test_lens_kl_to_final_is_the_kl_from_the_last_layers_distribution(client, re
     more, run = lens_of_run(client, capture + ["ln_final"])
     assert more["kl_to_final"].shape == (n_layer + 2, len(run.token_ids))
     np.testing.assert_allclose(more["kl_to_final"][:-1], lensed["kl_to_final"], atol=4 * dz + 1e-5)
+    # Unembed with the final layer's rows last as reference rows: the same KL (the tuned-lens path)
+    flat = states.reshape(-1, states.shape[-1])
+    unembedded = client.lens_vectors(flat, top_k=1, kl_reference_rows=states.shape[1])
+    np.testing.assert_allclose(unembedded["kl_to_final"].reshape(kl.shape), kl, atol=4 * dz + 1e-5)
+    with pytest.raises(LmscopeError, match="kl_reference_rows") as failure:
+        client.lens_vectors(flat[:2], kl_reference_rows=3)
+    assert failure.value.code.name == "INVALID_ARGUMENT"
     without, _ = lens_of_run(client, capture[:-1])
     assert "kl_to_final" not in without and without["top_ids"].shape[0] == n_layer
 

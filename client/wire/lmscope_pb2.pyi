@@ -243,7 +243,7 @@ class RunRequest(_message.Message):
     def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., capture: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ..., logits: _Optional[_Union[LogitsMode, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., lens: _Optional[_Union[LensSpec, _Mapping]] = ...) -> None: ...
 
 class LensSpec(_message.Message):
-    __slots__ = ("enabled", "top_k", "temperature", "target_ids", "skip_final_norm", "return_logits", "keep_captures")
+    __slots__ = ("enabled", "top_k", "temperature", "target_ids", "skip_final_norm", "return_logits", "keep_captures", "kl_reference_rows")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +251,7 @@ class LensSpec(_message.Message):
     SKIP_FINAL_NORM_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
     KEEP_CAPTURES_FIELD_NUMBER: _ClassVar[int]
+    KL_REFERENCE_ROWS_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     top_k: int
     temperature: float
@@ -258,7 +259,8 @@ class LensSpec(_message.Message):
     skip_final_norm: bool
     return_logits: bool
     keep_captures: bool
-    def __init__(self, enabled: _Optional[bool] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., target_ids: _Optional[_Iterable[int]] = ..., skip_final_norm: _Optional[bool] = ..., return_logits: _Optional[bool] = ..., keep_captures: _Optional[bool] = ...) -> None: ...
+    kl_reference_rows: int
+    def __init__(self, enabled: _Optional[bool] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., target_ids: _Optional[_Iterable[int]] = ..., skip_final_norm: _Optional[bool] = ..., return_logits: _Optional[bool] = ..., keep_captures: _Optional[bool] = ..., kl_reference_rows: _Optional[int] = ...) -> None: ...
 
 class RunHeader(_message.Message):
     __slots__ = ("sequences", "sites", "decode_ms", "total_ms")
