@@ -100,9 +100,9 @@ def peer(model: str, threads: int, repeat: int, prompt: list[int]) -> dict:
     torch.set_num_threads(threads)
     path = Path(model)
     lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    out = {"loaded_rss_mb": status_mb(os.getpid(), "VmRSS"), "load_peak_mb": status_mb(os.getpid(), "VmHWM")}
     ids = torch.tensor([prompt])
     norm, head, table = lm.model.norm, lm.get_output_embeddings().weight, lm.get_input_embeddings().weight
-    out = {}
     with torch.inference_mode():
         lm(ids, output_hidden_states=True)  # warm-up
         out["run_all_logits_ms"] = median_ms(lambda: lm(ids, output_hidden_states=True), repeat)
@@ -144,9 +144,14 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", default="1,2", help="worker counts to measure, e.g. '1,2'")
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--report", nargs="+", metavar="LABEL=JSON", help="print a markdown table from saved runs")
     parser.add_argument("--peer-of", help=argparse.SUPPRESS)
     parser.add_argument("--prompt", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.report:
+        print(markdown({item.split("=", 1)[0]: json.loads(Path(item.split("=", 1)[1]).read_text())
+                        for item in args.report}))
+        return 0
     if args.peer_of:
         print(json.dumps(peer(args.peer_of, args.threads, args.repeat, json.loads(args.prompt))))
         return 0
@@ -167,6 +172,37 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(text)
     return 0
+
+
+def markdown(runs: dict[str, dict]) -> str:
+    """A table per model from saved --json results: {label ("before", "after"): result}."""
+    first = next(iter(runs.values()))
+    peer = next((r["peer"] for r in runs.values() if "peer" in r), None)
+    rows = ["| | " + " | ".join(runs) + (" | transformers fp32 |" if peer else " |"),
+            "| --- |" + " --- |" * (len(runs) + bool(peer))]
+
+    def row(label, key, fmt, peer_key=None, workers=1):
+        cells = [fmt(r.get(f"lmscope_{workers}", {}).get(key)) for r in runs.values()]
+        if peer:
+            cells.append(fmt(peer.get(peer_key)) if peer_key else "")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    mb = lambda v: "" if v is None else f"{v:,.0f} MB"  # noqa: E731
+    ms = lambda v: "" if v is None else f"{v:,.0f} ms"  # noqa: E731
+    row("server peak (front end + workers), 1 worker", "peak_mb", mb, "peak_mb")
+    row("  front end alone", "front_end_peak_mb", mb)
+    row("server peak, 2 workers, 2 clients at once", "peak_mb", mb, workers=2)
+    row("`run()` 128 tokens, every hidden state + all logits", "run_all_logits_ms", ms, "run_all_logits_ms")
+    row("logit lens (every layer x position, top-5 + entropy)", "lens_ms", ms, "lens_ms")
+    row("nearest tokens (embedding / LM head)", "nearest_embedding_ms", ms, "nearest_embedding_ms")
+    row("unembed 128 vectors", "unembed_ms", ms, "unembed_ms")
+    for label, r in runs.items():
+        one = r.get("lmscope_1", {})
+        if peer and one:
+            rows.append(f"| ratio {label} (memory; speed = transformers time / lmscope time) | "
+                        f"memory {one['peak_mb'] / peer['peak_mb']:.2f}x; run {peer['run_all_logits_ms'] / one['run_all_logits_ms']:.2f}x; "
+                        f"lens {peer['lens_ms'] / one['lens_ms']:.2f}x | |" + (" |" * (len(runs) - 1)))
+    loads = "; ".join(f"{label}: load {r['load_before']} -> {r['load_after']}" for label, r in runs.items())
+    return f"{Path(first['model']).name}, {first['threads']} threads ({loads})\n\n" + "\n".join(rows)
 
 
 def _prompt_ids(model: str, n_tokens: int) -> list[int]:
