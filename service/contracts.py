@@ -108,6 +108,7 @@ class GenerateJob:
 class UnembedJob:
     vectors: np.ndarray  # (n, n_embd) float32
     lens: Lens
+    reference_rows: int = 0  # the last rows are the final layer's, the reference of lens.kl_to_final
 
 
 @dataclass

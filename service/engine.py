@@ -32,11 +32,24 @@ from .errors import RequestError
 from lmscope.client.sites import all_site_names
 
 from .graph_sites import SiteRules, is_pattern_site
+from .memory import expected_memory
 from .model import Model
 from .verification import verify
 from .weights import Weights
 
 __all__ = ["Cancelled", "Engine", "EngineConfig", "ForwardRequest", "ForwardResult", "Intervention"]
+
+
+# llama.cpp reserves each context's compute buffer for the worst ubatch, every token an output: n_ubatch x
+# n_vocab float32 logits (Gemma 3's 262,144-token vocabulary at 512 tokens: 512 MiB of a 514 MiB buffer).
+# Tokens per ubatch are capped so that this part stays within LOGITS_RESERVE_BYTES; a longer prompt is
+# decoded in several ubatches, as it already is past n_batch.
+LOGITS_RESERVE_BYTES = 128 << 20
+MIN_UBATCH = 32
+
+
+def logits_rows_per_ubatch(n_vocab: int) -> int:
+    return max(MIN_UBATCH, LOGITS_RESERVE_BYTES // (4 * n_vocab))
 
 
 @dataclass
@@ -67,11 +80,11 @@ class Engine:
         self.n_head_kv = self.model.n_head_kv
         self.n_vocab = self.model.n_vocab
         self.n_ctx = config.n_ctx
-        n_batch = min(config.n_batch, config.n_ctx)
+        n_batch = min(config.n_batch, config.n_ctx, logits_rows_per_ubatch(self.n_vocab))
         self.contexts = Contexts(self.model.handle, n_ctx=config.n_ctx, n_batch=n_batch,
                                  n_seq_max=min(config.n_seq_max, n_batch),  # llama.cpp needs n_seq_max <= n_batch
                                  n_threads=config.n_threads or os.cpu_count() or 1)
-        self.weights = Weights(config.model_path)
+        self.weights = Weights(config.model_path, n_threads=self.contexts.n_threads)
         self.family = self.weights.family
         self.site_rules = SiteRules(self.family, all_site_names(self.n_layer), self.weights.tensors)
         verified = verify(self.model, self.contexts, self.weights, self.site_rules)
@@ -136,6 +149,9 @@ class Engine:
             site_rules=self.family.name,
             verification=dict(self.verification),
             unembed_error=self.unembed_error or "",
+            memory=expected_memory(self.weights, n_layer=self.n_layer, n_head=self.n_head, n_head_kv=self.n_head_kv,
+                                   n_embd=self.n_embd, n_vocab=self.n_vocab, n_ctx=self.n_ctx,
+                                   n_ubatch=self.contexts.n_batch, n_seq_max=self.contexts.n_seq_max),
         )
 
 
