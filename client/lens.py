@@ -217,7 +217,7 @@ class LensMixin:
 
     def logit_lens(self, prompt, *, top_k: int = 5, temperature: float = 1.0, targets: Sequence = (),
                    positions: Sequence[int] | None = None, affine: Affine | None = None,
-                   chat: bool = False) -> LogitLens:
+                   chat: bool = False, lens=None) -> LogitLens:
         """The logit lens of every hidden state (embedding + each block's output) at every position.
 
         prompt: text or token ids. top_k: tokens kept per cell. temperature: softmax temperature.
@@ -225,10 +225,20 @@ class LensMixin:
         positions: prompt positions to lens (default all; negative from the end).
         affine: optional per-hidden-state affine maps {i: (A_i, b_i)} (or a list indexed by i, None =
         identity) applied before the final norm: the tuned-lens hook (see the module docstring).
+        lens: a `TunedLens` (`fit_tuned_lens` / `TunedLens.load`) fitted on this model: its translators
+        become `affine`.
         """
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, not {temperature}")
         info = self.model_info()
+        if lens is not None:
+            if affine is not None:
+                raise ValueError("give a tuned lens or affine maps, not both")
+            fitted_on = lens.model.get("fingerprint")
+            if fitted_on and fitted_on != info.fingerprint:
+                raise ValueError(f"this tuned lens was fitted on model {fitted_on[:12]} ({lens.model.get('name')}); "
+                                 f"the server holds {info.fingerprint[:12]} ({info.name})")
+            affine = lens.affine()
         resolved = [first_token(self, t) for t in targets]
         target_ids = [r[0] for r in resolved]
         capture = ["embed"] + [f"blocks.{L}.resid_post" for L in range(info.n_layer)]
