@@ -35,7 +35,10 @@ rows in flight are lost and nothing committed is touched.
 Resuming, and why batches are aligned. With flash attention a row's float rounding depends on which
 prompts share its batch (docs/gotchas.md), so a resumed collect sends exactly the batches an uninterrupted
 one would have sent: batch k is always prompts [k * batch_size, (k + 1) * batch_size). The batch size is
-recorded, a resume reuses it, and the resumed store is byte-identical to an uninterrupted one.
+recorded, a resume reuses it, and the resumed store is byte-identical to an uninterrupted one. A store
+grown with more prompts (the old list a prefix of the new) keeps its committed rows untouched; when the old
+list ended inside a batch, that batch's first rows were computed in a smaller batch than a one-go collect
+would have used, and may differ from it by that rounding.
 """
 from __future__ import annotations
 
@@ -142,6 +145,25 @@ def _exclusive(path: pathlib.Path):
 
 def _prompt_json(prompt) -> str:
     return json.dumps(prompt if isinstance(prompt, str) else [int(t) for t in prompt], ensure_ascii=False)
+
+
+def read_prompts(path) -> list:
+    """Prompts from a file: .jsonl (per line a string, a list of token ids, or an object with a "prompt" or
+    "text" field), else plain text with one prompt per line (blank lines skipped)."""
+    path = pathlib.Path(path)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        value = json.loads(line)
+        if isinstance(value, dict):
+            value = value.get("prompt", value.get("text"))
+        if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(t, int) for t in value))):
+            raise ValueError(f"{path}:{number}: expected a string, a list of token ids or an object with a "
+                             f"'prompt' or 'text' field")
+        prompts.append(value)
+    return prompts
 
 
 class ActivationStore:

@@ -42,7 +42,7 @@ import numpy as np
 
 from .store import ActivationStore
 
-RIDGE_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)
+RIDGE_ALPHAS = (1e-2, 1e-1, 1.0)
 ROWS_PER_PRODUCT = 1024  # rows of one (rows, V) logits block: 200 MB at V = 49152
 
 
@@ -59,23 +59,51 @@ class Head:
         """(n_hat, rms): the normalized rows before the weight, and each row's scale."""
         if self.norm_bias is not None:
             x = x - x.mean(axis=-1, keepdims=True)
-        rms = np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(self.eps))
+        rms = np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + x.dtype.type(self.eps))
         return x / rms, rms
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        n_hat, _ = self.normalize(np.asarray(x, np.float32))
+        n_hat, _ = self.normalize(np.asarray(x))
         n = n_hat * self.norm_weight + (self.norm_bias if self.norm_bias is not None else 0)
-        return n.astype(np.float32) @ self.lm_head.T
+        return n @ self.lm_head.T
 
 
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+@dataclass
+class Targets:
+    """The final distributions of some tokens: p (n, V) and sum(p log p) per row (minus their entropy)."""
+
+    p: np.ndarray
+    p_log_p: np.ndarray
+
+    def __getitem__(self, rows) -> "Targets":
+        return Targets(self.p[rows], self.p_log_p[rows])
 
 
-def kl_rows(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
-    """KL(p || q) per row, in nats."""
-    return (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+def _shift(z: np.ndarray) -> np.ndarray:
+    """z -= rowwise max, in place; returns log(sum(exp(z))) per row (the passes over (n, V) dominate)."""
+    z -= z.max(axis=-1, keepdims=True)
+    return np.log(np.exp(z).sum(axis=-1))
+
+
+def final_targets(head: Head, final: np.ndarray) -> Targets:
+    parts_p, parts_plogp = [], []
+    for s in range(0, len(final), ROWS_PER_PRODUCT):
+        z = head.logits(final[s:s + ROWS_PER_PRODUCT])
+        z -= z.max(axis=-1, keepdims=True)
+        p = np.exp(z)
+        total = p.sum(axis=-1)
+        p /= total[:, None]
+        parts_p.append(p)
+        parts_plogp.append(np.einsum("ij,ij->i", p, z) - np.log(total))
+    if not parts_p:
+        return Targets(np.zeros((0, head.lm_head.shape[0]), np.float32), np.zeros(0, np.float32))
+    return Targets(np.concatenate(parts_p), np.concatenate(parts_plogp))
+
+
+def kl_rows(targets: Targets, z: np.ndarray) -> np.ndarray:
+    """KL(p || softmax(z)) per row, in nats (z is shifted in place)."""
+    lse = _shift(z)
+    return targets.p_log_p - (np.einsum("ij,ij->i", targets.p, z) - lse)
 
 
 @dataclass
@@ -166,32 +194,26 @@ def _rows_to_keep(store: ActivationStore) -> np.ndarray | None:
 
 # ----- evaluation ---------------------------------------------------------------------------------------
 
-def final_log_probs(head: Head, final: np.ndarray) -> np.ndarray:
-    return np.concatenate([log_softmax(head.logits(final[s:s + ROWS_PER_PRODUCT]))
-                           for s in range(0, len(final), ROWS_PER_PRODUCT)]) if len(final) else \
-        np.zeros((0, head.lm_head.shape[0]), np.float32)
-
-
-def mean_kl(head: Head, states: np.ndarray, log_p: np.ndarray, matrix=None, bias=None) -> float:
+def mean_kl(head: Head, states: np.ndarray, targets: Targets, matrix=None, bias=None) -> float:
     """Mean over rows of KL(p || lens(translated states))."""
     total = 0.0
     for s in range(0, len(states), ROWS_PER_PRODUCT):
         h = states[s:s + ROWS_PER_PRODUCT]
         if matrix is not None:
             h = h + h @ matrix.T + bias
-        total += float(kl_rows(log_p[s:s + ROWS_PER_PRODUCT], log_softmax(head.logits(h))).sum())
+        total += float(kl_rows(targets[s:s + ROWS_PER_PRODUCT], head.logits(h)).sum())
     return total / max(len(states), 1)
 
 
 def evaluate(head: Head, states: dict[int, np.ndarray], final: np.ndarray,
              lens: TunedLens | None = None) -> dict[int, tuple[float, float]]:
     """{hidden-state index: (mean KL of the logit lens, mean KL of the tuned lens)} to the final distribution."""
-    log_p = final_log_probs(head, final)
+    targets = final_targets(head, final)
     out = {}
     for i, h in sorted(states.items()):
-        logit = mean_kl(head, h, log_p)
+        logit = mean_kl(head, h, targets)
         tuned = logit if lens is None or i not in lens.matrices else \
-            mean_kl(head, h, log_p, lens.matrices[i], lens.biases[i])
+            mean_kl(head, h, targets, lens.matrices[i], lens.biases[i])
         out[i] = (logit, tuned)
     return out
 
@@ -215,6 +237,25 @@ def _ridge_candidates(h: np.ndarray, target: np.ndarray) -> list[tuple[np.ndarra
         b = (mean_t - mean_h - mean_h @ a_t).astype(np.float32)
         out.append((a, b))
     return out
+
+
+def kl_gradients(head: Head, hs: list[np.ndarray], params: list[list[np.ndarray]], p: np.ndarray):
+    """[(dA, db)] of mean KL(p || lens(h + h A^T + b)) for each (h, [A, b]) pair, all in one product."""
+    n = len(p)
+    u = np.concatenate([h + h @ a.T + b for h, (a, b) in zip(hs, params)])
+    n_hat, rms = head.normalize(u)
+    normed = n_hat * head.norm_weight + (head.norm_bias if head.norm_bias is not None else 0)
+    z = normed @ head.lm_head.T
+    z -= z.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)  # q
+    z -= np.tile(p, (len(hs), 1))
+    z /= n  # dL/dz = (q - p) / n
+    dn_hat = (z @ head.lm_head) * head.norm_weight
+    du = (dn_hat - n_hat * np.mean(dn_hat * n_hat, axis=-1, keepdims=True)) / rms
+    if head.norm_bias is not None:
+        du -= du.mean(axis=-1, keepdims=True)
+    return [(du[k * n:(k + 1) * n].T @ h, du[k * n:(k + 1) * n].sum(axis=0)) for k, h in enumerate(hs)]
 
 
 class _Adam:
@@ -250,13 +291,13 @@ def fit(head: Head, states: dict[int, np.ndarray], final: np.ndarray, *, steps: 
     val, train = order[:n_val], order[n_val:]
     layers = sorted(states)
     d = final.shape[1]
-    log_p_val = final_log_probs(head, final[val]) if n_val else None
+    targets_val = final_targets(head, final[val]) if n_val else None
     logit_val = {}
     params: dict[int, list[np.ndarray]] = {}
     best: dict[int, tuple[float, list[np.ndarray]]] = {}
 
     def val_kl(i: int, a: np.ndarray, b: np.ndarray) -> float:
-        return mean_kl(head, states[i][val], log_p_val, a, b) if n_val else float("nan")
+        return mean_kl(head, states[i][val], targets_val, a, b) if n_val else float("nan")
 
     total = len(layers) + steps
     with progress_bar(total, enabled=progress, desc="tuned lens") as bar:
@@ -274,25 +315,14 @@ def fit(head: Head, states: dict[int, np.ndarray], final: np.ndarray, *, steps: 
         optimizers = {i: _Adam([(d, d), (d,)], [lr, lr * scales[i]]) for i in layers}
         for step in range(1, steps + 1):
             rows = train[rng.choice(len(train), size=min(batch_tokens, len(train)), replace=False)]
-            log_p = final_log_probs(head, final[rows])
-            p = np.exp(log_p)
-            for group_start in range(0, len(layers), max(1, ROWS_PER_PRODUCT // len(rows))):
-                group = layers[group_start:group_start + max(1, ROWS_PER_PRODUCT // len(rows))]
+            p = final_targets(head, final[rows]).p
+            group_size = max(1, ROWS_PER_PRODUCT // len(rows))
+            for group_start in range(0, len(layers), group_size):
+                group = layers[group_start:group_start + group_size]
                 hs = [states[i][rows] for i in group]
-                us = [h + h @ params[i][0].T + params[i][1] for h, i in zip(hs, group)]
-                u = np.concatenate(us)
-                n_hat, rms = head.normalize(u)
-                normed = n_hat * head.norm_weight + (head.norm_bias if head.norm_bias is not None else 0)
-                z = normed.astype(np.float32) @ head.lm_head.T
-                q = np.exp(log_softmax(z))
-                dz = (q - np.tile(p, (len(group), 1))) / np.float32(len(rows))
-                dn_hat = (dz @ head.lm_head) * head.norm_weight
-                du = (dn_hat - n_hat * np.mean(dn_hat * n_hat, axis=-1, keepdims=True)) / rms
-                if head.norm_bias is not None:
-                    du = du - du.mean(axis=-1, keepdims=True)
-                for k, (h, i) in enumerate(zip(hs, group)):
-                    g = du[k * len(rows):(k + 1) * len(rows)]
-                    optimizers[i].step(params[i], [g.T @ h, g.sum(axis=0)])
+                grads = kl_gradients(head, hs, [params[i] for i in group], p)
+                for i, grad in zip(group, grads):
+                    optimizers[i].step(params[i], grad)
             if n_val and (step % eval_every == 0 or step == steps):
                 for i in layers:
                     score = val_kl(i, *params[i])
