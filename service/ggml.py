@@ -38,16 +38,17 @@ def _library_dir() -> pathlib.Path:
     return pathlib.Path(override) if override else pathlib.Path(llama_cpp.__file__).parent / "lib"
 
 
-def _load() -> ctypes.CDLL:
+def load_library(stem: str) -> ctypes.CDLL:
+    """`libggml-base`, `libggml-cpu`, ...: the copy llama.cpp itself links against (the `.so.0` soname first)."""
     lib_dir = _library_dir()
-    for name in ("libggml-base.so.0", "libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+    for name in (f"lib{stem}.so.0", f"lib{stem}.so", f"lib{stem}.dylib", f"{stem}.dll"):
         path = lib_dir / name
         if path.exists():
             return ctypes.CDLL(str(path))
-    raise OSError(f"libggml-base not found in {lib_dir}")
+    raise OSError(f"lib{stem} not found in {lib_dir}")
 
 
-_lib = _load()
+_lib = load_library("ggml-base")
 _lib.ggml_get_name.argtypes = [ctypes.c_void_p]
 _lib.ggml_get_name.restype = ctypes.c_char_p
 _lib.ggml_op_name.argtypes = [ctypes.c_int]

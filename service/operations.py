@@ -69,7 +69,7 @@ class Operations:
         """Bytes of lens results per unembedded row: top ids and probabilities, targets, entropy, logits."""
         if lens is None:
             return 0
-        per_row = 8 * min(lens["top_k"], self.engine.n_vocab) + 8 * len(lens["target_ids"]) + 4
+        per_row = 8 * min(lens["top_k"], self.engine.n_vocab) + 8 * len(lens["target_ids"]) + 8  # + entropy, KL
         return per_row + (4 * self.engine.n_vocab if lens["return_logits"] else 0)
 
     def _check_lens(self) -> None:
@@ -77,21 +77,29 @@ class Operations:
             raise RequestError("FAILED_PRECONDITION", self.engine.unembed_error)
 
     def _lens_of_run(self, capture, result, lens: dict) -> list[tuple[str, int, np.ndarray]]:
-        """Lens reductions per prompt, stacked over the captured sites: (n_sites, n_positions, ...)."""
+        """Lens reductions per prompt, stacked over the captured sites: (n_sites, n_positions, ...).
+
+        When the final block's output is captured, `lens.kl_to_final` (n_sites, n_positions) is KL(final
+        layer's distribution || each site's) at the same position, computed in the same vocabulary pass: the
+        final site's rows go last, as the reduction's reference rows.
+        """
         self._check_lens()
+        final = f"blocks.{self.engine.n_layer - 1}.resid_post"
+        order = [site for site in capture if site != final] + [final] * (final in capture)
+        back = np.argsort([capture.index(site) for site in order])  # computed order -> requested order
         out = []
         for s in range(len(result.positions)):
-            stacked = np.stack([result.captures[site][s] for site in capture])  # (sites, positions, n_embd)
+            stacked = np.stack([result.captures[site][s] for site in order])  # (sites, positions, n_embd)
             flat = stacked.reshape(-1, stacked.shape[-1])
-            reduced = self._lens(flat, lens)
+            reduced = self._lens(flat, lens, reference_rows=stacked.shape[1] if final in capture else 0)
             for name, array in reduced.items():
-                out.append((f"lens.{name}", s, array.reshape(stacked.shape[:2] + array.shape[1:])))
+                out.append((f"lens.{name}", s, array.reshape(stacked.shape[:2] + array.shape[1:])[back]))
         return out
 
-    def _lens(self, vectors: np.ndarray, spec: dict) -> dict[str, np.ndarray]:
+    def _lens(self, vectors: np.ndarray, spec: dict, reference_rows: int = 0) -> dict[str, np.ndarray]:
         return self.engine.weights.lens(vectors, top_k=spec["top_k"], temperature=spec["temperature"],
                                         target_ids=spec["target_ids"], final_norm=not spec["skip_final_norm"],
-                                        keep_logits=spec["return_logits"])
+                                        keep_logits=spec["return_logits"], reference_rows=reference_rows)
 
     def unembed(self, vectors: np.ndarray, spec: dict, float16: bool = False) -> dict:
         self._check_lens()

@@ -1,18 +1,25 @@
-"""Model weights read from the GGUF file with the `gguf` package: embedding rows, final norm, LM head.
+"""Model weights read from the GGUF file: embedding rows, final norm, and the vocabulary-wide math.
 
 llama.cpp keeps weights in its own (possibly quantized, possibly GPU-resident) buffers and exposes none of
 them; reading the file is simpler and works for every backend. The file is memory-mapped (`gguf_index`, which
-skips the tokenizer arrays that `gguf.GGUFReader` would expand into ~160 MB of objects); a tensor is
-dequantized to float32 only when first needed, and the LM head (the largest matrix) is kept once
-dequantized, because the logit lens multiplies by it for every layer and position.
+skips the tokenizer arrays that `gguf.GGUFReader` would expand into ~160 MB of objects).
 
-The unembedding here (final norm + LM head in numpy) is what the lens and `Unembed` use. The engine checks
-at start-up that it reproduces llama.cpp's own logits on a probe token (`Engine._probe_sites`), so a model
-whose final norm differs from RMSNorm/LayerNorm is reported instead of lensed wrongly.
+The vocabulary-wide math (logit lens, `Unembed`, nearest tokens) runs on the LM head and embedding table
+as stored, through ggml's kernels (`stored_matrix`): no float32 copy of a vocabulary-sized matrix is ever
+made, and every reduction (top-k, entropy, target probabilities and ranks, KL to the final layer) runs over
+vocabulary chunks within `REDUCTION_BUDGET_BYTES` per request, whatever the vocabulary size. The head's
+arithmetic is the model's own (activations rounded to the weight type's vec_dot_type, float32
+accumulation), so the lens's last layer repeats llama.cpp's logits. Small pieces (norm weights, a few
+rows) are dequantized with the `gguf` package.
+
+The engine checks at start-up that final norm + head reproduce llama.cpp's own logits on a probe token
+(`Engine._probe_sites`), so a model whose final norm differs from RMSNorm/LayerNorm is reported instead
+of lensed wrongly.
 """
 from __future__ import annotations
 
 import collections
+import os
 
 import numpy as np
 from gguf import LlamaFileType
@@ -20,8 +27,14 @@ from gguf.quants import dequantize
 
 from .errors import RequestError
 from .gguf_index import GGUFIndex
+from .stored_matrix import StoredMatrix
 
 LENS_ROWS_PER_CHUNK = 256
+# Per request, the float32 (rows x vocabulary chunk) blocks of the lens and nearest-token passes stay within
+# this many bytes whatever the vocabulary size (`Weights._vocabulary_chunks`).
+REDUCTION_BUDGET_BYTES = 64 << 20
+BYTES_PER_CELL = 32
+MIN_CHUNK = 256
 
 
 ARGMAX_TOP_K = 32  # up to this k, k argmax passes beat one argpartition over a vocabulary-wide row
@@ -50,7 +63,7 @@ def top_k_columns(values: np.ndarray, k: int) -> np.ndarray:
 
 
 class Weights:
-    def __init__(self, path: str):
+    def __init__(self, path: str, n_threads: int = 0):
         self.index = GGUFIndex(path)
         self.tensors = self.index.tensors
         self.architecture = self.field("general.architecture") or "llama"
@@ -58,8 +71,11 @@ class Weights:
         self.rms_eps = float(self.field(f"{self.architecture}.attention.layer_norm_rms_epsilon") or
                              self.field(f"{self.architecture}.attention.layer_norm_epsilon") or 1e-5)
         self.n_ff = self._n_ff()
-        self._lm_head: np.ndarray | None = None
-        self._embedding: np.ndarray | None = None
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self.reduction_budget = REDUCTION_BUDGET_BYTES
+        self.head = StoredMatrix(self.tensors["token_embd.weight" if self.tied else "output.weight"], self.n_threads)
+        self.n_vocab = self.head.n_rows
+        self._embedding: StoredMatrix | None = None
         self._inverse_norms: dict[str, np.ndarray] = {}
         self._norm: tuple[np.ndarray, np.ndarray | None] | None = None
 
@@ -105,12 +121,6 @@ class Weights:
     def embedding_rows(self, token_ids: np.ndarray) -> np.ndarray:
         return self.rows("token_embd.weight", token_ids)
 
-    @property
-    def lm_head(self) -> np.ndarray:
-        if self._lm_head is None:
-            self._lm_head = self.read("token_embd.weight" if self.tied else "output.weight")
-        return self._lm_head
-
     def final_norm(self, x: np.ndarray) -> np.ndarray:
         if self._norm is None:
             bias = self.tensors.get("output_norm.bias")
@@ -122,85 +132,173 @@ class Weights:
         centered = x - x.mean(axis=-1, keepdims=True)
         return centered / np.sqrt(np.mean(centered ** 2, axis=-1, keepdims=True) + self.rms_eps) * weight + bias
 
-    def unembed(self, x: np.ndarray, final_norm: bool = True) -> np.ndarray:
-        """Logits (n, n_vocab) for residual vectors x (n, n_embd)."""
-        if final_norm:
-            x = self.final_norm(x)
-        return x.astype(np.float32) @ self.lm_head.T
+    def _head_logits(self, normed: np.ndarray, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Logits of already normalized rows for vocabulary ids [start, stop), as the model computes them."""
+        logits = self.head.products(normed, start, stop, out)
+        transform = getattr(self, "logit_transform", None)  # final soft-capping, where the architecture has one
+        return transform(logits) if transform is not None else logits
+
+    def _vocabulary_chunks(self, n_rows: int, extra_rows: int = 0):
+        """[start, stop) vocabulary ranges whose (rows x chunk) float32 blocks fit the reduction budget.
+
+        A chunk's blocks (for a block of up to LENS_ROWS_PER_CHUNK rows plus `extra_rows` reference rows kept
+        through the chunk) cost about BYTES_PER_CELL per cell: logits, shifted logits, exponentials, gathered
+        reference rows and their difference, a comparison mask.
+        """
+        rows = min(n_rows, LENS_ROWS_PER_CHUNK) + extra_rows
+        width = max(MIN_CHUNK, self.reduction_budget // (BYTES_PER_CELL * max(rows, 1)))
+        for start in range(0, self.n_vocab, width):
+            yield start, min(self.n_vocab, start + width)
 
     def lens(self, x: np.ndarray, *, top_k: int, temperature: float, target_ids: list[int],
-             final_norm: bool = True, keep_logits: bool = False) -> dict[str, np.ndarray]:
-        """The logit-lens reduction of many vectors, computed in chunks to bound memory."""
-        n = x.shape[0]
-        k = min(top_k, self.lm_head.shape[0])
+             final_norm: bool = True, keep_logits: bool = False,
+             reference_rows: int = 0) -> dict[str, np.ndarray]:
+        """The logit-lens reduction of many vectors, over vocabulary chunks within `reduction_budget` bytes.
+
+        Per row: top-k ids and probabilities, entropy, target probabilities and ranks of
+        softmax(logits / temperature). The softmax is never formed: a running maximum M, the running sum
+        S = sum exp(z - M) and B = sum exp(z - M) (z - M) are rescaled when M grows (z = logits / T), so
+        entropy = log S - B / S and p_i = exp(z_i - M) / S at the end; top-k candidates merge chunk by chunk.
+        Target ranks count logits above the target's logit, which is computed first with the same kernels
+        (the target's own column is never counted).
+
+        reference_rows = m > 0: the last m rows are reference distributions (a model's final layer), and
+        `kl_to_final[i]` = KL(P_ref || P_i) with P_ref the distribution of reference row i mod m, accumulated
+        in the same pass: sum_j P_ref,j (z_ref,j - z_i,j) - lse(z_ref) + lse(z_i).
+        """
+        normed = self.final_norm(x) if final_norm else np.ascontiguousarray(x, dtype=np.float32)
+        n = normed.shape[0]
+        k = min(top_k, self.n_vocab)
+        inverse_t = np.float32(1.0 / temperature)
         targets = np.asarray(target_ids, dtype=np.int64)
+        top_values = np.full((n, k), -np.inf, np.float32)
+        top_ids = np.zeros((n, k), np.int64)
+        maximum = np.full(n, -np.inf)
+        total = np.zeros(n)
+        weighted = np.zeros(n)  # B: sum exp(z - M) (z - M)
+        m = reference_rows
+        reference_of = np.arange(n) % m if m else None
+        reference_max, reference_total = np.full(m, -np.inf), np.zeros(m)
+        kl_sum = np.zeros(n)  # sum_j exp(z_ref,j - M_ref) (z_ref,j - z_i,j), rescaled as M_ref grows
+        target_logits = np.zeros((n, len(targets)), np.float32)
+        ranks = np.zeros((n, len(targets)), np.int64)
+        if len(targets):
+            for start in range(0, n, LENS_ROWS_PER_CHUNK):
+                rows = slice(start, min(n, start + LENS_ROWS_PER_CHUNK))
+                products = self.head.products_of_rows(normed[rows], targets)
+                transform = getattr(self, "logit_transform", None)
+                target_logits[rows] = transform(products) if transform is not None else products
+        logits_out = np.zeros((n, self.n_vocab), np.float32) if keep_logits else None
+        for start, stop in self._vocabulary_chunks(n, extra_rows=m):
+            if m:  # the reference rows' own running softmax statistics, kept apart from the rows' ones
+                reference_logits = self._head_logits(normed[n - m:], start, stop)
+                new_reference_max = np.maximum(reference_max, reference_logits.max(axis=1) * inverse_t)
+                reference_rescale = np.exp(reference_max - new_reference_max)
+                reference_exps = np.exp(reference_logits * inverse_t - new_reference_max[:, None].astype(np.float32))
+                reference_total = reference_rescale * reference_total + reference_exps.sum(axis=1, dtype=np.float64)
+                reference_max = new_reference_max
+            for row_start in range(0, n, LENS_ROWS_PER_CHUNK):
+                rows = slice(row_start, min(n, row_start + LENS_ROWS_PER_CHUNK))
+                logits = self._head_logits(normed[rows], start, stop)
+                if keep_logits:
+                    logits_out[rows, start:stop] = logits
+                new_max = np.maximum(maximum[rows], logits.max(axis=1) * inverse_t)
+                shifted = logits * inverse_t
+                shifted -= new_max[:, None].astype(np.float32)
+                exps = np.exp(shifted)
+                scale = np.exp(maximum[rows] - new_max)  # 0 before the first chunk (M = -inf, S = B = 0)
+                old_total = total[rows]
+                gap = np.where(old_total > 0, maximum[rows] - new_max, 0.0)
+                weighted[rows] = scale * (weighted[rows] + gap * old_total)
+                weighted[rows] += np.einsum("ij,ij->i", exps, shifted, dtype=np.float64)
+                total[rows] = scale * old_total + exps.sum(axis=1, dtype=np.float64)
+                maximum[rows] = new_max
+                if k:
+                    chunk_k = min(k, stop - start)
+                    chunk_top = top_k_columns(logits, chunk_k)
+                    values = np.concatenate([top_values[rows], np.take_along_axis(logits, chunk_top, axis=1)], axis=1)
+                    ids = np.concatenate([top_ids[rows], chunk_top + start], axis=1)
+                    order = np.argsort(-values, axis=1, kind="stable")[:, :k]
+                    top_values[rows] = np.take_along_axis(values, order, axis=1)
+                    top_ids[rows] = np.take_along_axis(ids, order, axis=1)
+                for j, target in enumerate(targets):  # one target at a time: memory (rows, chunk), not x n_targets
+                    above = (logits > target_logits[rows, j:j + 1]).sum(axis=1)
+                    if start <= target < stop:
+                        above -= logits[:, target - start] > target_logits[rows, j]
+                    ranks[rows, j] += above
+                if m:
+                    reference = reference_of[rows]
+                    rescale = reference_rescale[reference]
+                    difference = reference_logits[reference] - logits
+                    difference *= inverse_t
+                    kl_sum[rows] = rescale * kl_sum[rows] + np.einsum("ij,ij->i", reference_exps[reference],
+                                                                      difference, dtype=np.float64)
+        log_normalizer = maximum + np.log(total)  # log sum exp(z)
         out = {
-            "top_ids": np.zeros((n, k), np.int32), "top_probs": np.zeros((n, k), np.float32),
-            "target_probs": np.zeros((n, len(targets)), np.float32),
-            "target_ranks": np.zeros((n, len(targets)), np.int32),
-            "entropy": np.zeros((n,), np.float32),
+            "top_ids": top_ids.astype(np.int32),
+            "top_probs": np.exp(top_values * np.float64(inverse_t) - log_normalizer[:, None]).astype(np.float32),
+            "target_probs": np.exp(target_logits * np.float64(inverse_t) - log_normalizer[:, None]).astype(np.float32),
+            "target_ranks": ranks.astype(np.int32),
+            "entropy": (np.log(total) - weighted / total).astype(np.float32),
         }
+        if m:
+            reference_normalizer = reference_max + np.log(reference_total)
+            kl = kl_sum / reference_total[reference_of] - reference_normalizer[reference_of] + log_normalizer
+            out["kl_to_final"] = np.maximum(kl, 0.0).astype(np.float32)
         if keep_logits:
-            out["logits"] = np.zeros((n, self.lm_head.shape[0]), np.float32)
-        for start in range(0, n, LENS_ROWS_PER_CHUNK):
-            rows = slice(start, min(n, start + LENS_ROWS_PER_CHUNK))
-            logits = self.unembed(x[rows], final_norm)
-            if keep_logits:
-                out["logits"][rows] = logits
-            # softmax(z) = e / total with z = logits / T - max, e = exp(z); its entropy is log(total) - sum(e z) / total.
-            # Only gathered probabilities are divided, and p log p is never materialized: the passes over the
-            # (rows, n_vocab) block, not the LM-head product, were most of the reduction's time.
-            scaled = logits / np.float32(temperature)
-            scaled -= scaled.max(axis=1, keepdims=True)
-            exps = np.exp(scaled)
-            total = exps.sum(axis=1)
-            out["entropy"][rows] = np.log(total) - np.einsum("ij,ij->i", exps, scaled) / total
-            if k:
-                top = top_k_columns(logits, k)
-                out["top_ids"][rows] = top
-                out["top_probs"][rows] = np.take_along_axis(exps, top, axis=1) / total[:, None]
-            if len(targets):
-                target_logits = logits[:, targets]
-                out["target_probs"][rows] = exps[:, targets] / total[:, None]
-                for j in range(len(targets)):  # one target at a time: memory (rows, n_vocab), not x n_targets
-                    out["target_ranks"][rows, j] = (logits > target_logits[:, j:j + 1]).sum(axis=1)
+            out["logits"] = logits_out
         return out
 
-    def vocabulary_table(self, table: str) -> np.ndarray:
-        """The token-embedding table ("embedding") or the LM head ("lm_head"), (n_vocab, n_embd) float32.
+    def vocabulary_matrix(self, table: str) -> StoredMatrix:
+        """The token-embedding table ("embedding") or the LM head ("lm_head") as stored.
 
-        In a tied model both names are one array (the head is `token_embd.weight`), held once.
+        In a tied model both names are one tensor (the head is `token_embd.weight`).
         """
         if table == "lm_head" or self.tied:
-            return self.lm_head
+            return self.head
         if self._embedding is None:
-            self._embedding = self.read("token_embd.weight")
+            self._embedding = StoredMatrix(self.tensors["token_embd.weight"], self.n_threads)
         return self._embedding
+
+    def inverse_row_norms(self, table: str) -> np.ndarray:
+        """1 / |row| for every row of a vocabulary table, (n_vocab,) float32, computed once in chunks; 0 for
+        all-zero rows (unused tokens)."""
+        matrix = self.vocabulary_matrix(table)
+        if matrix.name not in self._inverse_norms:
+            norms = np.empty(matrix.n_rows)
+            step = max(1, self.reduction_budget // (4 * matrix.n_cols))
+            for start in range(0, matrix.n_rows, step):
+                rows = matrix.dequantize(start, min(matrix.n_rows, start + step))
+                norms[start:start + len(rows)] = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
+            self._inverse_norms[matrix.name] = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-30), 0.0).astype(np.float32)
+        return self._inverse_norms[matrix.name]
 
     def nearest(self, vectors: np.ndarray, k: int, table: str, exclude_ids: list[int] = ()) -> dict[str, np.ndarray]:
         """The k rows of a vocabulary table with the highest cosine similarity to each vector.
 
-        The inverse row norms are computed once per table and kept, rather than a normalized copy of the
-        table: cosine = (v / |v|) . row * (1 / |row|) costs one extra multiply per score and no second
-        copy of the largest matrix. All-zero rows (unused tokens) score 0; excluded tokens score -inf, so
-        they are never among the k.
+        cosine = (v / |v|) . row * (1 / |row|): the product runs on the table as stored (the query rounded to
+        the weight type's vec_dot_type, as in `lens`), a vocabulary chunk at a time, with top-k candidates
+        merged across chunks. All-zero rows score 0; excluded tokens score -inf, so they are never among the k.
         """
-        matrix = self.vocabulary_table(table)
-        key = "lm_head" if table == "lm_head" or self.tied else "embedding"
-        if key not in self._inverse_norms:
-            norms = np.linalg.norm(matrix, axis=1)
-            self._inverse_norms[key] = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-30), 0.0).astype(np.float32)
-        inverse_norms = self._inverse_norms[key]
+        matrix = self.vocabulary_matrix(table)
+        inverse_norms = self.inverse_row_norms(table)
         queries = vectors.astype(np.float64)  # float64: the norm of a large float32 vector overflows
         queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
         n = queries.shape[0]
         exclude = np.asarray(exclude_ids, dtype=np.int64)
-        out = {"ids": np.zeros((n, k), np.int32), "scores": np.zeros((n, k), np.float32)}
-        for start in range(0, n, LENS_ROWS_PER_CHUNK):
-            rows = slice(start, min(n, start + LENS_ROWS_PER_CHUNK))
-            scores = (queries[rows] @ matrix.T) * inverse_norms
-            scores[:, exclude] = -np.inf
-            top = top_k_columns(scores, k)
-            out["ids"][rows] = top
-            out["scores"][rows] = np.take_along_axis(scores, top, axis=1)
-        return out
+        top_values = np.full((n, k), -np.inf, np.float32)
+        top_ids = np.zeros((n, k), np.int64)
+        for start, stop in self._vocabulary_chunks(n):
+            excluded = exclude[(exclude >= start) & (exclude < stop)] - start
+            for row_start in range(0, n, LENS_ROWS_PER_CHUNK):
+                rows = slice(row_start, min(n, row_start + LENS_ROWS_PER_CHUNK))
+                scores = matrix.products(queries[rows], start, stop)
+                scores *= inverse_norms[start:stop]
+                scores[:, excluded] = -np.inf
+                chunk_top = top_k_columns(scores, min(k, stop - start))
+                values = np.concatenate([top_values[rows], np.take_along_axis(scores, chunk_top, axis=1)], axis=1)
+                ids = np.concatenate([top_ids[rows], chunk_top + start], axis=1)
+                order = np.argsort(-values, axis=1, kind="stable")[:, :k]
+                top_values[rows] = np.take_along_axis(values, order, axis=1)
+                top_ids[rows] = np.take_along_axis(ids, order, axis=1)
+        return {"ids": top_ids.astype(np.int32), "scores": top_values}

@@ -1,0 +1,187 @@
+"""llama.cpp contexts of one model, and the one loop that decodes ubatches through them.
+
+Several prompts are packed into one llama.cpp batch as separate sequences (a unified KV cache, so they
+share the context) and decoded in ubatch-sized calls: that gives cancellation points between calls and a
+simple row <-> token mapping for the eval callback. Prompt processing for `forward` and for `generate`,
+and every generated token, go through the same `Contexts.decode` loop, which tells the active pass
+(`service/capture.py`) which (prompt, position) each row of the ubatch is before llama.cpp computes it.
+
+A context is single-threaded: one request at a time per engine. Concurrency comes from several worker
+processes, each with its own engine (`service/worker.py`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, Protocol
+
+import numpy as np
+
+import llama_cpp as lc
+
+from .errors import RequestError
+
+# (token id, position, sequence, whether llama.cpp computes this row's output)
+Row = tuple[int, int, int, bool]
+
+
+class Cancelled(Exception):
+    pass
+
+
+class Pass(Protocol):
+    """What the decode loop needs from the per-request state the eval callback routes to."""
+    error: BaseException | None
+
+    def begin_ubatch(self, rows: list[tuple[int, int]], outputs: list[bool], first_cell: int) -> None: ...
+
+    def callback(self, tensor: int, ask: bool, user_data) -> bool: ...
+
+
+class Contexts:
+    def __init__(self, model_handle, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int):
+        self.model_handle = model_handle
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self.n_seq_max = n_seq_max
+        self.n_threads = n_threads
+        self._contexts: dict[bool, tuple[int, object]] = {}
+        self._active: Pass | None = None
+        self.cancelled: Callable[[], bool] = lambda: False
+
+    def new(self, flash_attn: bool, n_ctx: int | None = None):
+        """A fresh context (and the callback object that must outlive it), its eval callback routed here."""
+        params = lc.llama_context_default_params()
+        params.n_ctx = n_ctx or self.n_ctx
+        params.n_batch = min(self.n_batch, params.n_ctx)
+        params.n_ubatch = params.n_batch
+        params.n_seq_max = min(self.n_seq_max, params.n_batch)
+        params.n_threads = self.n_threads
+        params.n_threads_batch = self.n_threads
+        params.kv_unified = True  # prompts of one batch share the whole context, and rows keep batch order
+        params.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                  else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        callback = lc.ggml_backend_sched_eval_callback(self._route)
+        params.cb_eval = callback
+        params.cb_eval_user_data = None
+        ctx = lc.llama_init_from_model(self.model_handle, params)
+        if not ctx:
+            raise RequestError("RESOURCE_EXHAUSTED", "llama.cpp could not create a context (out of memory?)")
+        return ctx, callback
+
+    def get(self, flash_attn: bool):
+        """A reusable context: with flash attention for speed, without it when attention is captured."""
+        if flash_attn not in self._contexts:
+            self._contexts[flash_attn] = self.new(flash_attn)
+        return self._contexts[flash_attn][0]
+
+    def _route(self, tensor, ask, user_data):
+        active = self._active
+        if active is None:
+            return not ask
+        return active.callback(tensor, ask, user_data)
+
+    def close(self) -> None:
+        for ctx, _ in self._contexts.values():
+            lc.llama_free(ctx)
+        self._contexts.clear()
+
+    # ----- the decode loop -------------------------------------------------------------------------
+
+    def decode(self, ctx, active: Pass, ubatches: Iterable[list[Row]], first_cell: int = 0,
+               on_decoded: Callable[[list[Row]], None] | None = None) -> int:
+        """Decode ubatches in order with `active` receiving the eval callback; returns the next free KV cell.
+
+        The KV cells are numbered from `first_cell` in decode order (a unified cache that was emptied before
+        the first ubatch of the sequence group), which is how the pass maps attention columns to positions.
+        """
+        cell = first_cell
+        self._active = active
+        try:
+            for ubatch in ubatches:
+                if self.cancelled():
+                    raise Cancelled()
+                active.begin_ubatch([(s, p) for _, p, s, _ in ubatch], [o for *_, o in ubatch], cell)
+                status = self._decode_one(ctx, ubatch)
+                if active.error is not None:  # what the callback caught, rather than the abort it caused
+                    raise active.error
+                if status != 0:
+                    raise RequestError("INTERNAL", f"llama_decode failed with status {status}")
+                cell += len(ubatch)
+                if on_decoded is not None:
+                    on_decoded(ubatch)
+        finally:
+            self._active = None
+        return cell
+
+    @staticmethod
+    def _decode_one(ctx, rows: list[Row]) -> int:
+        n = len(rows)
+        batch = lc.llama_batch_init(n, 0, 1)
+        try:
+            batch.n_tokens = n
+            for i, (token, pos, seq, out) in enumerate(rows):
+                batch.token[i] = token
+                batch.pos[i] = pos
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = out
+            return lc.llama_decode(ctx, batch)
+        finally:
+            lc.llama_batch_free(batch)
+
+    @staticmethod
+    def reset_memory(ctx) -> None:
+        """Empty the KV cache without zeroing its data: zeroing is a memset of the whole cache (94 MB for
+        SmolLM2 at n_ctx 4096, 10-20 ms, paid twice per request before). Emptied cells are masked out; what
+        they still hold is finite (every K and V row is computed from a normed residual, and requests.py
+        bounds edits), so the zero attention weight they get cancels them, as in llama.cpp's own server,
+        which never zeroes the cache between requests either."""
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), False)
+
+    # ----- packing prompts -------------------------------------------------------------------------
+
+    def groups(self, prompts: list[list[int]]) -> Iterator[list[int]]:
+        """Prompt indices decoded together: at most n_seq_max sequences and one batch of tokens per group.
+
+        The memory is cleared between groups. Letting a group grow past one batch would make every later
+        batch attend over (and mask out) the cache cells of all the group's earlier prompts: attention
+        cost quadratic in the group's size, for nothing, since prompts never see each other.
+        """
+        group, tokens = [], 0
+        for i, prompt in enumerate(prompts):
+            if group and (len(group) == self.n_seq_max or tokens + len(prompt) > self.n_batch):
+                yield group
+                group, tokens = [], 0
+            group.append(i)
+            tokens += len(prompt)
+        if group:
+            yield group
+
+    def ubatches(self, group: list[int], prompts: list[list[int]],
+                 output_sets: list[set[int]]) -> Iterator[list[Row]]:
+        """The group's tokens in order, cut into ubatches of at most n_batch rows."""
+        current: list[Row] = []
+        for s in group:
+            for p, token in enumerate(prompts[s]):
+                current.append((token, p, s, p in output_sets[s]))
+                if len(current) == self.n_batch:
+                    yield current
+                    current = []
+        if current:
+            yield current
+
+
+def collect_logits(ctx, ubatch: list[Row], n_vocab: int, logits: list[np.ndarray],
+                   logit_slot: list[dict[int, int]]) -> None:
+    """Copy the output rows' logits of the ubatch just decoded into the per-prompt arrays."""
+    n_out = sum(1 for *_, o in ubatch if o)
+    if n_out == 0:
+        return
+    table = np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(n_out, n_vocab))
+    row = 0
+    for _, p, s, out in ubatch:
+        if not out:
+            continue
+        k = logit_slot[s].get(p)
+        if k is not None:
+            logits[s][k] = table[row]
+        row += 1

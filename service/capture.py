@@ -1,0 +1,196 @@
+"""The capture/edit pass: what the eval callback does with each graph node of one request.
+
+llama.cpp has no API for intermediate tensors, but its graph scheduler calls an *eval callback* for every
+graph node: first asking whether we want the node (``ask=True``), then, if we said yes, calling again once
+the node is computed (``ask=False``). In that second call we can read the tensor and also overwrite it,
+and every later node sees the new values. That single hook implements capture (read), activation patching
+(``SET``), steering (``ADD``) and directional ablation (``ABLATE``), at any site and any layer, block 0
+included, for prompts and for generated tokens alike.
+
+A `CapturePass` knows, for each decoded ubatch, which (prompt, position) each row belongs to, which sites to
+read, and which interventions to apply; the decode loop (`service/batching.py`) tells it about each ubatch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ggml
+from .errors import RequestError
+from .graph_sites import is_pattern_site, output_rows_only, rule_for
+
+
+@dataclass
+class Intervention:
+    """An edit at resolved sites. `positions` None = every position (and every generated token)."""
+    op: str                               # "add" | "set" | "ablate"
+    sites: list[str]
+    vector: np.ndarray                    # (width,) or (len(positions), width), float32
+    positions: list[int] | None = None    # relative (negative from the end) prompt positions
+    sequences: list[int] | None = None    # prompt indices; None = all
+
+
+def resolve_positions(positions: list[int] | None, n_tokens: int, what: str) -> list[int]:
+    if positions is None:
+        return list(range(n_tokens))
+    out = []
+    for p in positions:
+        q = p + n_tokens if p < 0 else p
+        if not 0 <= q < n_tokens:
+            raise RequestError("OUT_OF_RANGE",
+                               f"{what} position {p} is outside a prompt of {n_tokens} tokens "
+                               f"(valid: {-n_tokens}..{n_tokens - 1})")
+        out.append(q)
+    if len(set(out)) != len(out):
+        raise RequestError("INVALID_ARGUMENT", f"{what} positions {positions} name the same token twice in a prompt "
+                                               f"of {n_tokens} tokens (a negative position counts from the end)")
+    return out
+
+
+class CapturePass:
+    """The per-request state the eval callback routes to."""
+
+    def __init__(self, n_layer: int, site_shapes: dict[str, tuple[int, ...]], prompts: list[list[int]],
+                 capture: list[str], capture_positions: list[list[int]], interventions: list[Intervention],
+                 stop_when_done: bool = False):
+        self.n_layer = n_layer
+        self.capture = capture
+        self.error: BaseException | None = None
+        # Node name -> [(site, op code or None)] for every site we read or write.
+        self.targets: dict[bytes, list[tuple[str, int | None]]] = {}
+        self.interventions: dict[str, list[tuple[Intervention, list[set[int] | None], np.ndarray]]] = {}
+        for iv in interventions:
+            vector = iv.vector.astype(np.float32)
+            if iv.op == "ablate":
+                vector = vector / np.linalg.norm(vector, axis=-1, keepdims=True).astype(np.float32)
+            resolved = []
+            for s, tokens in enumerate(prompts):
+                if iv.sequences is not None and s not in iv.sequences:
+                    resolved.append([])
+                else:
+                    resolved.append(None if iv.positions is None
+                                    else resolve_positions(iv.positions, len(tokens), "intervention"))
+            for site in iv.sites:
+                self.interventions.setdefault(site, []).append((iv, resolved, vector))
+        for site in set(capture) | set(self.interventions):
+            node, op = rule_for(site)
+            op_code = ggml.OP_CODES[op] if op else None
+            self.targets.setdefault(node.encode(), []).append((site, op_code))
+        # When nothing after the last wanted node is needed (no logits), the callback ends the graph there:
+        # a probe of layer 5 then costs 6 of 30 layers, and an all-layer capture skips the final norm and
+        # the LM head over every output row. Later ubatches never need what was skipped: layer k only reads
+        # the KV cache of layers <= k, and any node of layer k that is wanted comes after layer k's KV store
+        # or needs no KV of its own layer.
+        self.stop_when_done = stop_when_done and bool(self.targets)
+        self.n_sites = len({site for wanted in self.targets.values() for site, _ in wanted})
+        self.positions = capture_positions
+        self.slot = [{p: k for k, p in enumerate(pos)} for pos in capture_positions]
+        shapes = site_shapes
+        self.out: dict[str, list[np.ndarray]] = {}
+        for site in capture:
+            if is_pattern_site(site):
+                n_head = shapes[site][0]
+                self.out[site] = [np.zeros((n_head, len(pos), len(tokens)), np.float32)
+                                  for pos, tokens in zip(capture_positions, prompts)]
+            else:
+                self.out[site] = [np.zeros((len(pos),) + shapes[site], np.float32) for pos in capture_positions]
+        # Per ubatch, set by the decode loop before each decode:
+        self.rows: list[tuple[int, int]] = []          # (prompt, position) of every token row
+        self.output_rows: list[tuple[int, int]] = []   # the same for rows marked as outputs
+        self.cells: list[list[int]] = [[] for _ in prompts]  # KV cell of each decoded token, per prompt
+        self._seen: set[str] = set()
+        self._pending: list[str] = []
+
+    def begin_ubatch(self, rows: list[tuple[int, int]], outputs: list[bool], first_cell: int) -> None:
+        self.rows = rows
+        self.output_rows = [r for r, o in zip(rows, outputs) if o]
+        for k, (s, _) in enumerate(rows):
+            self.cells[s].append(first_cell + k)
+        self._seen.clear()
+
+    def callback(self, tensor: int, ask: bool, _user_data) -> bool:
+        try:
+            if ask:
+                wanted = self.targets.get(ggml.name_of(tensor))
+                if not wanted:
+                    return False
+                op = ggml.op_of(tensor)
+                self._pending = []
+                for site, op_code in wanted:
+                    if op_code is None:
+                        if site in self._seen:
+                            continue
+                    elif op != op_code:
+                        continue
+                    self._seen.add(site)
+                    self._pending.append(site)
+                return bool(self._pending)
+            for site in self._pending:
+                self._visit(site, tensor)
+            return not (self.stop_when_done and len(self._seen) == self.n_sites)
+        except BaseException as exc:  # an exception must not unwind through C
+            if self.error is None:
+                self.error = exc
+            return not ask
+
+    def _visit(self, site: str, tensor: int) -> None:
+        if ggml.type_of(tensor) != ggml.GGML_TYPE_F32 or not ggml.is_contiguous(tensor):
+            raise RequestError("FAILED_PRECONDITION",
+                               f"site {site} is not a contiguous float32 tensor in this build/model")
+        ne = ggml.shape_of(tensor)
+        if is_pattern_site(site):
+            self._capture_pattern(site, tensor, ne)
+            return
+        rows = self.output_rows if output_rows_only(site, self.n_layer) else self.rows
+        data = np.empty(int(np.prod(ne)), np.float32)
+        ggml.read(tensor, data)
+        data = data.reshape(len(rows), -1)
+        if site in self.interventions and self._intervene(site, data, rows):
+            ggml.write(tensor, data)
+        if site in self.out:
+            out = self.out[site]
+            for r, (s, p) in enumerate(rows):
+                k = self.slot[s].get(p)
+                if k is not None:
+                    out[s][k] = data[r].reshape(out[s].shape[1:])
+
+    def _intervene(self, site: str, data: np.ndarray, rows: list[tuple[int, int]]) -> bool:
+        changed = False
+        for iv, resolved, vector in self.interventions[site]:
+            if vector.shape[-1] != data.shape[1]:
+                raise RequestError("INVALID_ARGUMENT",
+                                   f"intervention at {site} has width {vector.shape[-1]}, the site has {data.shape[1]}")
+            picked, which = [], []
+            for r, (s, p) in enumerate(rows):
+                selected = resolved[s]
+                if selected is None:
+                    picked.append(r)
+                    which.append(0)
+                elif p in selected:
+                    picked.append(r)
+                    which.append(selected.index(p))
+            if not picked:
+                continue
+            x = data[picked]
+            v = vector if vector.ndim == 1 else vector[which]
+            if iv.op == "add":
+                x += v
+            elif iv.op == "set":
+                x[:] = v
+            else:
+                x -= (x * v).sum(axis=-1, keepdims=True) * v
+            data[picked] = x
+            changed = True
+        return changed
+
+    def _capture_pattern(self, site: str, tensor: int, ne) -> None:
+        n_kv, n_rows, n_head = ne[0], ne[1], ne[2]
+        data = np.empty((n_head, n_rows, n_kv), np.float32)
+        ggml.read(tensor, data)
+        out = self.out[site]
+        for r, (s, p) in enumerate(self.rows):
+            k = self.slot[s].get(p)
+            if k is not None:
+                cells = self.cells[s][:p + 1]
+                out[s][:, k, :p + 1] = data[:, r, cells]
