@@ -237,6 +237,8 @@ class ActivationStore:
     def __getitem__(self, site: str) -> np.ndarray:
         if site not in self.request["sites"]:
             raise KeyError(f"{site!r} is not in this store; it holds {self.sites}")
+        if self.manifest["row_shapes"] is None:
+            raise ValueError(f"the store at {self.path} holds no prompts yet")
         return self._array(f"sites/{site}.npy", self.n_tokens if self.ragged else len(self))
 
     def __contains__(self, site: str) -> bool:
@@ -371,6 +373,11 @@ class _Writer:
         if row_shapes is not None:
             self._open_sites()
         self._rollback()
+        if not (path / MANIFEST).exists():  # a new store exists (empty) from the start
+            self.offsets.sync()
+            self.offsets.set_rows(1)
+            self.offsets.sync()
+            _write_json_atomic(path / MANIFEST, self.manifest)
 
     def _open_sites(self) -> None:
         (self.path / "sites").mkdir(exist_ok=True)

@@ -8,8 +8,9 @@
 2. Tuned lens: fitted on that store (`fit_tuned_lens`), timed; then, on --heldout other prompts collected
    the same way, the mean KL(final || lens) per layer for the logit lens and the tuned lens.
 
-Prompts (`bench_prompts`): templates x the bundled cities, shuffled with a fixed seed, so every run uses the
-same set. The load average before and after each phase is printed: the machine may be shared.
+Prompts (`bench_prompts`): 20 templates x the bundled cities for training, 4 other templates for the
+held-out prompts, shuffled with a fixed seed, so every run uses the same sets. The load average before and
+after each phase is printed: the machine may be shared.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ from _server import connect
 from lmscope.client.datasets import world_cities
 from lmscope.client.tuned_lens import evaluate, store_states
 
+# Training prompts come from these templates; held-out prompts from HELDOUT_TEMPLATES, which the lens never
+# sees: a stricter test than held-out prompts of the same templates, whose next-token distributions the
+# last token alone largely gives away.
 TEMPLATES = (
     "The city of {city} is located in",
     "{city} is a city in {country}. The people there speak",
@@ -33,16 +37,41 @@ TEMPLATES = (
     "Q: Which continent is {country} on?\nA:",
     "The weather in {city} today is",
     "My friend from {city} told me that",
+    "The population of {city} is about",
+    "In {city}, the most popular food is",
+    "{city} was founded in the year",
+    "The capital of {country} is",
+    "Flights from {city} to",
+    "A short history of {city}:",
+    "The mayor of {city} said on Monday that",
+    "Hotels in {city} are usually",
+    "The distance from {city} to the sea is",
+    "When I lived in {city}, every morning I",
+    "{country}'s national flag has the colours",
+    "The main river that flows through {city} is called",
+    "Tourists who visit {country} often complain about",
+    "The football team of {city} won the",
+)
+HELDOUT_TEMPLATES = (
+    "Real estate prices in {city} have",
+    "The oldest building in {city} is",
+    "People in {country} usually eat dinner at",
+    "The train from {city} arrives at",
 )
 
 
-def bench_prompts(n: int, seed: int = 0) -> list[str]:
+def _from(templates, n: int, seed: int) -> list[str]:
     cities = world_cities()
-    prompts = sorted({t.format(city=c, country=k) for t in TEMPLATES for c, k in zip(cities.names, cities.countries)})
-    order = np.random.default_rng(seed).permutation(len(prompts))
+    prompts = sorted({t.format(city=c, country=k) for t in templates for c, k in zip(cities.names, cities.countries)})
     if n > len(prompts):
         raise ValueError(f"only {len(prompts)} distinct prompts")
+    order = np.random.default_rng(seed).permutation(len(prompts))
     return [prompts[i] for i in order[:n]]
+
+
+def bench_prompts(n: int, n_heldout: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts of other templates), deterministic."""
+    return _from(TEMPLATES, n, seed), _from(HELDOUT_TEMPLATES, n_heldout, seed + 1)
 
 
 def load() -> str:
@@ -62,8 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     root = pathlib.Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
-    prompts = bench_prompts(args.prompts + args.heldout)
-    train, heldout = prompts[:args.prompts], prompts[args.prompts:]
+    train, heldout = bench_prompts(args.prompts, args.heldout)
     out: dict = {}
     with connect(args.server) as client:
         info = client.model_info()
@@ -107,7 +135,7 @@ def main() -> None:
         out["tuned_lens"] = {"fit_seconds": fit_seconds, "steps": args.steps, "batch_tokens": args.batch_tokens,
                              "training": lens.training, "load_after": load(),
                              "heldout_kl": {str(i): {"logit_lens": a, "tuned_lens": b} for i, (a, b) in table.items()}}
-        print(f"\nheld-out mean KL(final || lens), nats, {len(heldout)} prompts x last position\n")
+        print(f"\nheld-out mean KL(final || lens), nats, {len(heldout)} prompts of unseen templates x last position\n")
         print("| layer (block) | logit lens | tuned lens |\n| --- | --- | --- |")
         for i, (logit, tuned) in table.items():
             print(f"| {i - 1} | {logit:.3f} | {tuned:.3f} |")

@@ -229,3 +229,12 @@ def test_cli_collect(tiny_server, tmp_path, capsys):
                      "--positions", "all", "--no-progress"]) == 0
     store = ActivationStore.open(tmp_path / "b")
     assert store.prompts == ["one prompt", "another prompt", [1, 2, 3]] and store.ragged
+
+
+def test_an_empty_collect_makes_an_empty_store(client, tmp_path):
+    store = client.collect([], tmp_path / "e", progress=False)
+    assert len(store) == 0 and store.prompts == [] and store.token_offsets.tolist() == [0]
+    with pytest.raises(ValueError, match="no prompts yet"):
+        store["blocks.0.resid_post"]
+    grown = client.collect(PROMPTS[:3], tmp_path / "e", progress=False)
+    assert len(grown) == 3 and grown["blocks.0.resid_post"].shape[:2] == (3, 1)
