@@ -275,7 +275,7 @@ class _Adam:
             p -= lr * (m / (1 - b1 ** self.t)) / (np.sqrt(v / (1 - b2 ** self.t)) + self.eps)
 
 
-def fit(head: Head, states: dict[int, np.ndarray], final: np.ndarray, *, steps: int = 60, batch_tokens: int = 64,
+def fit(head: Head, states: dict[int, np.ndarray], final: np.ndarray, *, steps: int = 40, batch_tokens: int = 32,
         lr: float = 1e-3, validation: float = 0.1, eval_every: int = 20, seed: int = 0, progress: bool = True,
         model: dict | None = None) -> TunedLens:
     """Fit one translator per hidden state in `states` (see the module docstring). Returns a `TunedLens`."""
@@ -375,7 +375,7 @@ class TunedLensMixin:
                                  f"is not a plain norm + matmul, so a tuned lens cannot be fitted on the client")
         return cached
 
-    def fit_tuned_lens(self, data, *, steps: int = 60, batch_tokens: int = 64, lr: float = 1e-3,
+    def fit_tuned_lens(self, data, *, steps: int = 40, batch_tokens: int = 32, lr: float = 1e-3,
                        validation: float = 0.1, eval_every: int = 20, seed: int = 0, norm_eps: float = 1e-5,
                        positions: Sequence[int] | None = None, batch_size: int = 64,
                        progress: bool = True) -> TunedLens:

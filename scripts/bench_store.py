@@ -87,6 +87,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-tokens", type=int, default=32)
     parser.add_argument("--skip-sequential", action="store_true", help="leave out the run()-per-prompt baseline")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[None],
+                        help="collect's batch size(s); several: one collect each, timed in turn (default: collect's)")
+    parser.add_argument("--collect-only", action="store_true", help="leave out the tuned lens")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     root = pathlib.Path(args.dir)
@@ -98,18 +101,22 @@ def main() -> None:
         sites = client.sites("blocks.*.resid_post")
         print(f"model {info.name}, {info.n_layer} layers, n_embd {info.n_embd}; {len(train)} + {len(heldout)} prompts")
 
-        print(f"[collect] load before {load()}")
-        start = time.perf_counter()
-        store = client.collect(train, root / "train", sites="blocks.*.resid_post", positions=[-1], dtype="float16")
-        seconds = time.perf_counter() - start
-        mb = store.nbytes_on_disk() / 1e6
-        tokens = store.n_tokens
-        out["collect"] = {"prompts": len(store), "tokens": tokens, "seconds": seconds, "mb_on_disk": mb,
-                          "prompts_per_s": len(store) / seconds, "tokens_per_s": tokens / seconds,
-                          "load_after": load()}
-        print(f"[collect] {len(store)} prompts ({tokens} tokens) x {len(sites)} sites in {seconds:.1f} s: "
-              f"{len(store) / seconds:.1f} prompts/s, {tokens / seconds:.0f} tokens/s, {mb:.1f} MB on disk; "
-              f"load after {load()}")
+        out["collect"] = []
+        for batch_size in args.batch_size:
+            shutil.rmtree(root / "train", ignore_errors=True)
+            print(f"[collect, batch_size {batch_size or 'default'}] load before {load()}")
+            start = time.perf_counter()
+            store = client.collect(train, root / "train", sites="blocks.*.resid_post", positions=[-1],
+                                   dtype="float16", batch_size=batch_size)
+            seconds = time.perf_counter() - start
+            mb = store.nbytes_on_disk() / 1e6
+            tokens = store.n_tokens
+            out["collect"].append({"batch_size": store.manifest["batch_size"], "prompts": len(store), "tokens": tokens,
+                                   "seconds": seconds, "mb_on_disk": mb, "prompts_per_s": len(store) / seconds,
+                                   "tokens_per_s": tokens / seconds, "load_after": load()})
+            print(f"[collect, batch_size {store.manifest['batch_size']}] {len(store)} prompts ({tokens} tokens) x "
+                  f"{len(sites)} sites in {seconds:.1f} s: {len(store) / seconds:.1f} prompts/s, {tokens / seconds:.0f} "
+                  f"tokens/s, {mb:.1f} MB on disk; load after {load()}")
 
         if not args.skip_sequential:
             print(f"[run() one at a time] load before {load()}")
@@ -119,7 +126,11 @@ def main() -> None:
             sequential = time.perf_counter() - start
             out["sequential"] = {"seconds": sequential, "prompts_per_s": len(train) / sequential, "load_after": load()}
             print(f"[run() one at a time] {sequential:.1f} s: {len(train) / sequential:.1f} prompts/s "
-                  f"(collect is {sequential / seconds:.2f}x faster); load after {load()}")
+                  f"(the last collect: {sequential / seconds:.2f}x its speed); load after {load()}")
+        if args.collect_only:
+            if args.json:
+                pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
+            return
 
         held = client.collect(heldout, root / "heldout", sites="blocks.*.resid_post", positions=[-1], dtype="float16")
         print(f"[tuned lens] load before {load()}")
