@@ -9,6 +9,8 @@ from .core import LmscopeError
 from .interventions import Intervention, Patch
 from .results import Generation, ModelInfo, Run, TopK, Tokens
 from .steering import LayerScore, RefusalDirection
+from .store import ActivationStore
+from .tuned_lens import TunedLens
 
 __all__ = ["Client", "LmscopeError", "Intervention", "Patch", "Generation", "ModelInfo", "Run", "TopK", "Tokens",
-           "ControlVector", "LayerScore", "RefusalDirection"]
+           "ControlVector", "LayerScore", "RefusalDirection", "ActivationStore", "TunedLens"]

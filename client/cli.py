@@ -5,6 +5,7 @@
     lmscope rpc-worker [--port]  lend this host's CPU to a server that splits a model with --rpc
     lmscope info [--server A]    describe the model a server holds
     lmscope lens "PROMPT"        the logit lens of the prompt's last token, one line per layer
+    lmscope collect FILE DIR     activations of many prompts into an activation store (resumable)
     lmscope demo                 start a server on the default model and show what lmscope does
 
 Commands that talk to a server take `--server HOST:PORT` (default `$LMSCOPE_SERVER` or 127.0.0.1:50051).
@@ -64,6 +65,26 @@ def _lens(args) -> int:
     return 0
 
 
+def _collect(args) -> int:
+    from .client import Client
+    from .core import LmscopeError
+    from .store import read_prompts
+
+    positions = None if args.positions == "all" else [int(p) for p in args.positions.split(",")]
+    with Client(args.server) as client:
+        try:
+            store = client.collect(read_prompts(args.prompts), args.path, sites=args.sites.split(","),
+                                   positions=positions, dtype=args.dtype, chat=args.chat,
+                                   batch_size=args.batch_size, progress=not args.no_progress)
+        except (LmscopeError, ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    stats = store.stats
+    print(f"{store}\n{stats.computed} prompts computed, {stats.skipped} already stored, {stats.seconds:.1f} s, "
+          f"{stats.bytes_on_disk / 1e6:.1f} MB on disk")
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import demo
 
@@ -99,6 +120,20 @@ def main(argv: list[str] | None = None) -> int:
                       help="also show this token's probability and rank (repeatable; a word counts by its first token)")
     lens.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     lens.set_defaults(handler=_lens)
+
+    collect = commands.add_parser("collect", help="activations of many prompts into an activation store")
+    collect.add_argument("prompts", help="a text file (one prompt per line) or .jsonl (a string, a list of token "
+                                         "ids, or an object with a 'prompt' or 'text' field per line)")
+    collect.add_argument("path", help="the store's directory (created; an existing store is resumed)")
+    collect.add_argument("--server", default=default_server)
+    collect.add_argument("--sites", default="blocks.*.resid_post", help="comma-separated sites or globs")
+    collect.add_argument("--positions", default="-1",
+                         help="comma-separated positions, or 'all' (write --positions=-1,0 for a leading minus)")
+    collect.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    collect.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    collect.add_argument("--batch-size", type=int, default=None, help="prompts per request (default 64)")
+    collect.add_argument("--no-progress", action="store_true")
+    collect.set_defaults(handler=_collect)
 
     demo = commands.add_parser("demo", help="a short tour on the default model")
     demo.add_argument("--server", default=os.environ.get("LMSCOPE_SERVER"),

@@ -64,6 +64,9 @@ class LogitLens:
     """Logit lens over hidden states 0..n_layer (rows) and the returned positions (columns).
 
     top_ids / top_probs: (n_layer + 1, n_positions, top_k); entropy: (n_layer + 1, n_positions), in nats.
+    kl_to_final: (n_layer + 1, n_positions), KL(the model's final distribution || each hidden state's lens
+    distribution) in nats (server-side, in the lens's vocabulary pass; with a tuned lens, on the client's
+    float32 copy of the head: see `lmscope.client.tuned_lens`). The last row is 0.
     top_tokens[i][j]: the text of top_ids[i, j] (lists of strings). positions: the prompt positions of the
     columns; token_ids / prompt_tokens: the whole prompt's ids and their text.
     """
@@ -78,6 +81,8 @@ class LogitLens:
     temperature: float
     targets: dict[int, TargetTrace] = field(default_factory=dict)
     layers: list[str] = field(default_factory=list)
+    # (n_layer + 1, n_positions): KL(final distribution || each hidden state's) in nats, at the temperature
+    kl_to_final: np.ndarray | None = None
     decode_ms: float = 0.0  # server: the forward pass with capture (llama_decode)
     total_ms: float = 0.0   # server: the whole request, the lens reduction included
     # ids -> (probs, ranks, texts) of more targets, and word -> (first token id, multi_token)
@@ -217,7 +222,7 @@ class LensMixin:
 
     def logit_lens(self, prompt, *, top_k: int = 5, temperature: float = 1.0, targets: Sequence = (),
                    positions: Sequence[int] | None = None, affine: Affine | None = None,
-                   chat: bool = False) -> LogitLens:
+                   chat: bool = False, lens=None) -> LogitLens:
         """The logit lens of every hidden state (embedding + each block's output) at every position.
 
         prompt: text or token ids. top_k: tokens kept per cell. temperature: softmax temperature.
@@ -225,10 +230,20 @@ class LensMixin:
         positions: prompt positions to lens (default all; negative from the end).
         affine: optional per-hidden-state affine maps {i: (A_i, b_i)} (or a list indexed by i, None =
         identity) applied before the final norm: the tuned-lens hook (see the module docstring).
+        lens: a `TunedLens` (`fit_tuned_lens` / `TunedLens.load`) fitted on this model: its translators
+        become `affine`.
         """
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, not {temperature}")
         info = self.model_info()
+        if lens is not None:
+            if affine is not None:
+                raise ValueError("give a tuned lens or affine maps, not both")
+            fitted_on = lens.model.get("fingerprint")
+            if fitted_on and fitted_on != info.fingerprint:
+                raise ValueError(f"this tuned lens was fitted on model {fitted_on[:12]} ({lens.model.get('name')}); "
+                                 f"the server holds {info.fingerprint[:12]} ({info.name})")
+            affine = lens.affine()
         resolved = [first_token(self, t) for t in targets]
         target_ids = [r[0] for r in resolved]
         capture = ["embed"] + [f"blocks.{L}.resid_post" for L in range(info.n_layer)]
@@ -261,12 +276,30 @@ class LensMixin:
             top_ids=top_ids, top_probs=reduced["top_probs"],
             top_tokens=[[[pieces[int(t)] for t in cell] for cell in row] for row in top_ids],
             entropy=reduced["entropy"], temperature=temperature, layers=hidden_state_labels(info.n_layer),
+            kl_to_final=reduced.get("kl_to_final") if states is None else
+            self._kl_to_final_on_client(states, raw.hidden_states[-1], temperature),
             decode_ms=run.decode_ms, total_ms=run.total_ms,
             _fetch_targets=fetch_targets, _token_of=lambda word: first_token(self, word))
         for n, (token_id, multi) in enumerate(resolved):
             lens.targets[token_id] = TargetTrace(token_id, pieces[token_id], reduced["target_probs"][..., n],
                                                  reduced["target_ranks"][..., n], multi)
         return lens
+
+    def _kl_to_final_on_client(self, states: np.ndarray, final_states: np.ndarray, temperature: float) -> np.ndarray:
+        """KL(final || each row) for (n_layer + 1, n_positions, n_embd) states already translated, the final
+        distribution from the untranslated last hidden state: the affine path's `kl_to_final`, on the
+        client's copy of the head (`lens_head`), since Unembed requests carry no reference rows."""
+        from .tuned_lens import Targets, kl_rows
+
+        head = self.lens_head()
+        final = head.logits(final_states.astype(np.float32)) / np.float32(temperature)
+        final -= final.max(axis=-1, keepdims=True)
+        p = np.exp(final)
+        total = p.sum(axis=-1)
+        p /= total[:, None]
+        targets = Targets(p, np.einsum("ij,ij->i", p, final) - np.log(total))
+        kl = np.stack([kl_rows(targets, head.logits(layer) / np.float32(temperature)) for layer in states])
+        return np.maximum(kl, 0.0).astype(np.float32)
 
     def _lens_rows(self, states: np.ndarray, **spec) -> dict[str, np.ndarray]:
         """`lens_vectors` over (..., n_embd) states in requests of bounded size, reshaped back."""

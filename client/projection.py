@@ -7,6 +7,9 @@ it is small (prompts x n_embd per layer) and users want to refit at will.
 Layers are named as everywhere in lmscope: an int L is block L's output (`blocks.L.resid_post`, hidden
 state L + 1; negative L counts from the last block) and "embed" is the token embeddings (hidden state 0).
 
+Every analysis here also takes an `ActivationStore` instead of prompts (`lmscope.client.store`): the
+vectors are then read from disk, memory-mapped, and nothing is recomputed.
+
 Probes are linear and cross-validated (k folds, shuffled with a fixed seed, so the curve is
 reproducible): ridge regression with the penalty chosen by efficient leave-one-out inside each training
 fold (R^2 on the held-out fold, pooled over folds) for continuous targets, logistic regression for
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 from typing import Sequence, Union
 
 import numpy as np
+
+from .store import ActivationStore
 
 Layer = Union[int, str]
 RIDGE_ALPHAS = np.logspace(-2, 6, 17)
@@ -161,6 +166,21 @@ def probe_scores(features: np.ndarray, targets: np.ndarray, kind: str, folds: in
     return np.array([accuracy_score(targets, predicted)])
 
 
+def _n_layer(client, prompts) -> int:
+    return prompts.model["n_layer"] if isinstance(prompts, ActivationStore) else client.model_info().n_layer
+
+
+def store_residual_states(store: ActivationStore, layers, position: int | str = -1) -> dict[Layer, np.ndarray]:
+    """`residual_states` read from an activation store (no server, nothing recomputed)."""
+    keys, sites = layer_sites(layers, store.model["n_layer"])
+    missing = [site for site in sites if site not in store]
+    if missing:
+        raise ValueError(f"the store at {store.path} lacks {missing[:3]}{'...' if len(missing) > 3 else ''}; "
+                         f"it holds {store.sites[:3]}{'...' if len(store.sites) > 3 else ''}")
+    return {key: store.vectors(site, position, bos_token_id=store.model.get("bos_token_id"))
+            for key, site in zip(keys, sites)}
+
+
 class ProjectionMixin:
     """PCA / t-SNE projections and linear probes over many prompts (needs `CoreClient`'s methods)."""
 
@@ -170,7 +190,11 @@ class ProjectionMixin:
 
         position: a prompt position (default -1, the last token) or "mean" (the average over the
         prompt's tokens, leaving out a leading BOS, whose state is an outlier of huge norm).
+        prompts may be an `ActivationStore` (`Client.collect`): the states are read from it, nothing is
+        recomputed and no server is asked (position: one the store holds, or any for an every-position store).
         """
+        if isinstance(prompts, ActivationStore):
+            return store_residual_states(prompts, layers, position)
         keys, sites = layer_sites(layers, self.model_info().n_layer)
         if position != "mean" and not isinstance(position, (int, np.integer)):
             raise ValueError(f"position must be an int or 'mean', not {position!r}")
@@ -196,9 +220,10 @@ class ProjectionMixin:
         """Project each prompt's representation at `layer` (an int, "embed", or a list: one panel each).
 
         layer: default the middle block. method: "pca" or "tsne" (scikit-learn), fitted per layer.
+        prompts: texts / token ids, or an `ActivationStore` (read from disk, see `residual_states`).
         """
         if layer is None:
-            layer = self.model_info().n_layer // 2
+            layer = _n_layer(self, prompts) // 2
         if len(prompts) < max(2, n_components):
             raise ValueError(f"{len(prompts)} prompts cannot give {n_components} components")
         states = self.residual_states(prompts, layer, position=position, batch_size=batch_size, progress=progress,
@@ -218,6 +243,7 @@ class ProjectionMixin:
         (logistic regression, accuracy). kind: "auto" (floats -> regression, anything else ->
         classification), "regression" or "classification". layer: an int, "embed" or a list; default
         every hidden state (embed and every block), which draws the whole curve.
+        prompts: texts / token ids, or an `ActivationStore` (read from disk, see `residual_states`).
         """
         targets = np.asarray(targets)
         if len(targets) != len(prompts):
@@ -231,7 +257,8 @@ class ProjectionMixin:
         if not 2 <= folds <= len(prompts):
             raise ValueError(f"folds must be between 2 and the number of prompts ({len(prompts)}), not {folds}")
         if layer is None:
-            layer = ["embed"] + list(range(self.model_info().n_layer))
+            layer = (["embed"] if not isinstance(prompts, ActivationStore) or "embed" in prompts else []) + \
+                list(range(_n_layer(self, prompts)))
         states = self.residual_states(prompts, layer, position=position, batch_size=batch_size, progress=progress,
                                       chat=chat)
         values = targets.astype(np.float64) if kind == "regression" else targets

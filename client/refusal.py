@@ -78,6 +78,24 @@ def refusal_scores(logits: np.ndarray, refusal_ids: Sequence[int]) -> np.ndarray
     return log_p - np.log1p(-np.minimum(np.exp(log_p), 1 - 1e-12))
 
 
+def block_output_means(store, info, position: int | str, chat: bool) -> np.ndarray:
+    """(n_layer, n_embd) float64 mean over a store's prompts of each block's output at `position` (or the
+    token mean): the difference-in-means ingredients read from an `ActivationStore`, nothing recomputed."""
+    store.check_model(info.fingerprint)
+    if store.chat != chat:
+        raise ValueError(f"the store at {store.path} was collected with chat={store.chat}, but chat={chat} was "
+                         f"asked: the template changes the states, so collect again or pass chat={store.chat}")
+    sites = [f"blocks.{L}.resid_post" for L in range(info.n_layer)]
+    missing = [s for s in sites if s not in store]
+    if missing:
+        raise ValueError(f"the store at {store.path} lacks {missing[:3]}; collect sites='blocks.*.resid_post'")
+    if position != "mean" and not store.ragged and position not in store.request["positions"]:
+        raise ValueError(f"the store holds positions {store.request['positions']}, not {position}")
+    # bos_token_id=None: the token mean includes BOS, as `SteeringMixin._mean_block_outputs` computes it
+    return np.stack([store.vectors(site, position, bos_token_id=None).astype(np.float64).mean(axis=0)
+                     for site in sites])
+
+
 def _logsumexp(z: np.ndarray) -> np.ndarray:
     top = z.max(axis=-1, keepdims=True)
     return np.log(np.exp(z - top).sum(axis=-1)) + top[..., 0]

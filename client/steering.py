@@ -35,7 +35,8 @@ import numpy as np
 
 from . import interventions as iv
 from .progress import progress_bar
-from .refusal import refusal_scores, refusal_token_ids
+from .refusal import block_output_means, refusal_scores, refusal_token_ids
+from .store import ActivationStore
 
 
 @dataclass
@@ -104,7 +105,9 @@ class SteeringMixin:
                           progress: bool = True) -> RefusalDirection:
         """Difference-in-means refusal direction per layer, and the layer whose direction steers best.
 
-        harmful / harmless: prompts (text, or token ids with chat=False), e.g. `refusal.load_prompts`.
+        harmful / harmless: prompts (text, or token ids with chat=False), e.g. `refusal.load_prompts`, or
+            `ActivationStore`s of them (`Client.collect`): the means are then read from disk, and the
+            steering tests use the stores' prompts.
         chat: wrap text prompts in the model's chat template.
         position: the token to read (-1 = last, negative from the end) or "mean" over the prompt.
         layers: the candidate layers to score (default: below max_layer_fraction of the depth).
@@ -113,8 +116,8 @@ class SteeringMixin:
         refusal_tokens: token ids a refusal starts with (default: `refusal.refusal_token_ids`).
         See the module docstring for the method.
         """
-        harmful, harmless = list(harmful), list(harmless)
-        if not harmful or not harmless:
+        harmful, harmless = [x if isinstance(x, ActivationStore) else list(x) for x in (harmful, harmless)]
+        if not len(harmful) or not len(harmless):
             raise ValueError("need at least one harmful and one harmless prompt")
         if position != "mean" and (isinstance(position, bool) or not isinstance(position, (int, np.integer))):
             raise ValueError(f"position must be a token index or 'mean', not {position!r}")
@@ -139,8 +142,9 @@ class SteeringMixin:
         if bad:
             raise ValueError(f"candidate layer {bad[0]} is out of range: the model has {n_layer} blocks (0..{n_layer - 1})")
         start = time.perf_counter()
-        self._select_layer(result, layers, list(val_harmful if val_harmful is not None else harmful),
-                           list(val_harmless if val_harmless is not None else harmless),
+        prompts = {id(x): x.prompts if isinstance(x, ActivationStore) else x for x in (harmful, harmless)}
+        self._select_layer(result, layers, list(val_harmful if val_harmful is not None else prompts[id(harmful)]),
+                           list(val_harmless if val_harmless is not None else prompts[id(harmless)]),
                            list(refusal_tokens) if refusal_tokens is not None else refusal_token_ids(self),
                            max_kl, chat, batch_size, progress)
         result.seconds_selection = time.perf_counter() - start
@@ -150,6 +154,10 @@ class SteeringMixin:
 
     def _mean_block_outputs(self, prompts: list, position, chat: bool, batch_size: int, bar) -> np.ndarray:
         """(n_layer, n_embd) float64 mean over prompts of each block's output at `position` (or token mean)."""
+        if isinstance(prompts, ActivationStore):
+            means = block_output_means(prompts, self.model_info(), position, chat)
+            bar.update(len(prompts))
+            return means
         sites = [f"blocks.{L}.resid_post" for L in range(self.n_layer)]
         total = np.zeros((self.n_layer, self.model_info().n_embd), np.float64)
         for start in range(0, len(prompts), batch_size):
