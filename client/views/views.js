@@ -43,12 +43,15 @@ function lmscopeView(kind, root) {
     return t.replace(/\\n/g, "↵").replace(/\\t/g, "⇥").replace(/\\r/g, "␍").replace(/ /g, "␣");
   }
   // A token in running text: spaces stay spaces, a newline shows as ↵ and breaks the line.
-  // A character split over several tokens is labelled X[i/n]: its first piece shows X, the others a dot.
+  // A character split over several tokens is labelled X[i/n]: its first piece shows X; a token holding only
+  // later pieces shows as a narrow shaded sliver (class "cont"), so the text reads as written.
+  const continuation = (t) => /^((.)\[(\d+)\/(\d+)\])+$/u.test(t) && !/\[1\/\d+\]/.test(t);
   const flow = (t) => t.replace(/(.)\[(\d+)\/(\d+)\]/gu, (m, c, i) => (i === "1" ? c : "·"))
     .replace(/\\n/g, "↵").replace(/\\t/g, "⇥").replace(/\\r/g, "␍");
   const breaks = (t) => /\\n/.test(t);
   function short(t, n) { const a = Array.from(t); return a.length > n ? a.slice(0, n - 1).join("") + "…" : t; }
   function tok(t) { return el("span", "tok", shown(t)); }
+  function textToken(t) { return continuation(t) ? el("span", "s cont") : el("span", "s", flow(t)); }
   function legend(ramp, lo, hi, name) {
     const g = el("span", "legend");
     const bar = el("span", "ramp");
@@ -186,7 +189,7 @@ function lmscopeView(kind, root) {
     const left = el("div");
     add(root, bar, thumbs, main);
     add(main, left, panel);
-    let grid = [], s1 = [], s2 = [];
+    let grid = [], s1 = [], s2 = [], colLabs = [], rowLabs = [];
     function controls() {
       bar.textContent = "";
       add(bar, select("layer", d.layers.map((L, n) => [n, String(L)]), li, (v) => { li = +v; draw(); }),
@@ -221,13 +224,16 @@ function lmscopeView(kind, root) {
       g.style.gridTemplateColumns = `max-content repeat(${T}, ${size}px)`;
       g.style.gap = "0";
       g.appendChild(el("div", "axis", "query ↓ key →"));
+      colLabs = []; rowLabs = [];
       for (let k = 0; k < T; k++) {
         const lab = el("div", "lab col vert top", size >= 13 ? short(shown(d.tokens[k]), 10) : "");
         g.appendChild(lab);
+        colLabs.push(lab);
       }
       grid = [];
       for (let q = 0; q < T; q++) {
         const lab = el("div", "lab row", short(shown(d.tokens[q]), 12));
+        rowLabs.push(lab);
         lab.style.lineHeight = size + "px"; lab.style.fontSize = Math.min(11, size) + "px";
         g.appendChild(lab);
         for (let k = 0; k < T; k++) {
@@ -251,7 +257,7 @@ function lmscopeView(kind, root) {
       showToken(Math.min(focus, T - 1));
     }
     function stripToken(t, i) {
-      const n = el("span", "s", flow(t));
+      const n = textToken(t);
       n.dataset.i = i;
       return n;
     }
@@ -261,6 +267,8 @@ function lmscopeView(kind, root) {
         paint(s2[k], "blues", p(li, hi, k, i));
         s1[k].classList.toggle("on", k === i);
         s2[k].classList.toggle("on", k === i);
+        rowLabs[k].classList.toggle("sel", k === i);
+        colLabs[k].classList.toggle("sel", k === i);
       }
     }
     function ranked(values) {
@@ -315,7 +323,7 @@ function lmscopeView(kind, root) {
         const box = el("div", "prompt strip");
         box.appendChild(el("span", "pn", `#${n}`));
         pr.tokens.forEach((t, i) => {
-          const s = el("span", "s", flow(t));
+          const s = textToken(t);
           s.dataset.p = n; s.dataset.i = i;
           paint(s, "burd", 0.5 + act(n, i) / (2 * scale));
           box.appendChild(s);
