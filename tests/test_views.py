@@ -111,6 +111,17 @@ def test_attention_data_is_the_causal_part_in_units_of_1e4(attention):
     assert np.all(attention.probs[:, :, cols, rows][:, :, rows != cols] == 0)  # what is left out is exactly 0
 
 
+def test_cli_lens_html_writes_the_view_of_every_position(client, tiny_server, tmp_path, capsys):
+    from lmscope.client.cli import main
+
+    page = tmp_path / "lens.html"
+    assert main(["lens", PROMPT, "--server", tiny_server.address, "--html", str(page)]) == 0
+    data = data_of(page.read_text(encoding="utf-8"))
+    n_tokens = len(client.tokenize(PROMPT).token_ids)
+    assert data["positions"] == list(range(n_tokens)) and len(data["layers"]) == client.model_info().n_layer + 1
+    assert f"position {n_tokens - 1}" in capsys.readouterr().out  # the table of the last position, as before
+
+
 # ----- in the browser -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,8 @@ def fragment(kind: str, data: dict, title: str) -> str:
             f"<style>{_asset('views.css')}</style>"
             f'<div class="lmv-title">{html.escape(title)}</div>'
             f'<script type="application/json" class="lmv-data">{payload}</script>'
-            f'<noscript>This lmscope view needs JavaScript.</noscript>'
+            f'<div class="lmv-fallback">This view is drawn by its inline script: in JupyterLab trust the notebook, or '
+            f'open the page <code>.to_html(path)</code> writes in a browser.</div>'
             f"<script>{script}</script></div>")
 
 

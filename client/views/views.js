@@ -6,6 +6,7 @@ function lmscopeView(kind, root) {
   if (!root || root.dataset.rendered) return;
   root.dataset.rendered = "1";
   const d = JSON.parse(root.querySelector("script.lmv-data").textContent);
+  root.querySelectorAll(".lmv-fallback").forEach((n) => n.remove());
 
   // ----- helpers ---------------------------------------------------------------------------------
   const RAMPS = {
