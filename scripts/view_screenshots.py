@@ -54,9 +54,9 @@ def measure(driver, name: str, build, page: pathlib.Path, repeats: int = 3) -> s
         start = time.perf_counter()
         build(page)
         build_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
         browser.open_page(driver, page)
-        load_s.append(time.perf_counter() - start)
+        # The scripts are inline and synchronous: the view is drawn before the load event ends.
+        load_s.append(driver.execute_script("return performance.getEntriesByType('navigation')[0].loadEventEnd") / 1e3)
     size = page.stat().st_size
     return (f"| {name} | {size / 1024:.0f} KB | {statistics.median(build_s) * 1e3:.0f} ms | "
             f"{statistics.median(load_s) * 1e3:.0f} ms |")
@@ -123,7 +123,7 @@ def main() -> int:
             ]
             load = os.getloadavg()
             print(f"\n{info.name}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; pages in {out}\n")
-            print("| view | file | build (Python) | load + render (chromium) |\n| --- | --- | --- | --- |")
+            print("| view | file | build (Python) | load + draw (chromium, to the load event) |\n| --- | --- | --- | --- |")
             print("\n".join(rows))
     finally:
         if server is not None:

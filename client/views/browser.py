@@ -66,7 +66,7 @@ def open_page(driver, path) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(pathlib.Path(path).resolve().as_uri())
-    WebDriverWait(driver, 20).until(lambda d: d.execute_script(
+    WebDriverWait(driver, 20, poll_frequency=0.05).until(lambda d: d.execute_script(
         "const v = document.querySelectorAll('div.lmv');"
         "return v.length > 0 && [...v].every((n) => n.dataset.rendered === '1');"))
 
