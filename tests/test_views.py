@@ -231,3 +231,21 @@ def test_patch_view_in_the_browser(driver, pages, sweep):
         hover(driver, f'.g .c[data-i="{i}"][data-j="{j}"]')
         assert close(texts(driver, ".panel td.value")[0], sweep.values[i, j])
         assert close(texts(driver, ".panel td.restored")[0], normalized[i, j])
+
+
+def test_several_views_share_one_page_as_in_a_notebook(driver, tmp_path, lens, attention, neurons, sweep):
+    """Fragments side by side (a notebook's outputs), the same result twice: each draws in its own box."""
+    from selenium.webdriver.common.by import By
+
+    from lmscope.client.views import write
+
+    fragments = [r._repr_html_() for r in (lens, attention, neurons, sweep, lens)]
+    page = tmp_path / "notebook.html"
+    write("\n".join(fragments), "several views", page)
+    load(driver, page)
+    boxes = driver.find_elements(By.CSS_SELECTOR, "div.lmv")
+    assert [b.get_attribute("data-kind") for b in boxes] == ["lens", "attention", "neurons", "patch", "lens"]
+    assert all(b.find_elements(By.CSS_SELECTOR, ".panel") for b in boxes)  # every one drawn, the twin too
+    hover(driver, 'div.lmv[data-kind="patch"] .g .c[data-i="1"][data-j="2"]')
+    value = boxes[3].find_element(By.CSS_SELECTOR, ".panel td.value").text
+    assert close(value, sweep.values[1, 2])

@@ -21,7 +21,6 @@ import json
 import math
 import pathlib
 from functools import lru_cache
-from typing import Iterable
 
 import numpy as np
 
@@ -93,7 +92,3 @@ def write(fragment_html: str, title: str, path=None) -> str:
     if path is not None:
         pathlib.Path(path).write_text(page, encoding="utf-8")
     return page
-
-
-def label_list(labels: Iterable[str]) -> list[str]:
-    return [str(label) for label in labels]
