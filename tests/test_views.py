@@ -249,3 +249,26 @@ def test_several_views_share_one_page_as_in_a_notebook(driver, tmp_path, lens, a
     hover(driver, 'div.lmv[data-kind="patch"] .g .c[data-i="1"][data-j="2"]')
     value = boxes[3].find_element(By.CSS_SELECTOR, ".panel td.value").text
     assert close(value, sweep.values[1, 2])
+
+
+def test_views_draw_where_a_front_end_evaluates_their_scripts_out_of_place(driver, tmp_path, lens):
+    """Classic Notebook inserts output HTML and evaluates its scripts with eval (no currentScript): the
+    fragment then finds its own container by content hash, the first one not yet drawn, twins included."""
+    from selenium.webdriver.common.by import By
+
+    from lmscope.client.views import write
+
+    page = tmp_path / "blank.html"
+    write("", "blank", page)
+    driver.get(page.resolve().as_uri())
+    driver.execute_script("""
+        for (const html of arguments[0]) {
+          const box = document.createElement("div");
+          box.innerHTML = html;                       // scripts inserted this way do not run ...
+          document.body.appendChild(box);
+          box.querySelectorAll("script:not([type])").forEach((s) => window.eval(s.textContent));  // ... eval does
+        }""", [lens._repr_html_(), lens._repr_html_()])
+    boxes = driver.find_elements(By.CSS_SELECTOR, "div.lmv")
+    assert [b.get_attribute("data-rendered") for b in boxes] == ["1", "1"]
+    assert all(b.find_elements(By.CSS_SELECTOR, ".g .c") for b in boxes)
+    assert browser.console_messages(driver) == []

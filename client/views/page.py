@@ -7,8 +7,8 @@ server, no external font: tokens use the browser's own monospace and CJK fonts.
 
 Several views can share one notebook page: the style is scoped to `.lmv`, the data sits in the
 fragment's own ``<script type="application/json">``, and the script finds its container through
-`document.currentScript` (or, where a front end evaluates scripts out of place, through the fragment's
-content hash, `data-view`).
+`document.currentScript` (or, where a front end evaluates scripts out of place, as the first not yet
+drawn container with the fragment's content hash, `data-view`).
 
 Data size. Floats are written with as many significant digits as the eye and a hover read-out need
 (`numbers`), and flat arrays replace nested ones; see docs/views.md for the sizes this gives.
@@ -69,7 +69,8 @@ def fragment(kind: str, data: dict, title: str) -> str:
     payload = to_json(data)
     key = hashlib.sha256(f"{kind}\0{payload}".encode()).hexdigest()[:16]
     script = (_asset("views.js") + f"\nlmscopeView({json.dumps(kind)}, document.currentScript ? "
-              f"document.currentScript.parentElement : document.querySelector('div.lmv[data-view=\"{key}\"]'));\n")
+              f"document.currentScript.parentElement : Array.from(document.querySelectorAll("
+              f"'div.lmv[data-view=\"{key}\"]')).find((n) => !n.dataset.rendered));\n")
     return (f'<div class="lmv" data-kind="{kind}" data-view="{key}">'
             f"<style>{_asset('views.css')}</style>"
             f'<div class="lmv-title">{html.escape(title)}</div>'
