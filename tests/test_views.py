@@ -111,6 +111,16 @@ def test_attention_data_is_the_causal_part_in_units_of_1e4(attention):
     assert np.all(attention.probs[:, :, cols, rows][:, :, rows != cols] == 0)  # what is left out is exactly 0
 
 
+def test_neuron_activations_are_the_chosen_columns_of_the_capture(client, neurons):
+    for prompt, tokens, acts in zip([PROMPT, "A second prompt"], neurons.tokens, neurons.activations):
+        whole = client.neurons(prompt, layer=2)
+        assert tokens == whole.tokens
+        # a batch of two prompts against a run of one: float32 sums in another order, as in test_foundation
+        np.testing.assert_allclose(acts, whole.activations[:, [5, 17, 100]], rtol=1e-5, atol=1e-5)
+    assert [p.neuron for p in neurons.projections] == [5, 17, 100]
+    np.testing.assert_array_equal(neurons.projections[1].top_ids, client.neuron_top_tokens(2, 17, k=4).top_ids)
+
+
 def test_cli_lens_html_writes_the_view_of_every_position(client, tiny_server, tmp_path, capsys):
     from lmscope.client.cli import main
 
