@@ -82,6 +82,18 @@ class PatchSweep:
                        colorbar_label="restored fraction" if normalized else self.metric_name,
                        cmap="RdBu", vmin=-limit, vmax=limit, ax=ax, save=save)
 
+    def to_html(self, path=None, *, normalized: bool = False) -> str:
+        """The patching view (`lmscope.client.views`): the layer x position grid with values on hover; a
+        self-contained page, written to `path` if given."""
+        from .views import patch_html, write
+
+        return write(patch_html(self, normalized=normalized), f"activation patching of {self.site}", path)
+
+    def _repr_html_(self) -> str:
+        from .views import patch_html
+
+        return patch_html(self)
+
     def __repr__(self) -> str:
         return (f"PatchSweep({self.site}, {len(self.layers)} layers x {len(self.positions)} positions, "
                 f"{self.metric_name}: clean {self.clean_value:.3f}, corrupted {self.corrupted_value:.3f})")

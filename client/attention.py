@@ -68,6 +68,19 @@ class Attention:
                        ylabel="query token", colorbar_label="probability", cmap="magma", vmin=0.0, vmax=1.0,
                        ax=ax, save=save)
 
+    def to_html(self, path=None, *, layer: int | None = None, head: int | None = None) -> str:
+        """The attention view (`lmscope.client.views`): every layer held (pick one), all heads of a layer as
+        small multiples, one head large; a self-contained page, written to `path` if given. layer / head:
+        what it shows first."""
+        from .views import attention_html, write
+
+        return write(attention_html(self, layer=layer, head=head), "lmscope attention", path)
+
+    def _repr_html_(self) -> str:
+        from .views import attention_html
+
+        return attention_html(self)
+
     def __repr__(self) -> str:
         return (f"Attention({len(self.tokens)} tokens, layers {self.layers}, {len(self.heads)} heads; "
                 f"probs {tuple(self.probs.shape)})")

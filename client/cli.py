@@ -57,11 +57,14 @@ def _lens(args) -> int:
     with Client(args.server) as client:
         try:
             lens = client.logit_lens(args.prompt, top_k=args.top_k, temperature=args.temperature,
-                                     targets=args.target, positions=[args.position], chat=args.chat)
+                                     targets=args.target, positions=None if args.html else [args.position],
+                                     chat=args.chat)
         except (LmscopeError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(lens.table(position=args.position))
+        if args.html:
+            lens.to_html(args.html)
     return 0
 
 
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     lens.add_argument("--target", action="append", default=[],
                       help="also show this token's probability and rank (repeatable; a word counts by its first token)")
     lens.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    lens.add_argument("--html", metavar="PATH", help="also write the interactive view of every position to PATH")
     lens.set_defaults(handler=_lens)
 
     collect = commands.add_parser("collect", help="activations of many prompts into an activation store")

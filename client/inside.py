@@ -23,7 +23,7 @@ from .activation_patching import IDENTITY_PROMPT, Metric, Patchscope, PatchSweep
 from .attention import Attention
 from .core import LmscopeError
 from .interventions import Intervention, Patch
-from .neurons import Hit, Neurons, NeuronTokens, TopActivating
+from .neurons import Hit, NeuronActivations, Neurons, NeuronTokens, TopActivating
 from .progress import progress_bar
 from .token_labels import snippet, token_labels
 from .wire import lmscope_pb2 as pb
@@ -111,6 +111,19 @@ class InsideMixin:
         return NeuronTokens(layer=layer, neuron=neuron,
                             top_ids=ids[0], top_tokens=labels[:k], top_logits=logits[0],
                             bottom_ids=ids[1], bottom_tokens=labels[k:], bottom_logits=logits[1])
+
+    def neuron_activations(self, prompts, layer: int, neurons: int | Sequence[int], k: int = 8, *,
+                           chat: bool = False) -> NeuronActivations:
+        """`neurons` of `layer` at every token of `prompts` (a text, token ids, or a list of them), with each
+        neuron's promoted and suppressed tokens (`neuron_top_tokens`, `k` each): what the neuron view shows
+        (``.to_html(path)``, or the result itself in a notebook)."""
+        site = f"blocks.{self._check_layer(layer)}.mlp.post"
+        chosen = [self._check_neuron(n) for n in ([neurons] if isinstance(neurons, (int, np.integer)) else neurons)]
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+        runs = self.run_batch([prompts] if single else list(prompts), capture=[site], logits=False, chat=chat)
+        return NeuronActivations(layer=layer, neurons=chosen, tokens=[self.token_labels(r.token_ids) for r in runs],
+                                 activations=[r.captures[site][:, chosen] for r in runs],
+                                 projections=[self.neuron_top_tokens(layer, n, k=k) for n in chosen])
 
     def top_activating(self, prompts: Sequence, layer: int, neuron: int, k: int = 10, *, batch_size: int = 32,
                        context: int = 6, skip_bos: bool = True, progress: bool = True) -> TopActivating:

@@ -83,6 +83,7 @@ class LogitLens:
     layers: list[str] = field(default_factory=list)
     # (n_layer + 1, n_positions): KL(final distribution || each hidden state's) in nats, at the temperature
     kl_to_final: np.ndarray | None = None
+    token_pieces: dict[int, bytes] = field(default_factory=dict, repr=False)  # raw bytes of every id above, for views
     decode_ms: float = 0.0  # server: the forward pass with capture (llama_decode)
     total_ms: float = 0.0   # server: the whole request, the lens reduction included
     # ids -> (probs, ranks, texts) of more targets, and word -> (first token id, multi_token)
@@ -164,6 +165,19 @@ class LogitLens:
                                   cmap=cmap, vmin=limits[0], vmax=limits[1], top_labels=next_text,
                                   title="logit lens" if title is None else title, save=save)
 
+    def to_html(self, path=None, *, color: str | int = "prob") -> str:
+        """The logit-lens view (`lmscope.client.views`): the layers x positions grid, hover a cell for its
+        top-k; a self-contained page, written to `path` if given. color: "prob", "entropy" or a target
+        token (text or id), the colouring it opens with (every target the result holds can be picked)."""
+        from .views import lens_html, write
+
+        return write(lens_html(self, color=color), "lmscope logit lens", path)
+
+    def _repr_html_(self) -> str:
+        from .views import lens_html
+
+        return lens_html(self)
+
     def __repr__(self) -> str:
         return (f"LogitLens({len(self.layers)} hidden states x {len(self.positions)} positions, "
                 f"top_k={self.top_ids.shape[2]}, targets={[t.token for t in self.targets.values()]})")
@@ -215,6 +229,12 @@ def token_texts(client, ids) -> dict[int, str]:
     """The text of each distinct token id, in one Detokenize request."""
     unique = [int(t) for t in np.unique(np.asarray(ids, dtype=np.int64))]
     return dict(zip(unique, client.tokenize_pieces(unique)))
+
+
+def token_bytes(client, ids) -> dict[int, bytes]:
+    """The raw bytes of each distinct token id, in one Detokenize request."""
+    unique = [int(t) for t in np.unique(np.asarray(ids, dtype=np.int64))]
+    return dict(zip(unique, client._unary("Detokenize", pb.DetokenizeRequest(token_ids=unique)).pieces))
 
 
 class LensMixin:
@@ -270,7 +290,8 @@ class LensMixin:
             return more["target_probs"], more["target_ranks"], self.tokenize_pieces(ids)
 
         top_ids = reduced["top_ids"]
-        pieces = token_texts(self, np.concatenate([top_ids.reshape(-1), run.token_ids, target_ids]))
+        piece_bytes = token_bytes(self, np.concatenate([top_ids.reshape(-1), run.token_ids, target_ids]))
+        pieces = {t: piece.decode("utf-8", "replace") for t, piece in piece_bytes.items()}
         lens = LogitLens(
             token_ids=run.token_ids, positions=run.positions, prompt_tokens=[pieces[t] for t in run.token_ids],
             top_ids=top_ids, top_probs=reduced["top_probs"],
@@ -278,7 +299,7 @@ class LensMixin:
             entropy=reduced["entropy"], temperature=temperature, layers=hidden_state_labels(info.n_layer),
             kl_to_final=reduced.get("kl_to_final") if states is None else
             self._kl_to_final_on_client(states, raw.hidden_states[-1], temperature),
-            decode_ms=run.decode_ms, total_ms=run.total_ms,
+            token_pieces=piece_bytes, decode_ms=run.decode_ms, total_ms=run.total_ms,
             _fetch_targets=fetch_targets, _token_of=lambda word: first_token(self, word))
         for n, (token_id, multi) in enumerate(resolved):
             lens.targets[token_id] = TargetTrace(token_id, pieces[token_id], reduced["target_probs"][..., n],

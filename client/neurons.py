@@ -87,3 +87,29 @@ class TopActivating:
         lines += [f"  {h.activation:>10.3f} {h.prompt:>6} {h.position:>4}  {h.token!r:<16} {h.context}"
                   for h in self.hits]
         return "\n".join(lines)
+
+
+@dataclass
+class NeuronActivations:
+    """Chosen neurons of one layer over several prompts: each token's activation and each neuron's
+    promoted / suppressed tokens. `Client.neuron_activations` returns it; it renders as the neuron view."""
+    layer: int
+    neurons: list[int]
+    tokens: list[list[str]]          # per prompt: a readable label per token
+    activations: list[np.ndarray]    # per prompt: (n_tokens, len(neurons))
+    projections: list[NeuronTokens]  # per neuron: its value vector through the LM head
+
+    def to_html(self, path=None, *, neuron: int | None = None) -> str:
+        """The neuron view (`lmscope.client.views`) as a self-contained page, written to `path` if given."""
+        from .views import neurons_html, write
+
+        return write(neurons_html(self, neuron=neuron), f"neurons of layer {self.layer}", path)
+
+    def _repr_html_(self) -> str:
+        from .views import neurons_html
+
+        return neurons_html(self)
+
+    def __repr__(self) -> str:
+        return (f"NeuronActivations(layer {self.layer}, neurons {self.neurons}, {len(self.tokens)} prompts, "
+                f"{sum(len(t) for t in self.tokens)} tokens)")

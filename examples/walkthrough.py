@@ -203,6 +203,20 @@ latent = c.latent_language('Français: "fleur" - 中文: "', target="花", pivot
 print(latent)
 save(latent.plot(), "latent_language")
 
+# %% [markdown]
+# The same lens to explore (`lmscope.client.views`): hover a cell for that layer's top-k with
+# probabilities and the targets' ranks; the framed cells predict the real next token. A notebook shows the
+# result itself; a script writes the page (self-contained, no network) to open in a browser.
+
+# %%
+import tempfile
+
+VIEWS = pathlib.Path(tempfile.mkdtemp(prefix="lmscope-views-"))
+explore = c.logit_lens("The capital of France is Paris. The capital of Germany is", targets=[" Berlin", " Paris"])
+explore.to_html(VIEWS / "logit_lens.html")
+print(f"wrote {VIEWS / 'logit_lens.html'}")
+explore
+
 
 # %% [markdown]
 # ## 8. Patchscopes: what does a hidden state mean? (arXiv 2401.06102)
@@ -216,6 +230,18 @@ for source in ["Diana, Princess of Wales", "Barack Obama", "the Eiffel Tower in 
     ps = c.patchscope(source=source, source_layer=8, source_position=-1, target=target, target_layer=3,
                       target_position=-1, max_tokens=12)
     print(f"{source!r:32} -> {ps.text!r}")
+
+# %% [markdown]
+# Activation patching (causal tracing) asks where the model keeps what it needs: the clean run's hidden
+# state at one (layer, position) is patched into the corrupted run, and the score is how much of the clean
+# answer comes back (1 = all of it). Look for: the subject token carries it through the early and middle
+# layers, then the last position does. Hover a cell for its value.
+
+# %%
+sweep = c.patch_sweep("The capital of France is", "The capital of Italy is")
+sweep.to_html(VIEWS / "patch_sweep.html", normalized=True)
+print(f"wrote {VIEWS / 'patch_sweep.html'}")
+sweep
 
 
 # %% [markdown]
@@ -234,3 +260,21 @@ neurons = c.neurons("The capital of France is Paris", layer=20)
 strongest = int(neurons.top(position=-1, k=1)[0][0])
 print(f"layer 20: neuron {strongest} fires most on the last token; its value vector through the LM head:")
 print(c.neuron_top_tokens(layer=20, neuron=strongest, k=8))
+
+# %% [markdown]
+# To explore: every head of a layer as small multiples (hover one to enlarge it; hover a token to see
+# where it attends and who attends to it), and the neuron's activation over a few texts beside the tokens
+# it promotes.
+
+# %%
+heads = c.attention("The cat sat on the mat because it was tired, and the cat slept.", layers=[16])
+heads.to_html(VIEWS / "attention.html")
+print(f"wrote {VIEWS / 'attention.html'}")
+heads
+
+# %%
+memory = c.neuron_activations(["The capital of France is Paris", "Berlin is the capital of Germany",
+                               "The cat sat on the mat"], layer=20, neurons=[strongest])
+memory.to_html(VIEWS / "neurons.html")
+print(f"wrote {VIEWS / 'neurons.html'}")
+memory

@@ -160,6 +160,14 @@ if ! fc-list :lang=zh 2>/dev/null | grep -q . && [ "$(id -u)" = 0 ] && command -
         && done_step || say "  could not install it; plots will show Chinese tokens as escapes"
 fi
 
+# --- 4b. chromium + chromedriver, for the browser tests of the HTML views (optional: they skip without it) ---
+if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+        && command -v apt-get >/dev/null 2>&1; then
+    step "headless browser for the views' tests (chromium, chromium-driver)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } >/dev/null 2>&1 \
+        && done_step || say "  could not install them; the browser tests of tests/test_views.py will skip"
+fi
+
 # --- 5. default model ------------------------------------------------------------------------------------
 step "default model"
 "$VENV/bin/lmscope" pull
