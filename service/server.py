@@ -252,12 +252,12 @@ def serve(args: argparse.Namespace) -> int:
           f"{server.model_path} on {server.address} [{server.pool.size} worker(s), ready in "
           f"{time.perf_counter() - server.started:.1f} s]", flush=True)
     # What the start-up verification refused (service/verification.py), so that nobody has to guess.
-    print(f"lmscope: sites placed by the {info.get('site_rules') or '?'} rules; "
-          f"{len(info['capture_sites'])} offered, verified at start-up", flush=True)
-    for site, reason in sorted(info.get("unavailable_sites", {}).items()):
+    print(f"lmscope: sites placed by the {info.site_rules or '?'} rules; "
+          f"{len(info.capture_sites)} offered, verified at start-up", flush=True)
+    for site, reason in sorted(info.unavailable_sites.items()):
         print(f"lmscope: not offered: {site}: {reason}", flush=True)
-    if info.get("unembed_error"):
-        print(f"lmscope: lens disabled: {info['unembed_error']}", flush=True)
+    if info.unembed_error:
+        print(f"lmscope: lens disabled: {info.unembed_error}", flush=True)
     # A server started by launch_server() stops when the process that started it is gone, however it went.
     parent = os.environ.get("LMSCOPE_EXIT_WITH_PARENT")
     while not stop.wait(1.0):
