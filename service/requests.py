@@ -84,7 +84,7 @@ class RequestParser:
         if not patterns:
             return []
         try:
-            chosen = select_sites(self.sites, patterns, self.info.get("unavailable_sites"))
+            chosen = select_sites(self.sites, patterns, dict(self.info.unavailable_sites))
         except KeyError as exc:
             _fail("INVALID_ARGUMENT", f"{what}: {exc.args[0]}")
         if len(chosen) > MAX_SITES_PER_REQUEST:
