@@ -23,14 +23,14 @@ import numpy as np
 
 import llama_cpp as lc
 
+from lmscope.client.sites import all_site_names
+
 from . import generation
 from .architectures import embedding_scale
 from .batching import Cancelled, Contexts, collect_logits
 from .capture import CapturePass, Intervention, resolve_positions
 from .contracts import EngineConfig
 from .errors import RequestError
-from lmscope.client.sites import all_site_names
-
 from .graph_sites import SiteRules, is_pattern_site
 from .memory import expected_memory
 from .model import Model
