@@ -111,7 +111,10 @@ def select_sites(available: Iterable[str], selection: SiteFilter, unavailable: M
         if any(c in pattern for c in "*?["):
             matched = fnmatch.filter(available, pattern)
             if not matched:
-                raise KeyError(f"no capture site matches {pattern!r}")
+                why = sorted({f"{name}: {reason}" for name, reason in (unavailable or {}).items()
+                              if fnmatch.fnmatch(name.replace("*", "0"), pattern)})
+                raise KeyError(f"no capture site matches {pattern!r}"
+                               + (f"; this model does not offer {'; '.join(why)}" if why else ""))
             chosen.update(matched)
         elif pattern in available:
             chosen.add(pattern)

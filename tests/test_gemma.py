@@ -62,6 +62,8 @@ def test_missing_site_names_the_reason_and_the_sites_that_exist(gemma_client):
     with pytest.raises(LmscopeError) as error:
         gemma_client.run(PROMPT, capture=["blocks.0.attn.scores"])
     assert "scales q" in str(error.value) and "attn.pattern" in str(error.value)
+    with pytest.raises(LmscopeError, match="scales q"):
+        gemma_client.run(PROMPT, capture="blocks.*.attn.scores")
 
 
 def test_residual_identities_hold_at_every_layer(gemma_client, streams):
