@@ -26,8 +26,9 @@ What the file contains:
 
 ``weight_type`` chooses how the matrices (and stacks of expert matrices) are stored: ``"f32"``, ``"f16"``
 or ``"q8_0"`` (quantized with :func:`gguf.quants.quantize`; it needs ``n_embd`` and ``n_ff`` to be
-multiples of 32). Norm weights, biases and the shared-expert gate vector are always F32. ``tied=True`` leaves out ``output.weight``: llama.cpp then uses ``token_embd.weight`` as
-the output matrix.
+multiples of 32). Norm weights, biases and the shared-expert gate vector are always F32. ``tied=True``
+leaves out ``output.weight``: llama.cpp then uses ``token_embd.weight`` as the output matrix (the default
+for Gemma, the only layout gemma2 loads).
 
 Example::
 
