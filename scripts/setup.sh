@@ -160,7 +160,18 @@ if ! fc-list :lang=zh 2>/dev/null | grep -q . && [ "$(id -u)" = 0 ] && command -
         && done_step || say "  could not install it; plots will show Chinese tokens as escapes"
 fi
 
-# --- 5. default model ------------------------------------------------------------------------------------
+# --- 5. openssl, which the TLS tests use to make certificates ------------------------------------------------
+if ! command -v openssl >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        step "openssl (the TLS tests make certificates with it)"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl; } >/dev/null 2>&1 \
+            && done_step || say "  could not install openssl; the TLS tests will fail until it is installed"
+    else
+        say "no openssl command: the TLS tests need it (Debian: apt-get install openssl)"
+    fi
+fi
+
+# --- 6. default model ------------------------------------------------------------------------------------
 step "default model"
 "$VENV/bin/lmscope" pull
 done_step
