@@ -5,7 +5,7 @@
 """
 from .client import Client
 from .control_vector import ControlVector
-from .core import LmscopeError
+from .errors import LmscopeError
 from .interventions import Intervention, Patch
 from .results import Generation, ModelInfo, Run, TopK, Tokens
 from .steering import LayerScore, RefusalDirection

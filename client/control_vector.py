@@ -34,6 +34,8 @@ from typing import BinaryIO, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from .errors import invalid_argument, out_of_range
+
 ARCHITECTURE = "controlvector"
 _MAGIC = b"GGUF"
 _VERSION = 3
@@ -65,22 +67,22 @@ class ControlVector:
 
     def __init__(self, directions: Mapping[int, np.ndarray], model_hint: str = ""):
         if not isinstance(directions, Mapping) or not directions:
-            raise ValueError("a control vector needs at least one {layer: vector} entry")
+            raise invalid_argument("a control vector needs at least one {layer: vector} entry")
         checked: dict[int, np.ndarray] = {}
         width = None
         for layer, vector in directions.items():
             if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0:
-                raise ValueError(f"layer {layer!r} is not a block index (an int >= 0)")
+                raise invalid_argument(f"layer {layer!r} is not a block index (an int >= 0)")
             array = _as_float32(vector, f"the direction for layer {layer}")
             if array.ndim != 1 or array.size == 0:
-                raise ValueError(f"the direction for layer {layer} must be a non-empty vector (n_embd,), "
+                raise invalid_argument(f"the direction for layer {layer} must be a non-empty vector (n_embd,), "
                                  f"got shape {list(array.shape)}")
             if width is not None and array.size != width:
-                raise ValueError(f"the direction for layer {layer} has width {array.size}, the others {width}")
+                raise invalid_argument(f"the direction for layer {layer} has width {array.size}, the others {width}")
             width = array.size
             checked[int(layer)] = array
         if not isinstance(model_hint, str):
-            raise ValueError("model_hint must be a string")
+            raise invalid_argument("model_hint must be a string")
         self.directions: dict[int, np.ndarray] = dict(sorted(checked.items()))
         self.model_hint = model_hint
 
@@ -99,16 +101,17 @@ class ControlVector:
             array = np.asarray(directions)
             if array.ndim == 1:
                 if layers is None:
-                    raise ValueError("a single vector needs `layers`: the blocks to add it to")
+                    raise invalid_argument("a single vector needs `layers`: the blocks to add it to")
                 chosen = {int(L): array for L in layers}
             elif array.ndim == 2:
                 picked = range(array.shape[0]) if layers is None else [int(L) for L in layers]
                 bad = [L for L in picked if not 0 <= L < array.shape[0]]
                 if bad:
-                    raise ValueError(f"layer {bad[0]} is out of range for a matrix of {array.shape[0]} layers")
+                    raise out_of_range(f"layer {bad[0]} is out of range: the matrix has {array.shape[0]} layers "
+                                       f"(0..{array.shape[0] - 1})")
                 chosen = {L: array[L] for L in picked}
             else:
-                raise ValueError(f"expected a mapping, a (n_layer, n_embd) matrix or a vector, got shape "
+                raise invalid_argument(f"expected a mapping, a (n_layer, n_embd) matrix or a vector, got shape "
                                  f"{list(array.shape)}")
         vector = cls(chosen, model_hint)
         return vector if scale == 1.0 else vector * scale
@@ -155,9 +158,9 @@ class ControlVector:
         if not isinstance(other, ControlVector):
             return NotImplemented
         if other.width != self.width:
-            raise ValueError(f"cannot combine control vectors of widths {self.width} and {other.width}")
+            raise invalid_argument(f"cannot combine control vectors of widths {self.width} and {other.width}")
         if self.model_hint and other.model_hint and self.model_hint != other.model_hint:
-            raise ValueError(f"cannot combine control vectors for different models "
+            raise invalid_argument(f"cannot combine control vectors for different models "
                              f"({self.model_hint!r} and {other.model_hint!r})")
         out = {L: v.astype(np.float64) for L, v in self.directions.items()}
         for L, v in other.directions.items():
@@ -175,7 +178,7 @@ class ControlVector:
         if isinstance(scale, (bool, ControlVector)) or not np.isscalar(scale) or not np.isreal(scale):
             return NotImplemented
         if not np.isfinite(scale):
-            raise ValueError(f"cannot scale a control vector by {scale}")
+            raise invalid_argument(f"cannot scale a control vector by {scale}")
         return ControlVector({L: _checked(v.astype(np.float64) * float(scale), f"scaling by {scale}")
                               for L, v in self.directions.items()}, self.model_hint)
 
@@ -190,7 +193,7 @@ class ControlVector:
         for L, v in self.directions.items():
             norm = float(np.linalg.norm(v.astype(np.float64)))
             if norm == 0:
-                raise ValueError(f"cannot normalize the zero direction at layer {L}")
+                raise invalid_argument(f"cannot normalize the zero direction at layer {L}")
             out[L] = v.astype(np.float64) / norm
         return ControlVector(out, self.model_hint)
 
@@ -199,7 +202,7 @@ class ControlVector:
     def save(self, path: str | os.PathLike) -> None:
         """Write llama.cpp's control-vector GGUF (loadable by ``llama-server --control-vector``)."""
         if 0 in self.directions:
-            raise ValueError("llama.cpp control-vector files cannot hold layer 0 (direction.0 is rejected by "
+            raise invalid_argument("llama.cpp control-vector files cannot hold layer 0 (direction.0 is rejected by "
                              "llama.cpp); drop it or steer block 0 per request with steer={0: vector}")
         with open(path, "wb") as f:
             _write_gguf(f, self)
@@ -217,17 +220,17 @@ def _as_float32(vector, what: str) -> np.ndarray:
     try:
         array = np.asarray(vector, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what} is not numeric: {exc}") from None
+        raise invalid_argument(f"{what} is not numeric: {exc}") from None
     return _checked(array, what)
 
 
 def _checked(array: np.ndarray, what: str) -> np.ndarray:
     if not np.all(np.isfinite(array)):
-        raise ValueError(f"{what} has NaN or infinite values")
+        raise invalid_argument(f"{what} has NaN or infinite values")
     with np.errstate(over="ignore"):
         single = array.astype(np.float32)
     if not np.all(np.isfinite(single)):
-        raise ValueError(f"{what} overflows float32 (largest magnitude {np.max(np.abs(array)):.3g}); scale it down")
+        raise invalid_argument(f"{what} overflows float32 (largest magnitude {np.max(np.abs(array)):.3g}); scale it down")
     return single
 
 
@@ -277,7 +280,7 @@ class _Reader:
         return self.f.tell()
 
     def fail(self, message: str):
-        raise ValueError(f"{self.name} is not a valid control-vector GGUF file: {message}")
+        raise invalid_argument(f"{self.name} is not a valid control-vector GGUF file: {message}")
 
     def bytes(self, n: int, what: str) -> bytes:
         if n < 0 or n > self.size - self.offset:
@@ -347,7 +350,7 @@ def _read_gguf(r: _Reader) -> ControlVector:
         metadata[key] = r.value(r.scalar("<I", f"the type of {key}"), key)
     architecture = metadata.get("general.architecture")
     if architecture != ARCHITECTURE:
-        raise ValueError(f"{r.name} is not a control vector: general.architecture is {architecture!r}, "
+        raise invalid_argument(f"{r.name} is not a control vector: general.architecture is {architecture!r}, "
                          f"not {ARCHITECTURE!r}")
     alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):

@@ -31,6 +31,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from .errors import invalid_argument
 from .wire import lmscope_pb2 as pb
 
 Affine = Mapping[int, tuple] | Sequence[tuple | None]
@@ -202,7 +203,7 @@ def first_token(client, word: str | int) -> tuple[int, bool]:
         return int(word), False
     ids = client.tokenize(word, add_special=False).token_ids
     if not ids:
-        raise ValueError(f"{word!r} tokenizes to nothing; give a word or a token id")
+        raise invalid_argument(f"{word!r} tokenizes to nothing; give a word or a token id")
     return ids[0], len(ids) > 1
 
 
@@ -227,7 +228,7 @@ class LensMixin:
         identity) applied before the final norm: the tuned-lens hook (see the module docstring).
         """
         if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, not {temperature}")
+            raise invalid_argument(f"temperature must be > 0, not {temperature}")
         info = self.model_info()
         resolved = [first_token(self, t) for t in targets]
         target_ids = [r[0] for r in resolved]
@@ -244,7 +245,7 @@ class LensMixin:
             if states is not None:
                 return raw, self._lens_rows(states, top_k=top, temperature=temperature, target_ids=ids)
             spec = pb.LensSpec(enabled=True, top_k=top, temperature=temperature, target_ids=ids)
-            lensed = self._runs(self._run_request([prompt], capture=capture, positions=positions, logits=False,
+            lensed = self.send_run(self.run_request([prompt], capture=capture, positions=positions, logits=False,
                                                   chat=chat, lens=spec))[0]
             return lensed, {name.removeprefix("lens."): array for name, array in lensed.extra.items()}
 
@@ -309,12 +310,12 @@ def _apply_affine(states: np.ndarray, affine: Affine, n_embd: int) -> np.ndarray
         if pair is None:
             continue
         if not -n_states <= i < n_states:
-            raise ValueError(f"affine map for hidden state {i}, but there are {n_states} (0 = embed)")
+            raise invalid_argument(f"affine map for hidden state {i}, but there are {n_states} (0 = embed)")
         matrix, bias = pair
         matrix = np.asarray(matrix, dtype=np.float32)
         bias = np.zeros(n_embd, np.float32) if bias is None else np.asarray(bias, dtype=np.float32)
         if matrix.shape != (n_embd, n_embd) or bias.shape != (n_embd,):
-            raise ValueError(f"affine map {i} must be (A: ({n_embd}, {n_embd}), b: ({n_embd},)); "
+            raise invalid_argument(f"affine map {i} must be (A: ({n_embd}, {n_embd}), b: ({n_embd},)); "
                              f"got {matrix.shape} and {bias.shape}")
         out[i] = states[i].astype(np.float32) @ matrix.T + bias
     return out

@@ -16,6 +16,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .errors import invalid_argument
+
 SAVE_FORMATS = (".png", ".svg", ".pdf")
 # Fonts with CJK glyphs, tried in order when a figure shows tokens (DejaVu Sans, matplotlib's default, has none).
 _CJK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Source Han Sans", "WenQuanYi Zen Hei", "Droid Sans Fallback",
@@ -47,7 +49,7 @@ def _finish(fig, save: str | pathlib.Path | None):
     if save is not None:
         path = pathlib.Path(save)
         if path.suffix.lower() not in SAVE_FORMATS:
-            raise ValueError(f"save to a {', '.join(SAVE_FORMATS)} file, not {path.name!r}")
+            raise invalid_argument(f"save to a {', '.join(SAVE_FORMATS)} file, not {path.name!r}")
         fig.savefig(path, dpi=150, bbox_inches="tight")
     return fig
 

@@ -179,7 +179,7 @@ def test_generation_is_greedy_and_reproducible(client):
     (lambda c: c.run(""), "INVALID_ARGUMENT", "empty"),
     (lambda c: c.run("x" * 5000), "OUT_OF_RANGE", "at most 1024"),
     (lambda c: c.run([10 ** 6]), "OUT_OF_RANGE", "outside the vocabulary"),
-    (lambda c: c.run(PROMPT, layers=[99]), "INVALID_ARGUMENT", "unknown capture site"),
+    (lambda c: c.run(PROMPT, layers=[99]), "OUT_OF_RANGE", "layer 99 is out of range: the model has 4 blocks"),
     (lambda c: c.run(PROMPT, positions=[50]), "OUT_OF_RANGE", "outside a prompt"),
     (lambda c: c.unembed(np.zeros((2, 7))), "INVALID_ARGUMENT", "width 7"),
     (lambda c: c.unembed(np.full((1, 64), np.nan)), "INVALID_ARGUMENT", "NaN"),

@@ -370,11 +370,12 @@ def test_attention_over_too_many_tokens_is_refused_by_the_capture_limit(small_ca
 
 
 @pytest.mark.parametrize("call, code, words", [
-    (lambda c: c.attention(PROMPT, layers=[4]), "OUT_OF_RANGE", "layer 4 is outside the model's blocks 0..3"),
+    (lambda c: c.attention(PROMPT, layers=[4]), "OUT_OF_RANGE", "layer 4 is out of range: the model has 4 blocks (0..3)"),
     (lambda c: c.attention(PROMPT, layers=[-1]), "OUT_OF_RANGE", "layer -1"),
-    (lambda c: c.attention(PROMPT, heads=[4]), "OUT_OF_RANGE", "head 4 is outside the model's heads 0..3"),
+    (lambda c: c.attention(PROMPT, heads=[4]), "OUT_OF_RANGE", "head 4 is out of range: the model has 4 heads (0..3)"),
     (lambda c: c.neurons(PROMPT, layer=9), "OUT_OF_RANGE", "layer 9"),
-    (lambda c: c.neuron_top_tokens(1, 128), "OUT_OF_RANGE", "neuron 128 is outside the feed-forward width 0..127"),
+    (lambda c: c.neuron_top_tokens(1, 128), "OUT_OF_RANGE",
+     "neuron 128 is out of range: the model has 128 feed-forward neurons (0..127)"),
     (lambda c: c.neuron_top_tokens(4, 0), "OUT_OF_RANGE", "layer 4"),
     (lambda c: c.top_activating([PROMPT], 1, -1, progress=False), "OUT_OF_RANGE", "neuron -1"),
     (lambda c: c.weights("blk.0.ffn_down.weight", [128], axis=1), "OUT_OF_RANGE", "index 128 is out of range"),

@@ -376,7 +376,7 @@ def nearest_rpc(client, vectors, k=5, table="", exclude=()):
     (lambda c: c.nearest_tokens(" the", k=0), "OUT_OF_RANGE", "k must be between"),
     (lambda c: c.logit_lens(PROMPT, targets=[10 ** 6]), "OUT_OF_RANGE", "lens target_ids has token id 1000000"),
     (lambda c: c.logit_lens(PROMPT, top_k=5000), "INVALID_ARGUMENT", "top_k 5000 is over the limit"),
-    (lambda c: c._runs(c._run_request([PROMPT], lens=pb.LensSpec(enabled=True, top_k=1, temperature=-1.0))),
+    (lambda c: c.send_run(c.run_request([PROMPT], lens=pb.LensSpec(enabled=True, top_k=1, temperature=-1.0))),
      "INVALID_ARGUMENT", "lens temperature must be between"),
     (lambda c: c.logit_lens(PROMPT, positions=[40]), "OUT_OF_RANGE", "outside a prompt"),
     (lambda c: c.project(["a b", "c d"], layer=1, position=9, progress=False), "OUT_OF_RANGE", "outside a prompt"),
@@ -393,7 +393,7 @@ def test_bad_input_gets_a_precise_status(client, call, code, words):
     (lambda c: c.logit_lens(PROMPT, targets=[""]), "tokenizes to nothing"),
     (lambda c: c.logit_lens(PROMPT, temperature=0), "temperature must be > 0"),
     (lambda c: c.nearest_tokens(" the", table="head"), "table must be"),
-    (lambda c: c.project(PROMPTS, layer=4, progress=False), r"block index in \[-4, 4\)"),
+    (lambda c: c.project(PROMPTS, layer=4, progress=False), r"layer 4 is out of range: the model has 4 blocks"),
     (lambda c: c.project(PROMPTS, layer=[1, 1], progress=False), "layers repeat"),
     (lambda c: c.project(PROMPTS, method="umap", progress=False), "method must be"),
     (lambda c: c.probe(PROMPTS, [1.0, 2.0], progress=False), "10 prompts but 2 targets"),
@@ -401,8 +401,9 @@ def test_bad_input_gets_a_precise_status(client, call, code, words):
     (lambda c: c.contextual_similarity(" capital", [PROMPT]), "at least two contexts"),
 ])
 def test_bad_arguments_are_refused_on_the_client_with_a_reason(client, call, words):
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(LmscopeError, match=words) as info:
         call(client)
+    assert info.value.code.name in ("INVALID_ARGUMENT", "OUT_OF_RANGE")
 
 
 def test_plots_without_matplotlib_say_how_to_install_it(monkeypatch):
