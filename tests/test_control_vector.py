@@ -283,3 +283,19 @@ def test_corrupted_bytes_give_a_control_vector_or_value_error(tmp_path_factory, 
     except ValueError:
         return
     assert isinstance(loaded, ControlVector) and all(np.isfinite(v).all() for v in loaded.directions.values())
+
+
+def test_the_client_reads_control_vectors_without_the_server_extra(tmp_path):
+    # The client is installable without `gguf` and llama.cpp: load and save with both made unimportable.
+    import subprocess
+    import sys
+
+    path = tmp_path / "v.gguf"
+    ControlVector({1: A, 2: B}, model_hint="llama").save(path)
+    code = ("import sys; sys.modules['gguf'] = sys.modules['llama_cpp'] = None\n"
+            "from lmscope.client import ControlVector\n"
+            f"v = ControlVector.load({str(path)!r}); assert v.layers == [1, 2], v.layers\n"
+            f"v.save({str(tmp_path / 'w.gguf')!r})\n"
+            "assert 'lmscope.service' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
