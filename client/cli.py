@@ -7,7 +7,9 @@
     lmscope lens "PROMPT"        the logit lens of the prompt's last token, one line per layer
     lmscope demo                 start a server on the default model and show what lmscope does
 
-Commands that talk to a server take `--server HOST:PORT` (default `$LMSCOPE_SERVER` or 127.0.0.1:50051).
+Commands that talk to a server take `--server HOST:PORT` (default `$LMSCOPE_SERVER`) or `--model PATH`;
+with neither they use the server at 127.0.0.1:50051 if one runs there, else start one on the default model
+for the command (`lmscope.client.serving`). When no server answers, the error says how to start one.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import argparse
 import os
 import sys
 
-from .core import DEFAULT_ADDRESS
+from .errors import LmscopeError
+from .serving import MissingServer, connected
 
 
 def _server_extra(name: str):
@@ -39,25 +42,15 @@ def _pull(args) -> int:
 
 
 def _info(args) -> int:
-    from .client import Client
-
-    with Client(args.server) as client:
+    with connected(args.server, args.model) as client:
         print(client.model_info())
     return 0
 
 
 def _lens(args) -> int:
-    from .client import Client
-
-    from .core import LmscopeError
-
-    with Client(args.server) as client:
-        try:
-            lens = client.logit_lens(args.prompt, top_k=args.top_k, temperature=args.temperature,
-                                     targets=args.target, positions=[args.position], chat=args.chat)
-        except (LmscopeError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+    with connected(args.server, args.model) as client:
+        lens = client.logit_lens(args.prompt, top_k=args.top_k, temperature=args.temperature,
+                                 targets=args.target, positions=[args.position], chat=args.chat)
         print(lens.table(position=args.position))
     return 0
 
@@ -65,13 +58,20 @@ def _lens(args) -> int:
 def _demo(args) -> int:
     from .demo import demo
 
-    return demo(args.server)
+    with connected(args.server, args.model, use_running=False) as client:
+        return demo(client)
+
+
+def _add_server_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--server", default=os.environ.get("LMSCOPE_SERVER"),
+                         help="HOST:PORT of a running server (default $LMSCOPE_SERVER; without it, the server on "
+                              "127.0.0.1:50051 if one runs, else one started for this command)")
+    command.add_argument("--model", help="start a server on this GGUF file for this command")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmscope", description="Look inside GGUF language models")
     commands = parser.add_subparsers(dest="command", required=True)
-    default_server = os.environ.get("LMSCOPE_SERVER", DEFAULT_ADDRESS)
 
     pull = commands.add_parser("pull", help="fetch and verify the default model")
     pull.add_argument("--force", action="store_true", help="download again even if cached")
@@ -82,12 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("rpc-worker", help="lend this host's CPU and memory to a server started with --rpc")
 
     info = commands.add_parser("info", help="describe the model a server holds")
-    info.add_argument("--server", default=default_server)
+    _add_server_options(info)
     info.set_defaults(handler=_info)
 
     lens = commands.add_parser("lens", help="logit lens: what each layer predicts after the prompt")
     lens.add_argument("prompt")
-    lens.add_argument("--server", default=default_server)
+    _add_server_options(lens)
     lens.add_argument("--top-k", type=int, default=5, help="tokens per layer (default 5)")
     lens.add_argument("--temperature", type=float, default=1.0)
     lens.add_argument("--position", type=int, default=-1, help="prompt position to lens (default -1, the last)")
@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     lens.set_defaults(handler=_lens)
 
     demo = commands.add_parser("demo", help="a short tour on the default model")
-    demo.add_argument("--server", default=os.environ.get("LMSCOPE_SERVER"),
-                      help="use this server instead of starting one")
+    _add_server_options(demo)
     demo.set_defaults(handler=_demo)
 
     argv = sys.argv[1:] if argv is None else argv
@@ -108,7 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "rpc-worker":
         return _server_extra("rpc").main(argv[1:])
     args = parser.parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except MissingServer as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except LmscopeError as exc:  # a bad argument (the message says what to fix) or a failed call
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

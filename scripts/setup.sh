@@ -127,7 +127,9 @@ install_llama() {
 install_lmscope() {
     step "pip install -e .[server,plot,dev]"
     # llama-cpp-python==0.3.36 is already satisfied, so this never builds it; it adds its dependencies.
-    pip_ install -q -e ".[server,plot,dev]"
+    # setuptools' editable install always adds an "Editable installation" notice (beware of folders named like
+    # the package in the working directory: this repository has none, the code is in client/ and service/).
+    PYTHONWARNINGS="ignore:Editable installation" pip_ install -q -e ".[server,plot,dev]"
     done_step
     llama_ok || { say "pip replaced llama-cpp-python; expected $LLAMA_CPP_VERSION from $WHEEL_CACHE" >&2; exit 1; }
 }
