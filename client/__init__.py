@@ -7,7 +7,7 @@ from .client import Client
 from .control_vector import ControlVector
 from .errors import LmscopeError
 from .interventions import Intervention, Patch
-from .results import Generation, ModelInfo, Run, TopK, Tokens
+from .results import Generation, ModelInfo, Run, Tokens, TopK
 from .steering import LayerScore, RefusalDirection
 
 __all__ = ["Client", "LmscopeError", "Intervention", "Patch", "Generation", "ModelInfo", "Run", "TopK", "Tokens",

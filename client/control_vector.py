@@ -222,7 +222,8 @@ def _checked(array: np.ndarray, what: str) -> np.ndarray:
     with np.errstate(over="ignore"):
         single = array.astype(np.float32)
     if not np.all(np.isfinite(single)):
-        raise invalid_argument(f"{what} overflows float32 (largest magnitude {np.max(np.abs(array)):.3g}); scale it down")
+        raise invalid_argument(f"{what} overflows float32 (largest magnitude {np.max(np.abs(array)):.3g}); "
+                               f"scale it down")
     return single
 
 

@@ -23,7 +23,7 @@ from . import interventions as iv
 from . import tensors
 from .dispatch import ordered_calls
 from .errors import LmscopeError, check_layer, invalid_argument
-from .results import Generation, ModelInfo, Run, TopK, Tokens
+from .results import Generation, ModelInfo, Run, Tokens, TopK
 from .servers import ServerSet, service_config
 from .sites import SiteFilter, select_sites
 from .wire import lmscope_pb2 as pb

@@ -204,8 +204,8 @@ class InsideMixin:
                 bar.update(len(chunk))
         clean_labels = self.token_labels(clean_run.token_ids)
         corrupted_labels = self.token_labels(corrupted_run.token_ids)
-        tokens = [clean_labels[p] if clean_labels[p] == corrupted_labels[p] else f"{clean_labels[p]}/{corrupted_labels[p]}"
-                  for p in clean_run.positions]
+        tokens = [clean_labels[p] if clean_labels[p] == corrupted_labels[p]
+                  else f"{clean_labels[p]}/{corrupted_labels[p]}" for p in clean_run.positions]
         return PatchSweep(values=values, layers=layers, positions=list(clean_run.positions), tokens=tokens,
                           clean_value=metric(clean_run.logits[-1]), corrupted_value=metric(corrupted_run.logits[-1]),
                           site=site, metric_name=getattr(metric, "__name__", "metric"))

@@ -185,7 +185,8 @@ class LatentLanguage:
         from . import plots
 
         return plots.layer_curves(
-            self.layers, {f"target {self.target_tokens}": self.target_probs, f"pivot {self.pivot_tokens}": self.pivot_probs},
+            self.layers,
+            {f"target {self.target_tokens}": self.target_probs, f"pivot {self.pivot_tokens}": self.pivot_probs},
             ylabel="probability (logit lens, last position)", ylim=(0.0, 1.0),
             title="latent language" if title is None else title, save=save)
 

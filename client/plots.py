@@ -156,9 +156,11 @@ def scatter_panels(panels: Mapping[str, np.ndarray], *, labels: Sequence[str] | 
                 palette = plt.get_cmap("tab10" if len(categories) <= 10 else "tab20")
                 for c, category in enumerate(categories):
                     mask = np.array([value == category for value in color])
-                    ax.scatter(points[mask, 0], points[mask, 1], s=14, color=palette(c % palette.N), label=str(category))
+                    ax.scatter(points[mask, 0], points[mask, 1], s=14, color=palette(c % palette.N),
+                               label=str(category))
             else:
-                mappable = ax.scatter(points[:, 0], points[:, 1], s=14, c=color, cmap="viridis" if color is not None else None)
+                mappable = ax.scatter(points[:, 0], points[:, 1], s=14, c=color,
+                                      cmap="viridis" if color is not None else None)
             if labels is not None:
                 for (x, y), text in list(zip(points[:, :2], labels))[:max_labels]:
                     ax.annotate(token_label(str(text), 18), (x, y), fontsize=6, alpha=0.8, xytext=(2, 2),

@@ -39,7 +39,8 @@ class Operations:
     def detokenize(self, token_ids: list[int]) -> dict:
         bad = [t for t in token_ids if not 0 <= t < self.engine.n_vocab]
         if bad:
-            raise RequestError("OUT_OF_RANGE", f"token id {bad[0]} is outside the vocabulary [0, {self.engine.n_vocab})")
+            raise RequestError("OUT_OF_RANGE",
+                               f"token id {bad[0]} is outside the vocabulary [0, {self.engine.n_vocab})")
         return {"text": self.engine.detokenize(token_ids), "pieces": [self.engine.piece(t) for t in token_ids]}
 
     def run(self, prompts: list[dict], capture: list[str], positions: list[int] | None, logits: str,
@@ -114,7 +115,8 @@ class Operations:
                                    f"index {bad[0]} is out of range for axis {axis} of {name} (size {shape[axis]})")
             self._check_answer_size(name, len(indices) * math.prod(shape) // shape[axis])
             index = np.asarray(indices, dtype=np.int64)
-            array = weights.rows(name, index) if axis == 0 and len(shape) == 2 else np.take(weights.read(name), index, axis=axis)
+            array = (weights.rows(name, index) if axis == 0 and len(shape) == 2
+                     else np.take(weights.read(name), index, axis=axis))
         else:
             self._check_answer_size(name, math.prod(shape))
             array = weights.read(name)

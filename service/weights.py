@@ -147,7 +147,8 @@ class Weights:
             logits = self.unembed(x[rows], final_norm)
             if keep_logits:
                 out["logits"][rows] = logits
-            # softmax(z) = e / total with z = logits / T - max, e = exp(z); its entropy is log(total) - sum(e z) / total.
+            # softmax(z) = e / total with z = logits / T - max, e = exp(z);
+            # its entropy is log(total) - sum(e z) / total.
             # Only gathered probabilities are divided, and p log p is never materialized: the passes over the
             # (rows, n_vocab) block, not the LM-head product, were most of the reduction's time.
             scaled = logits / np.float32(temperature)

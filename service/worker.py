@@ -20,8 +20,8 @@ already waiting; past that it is refused with RESOURCE_EXHAUSTED at once.
 Messages on the pipe are pickled tuples (`send_message` / `receive_message`); numpy arrays travel as pickle
 protocol 5 out-of-band buffers, each written to the pipe from the array's own memory: plain `Connection.send`
 would first copy every array into one pickle bytes object (34 MB more peak memory in the worker for a
-128-token all-layer run with logits, and as much again in the front end). A worker sends ("item", x) any number of times (generation), then ("done", x) or
-("error", code, message).
+128-token all-layer run with logits, and as much again in the front end). A worker sends ("item", x) any
+number of times (generation), then ("done", x) or ("error", code, message).
 """
 from __future__ import annotations
 
@@ -130,8 +130,8 @@ class _Worker:
         try:
             message = receive_message(self.conn)
         except EOFError:
-            raise RequestError("FAILED_PRECONDITION",
-                               f"the model worker died while loading the model (exit code {self._exit_code()})") from None
+            raise RequestError("FAILED_PRECONDITION", f"the model worker died while loading the model "
+                                                      f"(exit code {self._exit_code()})") from None
         if message[0] == "error":
             raise RequestError(message[1], message[2])
         self.info = message[1]
@@ -212,7 +212,7 @@ class WorkerPool:
                     return self._idle.get(timeout=0.1)
                 except queue.Empty:
                     if not is_active():
-                        raise RequestError("CANCELLED", "the request was cancelled while queued")
+                        raise RequestError("CANCELLED", "the request was cancelled while queued") from None
                     self._check_available()
         finally:
             with self._lock:

@@ -49,9 +49,8 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional, Sequence
 
-import numpy as np
-
 import gguf
+import numpy as np
 
 __all__ = ["ReferenceModel", "rms_norm", "rope"]
 

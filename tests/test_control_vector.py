@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tolerances import gamma
 
 from lmscope.client import ControlVector
-from tolerances import gamma
 
 RNG = np.random.default_rng(0)
 A = RNG.standard_normal(16).astype(np.float32)

@@ -12,10 +12,10 @@ import os
 
 import numpy as np
 import pytest
+from tolerances import FLASH_F16
 
 from lmscope.client import Client, Intervention
 from lmscope.service.launch import launch_server
-from tolerances import FLASH_F16
 
 PROMPT_WORDS = "one two three four five six seven eight nine ten " * 4
 

@@ -3,9 +3,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tolerances import (
+    F16_CACHE,
+    FLASH_F16,
+    SAME_KERNELS,
+    U16,
+    assert_close_to_scale,
+    assert_within,
+    gamma,
+    unembedding_error,
+)
 
 from lmscope.client import Client, LmscopeError, Patch
-from tolerances import F16_CACHE, assert_close_to_scale, FLASH_F16, SAME_KERNELS, U16, assert_within, gamma, unembedding_error
 
 PROMPT = "The capital of France is"
 
@@ -71,7 +80,7 @@ def test_capturing_one_layer_equals_that_layer_of_a_full_capture(client):
     assert list(one.captures) == ["blocks.2.resid_post"] and one.logits is None
     np.testing.assert_array_equal(one.resid_post(2), full.hidden_states[3])
     with pytest.raises(KeyError, match="resid_post"):
-        one.hidden_states
+        _ = one.hidden_states
 
 
 def test_positions_select_rows_and_last_layer_keeps_them(client):
@@ -138,13 +147,13 @@ def test_embed_pools_the_final_normed_states(client, reference):
     texts = [PROMPT, "another sentence"]
     mean = client.embed(texts, pooling="mean", normalize=False)
     last = client.embed(texts, pooling="last", normalize=True)
-    for text, m, l in zip(texts, mean, last):
+    for text, m, unit in zip(texts, mean, last):
         ids = client.tokenize(text).token_ids
         states = reference.forward(ids)["ln_final"]
         # A flash-attention pass (FLASH_F16); normalizing the last state (order-one entries) divides it by
         # its norm, which the test computes from the reference, so the error stays of the same size.
         np.testing.assert_allclose(m, states.mean(axis=0), atol=FLASH_F16)
-        np.testing.assert_allclose(l, states[-1] / np.linalg.norm(states[-1]), atol=FLASH_F16)
+        np.testing.assert_allclose(unit, states[-1] / np.linalg.norm(states[-1]), atol=FLASH_F16)
     assert len(client.embed(texts, pooling="none")) == 2
     with pytest.raises(ValueError, match="pooling"):
         client.embed(texts, pooling="max")

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference import rms_norm
+from tolerances import (
+    F16_CACHE,
+    FLASH_F16,
+    SAME_KERNELS,
+    U32,
+    assert_close_to_scale,
+    assert_within,
+    gamma,
+    unembedding_error,
+)
 
 from lmscope.client import Client, LmscopeError, Patch
 from lmscope.client.activation_patching import IDENTITY_PROMPT, logit_difference
 from lmscope.service.launch import launch_server
-from reference import rms_norm
-from tolerances import F16_CACHE, assert_close_to_scale, FLASH_F16, SAME_KERNELS, U32, assert_within, gamma, unembedding_error
 
 PROMPT = "The capital of France is"
 OTHER = "My favourite colour is blue and"
@@ -57,7 +66,7 @@ def test_every_capture_site_matches_the_numpy_reference(client, reference, full_
     close("embed", ref["embed"])
     close("ln_final", ref["ln_final"])
     for L in range(reference.n_layer):
-        w = lambda name: reference.weight(f"blk.{L}.{name}.weight").astype(np.float64)
+        w = lambda name, L=L: reference.weight(f"blk.{L}.{name}.weight").astype(np.float64)
         resid_pre = ref["embed"] if L == 0 else ref["resid_post"][L - 1]
         ln1 = rms_norm(resid_pre, w("attn_norm"), reference.rms_eps)
         ln2 = rms_norm(ref["resid_mid"][L], w("ffn_norm"), reference.rms_eps)
@@ -131,7 +140,8 @@ def test_attention_rows_are_causal_distributions_equal_to_softmax_of_captured_q_
         recomputed = _softmax_causal(np.einsum("qhd,khd->hqk", q, np.repeat(k, group, axis=1)) /
                                      np.sqrt(reference.head_dim))
         scores = np.einsum("qhd,khd->hqk", np.abs(q), np.repeat(np.abs(k), group, axis=1))
-        pattern_error = gamma(n + 4) + (gamma(reference.head_dim) + 2 * U32) * scores.max() / np.sqrt(reference.head_dim)
+        scale = scores.max() / np.sqrt(reference.head_dim)
+        pattern_error = gamma(n + 4) + (gamma(reference.head_dim) + 2 * U32) * scale
         np.testing.assert_allclose(att.probs[i], recomputed, atol=2 * pattern_error)  # see the scores test
         wrong_mapping = _softmax_causal(np.einsum("qhd,khd->hqk", q, np.tile(k, (1, group, 1))) /
                                         np.sqrt(reference.head_dim))
@@ -319,7 +329,7 @@ def test_patch_sweep_shapes_and_values_against_manual_patching(client, reference
             single = client.run(corrupted, logits="last", layers=[0], patch=[Patch(layer, position, vector)])
             assert sweep.values[i, j] == pytest.approx(metric(single.logits[-1]), abs=same)
 
-            def hook(L, x):
+            def hook(L, x, layer=layer, position=position, vector=vector):
                 if L == layer:
                     x[position] = vector
                     return x
@@ -370,7 +380,8 @@ def test_attention_over_too_many_tokens_is_refused_by_the_capture_limit(small_ca
 
 
 @pytest.mark.parametrize("call, code, words", [
-    (lambda c: c.attention(PROMPT, layers=[4]), "OUT_OF_RANGE", "layer 4 is out of range: the model has 4 blocks (0..3)"),
+    (lambda c: c.attention(PROMPT, layers=[4]), "OUT_OF_RANGE",
+     "layer 4 is out of range: the model has 4 blocks (0..3)"),
     (lambda c: c.attention(PROMPT, layers=[-1]), "OUT_OF_RANGE", "layer -1"),
     (lambda c: c.attention(PROMPT, heads=[4]), "OUT_OF_RANGE", "head 4 is out of range: the model has 4 heads (0..3)"),
     (lambda c: c.neurons(PROMPT, layer=9), "OUT_OF_RANGE", "layer 9"),

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tolerances import SAME_KERNELS, U32, assert_within, entropy_atol, gamma, probability_rtol, unembedding_error
 
-from lmscope.client import Client, LmscopeError
-from lmscope.client import tensors
+from lmscope.client import Client, LmscopeError, tensors
 from lmscope.client.wire import lmscope_pb2 as pb
-from tolerances import (SAME_KERNELS, U32, assert_within, entropy_atol, gamma, probability_rtol,
-                        unembedding_error)
 
 PROMPT = "The capital of France is"
 

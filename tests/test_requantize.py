@@ -37,7 +37,8 @@ def test_server_serves_the_requantized_copy_when_asked(tiny_model, client, lmsco
     prompt = "one two three four five"
     original = client.run(prompt, logits=True)
     env = {"LMSCOPE_HOME": str(lmscope_home)}
-    with launch_server(tiny_model, args=("--threads", "2", "--n-ctx", "256", "--requantize", "q8_0"), env=env) as server:
+    args = ("--threads", "2", "--n-ctx", "256", "--requantize", "q8_0")
+    with launch_server(tiny_model, args=args, env=env) as server:
         with Client(server.address) as c:
             info = c.model_info()
             derived = c.run(prompt, logits=True)

@@ -13,11 +13,11 @@ import time
 
 import numpy as np
 import pytest
+from tolerances import F16_CACHE, SAME_KERNELS, assert_close_to_scale
 
 from lmscope.client import Client
 from lmscope.service import rpc
 from lmscope.service.launch import LaunchError, launch_server
-from tolerances import F16_CACHE, assert_close_to_scale, SAME_KERNELS
 
 PROMPT = "The capital of France is"
 RPC_SUPPORTED = rpc.supported()

@@ -11,13 +11,12 @@ import time
 import grpc
 import numpy as np
 import pytest
+from reliability_support import PROMPT, SERVING, health
 
 from lmscope.client import Client, LmscopeError
 from lmscope.client.wire import lmscope_pb2 as pb
 from lmscope.service import server as server_module
 from lmscope.service.launch import launch_server
-
-from reliability_support import PROMPT, SERVING, health
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 BASE_ARGS = ("--threads", "1", "--n-ctx", "512")

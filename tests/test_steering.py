@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tolerances import F16_CACHE, SAME_KERNELS, U32, assert_close_to_scale, assert_within, gamma, unembedding_error
 
 from lmscope.client import ControlVector, Intervention, LmscopeError
-from lmscope.client.refusal import (is_refusal, load_prompts, refusal_rate, refusal_scores,
-                                    refusal_token_ids)
-from tolerances import F16_CACHE, assert_close_to_scale, SAME_KERNELS, U32, assert_within, gamma, unembedding_error
+from lmscope.client.refusal import is_refusal, load_prompts, refusal_rate, refusal_scores, refusal_token_ids
 
 PROMPT = "The capital of France is"
 RESIDUAL_SITES = ["embed", "blocks.*.resid_mid", "blocks.*.resid_post"]

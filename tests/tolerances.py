@@ -118,4 +118,5 @@ def assert_close_to_scale(actual, expected, budget: float, what: str = "") -> No
     actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
     error, scale = np.abs(actual - expected).max(), np.abs(expected).max()
-    assert error <= budget * scale, f"{what}: max error {error:.3g} exceeds {budget:.3g} x the largest value {scale:.3g}"
+    assert error <= budget * scale, (f"{what}: max error {error:.3g} exceeds {budget:.3g} x the largest value "
+                                     f"{scale:.3g}")
