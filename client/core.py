@@ -227,9 +227,9 @@ class CoreClient:
     # ----- forward passes --------------------------------------------------------------------------
 
     @staticmethod
-    def _prompt(prompt, chat: bool = False) -> pb.Prompt:
+    def _prompt(prompt, chat: bool = False, prepend_bos: bool = True) -> pb.Prompt:
         if isinstance(prompt, str):
-            return pb.Prompt(text=prompt, chat=chat)
+            return pb.Prompt(text=prompt, chat=chat, no_bos=not prepend_bos)
         return pb.Prompt(token_ids=[int(t) for t in prompt])
 
     def check_layer(self, layer, what: str = "layer") -> int:
@@ -246,7 +246,7 @@ class CoreClient:
 
     def run_request(self, prompts, *, layers=None, capture=None, positions=None, logits=True,
                     dtype="float32", steer=None, ablate=None, patch=None, interventions=None, chat=False,
-                    lens: pb.LensSpec | None = None) -> pb.RunRequest:
+                    prepend_bos=True, lens: pb.LensSpec | None = None) -> pb.RunRequest:
         """The RunRequest `run` would send for these prompts (options as for `run`), for `send_run`."""
         modes = {True: pb.LOGITS_ALL, "all": pb.LOGITS_ALL, "last": pb.LOGITS_LAST,
                  False: pb.LOGITS_NONE, None: pb.LOGITS_NONE, "none": pb.LOGITS_NONE}
@@ -257,7 +257,7 @@ class CoreClient:
             raise invalid_argument(f"dtype must be 'float32' or 'float16', not {dtype!r}")
         needs_layers = steer is not None or ablate is not None
         return pb.RunRequest(
-            prompts=[self._prompt(p, chat) for p in prompts],
+            prompts=[self._prompt(p, chat, prepend_bos) for p in prompts],
             capture=self._capture_selection(layers, capture),
             positions=[int(p) for p in positions] if positions is not None else [],
             logits=mode, dtype=pb.FLOAT16 if dtype == "float16" else pb.FLOAT32,
@@ -279,7 +279,8 @@ class CoreClient:
 
     def run(self, prompt, *, layers: Sequence[int] | None = None, capture: SiteFilter | None = None,
             positions: Sequence[int] | None = None, logits: bool | str = True, dtype: str = "float32",
-            steer=None, ablate=None, patch=None, interventions=None, chat: bool = False) -> Run:
+            steer=None, ablate=None, patch=None, interventions=None, chat: bool = False,
+            prepend_bos: bool = True) -> Run:
         """One forward pass. By default captures every hidden state and returns logits for every token.
 
         layers: capture only these blocks' outputs (``blocks.L.resid_post``).
@@ -289,10 +290,12 @@ class CoreClient:
         dtype: "float32" or "float16" on the wire (results are float16 arrays then).
         steer / ablate / patch / interventions: edits of the forward pass (`lmscope.client.interventions`).
         chat: wrap a text prompt in the model's chat template.
+        prepend_bos: False leaves out the BOS token the tokenizer would add to a text prompt (token-id
+            prompts are used as given).
         """
         request = self.run_request([prompt], layers=layers, capture=capture, positions=positions, logits=logits,
                                     dtype=dtype, steer=steer, ablate=ablate, patch=patch,
-                                    interventions=interventions, chat=chat)
+                                    interventions=interventions, chat=chat, prepend_bos=prepend_bos)
         return self.send_run(request)[0]
 
     def iter_runs(self, prompts: Iterable, *, batch_size: int = 64, **options) -> Iterator[Run]:

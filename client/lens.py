@@ -81,6 +81,7 @@ class LogitLens:
     layers: list[str] = field(default_factory=list)
     decode_ms: float = 0.0  # server: the forward pass with capture (llama_decode)
     total_ms: float = 0.0   # server: the whole request, the lens reduction included
+    hidden_states: np.ndarray | None = None  # (n_layer + 1, n_positions, n_embd) with keep_states=True
     # ids -> (probs, ranks, texts) of more targets, and word -> (first token id, multi_token)
     _fetch_targets: Callable[[list[int]], tuple[np.ndarray, np.ndarray, list[str]]] | None = field(default=None,
                                                                                                   repr=False)
@@ -219,7 +220,7 @@ class LensMixin:
 
     def logit_lens(self, prompt, *, top_k: int = 5, temperature: float = 1.0, targets: Sequence = (),
                    positions: Sequence[int] | None = None, affine: Affine | None = None,
-                   chat: bool = False) -> LogitLens:
+                   chat: bool = False, keep_states: bool = False) -> LogitLens:
         """The logit lens of every hidden state (embedding + each block's output) at every position.
 
         prompt: text or token ids. top_k: tokens kept per cell. temperature: softmax temperature.
@@ -227,6 +228,8 @@ class LensMixin:
         positions: prompt positions to lens (default all; negative from the end).
         affine: optional per-hidden-state affine maps {i: (A_i, b_i)} (or a list indexed by i, None =
         identity) applied before the final norm: the tuned-lens hook (see the module docstring).
+        keep_states: also return the hidden states (before any affine map) from the lens's own forward pass
+        (`LogitLens.hidden_states`), instead of running the prompt again for them.
         """
         if not temperature > 0:
             raise invalid_argument(f"temperature must be > 0, not {temperature}")
@@ -240,17 +243,19 @@ class LensMixin:
             raw = self.run(prompt, capture=capture, positions=positions, logits=False, chat=chat)
             states = _apply_affine(raw.hidden_states, affine, info.n_embd)
 
-        def reduce(top: int, ids: list[int]):
-            """(run, lens arrays) for every (hidden state, position) row: one Run request with the lens, or,
-            on the affine path, Unembed requests over the transformed states."""
+        def reduce(top: int, ids: list[int], keep: bool = False):
+            """(run, lens arrays) for every (hidden state, position) row: one Run request with the lens (and
+            the captured states too when `keep`), or, on the affine path, Unembed requests over the
+            transformed states."""
             if states is not None:
                 return raw, self._lens_rows(states, top_k=top, temperature=temperature, target_ids=ids)
-            spec = pb.LensSpec(enabled=True, top_k=top, temperature=temperature, target_ids=ids)
+            spec = pb.LensSpec(enabled=True, top_k=top, temperature=temperature, target_ids=ids,
+                               keep_captures=keep)
             lensed = self.send_run(self.run_request([prompt], capture=capture, positions=positions, logits=False,
                                                   chat=chat, lens=spec))[0]
             return lensed, {name.removeprefix("lens."): array for name, array in lensed.extra.items()}
 
-        run, reduced = reduce(top_k, target_ids)
+        run, reduced = reduce(top_k, target_ids, keep_states)
 
         def fetch_targets(ids: list[int]):
             more = reduce(0, ids)[1]
@@ -263,7 +268,7 @@ class LensMixin:
             top_ids=top_ids, top_probs=reduced["top_probs"],
             top_tokens=[[[pieces[int(t)] for t in cell] for cell in row] for row in top_ids],
             entropy=reduced["entropy"], temperature=temperature, layers=hidden_state_labels(info.n_layer),
-            decode_ms=run.decode_ms, total_ms=run.total_ms,
+            decode_ms=run.decode_ms, total_ms=run.total_ms, hidden_states=run.hidden_states if keep_states else None,
             _fetch_targets=fetch_targets, _token_of=lambda word: first_token(self, word))
         for n, (token_id, multi) in enumerate(resolved):
             lens.targets[token_id] = TargetTrace(token_id, pieces[token_id], reduced["target_probs"][..., n],

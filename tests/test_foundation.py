@@ -74,6 +74,15 @@ def test_embedding_rows_equal_hidden_state_zero(client, reference):
     np.testing.assert_array_equal(rows, reference.embedding_rows(run.token_ids))  # F32 rows: a copy
 
 
+def test_a_prompt_without_bos_is_the_tokens_as_written(client):
+    plain = client.run(PROMPT, prepend_bos=False)
+    words = client.tokenize(PROMPT, add_special=False).token_ids
+    assert plain.token_ids == words and words[0] != client.model_info().bos_token_id
+    as_ids = client.run(words)  # token-id prompts are used as given: the same pass
+    np.testing.assert_array_equal(plain.hidden_states, as_ids.hidden_states)
+    assert client.run(PROMPT).token_ids == [client.model_info().bos_token_id] + words
+
+
 def test_capturing_one_layer_equals_that_layer_of_a_full_capture(client):
     full = client.run(PROMPT)
     one = client.run(PROMPT, layers=[2], logits=False)

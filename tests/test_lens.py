@@ -121,6 +121,13 @@ def test_lensing_some_positions_gives_those_columns(client, reference):
         some.column(2)
 
 
+def test_keep_states_returns_the_hidden_states_of_the_lensed_pass(client):
+    kept = client.logit_lens(PROMPT, top_k=3, positions=[1, -1], keep_states=True)
+    run = client.run(PROMPT, positions=[1, -1], logits=False)  # the same request without the lens
+    np.testing.assert_array_equal(kept.hidden_states, run.hidden_states)
+    assert client.logit_lens(PROMPT, top_k=3).hidden_states is None
+
+
 def test_affine_maps_are_applied_before_the_final_norm(client, reference):
     n_embd = reference.n_embd
     rng = np.random.default_rng(3)
