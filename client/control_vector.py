@@ -8,12 +8,16 @@ embeddings). llama.cpp's control-vector file uses the same numbering: its tensor
 to the output of block ``N``, so ``direction.N`` <-> our layer ``N``. The file cannot hold a direction for
 block 0 (llama.cpp rejects ``direction.0``), although lmscope's server can steer block 0 in a request.
 
-Beware of where a file's vectors were *measured*: llama.cpp's ``cvector-generator`` takes the difference
-at the output of block ``N - 1`` and stores it as ``direction.N`` (one block later), and repeng, which
-pairs Hugging Face's ``hidden_states[N]`` (the output of block ``N - 1``) with block ``N``, does the same.
-Loading keeps the file's numbering: the vector is applied where llama.cpp would apply it. Directions
-computed by lmscope (e.g. `Client.refusal_direction`) are measured at ``blocks.L.resid_post`` and stored
-at ``L``.
+Beware of where a file's vectors were *measured*. llama.cpp's ``cvector-generator`` takes the difference
+at the output of block ``N - 1`` (``l_out-(N-1)``) and stores it as ``direction.N``, one block later
+(``tools/cvector-generator/{mean,pca}.hpp`` name it ``direction.{il+1}``; checked in the llama.cpp that
+llama-cpp-python 0.3.36 vendors). repeng measures where it steers: since 0.2.0 (commit 6a5e9ec, "GGUF
+export (#5)", Feb 2024) it reads Hugging Face's ``hidden_states[L + 1]``, the output of block ``L``, and
+writes it as ``direction.L``, the block its ``ControlModel`` adds it to, so its files match this numbering
+exactly (checked in repeng 0.5.0, commit 0ba7196, Sep 2025; repeng 0.1.0 read ``hidden_states[L]``, the
+output of block ``L - 1``). Loading keeps the file's numbering: the vector is applied where llama.cpp
+would apply it. Directions computed by lmscope (e.g. `Client.refusal_direction`) are measured at
+``blocks.L.resid_post`` and stored at ``L``.
 
 The file format
 ---------------
