@@ -73,7 +73,7 @@ class ControlVector:
             array = _as_float32(vector, f"the direction for layer {layer}")
             if array.ndim != 1 or array.size == 0:
                 raise invalid_argument(f"the direction for layer {layer} must be a non-empty vector (n_embd,), "
-                                 f"got shape {list(array.shape)}")
+                                       f"got shape {list(array.shape)}")
             if width is not None and array.size != width:
                 raise invalid_argument(f"the direction for layer {layer} has width {array.size}, the others {width}")
             width = array.size
@@ -109,7 +109,7 @@ class ControlVector:
                 chosen = {L: array[L] for L in picked}
             else:
                 raise invalid_argument(f"expected a mapping, a (n_layer, n_embd) matrix or a vector, got shape "
-                                 f"{list(array.shape)}")
+                                       f"{list(array.shape)}")
         vector = cls(chosen, model_hint)
         return vector if scale == 1.0 else vector * scale
 
@@ -158,7 +158,7 @@ class ControlVector:
             raise invalid_argument(f"cannot combine control vectors of widths {self.width} and {other.width}")
         if self.model_hint and other.model_hint and self.model_hint != other.model_hint:
             raise invalid_argument(f"cannot combine control vectors for different models "
-                             f"({self.model_hint!r} and {other.model_hint!r})")
+                                   f"({self.model_hint!r} and {other.model_hint!r})")
         out = {L: v.astype(np.float64) for L, v in self.directions.items()}
         for L, v in other.directions.items():
             out[L] = out.get(L, 0.0) + sign * v.astype(np.float64)
@@ -200,7 +200,7 @@ class ControlVector:
         """Write llama.cpp's control-vector GGUF (loadable by ``llama-server --control-vector``)."""
         if 0 in self.directions:
             raise invalid_argument("llama.cpp control-vector files cannot hold layer 0 (direction.0 is rejected by "
-                             "llama.cpp); drop it or steer block 0 per request with steer={0: vector}")
+                                   "llama.cpp); drop it or steer block 0 per request with steer={0: vector}")
         with open(path, "wb") as f:
             _write_gguf(f, self)
 

@@ -211,7 +211,7 @@ class CoreClient:
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False,
                  chat: bool = False) -> Tokens:
         response = self.call("Tokenize", pb.TokenizeRequest(text=text, add_special=add_special,
-                                                              parse_special=parse_special, chat=chat))
+                                                            parse_special=parse_special, chat=chat))
         return Tokens(list(response.token_ids), list(response.pieces), response.text)
 
     def detokenize(self, token_ids: Iterable[int]) -> str:
@@ -294,8 +294,8 @@ class CoreClient:
             prompts are used as given).
         """
         request = self.run_request([prompt], layers=layers, capture=capture, positions=positions, logits=logits,
-                                    dtype=dtype, steer=steer, ablate=ablate, patch=patch,
-                                    interventions=interventions, chat=chat, prepend_bos=prepend_bos)
+                                   dtype=dtype, steer=steer, ablate=ablate, patch=patch,
+                                   interventions=interventions, chat=chat, prepend_bos=prepend_bos)
         return self.send_run(request)[0]
 
     def iter_runs(self, prompts: Iterable, *, batch_size: int = 64, **options) -> Iterator[Run]:

@@ -198,7 +198,7 @@ class InsideMixin:
                                               positions=[clean_run.positions[j]], sequences=[s])
                                  for s, (i, j) in enumerate(chunk)]
                 request = self.run_request([corrupted_run.token_ids] * len(chunk), capture=[], logits="last",
-                                            interventions=interventions)
+                                           interventions=interventions)
                 for (i, j), run in zip(chunk, self.send_run(request)):
                     values[i, j] = metric(run.logits[-1])
                 bar.update(len(chunk))

@@ -252,7 +252,7 @@ class LensMixin:
             spec = pb.LensSpec(enabled=True, top_k=top, temperature=temperature, target_ids=ids,
                                keep_captures=keep)
             lensed = self.send_run(self.run_request([prompt], capture=capture, positions=positions, logits=False,
-                                                  chat=chat, lens=spec))[0]
+                                                    chat=chat, lens=spec))[0]
             return lensed, {name.removeprefix("lens."): array for name, array in lensed.extra.items()}
 
         run, reduced = reduce(top_k, target_ids, keep_states)
@@ -322,6 +322,6 @@ def _apply_affine(states: np.ndarray, affine: Affine, n_embd: int) -> np.ndarray
         bias = np.zeros(n_embd, np.float32) if bias is None else np.asarray(bias, dtype=np.float32)
         if matrix.shape != (n_embd, n_embd) or bias.shape != (n_embd,):
             raise invalid_argument(f"affine map {i} must be (A: ({n_embd}, {n_embd}), b: ({n_embd},)); "
-                             f"got {matrix.shape} and {bias.shape}")
+                                   f"got {matrix.shape} and {bias.shape}")
         out[i] = states[i].astype(np.float32) @ matrix.T + bias
     return out

@@ -69,7 +69,7 @@ def refusal_token_ids(client, openings: Sequence[str] = REFUSAL_OPENINGS) -> lis
             ids.append(token)
     if not ids:
         raise invalid_argument("none of the refusal openings starts with a whole-character token in this model; "
-                         "pass refusal_tokens explicitly")
+                               "pass refusal_tokens explicitly")
     return ids
 
 
