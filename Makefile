@@ -1,10 +1,14 @@
 # Everything goes through scripts/setup.sh, which is idempotent (a few seconds when all is in place).
-.PHONY: setup test demo bench
+.PHONY: setup lint test demo bench
 
 setup:
 	bash scripts/setup.sh
 
-test: setup
+# The linter first (seconds; config in pyproject.toml), then the whole suite.
+lint: setup
+	.venv/bin/ruff check .
+
+test: lint
 	.venv/bin/python -m pytest -q
 
 demo: setup

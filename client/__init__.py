@@ -5,9 +5,9 @@
 """
 from .client import Client
 from .control_vector import ControlVector
-from .core import LmscopeError
+from .errors import LmscopeError
 from .interventions import Intervention, Patch
-from .results import Generation, ModelInfo, Run, TopK, Tokens
+from .results import Generation, ModelInfo, Run, Tokens, TopK
 from .steering import LayerScore, RefusalDirection
 from .store import ActivationStore
 from .tuned_lens import TunedLens

@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import invalid_argument
 from .heatmap import heatmap
 
 IDENTITY_PROMPT = "cat->cat; 1135->1135; hello->hello; ?"
@@ -68,7 +69,7 @@ class PatchSweep:
         """(values - corrupted) / (clean - corrupted): 0 = no effect, 1 = fully restored."""
         span = self.clean_value - self.corrupted_value
         if span == 0:
-            raise ValueError("the metric is equal on the clean and the corrupted run: nothing to normalize by")
+            raise invalid_argument("the metric is equal on the clean and the corrupted run: nothing to normalize by")
         return (self.values - self.corrupted_value) / span
 
     def plot(self, *, normalized: bool = False, ax=None, save: str | None = None):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import invalid_argument
 from .heatmap import heatmap
 
 ROLE_THRESHOLD = 0.5
@@ -52,7 +53,7 @@ class Attention:
     def head_summary(self) -> "HeadSummary":
         n = self.probs.shape[-1]
         if n < 2:
-            raise ValueError("head statistics need a prompt of at least 2 tokens")
+            raise invalid_argument("head statistics need a prompt of at least 2 tokens")
         rows = self.probs[:, :, 1:, :].astype(np.float64)          # queries 1..n-1
         entropy = -(rows * np.log(np.where(rows > 0, rows, 1.0))).sum(axis=-1).mean(axis=-1)
         queries = np.arange(1, n)

@@ -8,7 +8,9 @@
     lmscope collect FILE DIR     activations of many prompts into an activation store (resumable)
     lmscope demo                 start a server on the default model and show what lmscope does
 
-Commands that talk to a server take `--server HOST:PORT` (default `$LMSCOPE_SERVER` or 127.0.0.1:50051).
+Commands that talk to a server take `--server HOST:PORT` (default `$LMSCOPE_SERVER`) or `--model PATH`;
+with neither they use the server at 127.0.0.1:50051 if one runs there, else start one on the default model
+for the command (`lmscope.client.serving`). When no server answers, the error says how to start one.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import argparse
 import os
 import sys
 
-from .core import DEFAULT_ADDRESS
+from .errors import LmscopeError
+from .serving import MissingServer, connected
 
 
 def _server_extra(name: str):
@@ -40,9 +43,7 @@ def _pull(args) -> int:
 
 
 def _info(args) -> int:
-    from .client import Client
-
-    with Client(args.server) as client:
+    with connected(args.server, args.model) as client:
         info = client.model_info()
         print(info)
         print("\n".join(info.memory_lines()))
@@ -50,18 +51,10 @@ def _info(args) -> int:
 
 
 def _lens(args) -> int:
-    from .client import Client
-
-    from .core import LmscopeError
-
-    with Client(args.server) as client:
-        try:
-            lens = client.logit_lens(args.prompt, top_k=args.top_k, temperature=args.temperature,
-                                     targets=args.target, positions=None if args.html else [args.position],
-                                     chat=args.chat)
-        except (LmscopeError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+    with connected(args.server, args.model) as client:
+        lens = client.logit_lens(args.prompt, top_k=args.top_k, temperature=args.temperature,
+                                 targets=args.target, positions=None if args.html else [args.position],
+                                 chat=args.chat)
         print(lens.table(position=args.position))
         if args.html:
             lens.to_html(args.html)
@@ -69,17 +62,15 @@ def _lens(args) -> int:
 
 
 def _collect(args) -> int:
-    from .client import Client
-    from .core import LmscopeError
     from .store import read_prompts
 
     positions = None if args.positions == "all" else [int(p) for p in args.positions.split(",")]
-    with Client(args.server) as client:
+    with connected(args.server, args.model) as client:
         try:
             store = client.collect(read_prompts(args.prompts), args.path, sites=args.sites.split(","),
                                    positions=positions, dtype=args.dtype, chat=args.chat,
                                    batch_size=args.batch_size, progress=not args.no_progress)
-        except (LmscopeError, ValueError, OSError) as exc:
+        except (OSError, ValueError) as exc:  # a store that refuses the request, a path that cannot be written
             print(f"error: {exc}", file=sys.stderr)
             return 1
     stats = store.stats
@@ -91,13 +82,20 @@ def _collect(args) -> int:
 def _demo(args) -> int:
     from .demo import demo
 
-    return demo(args.server)
+    with connected(args.server, args.model, use_running=False) as client:
+        return demo(client)
+
+
+def _add_server_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--server", default=os.environ.get("LMSCOPE_SERVER"),
+                         help="HOST:PORT of a running server (default $LMSCOPE_SERVER; without it, the server on "
+                              "127.0.0.1:50051 if one runs, else one started for this command)")
+    command.add_argument("--model", help="start a server on this GGUF file for this command")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmscope", description="Look inside GGUF language models")
     commands = parser.add_subparsers(dest="command", required=True)
-    default_server = os.environ.get("LMSCOPE_SERVER", DEFAULT_ADDRESS)
 
     pull = commands.add_parser("pull", help="fetch and verify the default model, or a named one")
     pull.add_argument("name", nargs="?", default=None,
@@ -110,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("rpc-worker", help="lend this host's CPU and memory to a server started with --rpc")
 
     info = commands.add_parser("info", help="describe the model a server holds")
-    info.add_argument("--server", default=default_server)
+    _add_server_options(info)
     info.set_defaults(handler=_info)
 
     lens = commands.add_parser("lens", help="logit lens: what each layer predicts after the prompt")
     lens.add_argument("prompt")
-    lens.add_argument("--server", default=default_server)
+    _add_server_options(lens)
     lens.add_argument("--top-k", type=int, default=5, help="tokens per layer (default 5)")
     lens.add_argument("--temperature", type=float, default=1.0)
     lens.add_argument("--position", type=int, default=-1, help="prompt position to lens (default -1, the last)")
@@ -129,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     collect.add_argument("prompts", help="a text file (one prompt per line) or .jsonl (a string, a list of token "
                                          "ids, or an object with a 'prompt' or 'text' field per line)")
     collect.add_argument("path", help="the store's directory (created; an existing store is resumed)")
-    collect.add_argument("--server", default=default_server)
+    _add_server_options(collect)
     collect.add_argument("--sites", default="blocks.*.resid_post", help="comma-separated sites or globs")
     collect.add_argument("--positions", default="-1",
                          help="comma-separated positions, or 'all' (write --positions=-1,0 for a leading minus)")
@@ -140,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     collect.set_defaults(handler=_collect)
 
     demo = commands.add_parser("demo", help="a short tour on the default model")
-    demo.add_argument("--server", default=os.environ.get("LMSCOPE_SERVER"),
-                      help="use this server instead of starting one")
+    _add_server_options(demo)
     demo.set_defaults(handler=_demo)
 
     argv = sys.argv[1:] if argv is None else argv
@@ -151,7 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "rpc-worker":
         return _server_extra("rpc").main(argv[1:])
     args = parser.parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except MissingServer as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except LmscopeError as exc:  # a bad argument (the message says what to fix) or a failed call
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,22 +8,27 @@ embeddings). llama.cpp's control-vector file uses the same numbering: its tensor
 to the output of block ``N``, so ``direction.N`` <-> our layer ``N``. The file cannot hold a direction for
 block 0 (llama.cpp rejects ``direction.0``), although lmscope's server can steer block 0 in a request.
 
-Beware of where a file's vectors were *measured*: llama.cpp's ``cvector-generator`` takes the difference
-at the output of block ``N - 1`` and stores it as ``direction.N`` (one block later), and repeng, which
-pairs Hugging Face's ``hidden_states[N]`` (the output of block ``N - 1``) with block ``N``, does the same.
-Loading keeps the file's numbering: the vector is applied where llama.cpp would apply it. Directions
-computed by lmscope (e.g. `Client.refusal_direction`) are measured at ``blocks.L.resid_post`` and stored
-at ``L``.
+Beware of where a file's vectors were *measured*. llama.cpp's ``cvector-generator`` takes the difference
+at the output of block ``N - 1`` (``l_out-(N-1)``) and stores it as ``direction.N``, one block later
+(``tools/cvector-generator/{mean,pca}.hpp`` name it ``direction.{il+1}``; checked in the llama.cpp that
+llama-cpp-python 0.3.36 vendors). repeng measures where it steers: since 0.2.0 (commit 6a5e9ec, "GGUF
+export (#5)", Feb 2024) it reads Hugging Face's ``hidden_states[L + 1]``, the output of block ``L``, and
+writes it as ``direction.L``, the block its ``ControlModel`` adds it to, so its files match this numbering
+exactly (checked in repeng 0.5.0, commit 0ba7196, Sep 2025; repeng 0.1.0 read ``hidden_states[L]``, the
+output of block ``L - 1``). Loading keeps the file's numbering: the vector is applied where llama.cpp
+would apply it. Directions computed by lmscope (e.g. `Client.refusal_direction`) are measured at
+``blocks.L.resid_post`` and stored at ``L``.
 
 The file format
 ---------------
 A GGUF file (version 2 or 3, little-endian) with the metadata ``general.architecture = "controlvector"``,
 ``controlvector.model_hint`` (the architecture it was made for, free text) and ``controlvector.layer_count``
 (the number of direction tensors), and one F32 1-D tensor ``direction.N`` (length ``n_embd``) per layer.
-The client must stay installable without the server's ``gguf`` package, so this module reads and writes
-that small subset of GGUF itself. The reader trusts nothing in the file: every count, length and offset
-is checked against the size of the file before anything is read or allocated, so a malformed or hostile
-file raises ``ValueError`` (never a crash, a hang or a huge allocation).
+The client must stay installable without the server's ``gguf`` package, so files are read with the
+project's own GGUF reader (`lmscope.client.gguf_file`, which the service's model index uses too) and this
+small subset is written here. Nothing in a file is trusted: every count, length and offset is checked
+against the size of the file before anything is read or allocated, so a malformed or hostile file raises
+`LmscopeError` INVALID_ARGUMENT, a ``ValueError`` (never a crash, a hang or a huge allocation).
 """
 from __future__ import annotations
 
@@ -34,19 +39,13 @@ from typing import BinaryIO, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from .errors import invalid_argument, out_of_range
+from .gguf_file import DEFAULT_ALIGNMENT, INT32, MAGIC, STRING, GGUFFormatError, GGUFHeader
+
 ARCHITECTURE = "controlvector"
-_MAGIC = b"GGUF"
 _VERSION = 3
-_DEFAULT_ALIGNMENT = 32
 _GGML_TYPE_F32 = 0
 _DIRECTION_NAME = re.compile(r"direction\.(\d+)")
-_MAX_STRING_BYTES = 1 << 20   # keys, hints and tensor names are short; a longer string means a bad file
-_MAX_DIMS = 4                 # GGML_MAX_DIMS
-
-# GGUF metadata value types: id -> struct format of one scalar (None: string / array, read specially).
-_UINT8, _INT8, _UINT16, _INT16, _UINT32, _INT32, _FLOAT32, _BOOL, _STRING, _ARRAY, _UINT64, _INT64, _FLOAT64 = range(13)
-_SCALAR_FORMATS = {_UINT8: "<B", _INT8: "<b", _UINT16: "<H", _INT16: "<h", _UINT32: "<I", _INT32: "<i",
-                   _FLOAT32: "<f", _BOOL: "<?", _UINT64: "<Q", _INT64: "<q", _FLOAT64: "<d"}
 
 
 class ControlVector:
@@ -65,22 +64,22 @@ class ControlVector:
 
     def __init__(self, directions: Mapping[int, np.ndarray], model_hint: str = ""):
         if not isinstance(directions, Mapping) or not directions:
-            raise ValueError("a control vector needs at least one {layer: vector} entry")
+            raise invalid_argument("a control vector needs at least one {layer: vector} entry")
         checked: dict[int, np.ndarray] = {}
         width = None
         for layer, vector in directions.items():
             if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0:
-                raise ValueError(f"layer {layer!r} is not a block index (an int >= 0)")
+                raise invalid_argument(f"layer {layer!r} is not a block index (an int >= 0)")
             array = _as_float32(vector, f"the direction for layer {layer}")
             if array.ndim != 1 or array.size == 0:
-                raise ValueError(f"the direction for layer {layer} must be a non-empty vector (n_embd,), "
-                                 f"got shape {list(array.shape)}")
+                raise invalid_argument(f"the direction for layer {layer} must be a non-empty vector (n_embd,), "
+                                       f"got shape {list(array.shape)}")
             if width is not None and array.size != width:
-                raise ValueError(f"the direction for layer {layer} has width {array.size}, the others {width}")
+                raise invalid_argument(f"the direction for layer {layer} has width {array.size}, the others {width}")
             width = array.size
             checked[int(layer)] = array
         if not isinstance(model_hint, str):
-            raise ValueError("model_hint must be a string")
+            raise invalid_argument("model_hint must be a string")
         self.directions: dict[int, np.ndarray] = dict(sorted(checked.items()))
         self.model_hint = model_hint
 
@@ -99,17 +98,18 @@ class ControlVector:
             array = np.asarray(directions)
             if array.ndim == 1:
                 if layers is None:
-                    raise ValueError("a single vector needs `layers`: the blocks to add it to")
+                    raise invalid_argument("a single vector needs `layers`: the blocks to add it to")
                 chosen = {int(L): array for L in layers}
             elif array.ndim == 2:
                 picked = range(array.shape[0]) if layers is None else [int(L) for L in layers]
                 bad = [L for L in picked if not 0 <= L < array.shape[0]]
                 if bad:
-                    raise ValueError(f"layer {bad[0]} is out of range for a matrix of {array.shape[0]} layers")
+                    raise out_of_range(f"layer {bad[0]} is out of range: the matrix has {array.shape[0]} layers "
+                                       f"(0..{array.shape[0] - 1})")
                 chosen = {L: array[L] for L in picked}
             else:
-                raise ValueError(f"expected a mapping, a (n_layer, n_embd) matrix or a vector, got shape "
-                                 f"{list(array.shape)}")
+                raise invalid_argument(f"expected a mapping, a (n_layer, n_embd) matrix or a vector, got shape "
+                                       f"{list(array.shape)}")
         vector = cls(chosen, model_hint)
         return vector if scale == 1.0 else vector * scale
 
@@ -155,10 +155,10 @@ class ControlVector:
         if not isinstance(other, ControlVector):
             return NotImplemented
         if other.width != self.width:
-            raise ValueError(f"cannot combine control vectors of widths {self.width} and {other.width}")
+            raise invalid_argument(f"cannot combine control vectors of widths {self.width} and {other.width}")
         if self.model_hint and other.model_hint and self.model_hint != other.model_hint:
-            raise ValueError(f"cannot combine control vectors for different models "
-                             f"({self.model_hint!r} and {other.model_hint!r})")
+            raise invalid_argument(f"cannot combine control vectors for different models "
+                                   f"({self.model_hint!r} and {other.model_hint!r})")
         out = {L: v.astype(np.float64) for L, v in self.directions.items()}
         for L, v in other.directions.items():
             out[L] = out.get(L, 0.0) + sign * v.astype(np.float64)
@@ -175,7 +175,7 @@ class ControlVector:
         if isinstance(scale, (bool, ControlVector)) or not np.isscalar(scale) or not np.isreal(scale):
             return NotImplemented
         if not np.isfinite(scale):
-            raise ValueError(f"cannot scale a control vector by {scale}")
+            raise invalid_argument(f"cannot scale a control vector by {scale}")
         return ControlVector({L: _checked(v.astype(np.float64) * float(scale), f"scaling by {scale}")
                               for L, v in self.directions.items()}, self.model_hint)
 
@@ -190,7 +190,7 @@ class ControlVector:
         for L, v in self.directions.items():
             norm = float(np.linalg.norm(v.astype(np.float64)))
             if norm == 0:
-                raise ValueError(f"cannot normalize the zero direction at layer {L}")
+                raise invalid_argument(f"cannot normalize the zero direction at layer {L}")
             out[L] = v.astype(np.float64) / norm
         return ControlVector(out, self.model_hint)
 
@@ -199,8 +199,8 @@ class ControlVector:
     def save(self, path: str | os.PathLike) -> None:
         """Write llama.cpp's control-vector GGUF (loadable by ``llama-server --control-vector``)."""
         if 0 in self.directions:
-            raise ValueError("llama.cpp control-vector files cannot hold layer 0 (direction.0 is rejected by "
-                             "llama.cpp); drop it or steer block 0 per request with steer={0: vector}")
+            raise invalid_argument("llama.cpp control-vector files cannot hold layer 0 (direction.0 is rejected by "
+                                   "llama.cpp); drop it or steer block 0 per request with steer={0: vector}")
         with open(path, "wb") as f:
             _write_gguf(f, self)
 
@@ -209,29 +209,29 @@ class ControlVector:
         """Read a control-vector GGUF (ours, llama.cpp's cvector-generator, repeng). ``ValueError`` if it is
         not one or is malformed; layer numbers are the file's (see the module docstring)."""
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            return _read_gguf(_Reader(f, size, os.fspath(path)))
+            return _read_gguf(f.read(), os.fspath(path))
 
 
 def _as_float32(vector, what: str) -> np.ndarray:
     try:
         array = np.asarray(vector, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what} is not numeric: {exc}") from None
+        raise invalid_argument(f"{what} is not numeric: {exc}") from None
     return _checked(array, what)
 
 
 def _checked(array: np.ndarray, what: str) -> np.ndarray:
     if not np.all(np.isfinite(array)):
-        raise ValueError(f"{what} has NaN or infinite values")
+        raise invalid_argument(f"{what} has NaN or infinite values")
     with np.errstate(over="ignore"):
         single = array.astype(np.float32)
     if not np.all(np.isfinite(single)):
-        raise ValueError(f"{what} overflows float32 (largest magnitude {np.max(np.abs(array)):.3g}); scale it down")
+        raise invalid_argument(f"{what} overflows float32 (largest magnitude {np.max(np.abs(array)):.3g}); "
+                               f"scale it down")
     return single
 
 
-# ----- GGUF subset: writer ---------------------------------------------------------------------------
+# ----- writer ---------------------------------------------------------------------------
 
 def _gguf_string(value: str) -> bytes:
     raw = value.encode("utf-8")
@@ -240,20 +240,20 @@ def _gguf_string(value: str) -> bytes:
 
 def _write_gguf(f: BinaryIO, vector: ControlVector) -> None:
     metadata = [
-        ("general.architecture", _STRING, _gguf_string(ARCHITECTURE)),
-        (f"{ARCHITECTURE}.model_hint", _STRING, _gguf_string(vector.model_hint)),
+        ("general.architecture", STRING, _gguf_string(ARCHITECTURE)),
+        (f"{ARCHITECTURE}.model_hint", STRING, _gguf_string(vector.model_hint)),
         # int32 as llama.cpp's cvector-generator writes it; llama.cpp itself never reads this key.
-        (f"{ARCHITECTURE}.layer_count", _INT32, struct.pack("<i", len(vector))),
+        (f"{ARCHITECTURE}.layer_count", INT32, struct.pack("<i", len(vector))),
     ]
-    header = bytearray(_MAGIC + struct.pack("<IQQ", _VERSION, len(vector), len(metadata)))
+    header = bytearray(MAGIC + struct.pack("<IQQ", _VERSION, len(vector), len(metadata)))
     for key, kind, value in metadata:
         header += _gguf_string(key) + struct.pack("<I", kind) + value
     nbytes = vector.width * 4
-    stride = _align(nbytes, _DEFAULT_ALIGNMENT)
+    stride = _align(nbytes, DEFAULT_ALIGNMENT)
     for k, layer in enumerate(vector.layers):
         header += _gguf_string(f"direction.{layer}")
         header += struct.pack("<IQIQ", 1, vector.width, _GGML_TYPE_F32, k * stride)
-    header += bytes(_align(len(header), _DEFAULT_ALIGNMENT) - len(header))
+    header += bytes(_align(len(header), DEFAULT_ALIGNMENT) - len(header))
     f.write(header)
     for layer in vector.layers:
         f.write(vector[layer].astype("<f4").tobytes())
@@ -264,138 +264,54 @@ def _align(n: int, alignment: int) -> int:
     return (n + alignment - 1) // alignment * alignment
 
 
-# ----- GGUF subset: reader ---------------------------------------------------------------------------
+# ----- reader (the GGUF parsing is `gguf_file`'s) -----------------------------------------------------
 
-class _Reader:
-    """Sequential reads that never go past the end of the file (so no count in it can make us over-read)."""
+def _read_gguf(raw: bytes, name: str) -> ControlVector:
+    def fail(message: str):
+        raise invalid_argument(f"{name} is not a valid control-vector GGUF file: {message}")
 
-    def __init__(self, f: BinaryIO, size: int, name: str):
-        self.f, self.size, self.name = f, size, name
-
-    @property
-    def offset(self) -> int:
-        return self.f.tell()
-
-    def fail(self, message: str):
-        raise ValueError(f"{self.name} is not a valid control-vector GGUF file: {message}")
-
-    def bytes(self, n: int, what: str) -> bytes:
-        if n < 0 or n > self.size - self.offset:
-            self.fail(f"{what} ({n} bytes at offset {self.offset}) runs past the end of the file "
-                      f"({self.size} bytes)")
-        return self.f.read(n)
-
-    def skip(self, n: int, what: str) -> None:
-        if n < 0 or n > self.size - self.offset:
-            self.fail(f"{what} ({n} bytes at offset {self.offset}) runs past the end of the file")
-        self.f.seek(n, os.SEEK_CUR)
-
-    def scalar(self, fmt: str, what: str):
-        return struct.unpack(fmt, self.bytes(struct.calcsize(fmt), what))[0]
-
-    def string(self, what: str) -> str:
-        n = self.scalar("<Q", f"the length of {what}")
-        if n > _MAX_STRING_BYTES:
-            self.fail(f"{what} claims {n} bytes")
-        raw = self.bytes(n, what)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            self.fail(f"{what} is not UTF-8")
-
-    def value(self, kind: int, what: str):
-        """One metadata value; arrays are skipped (None): the control-vector keys are scalars."""
-        if kind in _SCALAR_FORMATS:
-            return self.scalar(_SCALAR_FORMATS[kind], what)
-        if kind == _STRING:
-            return self.string(what)
-        if kind == _ARRAY:
-            element = self.scalar("<I", f"the element type of {what}")
-            count = self.scalar("<Q", f"the length of {what}")
-            if element in _SCALAR_FORMATS:
-                size = struct.calcsize(_SCALAR_FORMATS[element])
-                if count > (self.size - self.offset) // size:
-                    self.fail(f"{what} claims {count} elements, more than the file holds")
-                self.skip(count * size, what)
-            elif element == _STRING:
-                if count > (self.size - self.offset) // 8:
-                    self.fail(f"{what} claims {count} strings, more than the file holds")
-                for _ in range(count):
-                    self.skip(self.scalar("<Q", f"a string length in {what}"), what)
-            else:
-                self.fail(f"{what} is an array of unsupported type {element}")
-            return None
-        self.fail(f"{what} has unknown value type {kind}")
-
-
-def _read_gguf(r: _Reader) -> ControlVector:
-    if r.size < 24 or r.bytes(4, "the magic") != _MAGIC:
-        r.fail("it does not start with the GGUF magic")
-    version = r.scalar("<I", "the version")
-    if version not in (2, 3):
-        r.fail(f"GGUF version {version} is not supported (2 and 3 are; big-endian files are not)")
-    n_tensors = r.scalar("<Q", "the tensor count")
-    n_metadata = r.scalar("<Q", "the metadata count")
-    # Every metadata entry and tensor description takes well over 8 bytes: bound the counts by the file.
-    if n_tensors > r.size // 8 or n_metadata > r.size // 8:
-        r.fail(f"it claims {n_tensors} tensors and {n_metadata} metadata entries, more than the file holds")
-    metadata = {}
-    for i in range(n_metadata):
-        key = r.string(f"metadata key {i}")
-        if key in metadata:
-            r.fail(f"metadata key {key!r} appears twice")
-        metadata[key] = r.value(r.scalar("<I", f"the type of {key}"), key)
-    architecture = metadata.get("general.architecture")
-    if architecture != ARCHITECTURE:
-        raise ValueError(f"{r.name} is not a control vector: general.architecture is {architecture!r}, "
-                         f"not {ARCHITECTURE!r}")
-    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
-        r.fail(f"general.alignment {alignment!r} is not a power of two")
-    model_hint = metadata.get(f"{ARCHITECTURE}.model_hint", "")
+    try:
+        header = GGUFHeader(raw, name)
+        architecture = header.fields.get("general.architecture")
+        if architecture != ARCHITECTURE:
+            raise invalid_argument(f"{name} is not a control vector: general.architecture is {architecture!r}, "
+                                   f"not {ARCHITECTURE!r}")
+        infos = header.tensor_infos()
+    except GGUFFormatError as exc:
+        fail(str(exc).removeprefix(f"{name}: "))
+    model_hint = header.fields.get(f"{ARCHITECTURE}.model_hint", "")
     if not isinstance(model_hint, str):
-        r.fail(f"{ARCHITECTURE}.model_hint is not a string")
-    infos = []
-    for i in range(n_tensors):
-        name = r.string(f"tensor name {i}")
-        n_dims = r.scalar("<I", f"the dimension count of {name}")
-        if not 1 <= n_dims <= _MAX_DIMS:
-            r.fail(f"tensor {name} has {n_dims} dimensions")
-        dims = [r.scalar("<Q", f"a dimension of {name}") for _ in range(n_dims)]
-        ggml_type = r.scalar("<I", f"the type of {name}")
-        offset = r.scalar("<Q", f"the data offset of {name}")
-        infos.append((name, dims, ggml_type, offset))
-    data_start = _align(r.offset, alignment)
+        fail(f"{ARCHITECTURE}.model_hint is not a string")
     directions: dict[int, np.ndarray] = {}
-    for name, dims, ggml_type, offset in infos:
-        match = _DIRECTION_NAME.fullmatch(name)
+    size, data_start = len(raw), header.data_start
+    for info in infos:
+        match = _DIRECTION_NAME.fullmatch(info.name)
         if match is None:
-            r.fail(f"tensor {name!r} is not named direction.<layer>")
+            fail(f"tensor {info.name!r} is not named direction.<layer>")
         layer = int(match.group(1))
         if layer == 0:
-            r.fail("it has direction.0; llama.cpp numbers control-vector layers from 1")
+            fail("it has direction.0; llama.cpp numbers control-vector layers from 1")
         if layer in directions:
-            r.fail(f"{name} appears twice")
-        if ggml_type != _GGML_TYPE_F32:
-            r.fail(f"{name} has ggml type {ggml_type}; control vectors are F32 (type 0)")
-        if len(dims) != 1 or any(d > 1 for d in dims[1:]):
-            r.fail(f"{name} has shape {dims}; a direction is 1-D")
-        width = dims[0]
-        if offset % alignment:
-            r.fail(f"{name} starts at offset {offset}, not a multiple of the alignment {alignment}")
+            fail(f"{info.name} appears twice")
+        if info.ggml_type != _GGML_TYPE_F32:
+            fail(f"{info.name} has ggml type {info.ggml_type}; control vectors are F32 (type 0)")
+        if any(d > 1 for d in info.dims[1:]):
+            fail(f"{info.name} has shape {list(info.dims)}; a direction is 1-D")
+        width, offset = info.dims[0], info.offset
+        if offset % header.alignment:
+            fail(f"{info.name} starts at offset {offset}, not a multiple of the alignment {header.alignment}")
         if width == 0:
-            r.fail(f"{name} has no elements")
-        if width > (r.size - data_start) // 4 or offset > r.size - data_start - 4 * width:
-            r.fail(f"{name} ({width} floats at data offset {offset}) lies outside the file")
-        r.f.seek(data_start + offset)
-        raw = r.bytes(4 * width, name)
-        vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+            fail(f"{info.name} has no elements")
+        if width > (size - data_start) // 4 or offset > size - data_start - 4 * width:
+            fail(f"{info.name} ({width} floats at data offset {offset}) lies outside the file")
+        start = data_start + offset
+        vector = np.frombuffer(raw[start:start + 4 * width], dtype="<f4").astype(np.float32)
         if not np.all(np.isfinite(vector)):
-            r.fail(f"{name} has NaN or infinite values")
+            fail(f"{info.name} has NaN or infinite values")
         directions[layer] = vector
     if not directions:
-        r.fail("it holds no direction tensors")
+        fail("it holds no direction tensors")
     widths = {v.size for v in directions.values()}
     if len(widths) > 1:
-        r.fail(f"its directions have different widths {sorted(widths)}")
+        fail(f"its directions have different widths {sorted(widths)}")
     return ControlVector(directions, model_hint)

@@ -1,7 +1,8 @@
 """The core client: one method per server capability, numpy results, readable errors.
 
 `Client` (in `lmscope.client`) is this class plus the analysis mixins (lenses, steering, attention, ...),
-each in its own module and each built only on the methods here.
+each in its own module and each built only on the methods `ClientCore` (in `lmscope.client.interface`)
+declares. Every error is an `LmscopeError` (`lmscope.client.errors`).
 
 >>> from lmscope.client import Client                          # doctest: +SKIP
 >>> c = Client("127.0.0.1:50051")                              # doctest: +SKIP
@@ -21,7 +22,8 @@ import numpy as np
 from . import interventions as iv
 from . import tensors
 from .dispatch import ordered_calls
-from .results import Generation, ModelInfo, Run, TopK, Tokens
+from .errors import LmscopeError, check_layer, invalid_argument
+from .results import Generation, ModelInfo, Run, Tokens, TopK
 from .servers import ServerSet, service_config
 from .sites import SiteFilter, select_sites
 from .wire import lmscope_pb2 as pb
@@ -30,15 +32,6 @@ from .wire import lmscope_pb2_grpc as pb_grpc
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 log = logging.getLogger("lmscope.client")
-
-
-class LmscopeError(Exception):
-    """A call the server refused or could not complete. `code` is the grpc.StatusCode."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
 
 
 class ModelMismatchError(LmscopeError):
@@ -143,7 +136,8 @@ class CoreClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _unary(self, method: str, request):
+    def call(self, method: str, request):
+        """One unary RPC by its name in the proto (``"Tokenize"``); a refusal raises `LmscopeError`."""
         try:
             return getattr(self._stub, method)(request, timeout=self.timeout)
         except grpc.RpcError as error:
@@ -171,7 +165,7 @@ class CoreClient:
         """The served model. With several servers, the first call asks each one and raises
         `ModelMismatchError` unless every server that answers holds the same file (same sha256)."""
         if self._info is None or refresh:
-            info = ModelInfo.from_proto(self._unary("GetModelInfo", pb.ModelInfoRequest()))
+            info = ModelInfo.from_proto(self.call("GetModelInfo", pb.ModelInfoRequest()))
             self._n_workers = self._check_same_model(info) if len(self.servers.endpoints) > 1 \
                 else max(info.n_workers, 1)
             self._info = info
@@ -208,33 +202,40 @@ class CoreClient:
     def sites(self, selection: SiteFilter = "*") -> list[str]:
         """Capture-site names of the loaded model chosen by a filter (name, glob, list or predicate)."""
         info = self.model_info()
-        return select_sites(info.capture_sites, selection, info.unavailable_sites)
+        try:
+            return select_sites(info.capture_sites, selection, info.unavailable_sites)
+        except (KeyError, TypeError) as exc:  # the service shares select_sites and maps these itself
+            raise invalid_argument(str(exc.args[0])) from None
 
     # ----- tokens ----------------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False,
                  chat: bool = False) -> Tokens:
-        response = self._unary("Tokenize", pb.TokenizeRequest(text=text, add_special=add_special,
-                                                              parse_special=parse_special, chat=chat))
+        response = self.call("Tokenize", pb.TokenizeRequest(text=text, add_special=add_special,
+                                                            parse_special=parse_special, chat=chat))
         return Tokens(list(response.token_ids), list(response.pieces), response.text)
 
     def detokenize(self, token_ids: Iterable[int]) -> str:
-        return self._unary("Detokenize", pb.DetokenizeRequest(token_ids=[int(t) for t in token_ids])).text
+        return self.call("Detokenize", pb.DetokenizeRequest(token_ids=[int(t) for t in token_ids])).text
 
     def token_id(self, text: str) -> int:
         """The first token of `text` (no BOS): how a multi-token word is reduced to one id."""
         ids = self.tokenize(text, add_special=False).token_ids
         if not ids:
-            raise ValueError(f"{text!r} tokenizes to nothing")
+            raise invalid_argument(f"{text!r} tokenizes to nothing")
         return ids[0]
 
     # ----- forward passes --------------------------------------------------------------------------
 
     @staticmethod
-    def _prompt(prompt, chat: bool = False) -> pb.Prompt:
+    def _prompt(prompt, chat: bool = False, prepend_bos: bool = True) -> pb.Prompt:
         if isinstance(prompt, str):
-            return pb.Prompt(text=prompt, chat=chat)
+            return pb.Prompt(text=prompt, chat=chat, no_bos=not prepend_bos)
         return pb.Prompt(token_ids=[int(t) for t in prompt])
+
+    def check_layer(self, layer, what: str = "layer") -> int:
+        """A block index of the served model; OUT_OF_RANGE (`LmscopeError`) otherwise."""
+        return check_layer(layer, self.n_layer, what)
 
     def _capture_selection(self, layers, capture) -> list[str]:
         if capture is not None:
@@ -242,25 +243,30 @@ class CoreClient:
                 self.sites(capture) if callable(capture) else list(capture))
         if layers is None:
             return ["embed", "blocks.*.resid_post"]
-        return [f"blocks.{int(L)}.resid_post" for L in layers]
+        return [f"blocks.{self.check_layer(L)}.resid_post" for L in layers]
 
-    def _run_request(self, prompts, *, layers=None, capture=None, positions=None, logits=True,
-                     dtype="float32", steer=None, ablate=None, patch=None, interventions=None, chat=False,
-                     lens: pb.LensSpec | None = None) -> pb.RunRequest:
-        mode = {True: pb.LOGITS_ALL, "all": pb.LOGITS_ALL, "last": pb.LOGITS_LAST,
-                False: pb.LOGITS_NONE, None: pb.LOGITS_NONE, "none": pb.LOGITS_NONE}[logits]
+    def run_request(self, prompts, *, layers=None, capture=None, positions=None, logits=True,
+                    dtype="float32", steer=None, ablate=None, patch=None, interventions=None, chat=False,
+                    prepend_bos=True, lens: pb.LensSpec | None = None) -> pb.RunRequest:
+        """The RunRequest `run` would send for these prompts (options as for `run`), for `send_run`."""
+        modes = {True: pb.LOGITS_ALL, "all": pb.LOGITS_ALL, "last": pb.LOGITS_LAST,
+                 False: pb.LOGITS_NONE, None: pb.LOGITS_NONE, "none": pb.LOGITS_NONE}
+        if not isinstance(logits, (bool, str, type(None))) or logits not in modes:
+            raise invalid_argument(f"logits must be True, 'all', 'last' or False, not {logits!r}")
+        mode = modes[logits]
         if dtype not in ("float32", "float16"):
-            raise ValueError(f"dtype must be 'float32' or 'float16', not {dtype!r}")
+            raise invalid_argument(f"dtype must be 'float32' or 'float16', not {dtype!r}")
         needs_layers = steer is not None or ablate is not None
         return pb.RunRequest(
-            prompts=[self._prompt(p, chat) for p in prompts],
+            prompts=[self._prompt(p, chat, prepend_bos) for p in prompts],
             capture=self._capture_selection(layers, capture),
             positions=[int(p) for p in positions] if positions is not None else [],
             logits=mode, dtype=pb.FLOAT16 if dtype == "float16" else pb.FLOAT32,
             interventions=iv.build(self.n_layer if needs_layers else 0, steer, ablate, patch, interventions),
             lens=lens)
 
-    def _runs(self, request: pb.RunRequest, metadata=None) -> list[Run]:
+    def send_run(self, request: pb.RunRequest, metadata=None) -> list[Run]:
+        """Send a RunRequest (from `run_request`, possibly with a lens spec); one Run per prompt."""
         header, arrays = self._tensor_stream("Run", request, metadata)
         runs = []
         for s, seq in enumerate(header.sequences):
@@ -274,7 +280,8 @@ class CoreClient:
 
     def run(self, prompt, *, layers: Sequence[int] | None = None, capture: SiteFilter | None = None,
             positions: Sequence[int] | None = None, logits: bool | str = True, dtype: str = "float32",
-            steer=None, ablate=None, patch=None, interventions=None, chat: bool = False) -> Run:
+            steer=None, ablate=None, patch=None, interventions=None, chat: bool = False,
+            prepend_bos: bool = True) -> Run:
         """One forward pass. By default captures every hidden state and returns logits for every token.
 
         layers: capture only these blocks' outputs (``blocks.L.resid_post``).
@@ -284,11 +291,13 @@ class CoreClient:
         dtype: "float32" or "float16" on the wire (results are float16 arrays then).
         steer / ablate / patch / interventions: edits of the forward pass (`lmscope.client.interventions`).
         chat: wrap a text prompt in the model's chat template.
+        prepend_bos: False leaves out the BOS token the tokenizer would add to a text prompt (token-id
+            prompts are used as given).
         """
-        request = self._run_request([prompt], layers=layers, capture=capture, positions=positions, logits=logits,
-                                    dtype=dtype, steer=steer, ablate=ablate, patch=patch,
-                                    interventions=interventions, chat=chat)
-        return self._runs(request)[0]
+        request = self.run_request([prompt], layers=layers, capture=capture, positions=positions, logits=logits,
+                                   dtype=dtype, steer=steer, ablate=ablate, patch=patch,
+                                   interventions=interventions, chat=chat, prepend_bos=prepend_bos)
+        return self.send_run(request)[0]
 
     def iter_runs(self, prompts: Iterable, *, batch_size: int = 64, **options) -> Iterator[Run]:
         """`run_batch` as a stream: each prompt's Run in prompt order, while later requests are running.
@@ -299,10 +308,10 @@ class CoreClient:
         """
         prompts = list(prompts)
         info = self.model_info()
-        requests = [self._run_request(prompts[start:start + batch_size], **options)
+        requests = [self.run_request(prompts[start:start + batch_size], **options)
                     for start in range(0, len(prompts), batch_size)]
         window = self.max_in_flight or 2 * self._n_workers
-        for runs in ordered_calls(self._runs, requests, max_in_flight=window, retries=self.retries,
+        for runs in ordered_calls(self.send_run, requests, max_in_flight=window, retries=self.retries,
                                   describe=lambda i: f"{info.name}: prompts {i * batch_size}.."
                                                      f"{min((i + 1) * batch_size, len(prompts)) - 1}"):
             yield from runs
@@ -325,7 +334,7 @@ class CoreClient:
         """The next-token table of one logits row: ids, pieces and probabilities (softmax at `temperature`)."""
         logits = np.asarray(logits, dtype=np.float64).reshape(-1)
         if temperature <= 0:
-            raise ValueError("temperature must be > 0")
+            raise invalid_argument(f"temperature must be > 0, not {temperature}")
         z = logits / temperature
         probs = np.exp(z - z.max())
         probs /= probs.sum()
@@ -334,7 +343,7 @@ class CoreClient:
         return TopK(ids=ids.astype(np.int64), pieces=pieces, probs=probs[ids], logits=logits[ids])
 
     def tokenize_pieces(self, ids: Iterable[int]) -> list[str]:
-        pieces = self._unary("Detokenize", pb.DetokenizeRequest(token_ids=[int(t) for t in ids])).pieces
+        pieces = self.call("Detokenize", pb.DetokenizeRequest(token_ids=[int(t) for t in ids])).pieces
         return [p.decode("utf-8", "replace") for p in pieces]
 
     def unembed(self, vectors: np.ndarray, final_norm: bool = True) -> np.ndarray:
@@ -390,7 +399,7 @@ class CoreClient:
         normalize: L2-normalize each vector.
         """
         if pooling not in ("mean", "last", "none"):
-            raise ValueError(f"pooling must be 'mean', 'last' or 'none', not {pooling!r}")
+            raise invalid_argument(f"pooling must be 'mean', 'last' or 'none', not {pooling!r}")
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         runs = self.run_batch(texts, batch_size=batch_size, capture=["ln_final"], logits=False,

@@ -23,6 +23,8 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import grpc
 
+from .errors import invalid_argument
+
 Request = TypeVar("Request")
 Answer = TypeVar("Answer")
 
@@ -62,7 +64,7 @@ def ordered_calls(call: Callable[[Request], Answer], requests: Iterable[Request]
     the calls already running.
     """
     if max_in_flight < 1:
-        raise ValueError(f"max_in_flight must be >= 1, not {max_in_flight}")
+        raise invalid_argument(f"max_in_flight must be >= 1, not {max_in_flight}")
     pending = enumerate(requests)
     window: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="lmscope-batch") as pool:

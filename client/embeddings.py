@@ -23,6 +23,7 @@ import numpy as np
 
 from lmscope.service.architectures import OUTPUT, TOKEN_EMBEDDING, head_tensor_name
 
+from .errors import invalid_argument
 from .lens import first_token, token_texts
 from .projection import layer_sites
 
@@ -150,7 +151,7 @@ class EmbeddingMixin:
         if table == "lm_head":
             head = head_tensor_name(self.model_info().tied_embeddings)
             return self.weights(head, list(token_ids))
-        raise ValueError(f"table must be 'embedding' or 'lm_head', not {table!r}")
+        raise invalid_argument(f"table must be 'embedding' or 'lm_head', not {table!r}")
 
     def nearest_tokens(self, query, k: int = 10, *, table: str = "embedding", exclude: Sequence = ()):
         """The k tokens whose rows in `table` ("embedding" or "lm_head") are nearest (cosine) to a query.
@@ -202,7 +203,7 @@ class EmbeddingMixin:
         n_layer = self.model_info().n_layer
         keys, sites = layer_sites(["embed"] + list(range(n_layer)) if layer is None else layer, n_layer)
         if len(contexts) < 2:
-            raise ValueError("give at least two contexts to compare")
+            raise invalid_argument("give at least two contexts to compare")
         prompts, positions, prefixes = [], [], []
         for context in contexts:
             ids, position, prefix = self._word_position(context, word)
@@ -236,14 +237,14 @@ class EmbeddingMixin:
         plain = self.tokenize(context, add_special=False)
         prefix = len(full.token_ids) - len(plain.token_ids)
         if prefix < 0 or full.token_ids[prefix:] != plain.token_ids:
-            raise ValueError(f"cannot align the tokens of {context!r} with and without BOS")
+            raise invalid_argument(f"cannot align the tokens of {context!r} with and without BOS")
         raw, needle = context.encode(), word.encode()
         start = raw.find(needle)
         if start < 0:
-            raise ValueError(f"{word!r} does not occur in the context {context!r}")
+            raise invalid_argument(f"{word!r} does not occur in the context {context!r}")
         ends = np.cumsum([len(p) for p in plain.pieces])
         if len(ends) == 0 or ends[-1] != len(raw):
-            raise ValueError(f"the tokens of {context!r} do not spell its bytes; cannot locate {word!r}")
+            raise invalid_argument(f"the tokens of {context!r} do not spell its bytes; cannot locate {word!r}")
         index = int(np.searchsorted(ends, start + len(needle)))
         return full.token_ids, prefix + index, prefix
 

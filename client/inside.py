@@ -6,7 +6,7 @@ server-side lens reductions, and SET interventions, which the server applies ins
 pass. The result types and the method behind each tool are documented in `attention`, `neurons` and
 `activation_patching`.
 
-Bad input raises `LmscopeError` with a gRPC status code whether the client or the server notices it: a
+Bad input raises `LmscopeError` (`lmscope.client.errors`) whether the client or the server notices it: a
 layer, head or neuron index outside the model is OUT_OF_RANGE, checked here against `ModelInfo` before any
 request is sent; what depends on the prompt (positions, the size of the answer) is checked by the server.
 """
@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import grpc
 import numpy as np
 
 from lmscope.service.architectures import ffn_value_tensor, head_tensor_name
 
 from .activation_patching import IDENTITY_PROMPT, Metric, Patchscope, PatchSweep, logit_difference
 from .attention import Attention
-from .core import LmscopeError
+from .errors import check_index, invalid_argument
+from .interface import ClientCore
 from .interventions import Intervention, Patch
 from .neurons import Hit, NeuronActivations, Neurons, NeuronTokens, TopActivating
 from .progress import progress_bar
@@ -31,33 +31,16 @@ from .wire import lmscope_pb2 as pb
 PATCHABLE_SITES = ("resid_post", "resid_mid", "attn_out", "mlp_out")
 
 
-def _out_of_range(message: str) -> LmscopeError:
-    return LmscopeError(grpc.StatusCode.OUT_OF_RANGE, message)
-
-
-def _invalid(message: str) -> LmscopeError:
-    return LmscopeError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
 class InsideMixin:
     """Attention, neurons, patching and Patchscopes; mixed into `Client`."""
 
     # ----- checks and labels -----------------------------------------------------------------------
 
-    def _check_layer(self, layer: int) -> int:
-        n_layer = self.model_info().n_layer
-        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < n_layer:
-            raise _out_of_range(f"layer {layer} is outside the model's blocks 0..{n_layer - 1}")
-        return int(layer)
-
-    def _check_neuron(self, neuron: int) -> int:
-        n_ff = self.model_info().n_ff
-        if not isinstance(neuron, (int, np.integer)) or not 0 <= neuron < n_ff:
-            raise _out_of_range(f"neuron {neuron} is outside the feed-forward width 0..{n_ff - 1}")
-        return int(neuron)
+    def _check_neuron(self: ClientCore, neuron: int) -> int:
+        return check_index(neuron, self.model_info().n_ff, "neuron", "feed-forward neurons")
 
     def _pieces(self, token_ids: Sequence[int]) -> list[bytes]:
-        return list(self._unary("Detokenize", pb.DetokenizeRequest(token_ids=[int(t) for t in token_ids])).pieces)
+        return list(self.call("Detokenize", pb.DetokenizeRequest(token_ids=[int(t) for t in token_ids])).pieces)
 
     def token_labels(self, token_ids: Sequence[int]) -> list[str]:
         """A readable label per token (see `lmscope.client.token_labels`)."""
@@ -69,11 +52,9 @@ class InsideMixin:
                   chat: bool = False) -> Attention:
         """Attention probabilities of `layers` (default all) for every head (or `heads`) of one prompt."""
         info = self.model_info()
-        layers = list(range(info.n_layer)) if layers is None else [self._check_layer(L) for L in layers]
-        heads = list(range(info.n_head)) if heads is None else list(heads)
-        bad = [h for h in heads if not isinstance(h, (int, np.integer)) or not 0 <= h < info.n_head]
-        if bad:
-            raise _out_of_range(f"head {bad[0]} is outside the model's heads 0..{info.n_head - 1}")
+        layers = list(range(info.n_layer)) if layers is None else [self.check_layer(L) for L in layers]
+        heads = list(range(info.n_head)) if heads is None else [check_index(h, info.n_head, "head", "heads")
+                                                                  for h in heads]
         sites = [f"blocks.{L}.attn.pattern" for L in layers]
         run = self.run(prompt, capture=sites, logits=False, chat=chat)
         probs = np.stack([run.captures[site] for site in sites])[:, heads]
@@ -84,7 +65,7 @@ class InsideMixin:
 
     def neurons(self, prompt, layer: int, chat: bool = False) -> Neurons:
         """Neuron activations ``blocks.{layer}.mlp.post`` (silu(gate) * up) for every token: (n_tokens, n_ff)."""
-        site = f"blocks.{self._check_layer(layer)}.mlp.post"
+        site = f"blocks.{self.check_layer(layer)}.mlp.post"
         run = self.run(prompt, capture=[site], logits=False, chat=chat)
         return Neurons(layer=layer, activations=run.captures[site], tokens=self.token_labels(run.token_ids),
                        token_ids=run.token_ids)
@@ -93,7 +74,7 @@ class InsideMixin:
         """The neuron's value vector: column `neuron` of ``blk.{layer}.ffn_down.weight``, (n_embd,).
 
         Only that column travels; the server dequantizes the matrix."""
-        name = ffn_value_tensor(self.model_info().site_rules, self._check_layer(layer))
+        name = ffn_value_tensor(self.model_info().site_rules, self.check_layer(layer))
         return self.weights(name, [self._check_neuron(neuron)], axis=1)[:, 0]
 
     def neuron_top_tokens(self, layer: int, neuron: int, k: int = 10) -> NeuronTokens:
@@ -117,7 +98,7 @@ class InsideMixin:
         """`neurons` of `layer` at every token of `prompts` (a text, token ids, or a list of them), with each
         neuron's promoted and suppressed tokens (`neuron_top_tokens`, `k` each): what the neuron view shows
         (``.to_html(path)``, or the result itself in a notebook)."""
-        site = f"blocks.{self._check_layer(layer)}.mlp.post"
+        site = f"blocks.{self.check_layer(layer)}.mlp.post"
         chosen = [self._check_neuron(n) for n in ([neurons] if isinstance(neurons, (int, np.integer)) else neurons)]
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
         runs = self.run_batch([prompts] if single else list(prompts), capture=[site], logits=False, chat=chat)
@@ -133,7 +114,7 @@ class InsideMixin:
         neuron's column is kept, so memory stays small for a large corpus. `skip_bos` leaves out the BOS
         token, on which many neurons fire regardless of the text.
         """
-        site = f"blocks.{self._check_layer(layer)}.mlp.post"
+        site = f"blocks.{self.check_layer(layer)}.mlp.post"
         neuron = self._check_neuron(neuron)
         bos = self.model_info().bos_token_id
         columns: list[np.ndarray] = []
@@ -141,7 +122,7 @@ class InsideMixin:
         with progress_bar(len(prompts), enabled=progress, desc=f"layer {layer} neuron {neuron}") as bar:
             for start in range(0, len(prompts), batch_size):
                 part = list(prompts[start:start + batch_size])
-                for run in self._runs(self._run_request(part, capture=[site], logits=False)):
+                for run in self.send_run(self.run_request(part, capture=[site], logits=False)):
                     columns.append(run.captures[site][:, neuron].astype(np.float32))
                     token_lists.append(run.token_ids)
                 bar.update(len(part))
@@ -180,8 +161,8 @@ class InsideMixin:
         the prompt pass; the generated tokens are not patched. The default target is the paper's
         token-identity prompt (`IDENTITY_PROMPT`), patched at its final "?".
         """
-        source_layer = self._check_layer(source_layer)
-        target_layer = source_layer if target_layer is None else self._check_layer(target_layer)
+        source_layer = self.check_layer(source_layer)
+        target_layer = source_layer if target_layer is None else self.check_layer(target_layer)
         site = f"blocks.{source_layer}.resid_post"
         run = self.run(source, capture=[site], positions=[source_position], logits=False)
         vector = run.captures[site][0]
@@ -207,19 +188,19 @@ class InsideMixin:
         own SET intervention (`Intervention.sequences`).
         """
         if site not in PATCHABLE_SITES:
-            raise _invalid(f"site {site!r} cannot be swept; use one of {', '.join(PATCHABLE_SITES)}")
-        layers = list(range(self.model_info().n_layer)) if layers is None else [self._check_layer(L) for L in layers]
+            raise invalid_argument(f"site {site!r} cannot be swept; use one of {', '.join(PATCHABLE_SITES)}")
+        layers = list(range(self.model_info().n_layer)) if layers is None else [self.check_layer(L) for L in layers]
         sites = [f"blocks.{L}.{site}" for L in layers]
         clean_run = self.run(clean, capture=sites, positions=positions, logits="last")
         corrupted_run = self.run(corrupted, capture=[], logits="last")
         n_tokens = len(clean_run.token_ids)
         if len(corrupted_run.token_ids) != n_tokens:
-            raise _invalid(f"the clean prompt has {n_tokens} tokens and the corrupted one "
+            raise invalid_argument(f"the clean prompt has {n_tokens} tokens and the corrupted one "
                            f"{len(corrupted_run.token_ids)}: patching position by position needs equal lengths")
         if metric is None:
             good, bad = int(np.argmax(clean_run.logits[-1])), int(np.argmax(corrupted_run.logits[-1]))
             if good == bad:
-                raise _invalid(f"the clean and corrupted prompts predict the same token ({good}); pass "
+                raise invalid_argument(f"the clean and corrupted prompts predict the same token ({good}); pass "
                                f"metric=logit_difference(good_id, bad_id) with the answers to compare")
             metric = logit_difference(good, bad)
             metric.__name__ = "logit[{!r}] - logit[{!r}]".format(*self.token_labels([good, bad]))
@@ -231,15 +212,15 @@ class InsideMixin:
                 interventions = [Intervention("set", [sites[i]], clean_run.captures[sites[i]][j],
                                               positions=[clean_run.positions[j]], sequences=[s])
                                  for s, (i, j) in enumerate(chunk)]
-                request = self._run_request([corrupted_run.token_ids] * len(chunk), capture=[], logits="last",
-                                            interventions=interventions)
-                for (i, j), run in zip(chunk, self._runs(request)):
+                request = self.run_request([corrupted_run.token_ids] * len(chunk), capture=[], logits="last",
+                                           interventions=interventions)
+                for (i, j), run in zip(chunk, self.send_run(request)):
                     values[i, j] = metric(run.logits[-1])
                 bar.update(len(chunk))
         clean_labels = self.token_labels(clean_run.token_ids)
         corrupted_labels = self.token_labels(corrupted_run.token_ids)
-        tokens = [clean_labels[p] if clean_labels[p] == corrupted_labels[p] else f"{clean_labels[p]}/{corrupted_labels[p]}"
-                  for p in clean_run.positions]
+        tokens = [clean_labels[p] if clean_labels[p] == corrupted_labels[p]
+                  else f"{clean_labels[p]}/{corrupted_labels[p]}" for p in clean_run.positions]
         return PatchSweep(values=values, layers=layers, positions=list(clean_run.positions), tokens=tokens,
                           clean_value=metric(clean_run.logits[-1]), corrupted_value=metric(corrupted_run.logits[-1]),
                           site=site, metric_name=getattr(metric, "__name__", "metric"))

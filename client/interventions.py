@@ -18,6 +18,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from . import tensors
+from .errors import check_layer, invalid_argument
 from .wire import lmscope_pb2 as pb
 
 _OPS = {"add": pb.Intervention.ADD, "set": pb.Intervention.SET, "ablate": pb.Intervention.ABLATE}
@@ -39,7 +40,7 @@ class Intervention:
 
     def to_proto(self) -> pb.Intervention:
         if self.op not in _OPS:
-            raise ValueError(f"unknown intervention op {self.op!r}; use 'add', 'set' or 'ablate'")
+            raise invalid_argument(f"unknown intervention op {self.op!r}; use 'add', 'set' or 'ablate'")
         sites = [self.sites] if isinstance(self.sites, str) else list(self.sites)
         return pb.Intervention(op=_OPS[self.op], sites=sites,
                                vector=tensors.to_tensor(np.asarray(self.vector, dtype=np.float32)),
@@ -67,13 +68,9 @@ def steering(steer, n_layer: int) -> list[Intervention]:
     """{layer: vector} or a `ControlVector` (anything with a `.directions` mapping) -> ADD interventions."""
     directions: Mapping[int, np.ndarray] = getattr(steer, "directions", steer)
     if not isinstance(directions, Mapping):
-        raise ValueError("steer must be {layer: vector} or a ControlVector")
+        raise invalid_argument("steer must be {layer: vector} or a ControlVector")
     for layer in directions:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-            raise ValueError(f"steering layer {layer!r} is not a block index (an int)")
-        if not 0 <= layer < n_layer:
-            raise ValueError(f"steering layer {layer} is out of range: the model has {n_layer} blocks "
-                             f"(0..{n_layer - 1})")
+        check_layer(layer, n_layer, "steering layer")
     return [Intervention("add", [f"blocks.{int(layer)}.resid_post"], np.asarray(v, dtype=np.float32))
             for layer, v in sorted(directions.items())]
 

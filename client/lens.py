@@ -31,6 +31,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from .errors import invalid_argument
 from .wire import lmscope_pb2 as pb
 
 Affine = Mapping[int, tuple] | Sequence[tuple | None]
@@ -86,6 +87,7 @@ class LogitLens:
     token_pieces: dict[int, bytes] = field(default_factory=dict, repr=False)  # raw bytes of every id above, for views
     decode_ms: float = 0.0  # server: the forward pass with capture (llama_decode)
     total_ms: float = 0.0   # server: the whole request, the lens reduction included
+    hidden_states: np.ndarray | None = None  # (n_layer + 1, n_positions, n_embd) with keep_states=True
     # ids -> (probs, ranks, texts) of more targets, and word -> (first token id, multi_token)
     _fetch_targets: Callable[[list[int]], tuple[np.ndarray, np.ndarray, list[str]]] | None = field(default=None,
                                                                                                   repr=False)
@@ -203,7 +205,8 @@ class LatentLanguage:
         from . import plots
 
         return plots.layer_curves(
-            self.layers, {f"target {self.target_tokens}": self.target_probs, f"pivot {self.pivot_tokens}": self.pivot_probs},
+            self.layers,
+            {f"target {self.target_tokens}": self.target_probs, f"pivot {self.pivot_tokens}": self.pivot_probs},
             ylabel="probability (logit lens, last position)", ylim=(0.0, 1.0),
             title="latent language" if title is None else title, save=save)
 
@@ -221,7 +224,7 @@ def first_token(client, word: str | int) -> tuple[int, bool]:
         return int(word), False
     ids = client.tokenize(word, add_special=False).token_ids
     if not ids:
-        raise ValueError(f"{word!r} tokenizes to nothing; give a word or a token id")
+        raise invalid_argument(f"{word!r} tokenizes to nothing; give a word or a token id")
     return ids[0], len(ids) > 1
 
 
@@ -234,7 +237,7 @@ def token_texts(client, ids) -> dict[int, str]:
 def token_bytes(client, ids) -> dict[int, bytes]:
     """The raw bytes of each distinct token id, in one Detokenize request."""
     unique = [int(t) for t in np.unique(np.asarray(ids, dtype=np.int64))]
-    return dict(zip(unique, client._unary("Detokenize", pb.DetokenizeRequest(token_ids=unique)).pieces))
+    return dict(zip(unique, client.call("Detokenize", pb.DetokenizeRequest(token_ids=unique)).pieces))
 
 
 class LensMixin:
@@ -242,7 +245,7 @@ class LensMixin:
 
     def logit_lens(self, prompt, *, top_k: int = 5, temperature: float = 1.0, targets: Sequence = (),
                    positions: Sequence[int] | None = None, affine: Affine | None = None,
-                   chat: bool = False, lens=None) -> LogitLens:
+                   chat: bool = False, lens=None, keep_states: bool = False) -> LogitLens:
         """The logit lens of every hidden state (embedding + each block's output) at every position.
 
         prompt: text or token ids. top_k: tokens kept per cell. temperature: softmax temperature.
@@ -252,16 +255,18 @@ class LensMixin:
         identity) applied before the final norm: the tuned-lens hook (see the module docstring).
         lens: a `TunedLens` (`fit_tuned_lens` / `TunedLens.load`) fitted on this model: its translators
         become `affine`.
+        keep_states: also return the hidden states (before any affine map) from the lens's own forward pass
+        (`LogitLens.hidden_states`), instead of running the prompt again for them.
         """
         if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, not {temperature}")
+            raise invalid_argument(f"temperature must be > 0, not {temperature}")
         info = self.model_info()
         if lens is not None:
             if affine is not None:
-                raise ValueError("give a tuned lens or affine maps, not both")
+                raise invalid_argument("give a tuned lens or affine maps, not both")
             fitted_on = lens.model.get("fingerprint")
             if fitted_on and fitted_on != info.fingerprint:
-                raise ValueError(f"this tuned lens was fitted on model {fitted_on[:12]} ({lens.model.get('name')}); "
+                raise invalid_argument(f"this tuned lens was fitted on model {fitted_on[:12]} ({lens.model.get('name')}); "
                                  f"the server holds {info.fingerprint[:12]} ({info.name})")
             affine = lens.affine()
         resolved = [first_token(self, t) for t in targets]
@@ -273,17 +278,19 @@ class LensMixin:
             raw = self.run(prompt, capture=capture, positions=positions, logits=False, chat=chat)
             states = _apply_affine(raw.hidden_states, affine, info.n_embd)
 
-        def reduce(top: int, ids: list[int]):
-            """(run, lens arrays) for every (hidden state, position) row: one Run request with the lens, or,
-            on the affine path, Unembed requests over the transformed states."""
+        def reduce(top: int, ids: list[int], keep: bool = False):
+            """(run, lens arrays) for every (hidden state, position) row: one Run request with the lens (and
+            the captured states too when `keep`), or, on the affine path, Unembed requests over the
+            transformed states."""
             if states is not None:
                 return raw, self._lens_rows(states, top_k=top, temperature=temperature, target_ids=ids)
-            spec = pb.LensSpec(enabled=True, top_k=top, temperature=temperature, target_ids=ids)
-            lensed = self._runs(self._run_request([prompt], capture=capture, positions=positions, logits=False,
-                                                  chat=chat, lens=spec))[0]
+            spec = pb.LensSpec(enabled=True, top_k=top, temperature=temperature, target_ids=ids,
+                               keep_captures=keep)
+            lensed = self.send_run(self.run_request([prompt], capture=capture, positions=positions, logits=False,
+                                                    chat=chat, lens=spec))[0]
             return lensed, {name.removeprefix("lens."): array for name, array in lensed.extra.items()}
 
-        run, reduced = reduce(top_k, target_ids)
+        run, reduced = reduce(top_k, target_ids, keep_states)
 
         def fetch_targets(ids: list[int]):
             more = reduce(0, ids)[1]
@@ -300,6 +307,7 @@ class LensMixin:
             kl_to_final=reduced.get("kl_to_final") if states is None else
             self._kl_to_final_on_client(states, raw.hidden_states[-1], temperature),
             token_pieces=piece_bytes, decode_ms=run.decode_ms, total_ms=run.total_ms,
+            hidden_states=run.hidden_states if keep_states else None,
             _fetch_targets=fetch_targets, _token_of=lambda word: first_token(self, word))
         for n, (token_id, multi) in enumerate(resolved):
             lens.targets[token_id] = TargetTrace(token_id, pieces[token_id], reduced["target_probs"][..., n],
@@ -363,12 +371,12 @@ def _apply_affine(states: np.ndarray, affine: Affine, n_embd: int) -> np.ndarray
         if pair is None:
             continue
         if not -n_states <= i < n_states:
-            raise ValueError(f"affine map for hidden state {i}, but there are {n_states} (0 = embed)")
+            raise invalid_argument(f"affine map for hidden state {i}, but there are {n_states} (0 = embed)")
         matrix, bias = pair
         matrix = np.asarray(matrix, dtype=np.float32)
         bias = np.zeros(n_embd, np.float32) if bias is None else np.asarray(bias, dtype=np.float32)
         if matrix.shape != (n_embd, n_embd) or bias.shape != (n_embd,):
-            raise ValueError(f"affine map {i} must be (A: ({n_embd}, {n_embd}), b: ({n_embd},)); "
-                             f"got {matrix.shape} and {bias.shape}")
+            raise invalid_argument(f"affine map {i} must be (A: ({n_embd}, {n_embd}), b: ({n_embd},)); "
+                                   f"got {matrix.shape} and {bias.shape}")
         out[i] = states[i].astype(np.float32) @ matrix.T + bias
     return out

@@ -16,6 +16,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .errors import invalid_argument
+
 SAVE_FORMATS = (".png", ".svg", ".pdf")
 # Fonts with CJK glyphs, tried in order when a figure shows tokens (DejaVu Sans, matplotlib's default, has none).
 _CJK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Source Han Sans", "WenQuanYi Zen Hei", "Droid Sans Fallback",
@@ -47,7 +49,7 @@ def _finish(fig, save: str | pathlib.Path | None):
     if save is not None:
         path = pathlib.Path(save)
         if path.suffix.lower() not in SAVE_FORMATS:
-            raise ValueError(f"save to a {', '.join(SAVE_FORMATS)} file, not {path.name!r}")
+            raise invalid_argument(f"save to a {', '.join(SAVE_FORMATS)} file, not {path.name!r}")
         fig.savefig(path, dpi=150, bbox_inches="tight")
     return fig
 
@@ -154,9 +156,11 @@ def scatter_panels(panels: Mapping[str, np.ndarray], *, labels: Sequence[str] | 
                 palette = plt.get_cmap("tab10" if len(categories) <= 10 else "tab20")
                 for c, category in enumerate(categories):
                     mask = np.array([value == category for value in color])
-                    ax.scatter(points[mask, 0], points[mask, 1], s=14, color=palette(c % palette.N), label=str(category))
+                    ax.scatter(points[mask, 0], points[mask, 1], s=14, color=palette(c % palette.N),
+                               label=str(category))
             else:
-                mappable = ax.scatter(points[:, 0], points[:, 1], s=14, c=color, cmap="viridis" if color is not None else None)
+                mappable = ax.scatter(points[:, 0], points[:, 1], s=14, c=color,
+                                      cmap="viridis" if color is not None else None)
             if labels is not None:
                 for (x, y), text in list(zip(points[:, :2], labels))[:max_labels]:
                     ax.annotate(token_label(str(text), 18), (x, y), fontsize=6, alpha=0.8, xytext=(2, 2),

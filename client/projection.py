@@ -23,6 +23,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
+from .errors import invalid_argument, is_index, out_of_range
 from .store import ActivationStore
 
 Layer = Union[int, str]
@@ -38,12 +39,15 @@ def layer_sites(layers, n_layer: int) -> tuple[list[Layer], list[str]]:
             keys.append("embed")
             sites.append("embed")
             continue
-        if isinstance(layer, str) or not -n_layer <= int(layer) < n_layer:
-            raise ValueError(f"layer {layer!r}: use 'embed' or a block index in [{-n_layer}, {n_layer})")
+        if not is_index(layer):
+            raise invalid_argument(f"layer {layer!r} is not a block index (an int) or 'embed'")
+        if not -n_layer <= layer < n_layer:
+            raise out_of_range(f"layer {layer} is out of range: the model has {n_layer} blocks (0..{n_layer - 1}, "
+                               f"or -{n_layer}..-1 from the end, or 'embed')")
         keys.append(int(layer) % n_layer)
         sites.append(f"blocks.{keys[-1]}.resid_post")
     if len(set(keys)) != len(keys):
-        raise ValueError(f"layers repeat: {items}")
+        raise invalid_argument(f"layers repeat: {items}")
     return keys, sites
 
 
@@ -143,7 +147,7 @@ def project_states(states: np.ndarray, method: str = "pca", n_components: int = 
         perplexity = min(30.0, (len(states) - 1) / 3)
         return TSNE(n_components=n_components, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
             states), None
-    raise ValueError(f"method must be 'pca' or 'tsne', not {method!r}")
+    raise invalid_argument(f"method must be 'pca' or 'tsne', not {method!r}")
 
 
 def probe_scores(features: np.ndarray, targets: np.ndarray, kind: str, folds: int = 5,
@@ -197,7 +201,7 @@ class ProjectionMixin:
             return store_residual_states(prompts, layers, position)
         keys, sites = layer_sites(layers, self.model_info().n_layer)
         if position != "mean" and not isinstance(position, (int, np.integer)):
-            raise ValueError(f"position must be an int or 'mean', not {position!r}")
+            raise invalid_argument(f"position must be an int or 'mean', not {position!r}")
         runs = self.run_batch(list(prompts), batch_size=batch_size, progress=progress, capture=sites, logits=False,
                               positions=None if position == "mean" else [int(position)], chat=chat)
         bos = self.model_info().bos_token_id
@@ -225,7 +229,7 @@ class ProjectionMixin:
         if layer is None:
             layer = _n_layer(self, prompts) // 2
         if len(prompts) < max(2, n_components):
-            raise ValueError(f"{len(prompts)} prompts cannot give {n_components} components")
+            raise invalid_argument(f"{len(prompts)} prompts cannot give {n_components} components")
         states = self.residual_states(prompts, layer, position=position, batch_size=batch_size, progress=progress,
                                       chat=chat)
         coords, ratios = {}, {}
@@ -247,15 +251,15 @@ class ProjectionMixin:
         """
         targets = np.asarray(targets)
         if len(targets) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+            raise invalid_argument(f"{len(prompts)} prompts but {len(targets)} targets")
         if kind == "auto":
             kind = "regression" if np.issubdtype(targets.dtype, np.floating) else "classification"
         if kind not in ("regression", "classification"):
-            raise ValueError(f"kind must be 'auto', 'regression' or 'classification', not {kind!r}")
+            raise invalid_argument(f"kind must be 'auto', 'regression' or 'classification', not {kind!r}")
         if kind == "classification" and targets.ndim != 1:
-            raise ValueError("class labels must be one per prompt: shape (n,)")
+            raise invalid_argument("class labels must be one per prompt: shape (n,)")
         if not 2 <= folds <= len(prompts):
-            raise ValueError(f"folds must be between 2 and the number of prompts ({len(prompts)}), not {folds}")
+            raise invalid_argument(f"folds must be between 2 and the number of prompts ({len(prompts)}), not {folds}")
         if layer is None:
             layer = (["embed"] if not isinstance(prompts, ActivationStore) or "embed" in prompts else []) + \
                 list(range(_n_layer(self, prompts)))
@@ -267,7 +271,7 @@ class ProjectionMixin:
         names = list(output_names) if output_names is not None else (
             [f"target {n}" for n in range(n_outputs)] if n_outputs > 1 else ["target"])
         if len(names) != n_outputs:
-            raise ValueError(f"{len(names)} output names for {n_outputs} target columns")
+            raise invalid_argument(f"{len(names)} output names for {n_outputs} target columns")
         if kind == "regression":
             chance = 0.0
         else:

@@ -23,6 +23,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .errors import invalid_argument
+
 REFUSAL_PHRASES_EN = (
     "I'm sorry", "I am sorry", "I apologize", "I apologise", "Sorry, but", "Sorry, I",
     "I can't", "I cannot", "I can not", "I won't", "I will not", "I'm not able to", "I am not able to",
@@ -66,8 +68,8 @@ def refusal_token_ids(client, openings: Sequence[str] = REFUSAL_OPENINGS) -> lis
         if "\ufffd" not in piece and piece.strip() and token not in ids:
             ids.append(token)
     if not ids:
-        raise ValueError("none of the refusal openings starts with a whole-character token in this model; "
-                         "pass refusal_tokens explicitly")
+        raise invalid_argument("none of the refusal openings starts with a whole-character token in this model; "
+                               "pass refusal_tokens explicitly")
     return ids
 
 
@@ -111,8 +113,8 @@ def load_prompts(kind: str, languages: Sequence[str] = ("en", "zh")) -> list[str
     """The bundled "harmful" or "harmless" requests in `languages` ("en", "zh"), in file order."""
     data = _bundled()
     if kind not in data:
-        raise ValueError(f"kind must be one of {sorted(data)}, not {kind!r}")
+        raise invalid_argument(f"kind must be one of {sorted(data)}, not {kind!r}")
     unknown = [lang for lang in languages if lang not in data[kind]]
     if unknown:
-        raise ValueError(f"no bundled prompts in {unknown}; available: {sorted(data[kind])}")
+        raise invalid_argument(f"no bundled prompts in {unknown}; available: {sorted(data[kind])}")
     return [p for lang in languages for p in data[kind][lang]]

@@ -122,8 +122,9 @@ class Run:
         missing = [n for n in names if n not in self.captures]
         if missing:
             captured = [n for n in names if n in self.captures]
-            raise KeyError(f"hidden_states needs every layer, but only {captured[:4]}{'...' if len(captured) > 4 else ''} "
-                           f"were captured; use run.resid_post(L) or run.captures[site]")
+            more = "..." if len(captured) > 4 else ""
+            raise KeyError(f"hidden_states needs every layer, but only {captured[:4]}{more} were captured; "
+                           f"use run.resid_post(L) or run.captures[site]")
         return np.stack([self.captures[n] for n in names])
 
     def resid_post(self, layer: int) -> np.ndarray:

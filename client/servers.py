@@ -27,6 +27,7 @@ from typing import Sequence
 
 from google.protobuf import descriptor_pb2
 
+from .errors import invalid_argument
 from .wire import lmscope_pb2 as pb
 
 DEFAULT_PORT = 50051
@@ -60,15 +61,15 @@ def split_host_port(address: str) -> tuple[str, int]:
     elif address.count(":") == 1:
         host, port = address.split(":")
     elif address.count(":") > 1:
-        raise ValueError(f"IPv6 address {address!r} needs brackets: '[{address}]:{DEFAULT_PORT}'")
+        raise invalid_argument(f"IPv6 address {address!r} needs brackets: '[{address}]:{DEFAULT_PORT}'")
     else:
         host, port = address, ""
     if not host:
-        raise ValueError(f"no host in server address {address!r}")
+        raise invalid_argument(f"no host in server address {address!r}")
     try:
         return host, int(port) if port else DEFAULT_PORT
     except ValueError:
-        raise ValueError(f"bad port in server address {address!r}") from None
+        raise invalid_argument(f"bad port in server address {address!r}") from None
 
 
 def join_host_port(host: str, port: int) -> str:
@@ -87,7 +88,7 @@ def resolve(host: str, port: int) -> list[str]:
     try:
         records = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise ValueError(f"cannot resolve server host {host!r}: {exc.strerror}") from None
+        raise invalid_argument(f"cannot resolve server host {host!r}: {exc.strerror}") from None
     seen: list[str] = []
     for _, _, _, _, sockaddr in records:
         address = join_host_port(sockaddr[0], port)
@@ -121,7 +122,7 @@ class ServerSet:
             address = parts
         addresses = list(address)
         if not addresses:
-            raise ValueError("no server address given")
+            raise invalid_argument("no server address given")
         if len(addresses) == 1:
             return cls.parse(addresses[0])
         return cls._from_list(addresses)

@@ -34,6 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from . import interventions as iv
+from .errors import check_layer, invalid_argument
 from .progress import progress_bar
 from .refusal import block_output_means, refusal_scores, refusal_token_ids
 from .store import ActivationStore
@@ -72,11 +73,9 @@ class RefusalDirection:
     def _layer(self, layer: int | None) -> int:
         if layer is None:
             if self.best_layer is None:
-                raise ValueError("no layer was selected (select=False): pass a layer")
+                raise invalid_argument("no layer was selected (select=False): pass a layer")
             return self.best_layer
-        if not 0 <= layer < len(self.per_layer):
-            raise ValueError(f"layer {layer} is out of range (0..{len(self.per_layer) - 1})")
-        return layer
+        return check_layer(layer, len(self.per_layer))
 
     def vector(self, layer: int | None = None) -> np.ndarray:
         """The unit direction (float32) at `layer` (default: the selected one)."""
@@ -118,11 +117,11 @@ class SteeringMixin:
         """
         harmful, harmless = [x if isinstance(x, ActivationStore) else list(x) for x in (harmful, harmless)]
         if not len(harmful) or not len(harmless):
-            raise ValueError("need at least one harmful and one harmless prompt")
+            raise invalid_argument("need at least one harmful and one harmless prompt")
         if position != "mean" and (isinstance(position, bool) or not isinstance(position, (int, np.integer))):
-            raise ValueError(f"position must be a token index or 'mean', not {position!r}")
+            raise invalid_argument(f"position must be a token index or 'mean', not {position!r}")
         if batch_size < 3:
-            raise ValueError("batch_size must be at least 3")
+            raise invalid_argument("batch_size must be at least 3")
         n_layer = self.n_layer
         start = time.perf_counter()
         with progress_bar(len(harmful) + len(harmless), enabled=progress, desc="means") as bar:
@@ -137,10 +136,7 @@ class SteeringMixin:
             return result
         if layers is None:
             layers = range(max(1, int(n_layer * max_layer_fraction)))
-        layers = sorted({int(L) for L in layers})
-        bad = [L for L in layers if not 0 <= L < n_layer]
-        if bad:
-            raise ValueError(f"candidate layer {bad[0]} is out of range: the model has {n_layer} blocks (0..{n_layer - 1})")
+        layers = sorted({check_layer(L, n_layer, "candidate layer") for L in layers})
         start = time.perf_counter()
         prompts = {id(x): x.prompts if isinstance(x, ActivationStore) else x for x in (harmful, harmless)}
         self._select_layer(result, layers, list(val_harmful if val_harmful is not None else prompts[id(harmful)]),

@@ -21,7 +21,9 @@ import numpy as np
 from lmscope.client import Client
 from lmscope.client.heatmap import cjk_font
 
-ROOT = next(p for p in [pathlib.Path.cwd(), *pathlib.Path.cwd().parents] if (p / "pyproject.toml").exists())
+# Pictures go next to this file's repository (a notebook starts in its own folder); elsewhere, to ./docs.
+HERE = pathlib.Path(__file__).resolve().parent if "__file__" in globals() else pathlib.Path.cwd()
+ROOT = next((p for p in [HERE, *HERE.parents] if (p / "pyproject.toml").exists()), pathlib.Path.cwd())
 FIGURES = ROOT / "docs" / "walkthrough"
 FIGURES.mkdir(parents=True, exist_ok=True)
 if cjk_font():  # draw Chinese labels when a CJK font is installed (scripts/setup.sh installs one)

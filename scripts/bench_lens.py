@@ -83,11 +83,11 @@ def main() -> None:
         for n in args.tokens:
             prompt = ids[:n]
             client.run(prompt, layers=[], logits="last")  # warm-up at this length
-            forward, _ = timed(lambda: client.run(prompt, layers=[], logits="last"), args.repeats)
-            capture, run = timed(lambda: client.run(prompt, logits=False), args.repeats)
-            lens_ms, lens = timed(lambda: client.logit_lens(prompt, top_k=5), args.repeats)
+            forward, _ = timed(lambda prompt=prompt: client.run(prompt, layers=[], logits="last"), args.repeats)
+            capture, run = timed(lambda prompt=prompt: client.run(prompt, logits=False), args.repeats)
+            lens_ms, lens = timed(lambda prompt=prompt: client.logit_lens(prompt, top_k=5), args.repeats)
             states = run.hidden_states
-            per_layer, _ = timed(lambda: [client.lens_vectors(states[i], top_k=5) for i in range(len(states))],
+            per_layer, _ = timed(lambda states=states: [client.lens_vectors(s, top_k=5) for s in states],
                                  args.repeats)
             megabytes = states.nbytes / 2 ** 20
             print(f"| {n} | {states.shape[0] * states.shape[1]} | {forward:.0f} | {capture:.0f} ({megabytes:.1f}) "

@@ -27,9 +27,9 @@ import platform
 import statistics
 import time
 
+import llama_cpp as lc
 import numpy as np
 
-import llama_cpp as lc
 from lmscope.service.engine import Engine, EngineConfig, Intervention
 from lmscope.service.models import pull_default_model
 

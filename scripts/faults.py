@@ -325,7 +325,7 @@ def sigterm(model, _folder, grace: float, tokens: int) -> Outcome:
     received = 3
     error = None
     try:
-        for event in stream:
+        for _ in stream:
             received += 1
     except grpc.RpcError as exc:
         error = exc

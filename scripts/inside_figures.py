@@ -58,7 +58,8 @@ def attention_figures(c: Client, out: pathlib.Path) -> None:
     print("Heads with the highest previous-token score on that sentence:\n")
     print("| layer | head | entropy (nats) | previous-token | first-token |\n| --- | --- | --- | --- | --- |")
     for r in sorted(rows, key=lambda r: -r["previous_token"])[:5]:
-        print(f"| {r['layer']} | {r['head']} | {r['entropy']:.2f} | {r['previous_token']:.2f} | {r['first_token']:.2f} |")
+        print(f"| {r['layer']} | {r['head']} | {r['entropy']:.2f} | {r['previous_token']:.2f} | "
+              f"{r['first_token']:.2f} |")
     print()
     if cjk_font() is None:
         print(f"no CJK font installed: skipped the heatmap of {CJK_PROMPT!r} (apt-get install fonts-noto-cjk)\n")

@@ -34,8 +34,7 @@ import time
 import grpc
 import numpy as np
 
-from lmscope.client import Client, LmscopeError
-from lmscope.client import tensors
+from lmscope.client import Client, LmscopeError, tensors
 from lmscope.client.wire import lmscope_pb2 as pb
 from lmscope.client.wire import lmscope_pb2_grpc as pb_grpc
 

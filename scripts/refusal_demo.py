@@ -53,7 +53,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 def evaluate(client: Client, prompts: dict[str, list[str]], max_tokens: int, refusal_ids: list[int],
@@ -97,7 +98,8 @@ def report(rd, rows, info, args, seconds_eval: float, load: tuple[float, float],
                      f"{100 * np.mean(all_flags):.0f} % | {result['score']:+.2f} |")
     lines += ["", "Layer selection scores (mean over the training prompts; baseline refusal score: harmful "
               f"{rd.baseline_harmful:+.2f}, harmless {rd.baseline_harmless:+.2f}):", "",
-              "| layer | induce (harmless + direction) | bypass (harmful, ablated) | KL (harmless, ablated) | eligible |",
+              "| layer | induce (harmless + direction) | bypass (harmful, ablated) | KL (harmless, ablated) "
+              "| eligible |",
               "| --- | --- | --- | --- | --- |"]
     for s in rd.scores.values():
         lines.append(f"| {s.layer}{' (chosen)' if s.layer == L else ''} | {s.induce:+.2f} | {s.bypass:+.2f} | "

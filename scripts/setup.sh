@@ -127,7 +127,9 @@ install_llama() {
 install_lmscope() {
     step "pip install -e .[server,plot,dev]"
     # llama-cpp-python==0.3.36 is already satisfied, so this never builds it; it adds its dependencies.
-    pip_ install -q -e ".[server,plot,dev]"
+    # setuptools' editable install always adds an "Editable installation" notice (beware of folders named like
+    # the package in the working directory: this repository has none, the code is in client/ and service/).
+    PYTHONWARNINGS="ignore:Editable installation" pip_ install -q -e ".[server,plot,dev]"
     done_step
     llama_ok || { say "pip replaced llama-cpp-python; expected $LLAMA_CPP_VERSION from $WHEEL_CACHE" >&2; exit 1; }
 }
@@ -168,7 +170,18 @@ if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && [ "$
         && done_step || say "  could not install them; the browser tests of tests/test_views.py will skip"
 fi
 
-# --- 5. default model ------------------------------------------------------------------------------------
+# --- 5. openssl, which the TLS tests use to make certificates ------------------------------------------------
+if ! command -v openssl >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        step "openssl (the TLS tests make certificates with it)"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl; } >/dev/null 2>&1 \
+            && done_step || say "  could not install openssl; the TLS tests will fail until it is installed"
+    else
+        say "no openssl command: the TLS tests need it (Debian: apt-get install openssl)"
+    fi
+fi
+
+# --- 6. default model ------------------------------------------------------------------------------------
 step "default model"
 "$VENV/bin/lmscope" pull
 "$VENV/bin/lmscope" pull gemma3-270m  # the second family's real model (tests/test_gemma.py); Gemma terms apply

@@ -60,7 +60,8 @@ def main() -> int:
         current = nbformat.read(NOTEBOOK, as_version=4)
         same = [(c.cell_type, c.source) for c in current.cells] == [(c.cell_type, c.source) for c in fresh.cells]
         if not same:
-            print(f"{NOTEBOOK.name} is out of sync with {SCRIPT.name}: run python scripts/sync_walkthrough.py --execute")
+            print(f"{NOTEBOOK.name} is out of sync with {SCRIPT.name}: "
+                  f"run python scripts/sync_walkthrough.py --execute")
         return 0 if same else 1
     if args.execute:
         from nbclient import NotebookClient

@@ -19,9 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import numpy as np
-
 import llama_cpp as lc
+import numpy as np
 
 from lmscope.client.sites import all_site_names
 

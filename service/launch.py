@@ -57,8 +57,9 @@ def launch_server(model: str | os.PathLike | None = None, *, port: int = 0, host
         command += ["--host", host]
     if model is not None:
         command += ["--model", str(model)]
+    environment = {**os.environ, "LMSCOPE_EXIT_WITH_PARENT": str(os.getpid()), **(env or {})}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "LMSCOPE_EXIT_WITH_PARENT": str(os.getpid()), **(env or {})}, bufsize=1)
+                               env=environment, bufsize=1)
     log: list[str] = []
     address: list[str] = []
     ready = threading.Event()

@@ -38,8 +38,8 @@ from . import rpc
 from .contracts import EngineConfig
 from .errors import RequestError
 from .models import ModelPathError, resolve_model_path
-from .wire_guard import add_inspector_service
 from .requantize import RequantizeError, requantized
+from .wire_guard import add_inspector_service
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inspector"].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
@@ -190,7 +190,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per worker (0 = all cores)")
     parser.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (CUDA/Metal builds)")
     parser.add_argument("--workers", type=int, default=1, help="model worker processes (requests in parallel)")
-    parser.add_argument("--max-queue", type=int, default=32, help="requests waiting for a worker before RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-queue", type=int, default=32,
+                        help="requests waiting for a worker before RESOURCE_EXHAUSTED")
     parser.add_argument("--max-capture-mb", type=int, default=2048, help="largest answer one request may produce")
     parser.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message either way")
     parser.add_argument("--max-prompt-tokens", type=int, default=0, help="longest prompt (0 = n_ctx)")

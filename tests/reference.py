@@ -73,9 +73,8 @@ import math
 import os
 from typing import Callable, Optional, Sequence
 
-import numpy as np
-
 import gguf
+import numpy as np
 
 __all__ = ["ReferenceModel", "rms_norm", "rope", "ARCHITECTURES"]
 

@@ -19,12 +19,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from reliability_support import PROMPT, SERVING, health, only_worker, stub
 
 from lmscope.client import tensors
 from lmscope.client.wire import lmscope_pb2 as pb
 from lmscope.service.launch import launch_server
-
-from reliability_support import PROMPT, SERVING, health, only_worker, stub
 
 FUZZ_ARGS = ("--threads", "1", "--n-ctx", "256", "--max-prompt-tokens", "128", "--max-generated-tokens", "16",
              "--max-batch-prompts", "8", "--max-capture-mb", "4")

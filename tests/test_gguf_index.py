@@ -48,3 +48,30 @@ def test_truncated_and_foreign_files_are_refused(tiny_model, tmp_path):
     foreign.write_bytes(b"PK\x03\x04" + bytes(100))
     with pytest.raises(GGUFFormatError, match="not a GGUF file"):
         GGUFIndex(str(foreign))
+
+
+def test_nested_metadata_arrays_are_stepped_over_and_bounded(tmp_path):
+    # The one GGUF reader (lmscope.client.gguf_file) behind this index and the control-vector loader:
+    # arrays of arrays are skipped, and a nesting deeper than any real file is refused, not recursed into.
+    import struct
+
+    from lmscope.client.gguf_file import ARRAY, INT32, STRING, GGUFHeader
+
+    def string(text: str) -> bytes:
+        raw = text.encode()
+        return struct.pack("<Q", len(raw)) + raw
+
+    def nested(depth: int) -> bytes:
+        if depth == 0:
+            return struct.pack("<IQ", INT32, 2) + struct.pack("<ii", 1, 2)
+        return struct.pack("<IQ", ARRAY, 1) + nested(depth - 1)
+
+    def file(depth: int) -> bytes:
+        kv = string("a") + struct.pack("<I", ARRAY) + nested(depth)
+        kv += string("b") + struct.pack("<I", STRING) + string("after")
+        return b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + kv
+
+    header = GGUFHeader(file(3))
+    assert header.fields == {"a": None, "b": "after"} and header.tensor_infos() == []
+    with pytest.raises(GGUFFormatError, match="nests arrays"):
+        GGUFHeader(file(100))

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tolerances import SAME_KERNELS, U32, assert_within, entropy_atol, gamma, probability_rtol, unembedding_error
 
-from lmscope.client import Client, LmscopeError
-from lmscope.client import tensors
+from lmscope.client import Client, LmscopeError, tensors
 from lmscope.client.wire import lmscope_pb2 as pb
 
 PROMPT = "The capital of France is"
@@ -26,6 +26,21 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 def entropy(p: np.ndarray) -> np.ndarray:
     return -(p * np.log(np.maximum(p, 1e-30))).sum(axis=-1)
+
+
+def lens_bounds(reference, states: np.ndarray, temperature: float = 1.0, state_error=0.0, copies: int = 1):
+    """(probability bound, entropy bound) of a float32 lens of ``states`` (rows, n_embd) against the exact one,
+    from tests/tolerances.py: the probability bound is relative, per row (multiply by the probability);
+    ``copies=2`` bounds two float32 lenses against each other (each within one bound of the exact lens).
+    A probability that float32 flushes below its smallest normal number is off by at most that number."""
+    logits = reference.unembed(states) / temperature
+    delta = unembedding_error(reference, states, state_error) / temperature
+    spread = logits.max(axis=-1) - logits.min(axis=-1)
+    rtol = probability_rtol(delta, reference.n_vocab)[..., None]
+    return copies * rtol, copies * entropy_atol(delta, entropy(softmax(logits)), reference.n_vocab, spread)
+
+
+TINY = float(np.finfo(np.float32).tiny)
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -45,25 +60,32 @@ def test_logit_lens_equals_numpy_unembedding_of_the_captured_states(client, refe
     assert lens.top_ids.shape == (reference.n_layer + 1, n, top_k) and lens.positions == list(range(n))
     expected_top = np.argsort(-probs, axis=-1, kind="stable")[..., :top_k]
     np.testing.assert_array_equal(lens.top_ids, expected_top)
-    np.testing.assert_allclose(lens.top_probs, np.take_along_axis(probs, expected_top, -1), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(lens.entropy, entropy(probs), rtol=1e-4, atol=1e-5)
+    prob_rtol, entropy_tol = lens_bounds(reference, states, 1.5)
+    expected_probs = np.take_along_axis(probs, expected_top, -1)
+    assert_within(lens.top_probs, expected_probs, prob_rtol * expected_probs + TINY, "top_probs")
+    assert_within(lens.entropy, entropy(probs), entropy_tol, "entropy")
     france = client.tokenize(" France", add_special=False).token_ids[0]
     for token in (france, 300):
         trace = lens.targets[token]
-        np.testing.assert_allclose(trace.probs, probs[..., token], rtol=1e-4, atol=1e-7)
+        assert_within(trace.probs, probs[..., token], prob_rtol[..., 0] * probs[..., token] + TINY, "target probs")
         np.testing.assert_array_equal(trace.ranks, (probs > probs[..., token:token + 1]).sum(axis=-1))
     assert lens.layers == ["embed", "0", "1", "2", "3"]
     assert lens.top_tokens[2][3][0] == client.tokenize_pieces([lens.top_ids[2, 3, 0]])[0]
 
 
-def test_last_layer_lens_is_the_models_own_next_token_distribution(client):
+def test_last_layer_lens_is_the_models_own_next_token_distribution(client, reference):
+    # The tiny model's head is F32, so numpy's and llama.cpp's float32 unembeddings of the last hidden state
+    # are each within the float32 bound of the exact logits (copies=2). With a quantized head they are not
+    # the same computation (docs/lenses.md).
     lens = client.logit_lens(PROMPT, top_k=10)
-    run = client.run(PROMPT, layers=[], logits=True)
+    run = client.run(PROMPT, logits=True)
     probs = softmax(run.logits)
     order = np.argsort(-probs, axis=-1, kind="stable")[:, :10]
     np.testing.assert_array_equal(lens.top_ids[-1], order)
-    np.testing.assert_allclose(lens.top_probs[-1], np.take_along_axis(probs, order, -1), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(lens.entropy[-1], entropy(probs), rtol=1e-4)
+    prob_rtol, entropy_tol = lens_bounds(reference, run.hidden_states[-1], copies=2)
+    expected = np.take_along_axis(probs, order, -1)
+    assert_within(lens.top_probs[-1], expected, prob_rtol * expected + TINY, "top_probs")
+    assert_within(lens.entropy[-1], entropy(probs), entropy_tol, "entropy")
 
 
 def test_prob_of_an_unrequested_token_equals_asking_for_it_up_front(client):
@@ -80,18 +102,30 @@ def test_prob_of_an_unrequested_token_equals_asking_for_it_up_front(client):
     np.testing.assert_array_equal(word.probs, late.probs)
 
 
-def test_lensing_some_positions_gives_those_columns(client):
+def test_lensing_some_positions_gives_those_columns(client, reference):
     full = client.logit_lens(PROMPT, top_k=4, targets=[" is"])
     some = client.logit_lens(PROMPT, top_k=4, targets=[" is"], positions=[1, -1])
     n = len(full.token_ids)
     assert some.positions == [1, n - 1]
     np.testing.assert_array_equal(some.top_ids, full.top_ids[:, [1, n - 1]])
-    np.testing.assert_allclose(some.entropy, full.entropy[:, [1, n - 1]], rtol=1e-6)
+    # Fewer rows change how BLAS blocks the float32 (rows, n_embd) x (n_embd, n_vocab) product: the two
+    # lenses are two float32 evaluations, each within its bound of the exact one (copies=2).
+    states = client.run(PROMPT, positions=[1, -1], logits=False).hidden_states
+    prob_rtol, entropy_tol = lens_bounds(reference, states, copies=2)
+    assert_within(some.entropy, full.entropy[:, [1, n - 1]], entropy_tol, "entropy")
     token = client.token_id(" is")
-    np.testing.assert_allclose(some.targets[token].probs, full.targets[token].probs[:, [1, n - 1]], rtol=1e-6)
+    expected = full.targets[token].probs[:, [1, n - 1]]
+    assert_within(some.targets[token].probs, expected, prob_rtol[..., 0] * expected + TINY, "target probs")
     assert some.column(-1) == 1
     with pytest.raises(IndexError, match="not lensed"):
         some.column(2)
+
+
+def test_keep_states_returns_the_hidden_states_of_the_lensed_pass(client):
+    kept = client.logit_lens(PROMPT, top_k=3, positions=[1, -1], keep_states=True)
+    run = client.run(PROMPT, positions=[1, -1], logits=False)  # the same request without the lens
+    np.testing.assert_array_equal(kept.hidden_states, run.hidden_states)
+    assert client.logit_lens(PROMPT, top_k=3).hidden_states is None
 
 
 def test_affine_maps_are_applied_before_the_final_norm(client, reference):
@@ -103,16 +137,24 @@ def test_affine_maps_are_applied_before_the_final_norm(client, reference):
     identity = client.logit_lens(PROMPT, top_k=5, affine=[None] * (reference.n_layer + 1))
     plain = client.logit_lens(PROMPT, top_k=5)
     np.testing.assert_array_equal(identity.top_ids, plain.top_ids)
-    np.testing.assert_allclose(identity.top_probs, plain.top_probs, rtol=1e-5)
+    raw = client.run(PROMPT, logits=False).hidden_states
+    # Unembed requests (the affine path) and the Run lens: two float32 lenses of the same states.
+    prob_rtol, _ = lens_bounds(reference, raw, copies=2)
+    assert_within(identity.top_probs, plain.top_probs, prob_rtol * plain.top_probs + TINY, "identity")
 
-    states = client.run(PROMPT, logits=False).hidden_states.astype(np.float64)
+    states = raw.astype(np.float64)
     states[2] = states[2] @ matrix.T.astype(np.float64) + bias
     probs = softmax(reference.unembed(states))
     order = np.argsort(-probs, axis=-1, kind="stable")[..., :5]
     np.testing.assert_array_equal(tuned.top_ids, order)
-    np.testing.assert_allclose(tuned.top_probs, np.take_along_axis(probs, order, -1), rtol=1e-4, atol=1e-6)
+    # The client maps state 2 in float32: an (n_embd + 1)-term sum per element.
+    map_error = np.zeros(states.shape[:2])
+    map_error[2] = gamma(n_embd + 1) * (np.abs(raw[2]) @ np.abs(matrix.T) + np.abs(bias)).max(axis=-1)
+    prob_rtol, _ = lens_bounds(reference, states, state_error=map_error)
+    expected = np.take_along_axis(probs, order, -1)
+    assert_within(tuned.top_probs, expected, prob_rtol * expected + TINY, "tuned top_probs")
     the = client.token_id(" the")
-    np.testing.assert_allclose(tuned.prob_of(" the").probs, probs[..., the], rtol=1e-4, atol=1e-7)
+    assert_within(tuned.prob_of(" the").probs, probs[..., the], prob_rtol[..., 0] * probs[..., the] + TINY, "' the'")
     assert not np.array_equal(tuned.top_ids[2], plain.top_ids[2])
     np.testing.assert_array_equal(tuned.top_ids[3], plain.top_ids[3])
     with pytest.raises(ValueError, match=r"affine map 1 must be"):
@@ -148,8 +190,10 @@ def test_latent_language_sums_first_token_probabilities_at_the_last_position(cli
     probs = softmax(reference.unembed(states))
     target = client.tokenize("花", add_special=False).token_ids[0]
     pivots = {client.tokenize(w, add_special=False).token_ids[0] for w in ("flower", " flower")}
-    np.testing.assert_allclose(result.target_probs, probs[:, target], rtol=1e-4, atol=1e-8)
-    np.testing.assert_allclose(result.pivot_probs, sum(probs[:, t] for t in pivots), rtol=1e-4, atol=1e-8)
+    prob_rtol = lens_bounds(reference, states)[0][:, 0]
+    assert_within(result.target_probs, probs[:, target], prob_rtol * probs[:, target] + TINY, "target")
+    pivot = sum(probs[:, t] for t in pivots)  # a sum of two positive terms keeps their relative bound (+ u)
+    assert_within(result.pivot_probs, pivot, (prob_rtol + U32) * pivot + 2 * TINY, "pivot")
     assert result.layers[0] == "embed" and len(result.target_probs) == reference.n_layer + 1
     assert "花" in result.multi_token  # three UTF-8 bytes, three byte tokens in the tiny vocabulary
     assert result.plot().axes[0].get_lines()[0].get_ydata().shape == (reference.n_layer + 1,)
@@ -168,11 +212,21 @@ def test_pca_matches_scikit_learn_on_states_captured_one_prompt_at_a_time(client
     assert projection.layers == [1, "embed"]
     for layer, site in ((1, "blocks.1.resid_post"), ("embed", "embed")):
         states = np.stack([client.run(p, capture=[site], logits=False).captures[site][-1] for p in PROMPTS])
-        np.testing.assert_allclose(projection.states[layer], states, rtol=1e-5, atol=1e-5)
+        # Batches of 4 prompts (< 64 rows): the same kernels row by row as one prompt at a time.
+        np.testing.assert_allclose(projection.states[layer], states, rtol=SAME_KERNELS, atol=SAME_KERNELS)
         pca = PCA(n_components=3).fit(states)
-        np.testing.assert_allclose(projection.coords[layer], pca.transform(states), rtol=1e-3, atol=1e-4)
+        # Both fits are float32 SVDs of nearly the same centred matrix X: each is backward stable, an exact
+        # SVD of X + E with |E| <= gamma(X.size) s_0 (s: singular values), and the two inputs differ by
+        # SAME_KERNELS |X|. A component moves by |E| / gap (Davis-Kahan), gap = the distance of its
+        # singular value to the others, so a coordinate X v by |E| (1 + s_0 / gap).
+        centred = states.astype(np.float64) - states.mean(axis=0)
+        s = np.linalg.svd(centred, compute_uv=False)
+        gap = min(min(s[i - 1] - s[i] if i else np.inf, s[i] - s[i + 1]) for i in range(3))
+        error = 2 * (gamma(centred.size) + SAME_KERNELS) * s[0]
+        np.testing.assert_allclose(projection.coords[layer], pca.transform(states), atol=error * (1 + s[0] / gap))
+        # A ratio s_i^2 / sum s^2 moves by about 2 |E| / s_i relative, and the sum by 2 |E| / s_0.
         np.testing.assert_allclose(projection.explained_variance_ratio[layer], pca.explained_variance_ratio_,
-                                   rtol=1e-4)
+                                   rtol=4 * error / s[2])
     fig = projection.plot(labels=PROMPTS, color=["en"] * 9 + ["zh"])
     assert len([ax for ax in fig.axes if ax.get_visible()]) == 2
 
@@ -181,7 +235,9 @@ def test_mean_position_averages_the_tokens_after_bos(client):
     states = client.residual_states(PROMPTS[:3], [2], position="mean", progress=False)[2]
     for prompt, row in zip(PROMPTS[:3], states):
         run = client.run(prompt, layers=[2], logits=False)
-        np.testing.assert_allclose(row, run.resid_post(2)[1:].mean(axis=0), rtol=1e-5, atol=1e-6)
+        # Batched (< 64 rows, SAME_KERNELS) and a float32 mean of <= 8 rows (gamma(8)).
+        np.testing.assert_allclose(row, run.resid_post(2)[1:].mean(axis=0), rtol=SAME_KERNELS + gamma(8),
+                                   atol=SAME_KERNELS)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +287,10 @@ def test_nearest_tokens_are_the_numpy_cosine_neighbours(client, reference):
         result = client.nearest_tokens(" capital", k=k)
         order = np.argsort(-cosines, kind="stable")[:k]
         np.testing.assert_array_equal(result.ids, order)
-        np.testing.assert_allclose(result.scores, cosines[order], rtol=1e-5)
+        # The server's float32 cosine: a unit query (rounded, u) dotted with a row over n_embd terms
+        # (gamma(n_embd), relative to sum |q_k m_k| <= |m|) times a float32 inverse norm (n_embd / 2 + 4 u).
+        np.testing.assert_allclose(result.scores, cosines[order], rtol=0,
+                                   atol=gamma(reference.n_embd) + (reference.n_embd / 2 + 5) * U32)
         assert result.tokens == client.tokenize_pieces(order)
 
     vectors = np.random.default_rng(0).normal(size=(2, reference.n_embd)).astype(np.float32)
@@ -267,12 +326,15 @@ def test_contextual_similarity_is_the_cosine_of_the_words_states(client):
     for i, layer in enumerate((0, 3)):
         vectors = np.stack([run.resid_post(layer)[p] for run, p in zip(runs, result.positions)]).astype(np.float64)
         expected = cosine_rows(vectors, vectors)
-        np.testing.assert_allclose(result.similarity[i], expected, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(result.mean_similarity[i], expected[~np.eye(3, dtype=bool)].mean(), rtol=1e-5)
-        np.testing.assert_allclose(result.static_similarity[i], cosine_rows(vectors, static[None])[:, 0], rtol=1e-5)
+        # States from a batch of 3 prompts (< 64 rows): SAME_KERNELS relative on each vector, so a cosine
+        # (float64 on both sides) moves by at most twice that per vector.
+        near = 4 * SAME_KERNELS
+        np.testing.assert_allclose(result.similarity[i], expected, rtol=0, atol=near)
+        np.testing.assert_allclose(result.mean_similarity[i], expected[~np.eye(3, dtype=bool)].mean(), atol=near)
+        np.testing.assert_allclose(result.static_similarity[i], cosine_rows(vectors, static[None])[:, 0], atol=near)
         others = [np.delete(run.resid_post(layer)[1:], p - 1, axis=0) for run, p in zip(runs, result.positions)]
         pairs = [cosine_rows(others[g], others[h]).ravel() for g in range(3) for h in range(g + 1, 3)]
-        np.testing.assert_allclose(result.baseline[i], np.concatenate(pairs).mean(), rtol=1e-5)
+        np.testing.assert_allclose(result.baseline[i], np.concatenate(pairs).mean(), atol=near)
     assert client.contextual_similarity(" capital", [" capitalisation", PROMPT]).positions == [1, 2]
     with pytest.raises(ValueError, match="does not occur"):
         client.contextual_similarity(" Berlin", contexts)
@@ -319,7 +381,7 @@ def nearest_rpc(client, vectors, k=5, table="", exclude=()):
     (lambda c: c.nearest_tokens(" the", k=0), "OUT_OF_RANGE", "k must be between"),
     (lambda c: c.logit_lens(PROMPT, targets=[10 ** 6]), "OUT_OF_RANGE", "lens target_ids has token id 1000000"),
     (lambda c: c.logit_lens(PROMPT, top_k=5000), "INVALID_ARGUMENT", "top_k 5000 is over the limit"),
-    (lambda c: c._runs(c._run_request([PROMPT], lens=pb.LensSpec(enabled=True, top_k=1, temperature=-1.0))),
+    (lambda c: c.send_run(c.run_request([PROMPT], lens=pb.LensSpec(enabled=True, top_k=1, temperature=-1.0))),
      "INVALID_ARGUMENT", "lens temperature must be between"),
     (lambda c: c.logit_lens(PROMPT, positions=[40]), "OUT_OF_RANGE", "outside a prompt"),
     (lambda c: c.project(["a b", "c d"], layer=1, position=9, progress=False), "OUT_OF_RANGE", "outside a prompt"),
@@ -336,7 +398,7 @@ def test_bad_input_gets_a_precise_status(client, call, code, words):
     (lambda c: c.logit_lens(PROMPT, targets=[""]), "tokenizes to nothing"),
     (lambda c: c.logit_lens(PROMPT, temperature=0), "temperature must be > 0"),
     (lambda c: c.nearest_tokens(" the", table="head"), "table must be"),
-    (lambda c: c.project(PROMPTS, layer=4, progress=False), r"block index in \[-4, 4\)"),
+    (lambda c: c.project(PROMPTS, layer=4, progress=False), r"layer 4 is out of range: the model has 4 blocks"),
     (lambda c: c.project(PROMPTS, layer=[1, 1], progress=False), "layers repeat"),
     (lambda c: c.project(PROMPTS, method="umap", progress=False), "method must be"),
     (lambda c: c.probe(PROMPTS, [1.0, 2.0], progress=False), "10 prompts but 2 targets"),
@@ -344,8 +406,9 @@ def test_bad_input_gets_a_precise_status(client, call, code, words):
     (lambda c: c.contextual_similarity(" capital", [PROMPT]), "at least two contexts"),
 ])
 def test_bad_arguments_are_refused_on_the_client_with_a_reason(client, call, words):
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(LmscopeError, match=words) as info:
         call(client)
+    assert info.value.code.name in ("INVALID_ARGUMENT", "OUT_OF_RANGE")
 
 
 def test_plots_without_matplotlib_say_how_to_install_it(monkeypatch):

@@ -14,11 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+import gguf
+import llama_cpp
 import numpy as np
 import pytest
-
-llama_cpp = pytest.importorskip("llama_cpp")
-gguf = pytest.importorskip("gguf")
 
 sys.path.insert(0, os.path.dirname(__file__))
 from reference import ReferenceModel  # noqa: E402
@@ -31,9 +30,6 @@ from lmscope.service.testing import (  # noqa: E402
     build_tiny_model,
     tiny_vocab,
 )
-
-SMOLLM2 = Path(os.path.expanduser("~/.cache/lmscope/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-
 
 # ---------------------------------------------------------------------------------------------------
 # Minimal llama.cpp plumbing
@@ -194,17 +190,27 @@ PROMPTS = [
 ]
 
 # name: (build kwargs, llama.cpp KV cache type, reference emulates llama.cpp's rounding, tolerance).
-# Measured on a portable (AVX2) build: exact math matches F32 weights with an F32 cache to ~5e-7; the
-# default F16 cache costs ~1e-3 unless the reference rounds K, V, q and the probabilities to F16 too
-# (2e-5 to 4e-4); Q8_0 weights cost ~4e-2 (activations are quantized to Q8_0) unless the reference does the
-# same (~1e-7, one rounding that lands differently would cost ~1e-3); F16 weights with emulation
-# ~7e-4 (F16 rounding flips are frequent and grow from layer to layer).
+# Tolerances are on the max error relative to the largest value (`_rel_err`), from the roundings involved
+# (u = 2**-24 float32, 2**-11 float16, 1/254 for an 8-bit block; activations are of order one and dot
+# products of K <= n_ff = 128 random-sign terms have sum |terms| ~ sqrt(K) |value|, tests/tolerances.py):
+# * F32 weights and cache: float32 sums only. A dot product of K <= 128 terms is off by at most
+#   gamma(128) sum |terms| ~ 7.6e-6 * sqrt(128) |value| ~ 9e-5 of its value: 1e-4 (successive layers' errors
+#   add in the residual stream but are independent roundings of both signs; measured: ~5e-7).
+# * F16 cache, not emulated: q, K, V and the probabilities rounded to 2**-11 relative each, through dot
+#   products of sqrt(head_dim) ~ 4x their terms, over 4 layers: ~4 * 2 * 2**-11 * 4 ~ 1.6e-2: 2e-2.
+# * F16 cache, emulated: only roundings a float32 difference pushes across a float16 boundary remain, one
+#   float16 step (2**-10 ~ 1e-3) of an element now and then: 1e-3 per flip; a few flips over 4 layers: 3e-3.
+# * F16 weights, emulated: the same flips in every matmul's input (F16 vec_dot): 3e-3.
+# * Q8_0 weights, not emulated: each activation block rounded to 1/254 of its max, through sqrt(32)-ish
+#   cancellation and 4 layers: ~4 * 2 * 2**-8 ~ 3e-2, measured 4e-2 with the compounding: 1e-1.
+# * Q8_0 emulated: a flipped 8-bit rounding moves one element by 1/127 of its block max: 5e-3 allows one
+#   per matmul input without compounding; measured ~1e-7 when none happens.
 CASES = {
-    "f32-untied": (dict(weight_type="f32", tied=False), "f32", False, 1e-5),
-    "f32-tied": (dict(weight_type="f32", tied=True), "f32", False, 1e-5),
-    "f32-mha": (dict(weight_type="f32", n_head=4, n_head_kv=4, n_layer=2), "f32", False, 1e-5),
-    "f32-kv16-exact": (dict(weight_type="f32"), "f16", False, 1e-2),
-    "f32-kv16-emulated": (dict(weight_type="f32"), "f16", True, 1e-3),
+    "f32-untied": (dict(weight_type="f32", tied=False), "f32", False, 1e-4),
+    "f32-tied": (dict(weight_type="f32", tied=True), "f32", False, 1e-4),
+    "f32-mha": (dict(weight_type="f32", n_head=4, n_head_kv=4, n_layer=2), "f32", False, 1e-4),
+    "f32-kv16-exact": (dict(weight_type="f32"), "f16", False, 2e-2),
+    "f32-kv16-emulated": (dict(weight_type="f32"), "f16", True, 3e-3),
     "f16-emulated": (dict(weight_type="f16"), "f32", True, 3e-3),
     "q8_0-exact": (dict(weight_type="q8_0"), "f32", False, 1e-1),
     "q8_0-emulated": (dict(weight_type="q8_0"), "f32", True, 5e-3),
@@ -319,10 +325,12 @@ def test_reference_matches_llama_cpp(tiny_dir, case):
             assert _rel_err(logits, want["logits"]) < tol
             assert _rel_err(got["result_output"], want["logits"]) < tol
             assert _rel_err(got["result_norm"], want["ln_final"]) < tol
-            # embeddings are looked up, not multiplied: exact even for quantized tables
+            # embeddings are looked up, not multiplied: one float32 product (scale x quant) per element for
+            # quantized tables, u = 6e-8 relative, nothing for F32 ones
             assert _rel_err(got["embd"], want["embed"]) < 1e-6
-            # the notes' reconstruction: final norm + output matrix of the last l_out gives the logits
-            assert _rel_err(ref.unembed(got[f"l_out-{ref.n_layer - 1}"]), logits) < max(tol, 1e-5)
+            # the notes' reconstruction: final norm + output matrix of the last l_out gives the logits (one
+            # norm and one matmul: within each case's tolerance, which covers four layers of them)
+            assert _rel_err(ref.unembed(got[f"l_out-{ref.n_layer - 1}"]), logits) < tol
             for il in range(ref.n_layer):
                 assert _rel_err(got[f"l_out-{il}"], want["resid_post"][il]) < tol, il
                 assert _rel_err(got[f"ffn_inp-{il}"], want["resid_mid"][il]) < tol, il
@@ -356,7 +364,7 @@ def test_reference_hook_matches_patching_semantics(tiny_dir):
         return None
 
     steered = ref.forward(ids, resid_post_hook=hook)
-    np.testing.assert_allclose(steered["resid_post"][1, -1], base["resid_post"][1, -1] + v)
+    np.testing.assert_array_equal(steered["resid_post"][1, -1], base["resid_post"][1, -1] + v)  # one float64 add
     np.testing.assert_array_equal(steered["logits"][:-1], base["logits"][:-1])
     assert not np.allclose(steered["logits"][-1], base["logits"][-1])
 
@@ -366,20 +374,22 @@ def test_reference_hook_matches_patching_semantics(tiny_dir):
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not SMOLLM2.exists(), reason=f"{SMOLLM2} not downloaded")
-def test_reference_matches_llama_cpp_on_smollm2():
+def test_reference_matches_llama_cpp_on_smollm2(smol_model):
     # Even with the rounding emulated, roundings that land differently compound over 30 layers of Q4_1
-    # matmuls: states agree to ~1e-7 for the first layers and ~1e-2 at the end. Loose tolerance.
-    ref = ReferenceModel(SMOLLM2, dtype=np.float32, kv_cache="f16", quantize_activations=True)
-    run = _Run(SMOLLM2, capture={"l_out": "ADD"})
+    # matmuls: states agree to ~1e-7 for the first layers and ~1e-2 at the end, so 0.1 of the largest value.
+    # No pinned logit: this pass (no flash attention) gives ' Paris' ~17.3 where the server's default
+    # flash-attention pass gives 17.739 (README); what must hold is the relation to the reference.
+    ref = ReferenceModel(smol_model, dtype=np.float32, kv_cache="f16", quantize_activations=True)
+    run = _Run(smol_model, capture={"l_out": "ADD"})
     try:
         ids = run.tokenize("The capital of France is")
         logits = run.decode(ids)
         want = ref.forward(ids)
         top = int(np.argmax(logits[-1]))
         assert run.piece(top) == b" Paris"
-        assert logits[-1, top] == pytest.approx(17.3, abs=0.2)
         assert int(np.argmax(want["logits"][-1])) == top
+        tolerance = 0.1 * np.abs(want["logits"][-1]).max()
+        assert abs(logits[-1, top] - want["logits"][-1, top]) < tolerance
         assert _rel_err(logits[-1], want["logits"][-1]) < 0.1
         for il in range(ref.n_layer):
             assert _rel_err(run.captured[f"l_out-{il}"], want["resid_post"][il]) < 0.1, il

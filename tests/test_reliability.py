@@ -15,15 +15,23 @@ import time
 import grpc
 import numpy as np
 import pytest
+from reliability_support import (
+    CRASH_METADATA,
+    NOT_SERVING,
+    PROMPT,
+    SERVING,
+    as_arrays,
+    crash_run,
+    health,
+    only_worker,
+    stub,
+)
 
 from lmscope.client import Client, Intervention, LmscopeError, Patch
 from lmscope.client.wire import lmscope_pb2 as pb
 from lmscope.service import procinfo
 from lmscope.service.exercise import endless, endless_request
 from lmscope.service.launch import launch_server
-
-from reliability_support import (CRASH_METADATA, NOT_SERVING, PROMPT, SERVING, as_arrays, crash_run, health,
-                                 only_worker, stub)
 
 TINY_ARGS = ("--threads", "1", "--n-ctx", "4096", "--test-hooks")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -10,13 +11,12 @@ import time
 import grpc
 import numpy as np
 import pytest
+from reliability_support import PROMPT, SERVING, health
 
 from lmscope.client import Client, LmscopeError
 from lmscope.client.wire import lmscope_pb2 as pb
 from lmscope.service import server as server_module
 from lmscope.service.launch import launch_server
-
-from reliability_support import PROMPT, SERVING, health
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 BASE_ARGS = ("--threads", "1", "--n-ctx", "512")
@@ -34,8 +34,8 @@ def _self_signed(directory: pathlib.Path, name: str) -> tuple[pathlib.Path, path
 
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory):
-    if subprocess.run(["which", "openssl"], capture_output=True).returncode != 0:
-        pytest.skip("the openssl command is needed to make a test certificate")
+    # Not a skip: scripts/setup.sh installs openssl where it is missing.
+    assert shutil.which("openssl"), "the openssl command is needed to make a test certificate: run `make setup`"
     directory = tmp_path_factory.mktemp("tls")
     return {"server": _self_signed(directory, "server"), "other": _self_signed(directory, "other")}
 

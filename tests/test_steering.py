@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tolerances import F16_CACHE, SAME_KERNELS, U32, assert_close_to_scale, assert_within, gamma, unembedding_error
 
 from lmscope.client import ControlVector, Intervention, LmscopeError
-from lmscope.client.refusal import (is_refusal, load_prompts, refusal_rate, refusal_scores,
-                                    refusal_token_ids)
+from lmscope.client.refusal import is_refusal, load_prompts, refusal_rate, refusal_scores, refusal_token_ids
 
 PROMPT = "The capital of France is"
 RESIDUAL_SITES = ["embed", "blocks.*.resid_mid", "blocks.*.resid_post"]
@@ -40,9 +40,8 @@ def test_steered_pass_matches_the_numpy_reference_with_the_same_edit(client, ref
     # Capturing an attention pattern turns flash attention off, so llama.cpp matches the reference tightly.
     run = client.run(PROMPT, steer={layer: v}, capture=["blocks.*.resid_post", "blocks.0.attn.pattern"])
     expected = reference.forward(run.token_ids, resid_post_hook=lambda L, x: x + v if L == layer else None)
-    np.testing.assert_allclose(np.stack([run.resid_post(L) for L in range(4)]), expected["resid_post"],
-                               rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(run.logits, expected["logits"], rtol=1e-3, atol=1e-3)
+    assert_close_to_scale(np.stack([run.resid_post(L) for L in range(4)]), expected["resid_post"], F16_CACHE)
+    assert_close_to_scale(run.logits, expected["logits"], F16_CACHE)
     unsteered = reference.forward(run.token_ids)
     assert np.abs(expected["logits"] - unsteered["logits"]).max() > 0.1  # the edit matters
 
@@ -76,7 +75,10 @@ def test_ablation_leaves_no_component_along_the_direction_at_any_residual_site(c
         after = ablated.captures[site] @ direction
         scale = np.linalg.norm(ablated.captures[site], axis=1)
         assert np.abs(before).max() > 0.05, site  # there was something to remove
-        assert (np.abs(after) <= 1e-5 * scale + 1e-6).all(), (site, np.abs(after).max())
+        # x - (x.u) u in float32 (two n_embd-term sums, u normalized by the server: (n_embd / 2 + 4) u off
+        # the test's direction), then dotted with the direction here (another n_embd-term sum).
+        n = client.model_info().n_embd
+        assert (np.abs(after) <= (3 * gamma(n) + (n + 8) * U32) * scale).all(), (site, np.abs(after).max())
 
 
 def test_ablating_block_outputs_matches_the_numpy_projection(client, reference):
@@ -84,9 +86,8 @@ def test_ablating_block_outputs_matches_the_numpy_projection(client, reference):
     run = client.run(PROMPT, interventions=[Intervention("ablate", ["blocks.*.resid_post"], u)],
                      capture=["blocks.*.resid_post", "blocks.0.attn.pattern"])
     expected = reference.forward(run.token_ids, resid_post_hook=lambda L, x: x - np.outer(x @ u, u))
-    np.testing.assert_allclose(np.stack([run.resid_post(L) for L in range(4)]), expected["resid_post"],
-                               rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(run.logits, expected["logits"], rtol=1e-3, atol=1e-3)
+    assert_close_to_scale(np.stack([run.resid_post(L) for L in range(4)]), expected["resid_post"], F16_CACHE)
+    assert_close_to_scale(run.logits, expected["logits"], F16_CACHE)
 
 
 def test_edits_in_the_last_block_reach_the_logits_without_computing_every_tokens_logits(client, reference):
@@ -95,12 +96,15 @@ def test_edits_in_the_last_block_reach_the_logits_without_computing_every_tokens
     last = client.run(PROMPT, ablate=direction, logits="last", capture=[])
     every = client.run(PROMPT, ablate=direction, logits=True, capture=[])
     plain = client.run(PROMPT, logits="last", capture=[])
-    np.testing.assert_allclose(last.logits[-1], every.logits[-1], rtol=1e-5, atol=1e-5)
+    # One output row or all of them: the LM head's matmul has another shape, the same kernel per element.
+    np.testing.assert_allclose(last.logits[-1], every.logits[-1], rtol=SAME_KERNELS, atol=SAME_KERNELS)
     assert np.abs(last.logits[-1] - plain.logits[-1]).max() > 1e-3
     state = _vector(19, norm=8.0)
     patched = client.run(PROMPT, logits="last", capture=[],
                          interventions=[Intervention("set", ["blocks.3.resid_post"], state, positions=[-1])])
-    np.testing.assert_allclose(patched.logits[-1], reference.unembed(state[None])[0], rtol=1e-4, atol=1e-4)
+    # llama.cpp's float32 final norm + head of a state it was given: within the float32 bound of exact.
+    assert_within(patched.logits[-1], reference.unembed(state[None])[0], unembedding_error(reference, state),
+                  "logits")
 
 
 # ----- generation and isolation between requests -------------------------------------------------
@@ -144,7 +148,8 @@ def test_an_intervention_limited_to_some_prompts_of_a_batch_leaves_the_others_al
     np.testing.assert_array_equal(edited[0].hidden_states, plain[0].hidden_states)
     np.testing.assert_array_equal(edited[2].hidden_states, plain[2].hidden_states)
     alone = client.run(prompts[1], steer={1: _vector(16)}, logits="last")
-    np.testing.assert_allclose(edited[1].hidden_states, alone.hidden_states, rtol=1e-5, atol=1e-5)
+    # A batch of 3 short prompts (< 64 rows): the same kernels row by row as the prompt alone.
+    np.testing.assert_allclose(edited[1].hidden_states, alone.hidden_states, rtol=SAME_KERNELS, atol=SAME_KERNELS)
 
 
 # ----- bad input ---------------------------------------------------------------------------------
@@ -238,7 +243,8 @@ def test_refusal_scores_are_log_odds_of_the_refusal_tokens():
     ids = [4, 7, 30]
     p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     mass = p[:, ids].sum(axis=1)
-    np.testing.assert_allclose(refusal_scores(logits, ids), np.log(mass / (1 - mass)), rtol=1e-10)
+    # Float64 on both sides, a few dozen roundings of 1.1e-16 each, amplified by at most 1 / (1 - mass) < 10.
+    np.testing.assert_allclose(refusal_scores(logits, ids), np.log(mass / (1 - mass)), rtol=1e-12)
 
 
 def test_refusal_tokens_are_whole_first_tokens_of_refusal_openings(client):
@@ -261,23 +267,28 @@ def direction(client):
 
 def _states(client, prompts, position, batch_size):
     """numpy mean over prompts of captured block outputs, batched as refusal_direction batches them
-    (flash attention's float16 accumulation depends on which prompts share a batch, by ~1e-3)."""
+    (flash attention's float16 accumulation depends on which prompts share a batch, by ~1e-3), and the
+    largest magnitude among the states."""
     sites = [f"blocks.{L}.resid_post" for L in range(client.n_layer)]
-    out = []
+    out, largest = [], 0.0
     for run in client.run_batch(prompts, batch_size=batch_size, chat=True, capture=sites, logits=False):
         states = np.stack([run.captures[s] for s in sites]).astype(np.float64)  # (n_layer, tokens, n_embd)
         out.append(states[:, position] if position != "mean" else states.mean(axis=1))
-    return np.mean(out, axis=0)
+        largest = max(largest, float(np.abs(states).max()))
+    return np.mean(out, axis=0), largest
 
 
 def test_refusal_direction_is_the_difference_of_means_of_captured_states(client, direction):
     assert direction.per_layer.shape == (client.n_layer, 64) and direction.per_layer.dtype == np.float64
-    expected = _states(client, HARMFUL, -1, 4) - _states(client, HARMLESS, -1, 4)
-    np.testing.assert_allclose(direction.per_layer, expected, rtol=1e-5, atol=1e-6)
+    (harmful, a), (harmless, b) = _states(client, HARMFUL, -1, 4), _states(client, HARMLESS, -1, 4)
+    # The same batches; asking for one position lets llama.cpp compute only that row in the last block, a
+    # matmul of another shape with the same kernels (SAME_KERNELS, relative and absolute), then float64 means.
+    np.testing.assert_allclose(direction.per_layer, harmful - harmless, rtol=0,
+                               atol=2 * SAME_KERNELS * (1 + max(a, b)))
     mean = client.refusal_direction(HARMFUL, HARMLESS, position="mean", select=False, batch_size=3,
                                     progress=False)
-    expected_mean = _states(client, HARMFUL, "mean", 3) - _states(client, HARMLESS, "mean", 3)
-    np.testing.assert_allclose(mean.per_layer, expected_mean, rtol=1e-5, atol=1e-6)
+    (harmful, a), (harmless, b) = _states(client, HARMFUL, "mean", 3), _states(client, HARMLESS, "mean", 3)
+    np.testing.assert_allclose(mean.per_layer, harmful - harmless, rtol=0, atol=2 * SAME_KERNELS * (1 + max(a, b)))
     assert mean.best_layer is None and mean.scores == {}
 
 
@@ -292,8 +303,10 @@ def test_refusal_direction_scores_candidate_layers_and_picks_by_the_paper_rule(d
     pool = eligible or list(direction.scores.values())
     assert direction.best_layer == min(pool, key=lambda s: s.bypass).layer
     v = direction.vector()
-    assert v.dtype == np.float32 and np.linalg.norm(v) == pytest.approx(1.0, abs=1e-6)
-    np.testing.assert_allclose(v * direction.scale(), direction.per_layer[direction.best_layer], rtol=1e-5)
+    # A float64 unit vector rounded to float32 (u per element); its float32 norm over n_embd = 64 values
+    # costs gamma(64) / 2 + 2u more.
+    assert v.dtype == np.float32 and np.linalg.norm(v) == pytest.approx(1.0, abs=gamma(64 // 2 + 3))
+    np.testing.assert_allclose(v * direction.scale(), direction.per_layer[direction.best_layer], rtol=2 * U32)
     assert direction.seconds_means > 0 and direction.seconds_selection > 0
 
 
@@ -311,16 +324,26 @@ def test_layer_scores_equal_the_steering_tests_run_one_by_one(client, direction)
     base = last_logits(HARMLESS)
     ablated = last_logits(HARMLESS, ablate=direction.vector(layer))
     score = direction.scores[layer]
-    assert score.induce == pytest.approx(refusal_scores(induced, ids).mean(), abs=1e-3)
-    assert score.bypass == pytest.approx(refusal_scores(bypassed, ids).mean(), abs=1e-3)
-    assert direction.baseline_harmless == pytest.approx(refusal_scores(base, ids).mean(), abs=1e-3)
+    # Other batches than the selection's (of > 64 rows: flash attention's tiled kernel, whose rounding
+    # depends on where a sequence's cells fall among its tiles): the two passes' logits differ by float32
+    # reordering and the float16 cache roundings it flips, F16_CACHE at the logits' scale each
+    # (tests/tolerances.py). log(m / (1 - m)) moves by at most 4 max |dz| (d log m and d log(1 - m) are
+    # each a difference of two softmax-weighted means of dz).
+    dz = 2 * F16_CACHE * float(max(np.abs(x).max() for x in (induced, bypassed, base, ablated)))
+    assert score.induce == pytest.approx(refusal_scores(induced, ids).mean(), abs=4 * dz)
+    assert score.bypass == pytest.approx(refusal_scores(bypassed, ids).mean(), abs=4 * dz)
+    assert direction.baseline_harmless == pytest.approx(refusal_scores(base, ids).mean(), abs=4 * dz)
 
     def log_softmax(z):
         z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
         return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
     p, q = log_softmax(base), log_softmax(ablated)
-    assert score.kl == pytest.approx((np.exp(p) * (p - q)).sum(axis=1).mean(), abs=1e-4)
+    kl = (np.exp(p) * (p - q)).sum(axis=1)
+    # KL(p || q) moves by <= 2 dz through q (its gradient is q - p) and by <= 2 dz E_p|log(p/q) - KL|
+    # through p (the entropy argument of tests/tolerances.py).
+    spread = (np.exp(p) * np.abs(p - q - kl[:, None])).sum(axis=1)
+    assert score.kl == pytest.approx(kl.mean(), abs=float((2 * dz + 2 * dz * spread).max()))
 
 
 def test_refusal_direction_is_deterministic(client, direction):

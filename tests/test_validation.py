@@ -11,12 +11,11 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf.message import Message
+from reliability_support import PROMPT, only_worker, stub
 
 from lmscope.client import Client, LmscopeError
 from lmscope.client.wire import lmscope_pb2 as pb
 from lmscope.service.launch import launch_server
-
-from reliability_support import PROMPT, only_worker, stub
 
 LIMIT_ARGS = ("--threads", "1", "--n-ctx", "80", "--max-prompt-tokens", "64", "--max-generated-tokens", "32",
               "--max-batch-prompts", "4", "--max-capture-mb", "1", "--max-message-mb", "2")

@@ -158,7 +158,7 @@ def test_the_q8_0_head_is_never_dequantized_whole(tmp_path, monkeypatch):
 
 def lens_of_run(client: Client, capture: list[str]) -> tuple[dict, object]:
     spec = pb.LensSpec(enabled=True, top_k=3)
-    run = client._runs(client._run_request([PROMPT], capture=capture, logits=False, lens=spec))[0]
+    run = client.send_run(client.run_request([PROMPT], capture=capture, logits=False, lens=spec))[0]
     return {name.removeprefix("lens."): a for name, a in run.extra.items()}, run
 
 
