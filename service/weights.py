@@ -193,7 +193,7 @@ class Weights:
                 new_reference_max = np.maximum(reference_max, reference_logits.max(axis=1) * inverse_t)
                 reference_rescale = np.exp(reference_max - new_reference_max)
                 reference_exps = np.exp(reference_logits * inverse_t - new_reference_max[:, None].astype(np.float32))
-                reference_total = reference_rescale * reference_total + reference_exps.sum(axis=1, dtype=np.float64)
+                reference_total = reference_rescale * reference_total + reference_exps.sum(axis=1)
                 reference_max = new_reference_max
             for row_start in range(0, n, LENS_ROWS_PER_CHUNK):
                 rows = slice(row_start, min(n, row_start + LENS_ROWS_PER_CHUNK))
@@ -207,8 +207,8 @@ class Weights:
                 old_total = total[rows]
                 gap = np.where(old_total > 0, maximum[rows] - new_max, 0.0)
                 weighted[rows] = scale * (weighted[rows] + gap * old_total)
-                weighted[rows] += np.einsum("ij,ij->i", exps, shifted, dtype=np.float64)
-                total[rows] = scale * old_total + exps.sum(axis=1, dtype=np.float64)
+                weighted[rows] += np.einsum("ij,ij->i", exps, shifted)  # float32 within a chunk, float64 across
+                total[rows] = scale * old_total + exps.sum(axis=1)
                 maximum[rows] = new_max
                 if k:
                     chunk_k = min(k, stop - start)
@@ -228,8 +228,7 @@ class Weights:
                     rescale = reference_rescale[reference]
                     difference = reference_logits[reference] - logits
                     difference *= inverse_t
-                    kl_sum[rows] = rescale * kl_sum[rows] + np.einsum("ij,ij->i", reference_exps[reference],
-                                                                      difference, dtype=np.float64)
+                    kl_sum[rows] = rescale * kl_sum[rows] + np.einsum("ij,ij->i", reference_exps[reference], difference)
         log_normalizer = maximum + np.log(total)  # log sum exp(z)
         out = {
             "top_ids": top_ids.astype(np.int32),
