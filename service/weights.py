@@ -32,7 +32,7 @@ from .stored_matrix import StoredMatrix
 LENS_ROWS_PER_CHUNK = 256
 # Per request, the float32 (rows x vocabulary chunk) blocks of the lens and nearest-token passes stay within
 # this many bytes whatever the vocabulary size (`Weights._vocabulary_chunks`).
-REDUCTION_BUDGET_BYTES = 64 << 20
+REDUCTION_BUDGET_BYTES = 32 << 20
 BYTES_PER_CELL = 32
 MIN_CHUNK = 256
 
@@ -265,7 +265,7 @@ class Weights:
             step = max(1, self.reduction_budget // (4 * matrix.n_cols))
             for start in range(0, matrix.n_rows, step):
                 rows = matrix.dequantize(start, min(matrix.n_rows, start + step))
-                norms[start:start + len(rows)] = np.sqrt(np.square(rows, out=rows).sum(axis=1, dtype=np.float64))
+                norms[start:start + len(rows)] = np.sqrt(np.einsum("ij,ij->i", rows, rows))  # no float64 copy
             self._inverse_norms[matrix.name] = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-30), 0.0).astype(np.float32)
         return self._inverse_norms[matrix.name]
 
