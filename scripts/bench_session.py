@@ -48,6 +48,11 @@ def status_mb(pid: int, key: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 
+def pss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+
+
 def session(client, prompt: list[int], repeat: int) -> dict:
     out = {}
     out["run_all_logits_ms"] = median_ms(lambda: client.run(prompt, logits=True), repeat)
@@ -89,6 +94,7 @@ def measure_lmscope(model: str, threads: int, workers: int, repeat: int, prompt:
         out["front_end_peak_mb"] = status_mb(pid, "VmHWM")
         out["workers_peak_mb"] = [status_mb(p, "VmHWM") for p in process_tree(pid)[1:]]
         out["rss_mb"] = memory_mb(pid, "VmRSS")
+        out["pss_mb"] = sum(pss_mb(p) for p in process_tree(pid))  # shared pages split between their users
     return out
 
 
@@ -191,6 +197,8 @@ def markdown(runs: dict[str, dict]) -> str:
     row("server peak (front end + workers), 1 worker", "peak_mb", mb, "peak_mb")
     row("  front end alone", "front_end_peak_mb", mb)
     row("server peak, 2 workers, 2 clients at once", "peak_mb", mb, workers=2)
+    row("server PSS after the session, 1 worker", "pss_mb", mb)
+    row("server PSS after the session, 2 workers", "pss_mb", mb, workers=2)
     row("`run()` 128 tokens, every hidden state + all logits", "run_all_logits_ms", ms, "run_all_logits_ms")
     row("logit lens (every layer x position, top-5 + entropy)", "lens_ms", ms, "lens_ms")
     row("nearest tokens (embedding / LM head)", "nearest_embedding_ms", ms, "nearest_embedding_ms")

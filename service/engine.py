@@ -41,9 +41,10 @@ __all__ = ["Cancelled", "Engine", "EngineConfig", "ForwardRequest", "ForwardResu
 
 # llama.cpp reserves each context's compute buffer for the worst ubatch, every token an output: n_ubatch x
 # n_vocab float32 logits (Gemma 3's 262,144-token vocabulary at 512 tokens: 512 MiB of a 514 MiB buffer).
-# Tokens per ubatch are capped so that this part stays within LOGITS_RESERVE_BYTES; a longer prompt is
+# Tokens per ubatch are capped so that this part (and the output buffer, which grows to the output rows of
+# one ubatch) stays within LOGITS_RESERVE_BYTES; a longer prompt is
 # decoded in several ubatches, as it already is past n_batch.
-LOGITS_RESERVE_BYTES = 128 << 20
+LOGITS_RESERVE_BYTES = 64 << 20
 MIN_UBATCH = 32
 
 

@@ -33,7 +33,7 @@ from .stored_matrix import StoredMatrix
 LENS_ROWS_PER_CHUNK = 256
 # Per request, the float32 (rows x vocabulary chunk) blocks of the lens and nearest-token passes stay within
 # this many bytes whatever the vocabulary size (`Weights._vocabulary_chunks`).
-REDUCTION_BUDGET_BYTES = 64 << 20
+REDUCTION_BUDGET_BYTES = 32 << 20
 BYTES_PER_CELL = 32
 MIN_CHUNK = 256
 
@@ -217,7 +217,7 @@ class Weights:
                 new_reference_max = np.maximum(reference_max, reference_logits.max(axis=1) * inverse_t)
                 reference_rescale = np.exp(reference_max - new_reference_max)
                 reference_exps = np.exp(reference_logits * inverse_t - new_reference_max[:, None].astype(np.float32))
-                reference_total = reference_rescale * reference_total + reference_exps.sum(axis=1, dtype=np.float64)
+                reference_total = reference_rescale * reference_total + reference_exps.sum(axis=1)
                 reference_max = new_reference_max
             for row_start in range(0, n, LENS_ROWS_PER_CHUNK):
                 rows = slice(row_start, min(n, row_start + LENS_ROWS_PER_CHUNK))
@@ -231,8 +231,8 @@ class Weights:
                 old_total = total[rows]
                 gap = np.where(old_total > 0, maximum[rows] - new_max, 0.0)
                 weighted[rows] = scale * (weighted[rows] + gap * old_total)
-                weighted[rows] += np.einsum("ij,ij->i", exps, shifted, dtype=np.float64)
-                total[rows] = scale * old_total + exps.sum(axis=1, dtype=np.float64)
+                weighted[rows] += np.einsum("ij,ij->i", exps, shifted)  # float32 within a chunk, float64 across
+                total[rows] = scale * old_total + exps.sum(axis=1)
                 maximum[rows] = new_max
                 if k:
                     chunk_k = min(k, stop - start)
@@ -252,8 +252,7 @@ class Weights:
                     rescale = reference_rescale[reference]
                     difference = reference_logits[reference] - logits
                     difference *= inverse_t
-                    kl_sum[rows] = rescale * kl_sum[rows] + np.einsum("ij,ij->i", reference_exps[reference],
-                                                                      difference, dtype=np.float64)
+                    kl_sum[rows] = rescale * kl_sum[rows] + np.einsum("ij,ij->i", reference_exps[reference], difference)
         log_normalizer = maximum + np.log(total)  # log sum exp(z)
         out = {
             "top_ids": top_ids.astype(np.int32),
@@ -290,7 +289,7 @@ class Weights:
             step = max(1, self.reduction_budget // (4 * matrix.n_cols))
             for start in range(0, matrix.n_rows, step):
                 rows = matrix.dequantize(start, min(matrix.n_rows, start + step))
-                norms[start:start + len(rows)] = np.sqrt(np.square(rows, out=rows).sum(axis=1, dtype=np.float64))
+                norms[start:start + len(rows)] = np.sqrt(np.einsum("ij,ij->i", rows, rows))  # no float64 copy
             self._inverse_norms[matrix.name] = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-30), 0.0).astype(np.float32)
         return self._inverse_norms[matrix.name]
 

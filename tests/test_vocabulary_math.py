@@ -210,5 +210,5 @@ def test_a_big_vocabulary_gets_a_smaller_ubatch(tmp_path):
     """llama.cpp reserves n_ubatch x n_vocab float32 logits: the engine caps n_ubatch by the vocabulary."""
     from lmscope.service.engine import LOGITS_RESERVE_BYTES, logits_rows_per_ubatch
     assert logits_rows_per_ubatch(262_144) * 262_144 * 4 <= LOGITS_RESERVE_BYTES
-    assert logits_rows_per_ubatch(49_152) >= 512
+    assert logits_rows_per_ubatch(49_152) >= 256  # SmolLM2 keeps most of its 512-token batches
     assert logits_rows_per_ubatch(10**8) >= 1
