@@ -59,6 +59,9 @@ FORMAT = "lmscope-activation-store"
 VERSION = 1
 HEADER_BYTES = 128  # fixed .npy header size (magic + version + length + padded dict), so the shape can grow
 MANIFEST = "manifest.json"
+# Prompts per request. Short prompts (~9 tokens) in batches of 8 collected faster than in batches of 64 on
+# SmolLM2 (scripts/bench_store.py; figures in docs/datasets.md).
+DEFAULT_BATCH_SIZE = 8
 LOCK = ".lock"
 
 
@@ -485,7 +488,7 @@ class StoreMixin:
         sites: a capture-site filter (name, glob, list), resolved against the served model.
         positions: token positions per prompt (negative from the end), or None for every position (the
             ragged layout). dtype: "float16" (half the disk) or "float32".
-        batch_size: prompts per request (default 64, or what the store was started with: batches are
+        batch_size: prompts per request (default 8, or what the store was started with: batches are
             aligned to it so a resumed store is byte-identical, see the module docstring).
         """
         if dtype not in ("float16", "float32"):
@@ -527,7 +530,7 @@ class StoreMixin:
                                      f"that batch size (or none) so rows do not depend on where it stopped")
                 batch_size = manifest["batch_size"]
             else:
-                batch_size = batch_size or 64
+                batch_size = batch_size or DEFAULT_BATCH_SIZE
                 manifest = {"format": FORMAT, "version": VERSION, "model": model, "request": request,
                             "batch_size": batch_size, "n_prompts": 0, "n_tokens": 0, "prompts_bytes": 0,
                             "row_shapes": None,
