@@ -43,7 +43,9 @@ def _info(args) -> int:
     from .client import Client
 
     with Client(args.server) as client:
-        print(client.model_info())
+        info = client.model_info()
+        print(info)
+        print("\n".join(info.memory_lines()))
     return 0
 
 

@@ -344,11 +344,15 @@ class CoreClient:
         return arrays[("lens.logits", 0)]
 
     def lens_vectors(self, vectors: np.ndarray, *, top_k: int = 10, temperature: float = 1.0,
-                     target_ids: Sequence[int] = (), final_norm: bool = True) -> dict[str, np.ndarray]:
-        """Server-side lens reduction of vectors: top_ids, top_probs, target_probs, target_ranks, entropy."""
+                     target_ids: Sequence[int] = (), final_norm: bool = True,
+                     kl_reference_rows: int = 0) -> dict[str, np.ndarray]:
+        """Server-side lens reduction of vectors: top_ids, top_probs, target_probs, target_ranks, entropy.
+
+        kl_reference_rows = m > 0: the last m vectors are reference distributions (a final layer's), and
+        `kl_to_final[i]` is KL(P(vector n - m + i mod m) || P(vector i))."""
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         spec = pb.LensSpec(enabled=True, top_k=top_k, temperature=temperature, target_ids=list(target_ids),
-                           skip_final_norm=not final_norm)
+                           skip_final_norm=not final_norm, kl_reference_rows=kl_reference_rows)
         _, arrays = self._tensor_stream("Unembed", pb.UnembedRequest(vectors=tensors.to_tensor(vectors), spec=spec))
         return {name.removeprefix("lens."): a for (name, _), a in arrays.items()}
 

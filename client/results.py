@@ -34,14 +34,15 @@ class ModelInfo:
     backend: str
     n_gpu_layers: int
     n_workers: int = 1
+    memory: dict[str, int] = field(default_factory=dict)  # expected bytes by part (proto MemoryEstimate)
 
     @classmethod
     def from_proto(cls, message) -> "ModelInfo":
-        limits = {f.name: getattr(message.limits, f.name) for f in message.limits.DESCRIPTOR.fields}
         values = {}
         for name in cls.__dataclass_fields__:
-            if name == "limits":
-                values[name] = limits
+            if name in ("limits", "memory"):
+                part = getattr(message, name)
+                values[name] = {f.name: getattr(part, f.name) for f in part.DESCRIPTOR.fields}
             else:
                 value = getattr(message, name)
                 values[name] = dict(value) if name == "tensor_types" else (
@@ -55,6 +56,19 @@ class ModelInfo:
                 f"n_vocab={self.n_vocab}, n_ctx={self.n_ctx}/{self.n_ctx_train} train, "
                 f"tied={self.tied_embeddings}, chat_template={self.has_chat_template}, tensors[{types}], "
                 f"{len(self.capture_sites)} capture sites, fingerprint={self.fingerprint[:12]})")
+
+    def memory_lines(self) -> list[str]:
+        """The server's expected resident memory by part, in MiB, for people."""
+        m = self.memory
+        if not m.get("per_worker"):
+            return ["expected memory: not reported by this server"]
+        mib = lambda key: f"{m[key] / 2**20:,.1f} MiB"  # noqa: E731
+        total = m["mapped_weights"] + self.n_workers * m["per_worker"]
+        return [f"expected memory: {total / 2**20:,.1f} MiB = mapped weights {mib('mapped_weights')} (shared) "
+                f"+ {self.n_workers} worker(s) x {mib('per_worker')}, plus each process's runtime",
+                f"  per context (x{m['contexts']}): KV cache {mib('kv_cache')}, compute buffer {mib('compute_buffer')} "
+                f"(n_ubatch {m['n_ubatch']}), output buffer {mib('output_buffer')}",
+                f"  per request: reduction budget {mib('reduction_budget')}"]
 
 
 @dataclass

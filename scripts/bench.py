@@ -501,7 +501,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
     parser.add_argument("--json", help="also write every figure to this JSON file")
     parser.add_argument("--from-json", help="only rewrite the report from a JSON file an earlier run wrote")
+    parser.add_argument("--session", action="store_true",
+                        help="only the issue #13 memory session against transformers (scripts/bench_session.py)")
     args = parser.parse_args(argv)
+    if args.session:
+        import bench_session
+        return bench_session.main((["--model", args.model] if args.model else [])
+                                  + ["--threads", str(args.threads)] + (["--json", args.json] if args.json else [])
+                                  + (["--no-peer"] if args.no_peer else []))
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         for key in ("lens_by_tokens", "lens_by_layers"):  # JSON turned their int keys into strings

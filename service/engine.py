@@ -27,11 +27,25 @@ from .batching import Cancelled, Contexts, collect_logits
 from .capture import CapturePass, Intervention, resolve_positions
 from .errors import RequestError
 from .graph_sites import is_pattern_site, output_rows_only
+from .memory import expected_memory
 from .model import Model
 from .verification import check_unembedding, probe_sites
 from .weights import Weights
 
 __all__ = ["Cancelled", "Engine", "EngineConfig", "ForwardRequest", "ForwardResult", "Intervention"]
+
+
+# llama.cpp reserves each context's compute buffer for the worst ubatch, every token an output: n_ubatch x
+# n_vocab float32 logits (Gemma 3's 262,144-token vocabulary at 512 tokens: 512 MiB of a 514 MiB buffer).
+# Tokens per ubatch are capped so that this part (and the output buffer, which grows to the output rows of
+# one ubatch) stays within LOGITS_RESERVE_BYTES; a longer prompt is
+# decoded in several ubatches, as it already is past n_batch.
+LOGITS_RESERVE_BYTES = 64 << 20
+MIN_UBATCH = 32
+
+
+def logits_rows_per_ubatch(n_vocab: int) -> int:
+    return max(MIN_UBATCH, LOGITS_RESERVE_BYTES // (4 * n_vocab))
 
 
 @dataclass
@@ -78,7 +92,7 @@ class Engine:
         self.n_head_kv = self.model.n_head_kv
         self.n_vocab = self.model.n_vocab
         self.n_ctx = config.n_ctx
-        n_batch = min(config.n_batch, config.n_ctx)
+        n_batch = min(config.n_batch, config.n_ctx, logits_rows_per_ubatch(self.n_vocab))
         self.contexts = Contexts(self.model.handle, n_ctx=config.n_ctx, n_batch=n_batch,
                                  n_seq_max=min(config.n_seq_max, n_batch),  # llama.cpp needs n_seq_max <= n_batch
                                  n_threads=config.n_threads or os.cpu_count() or 1)
@@ -135,6 +149,9 @@ class Engine:
             limits=self.limits(), backend="RPC" if self.config.rpc_servers else (
                 "CUDA" if lc.llama_supports_gpu_offload() and self.config.n_gpu_layers else "CPU"),
             n_gpu_layers=self.config.n_gpu_layers,
+            memory=expected_memory(self.weights, n_layer=self.n_layer, n_head=self.n_head, n_head_kv=self.n_head_kv,
+                                   n_embd=self.n_embd, n_vocab=self.n_vocab, n_ctx=self.n_ctx,
+                                   n_ubatch=self.contexts.n_batch, n_seq_max=self.contexts.n_seq_max),
         )
 
     def limits(self) -> dict:

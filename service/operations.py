@@ -101,9 +101,9 @@ class Operations:
                                         target_ids=spec["target_ids"], final_norm=not spec["skip_final_norm"],
                                         keep_logits=spec["return_logits"], reference_rows=reference_rows)
 
-    def unembed(self, vectors: np.ndarray, spec: dict, float16: bool = False) -> dict:
+    def unembed(self, vectors: np.ndarray, spec: dict, reference_rows: int = 0, float16: bool = False) -> dict:
         self._check_lens()
-        reduced = self._lens(vectors.astype(np.float32), spec)
+        reduced = self._lens(vectors.astype(np.float32), spec, reference_rows=reference_rows)
         return {"tensors": [(f"lens.{name}", 0, a) for name, a in reduced.items()]}
 
     def weights(self, name: str, axis: int, indices: list[int], float16: bool) -> dict:

@@ -236,7 +236,11 @@ class RequestParser:
         if request.spec.return_logits and vectors.shape[0] > rows_limit:
             _fail("RESOURCE_EXHAUSTED", f"{vectors.shape[0]} rows of full logits exceed the server's limit "
                                         f"({rows_limit} rows); ask for top_k instead or send fewer vectors")
-        return {"vectors": vectors, "spec": self.lens(request.spec)}
+        reference_rows = request.spec.kl_reference_rows
+        if reference_rows > vectors.shape[0]:
+            _fail("INVALID_ARGUMENT", f"kl_reference_rows {reference_rows} is more than the {vectors.shape[0]} "
+                                      f"vectors sent; the reference rows are the last ones of the request")
+        return {"vectors": vectors, "spec": self.lens(request.spec), "reference_rows": reference_rows}
 
     def nearest_tokens(self, request: pb.NearestTokensRequest) -> dict:
         table = request.table or "embedding"

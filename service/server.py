@@ -87,7 +87,12 @@ class Server:
         message_bytes = args.max_message_mb << 20
         options = [("grpc.max_send_message_length", message_bytes),
                    ("grpc.max_receive_message_length", message_bytes),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", 0),
+                   # The client pings every 20 s (client/core.py); grpc's default server policy (one ping per 5
+                   # min without data, 2 strikes) answered a request running past ~1 min with GOAWAY "Too many
+                   # pings" (a Gemma 3 lens on a busy machine).
+                   ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+                   ("grpc.http2.max_ping_strikes", 0)]
         # Threads: one per running and per queued request, plus headroom for calls that need no worker
         # (health checks, model info) and for answers still streaming out after their worker was released.
         # Past that many calls grpc answers RESOURCE_EXHAUSTED itself instead of parking calls unseen.

@@ -19,6 +19,7 @@ caller's memory budget (`service/weights.py`).
 from __future__ import annotations
 
 import ctypes
+import mmap
 
 import numpy as np
 
@@ -28,7 +29,14 @@ from .gguf_index import IndexedTensor
 _base = ggml.load_library("ggml-base")
 _cpu = ggml.load_library("ggml-cpu")
 
-GGML_TYPE_I32 = 26
+GGML_TYPE_BF16 = 30
+# How the vec_dot types' blocks decode (ggml-common.h): Q8_0 {f16 d; i8 qs[32]}, Q8_1 {f16 d, s; i8 qs[32]},
+# Q8_K {f32 d; i8 qs[256]; i16 bsums[16]}; a value is d * q.
+_Q8_BLOCKS = {
+    8: np.dtype([("d", "<f2"), ("qs", "i1", 32)]),
+    9: np.dtype([("d", "<f2"), ("s", "<f2"), ("qs", "i1", 32)]),
+    15: np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)]),
+}
 # In a no_alloc context only the tensor headers and the graph live in ggml's memory: 3 tensors + graph.
 _CONTEXT_TENSORS = 4
 _OFFSET_DATA = 248  # struct ggml_tensor.data (checked against ggml_get_data on first use)
@@ -45,6 +53,12 @@ class _ComputePlan(ctypes.Structure):  # struct ggml_cplan (ggml-cpu.h)
 
 
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+_FROM_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+class _CpuTypeTraits(ctypes.Structure):  # struct ggml_type_traits_cpu (ggml-cpu.h)
+    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
+                ("nrows", ctypes.c_int64)]
 
 
 class _TypeTraits(ctypes.Structure):  # struct ggml_type_traits (ggml.h)
@@ -71,11 +85,16 @@ _tensor_overhead = _bind(_base, "ggml_tensor_overhead", [], _size)
 _graph_overhead = _bind(_base, "ggml_graph_overhead", [], _size)
 _row_size = _bind(_base, "ggml_row_size", [ctypes.c_int, _i64], _size)
 _type_traits = _bind(_base, "ggml_get_type_traits", [ctypes.c_int], ctypes.POINTER(_TypeTraits))
+_cpu_type_traits = _bind(_cpu, "ggml_get_type_traits_cpu", [ctypes.c_int], ctypes.POINTER(_CpuTypeTraits))
 _graph_plan = _bind(_cpu, "ggml_graph_plan", [_void_p, ctypes.c_int, _void_p], _ComputePlan)
 _graph_compute = _bind(_cpu, "ggml_graph_compute", [_void_p, ctypes.POINTER(_ComputePlan)], ctypes.c_int)
 
+BLAS_MIN_ROWS = 64  # from this many rows on, chunks are dequantized and multiplied by BLAS (`Multiplier`)
 _CONTEXT_BYTES = _CONTEXT_TENSORS * _tensor_overhead() + _graph_overhead()
 _layout_checked = False
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MADV_DONTNEED = 4
 
 
 def _set_data(tensor: int, address: int) -> None:
@@ -91,7 +110,7 @@ class StoredMatrix:
     """A 2-D GGUF tensor (numpy rows = ggml's ne[1]) as stored, for row-chunked products and dequantization.
 
     products(x, start, stop): x (n, n_cols) float32 -> x @ W[start:stop].T as (n, stop - start) float32.
-    `dequantized_rows` counts rows expanded to float32 (tests use it to show no whole copy is ever made).
+    `largest_dequantized`: the most rows ever expanded to float32 at once (a test checks it stays a chunk).
     """
 
     def __init__(self, tensor: IndexedTensor, n_threads: int):
@@ -106,15 +125,32 @@ class StoredMatrix:
             raise ValueError(f"{tensor.name}: stored rows of {self.raw.shape[1] * self.raw.itemsize} bytes, "
                              f"ggml expects {self.row_bytes}")
         self.n_threads = max(1, n_threads)
-        self.dequantized_rows = 0
+        self.vec_dot_type = _cpu_type_traits(self.ggml_type).contents.vec_dot_type
+        self.largest_dequantized = 0  # most rows ever expanded to float32 at once (tests: never the whole matrix)
         self._work = np.empty(0, np.uint8)
 
     def products(self, x: np.ndarray, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        return self._products(self.raw[start:stop], x, out)
+        out = self._products(self.raw[start:stop], x, out)
+        self.release(start, stop)
+        return out
 
-    def products_of_rows(self, x: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
-        """x @ W[row_ids].T (n, len(row_ids)) with the same kernels: the few stored rows are gathered first."""
-        return self._products(np.ascontiguousarray(self.raw[np.asarray(row_ids, dtype=np.int64)]), x, None)
+    def release(self, start: int, stop: int) -> None:
+        """Drop this process's page-table entries for stored rows [start, stop) once a chunk is done.
+
+        The file's pages stay in the page cache, shared with llama.cpp's own mapping of the same file; but
+        RSS counts a page once per mapping that touched it, so without this a lens over the whole head
+        showed the head twice in every worker's RSS (Gemma 3: +154 MB) though no memory was used twice.
+        The next pass maps the pages again from the cache (minor faults, ~40k for Gemma's head)."""
+        if not isinstance(self.raw, np.memmap) or stop <= start:
+            return
+        first = self.raw[start:stop].ctypes.data
+        begin = first - first % mmap.PAGESIZE
+        end = first + (stop - start) * self.row_bytes
+        # pages shared with neighbouring chunks are dropped too: they fault back in when needed
+        _libc.madvise(begin, end - begin, _MADV_DONTNEED)
+
+    def multiplier(self, x: np.ndarray) -> "Multiplier":
+        return Multiplier(self, x)
 
     def _products(self, raw_rows: np.ndarray, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -150,14 +186,74 @@ class StoredMatrix:
             _free(context)
         return out
 
+    def rounded(self, x: np.ndarray) -> np.ndarray:
+        """x (n, n_cols) as the CPU kernels see it when multiplying this matrix: converted to the weight type's
+        vec_dot_type by ggml's own `from_float` and back to float32 (exactly: q * d needs < 24 bits)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        kind = self.vec_dot_type
+        if kind == ggml.GGML_TYPE_F32 or x.size == 0:
+            return x
+        if kind == ggml.GGML_TYPE_F16:
+            return x.astype(np.float16).astype(np.float32)
+        if kind == GGML_TYPE_BF16:  # ggml rounds to nearest even, as below
+            bits = x.view(np.uint32).astype(np.uint64)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+            return bits.astype(np.uint32).view(np.float32)
+        block = _Q8_BLOCKS.get(kind)
+        if block is None:
+            raise NotImplementedError(f"{self.name}: activations of vec_dot type {kind} cannot be decoded")
+        packed = np.empty(x.size // block["qs"].shape[0], block)
+        from_float = _FROM_FLOAT(_cpu_type_traits(kind).contents.from_float)
+        from_float(x.ctypes.data, packed.ctypes.data, x.size)
+        values = packed["qs"].astype(np.float32) * packed["d"].astype(np.float32)[:, None]
+        return values.reshape(x.shape)
+
     def dequantize(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as float32 (n, n_cols), by ggml's own `to_float` for the type."""
-        out = np.empty((stop - start, self.n_cols), np.float32)
-        block = np.ascontiguousarray(self.raw[start:stop])
+        out = self._dequantize(self.raw[start:stop])
+        self.release(start, stop)
+        return out
+
+    def dequantize_rows(self, row_ids: np.ndarray) -> np.ndarray:
+        return self._dequantize(self.raw[np.asarray(row_ids, dtype=np.int64)])
+
+    def _dequantize(self, raw_rows: np.ndarray) -> np.ndarray:
+        out = np.empty((raw_rows.shape[0], self.n_cols), np.float32)
+        block = np.ascontiguousarray(raw_rows)
         if self.ggml_type == ggml.GGML_TYPE_F32:
             out[:] = block.view(np.float32).reshape(out.shape)
         else:
             to_float = _TO_FLOAT(_type_traits(self.ggml_type).contents.to_float)
             to_float(block.ctypes.data, out.ctypes.data, out.size)
-        self.dequantized_rows += stop - start
+        self.largest_dequantized = max(self.largest_dequantized, len(out))
         return out
+
+
+class Multiplier:
+    """x @ W[start:stop].T for one set of rows x over many vocabulary chunks, one arithmetic for all of them.
+
+    Many rows (a lens: layers x positions): x is rounded to the vec_dot_type once, each chunk of W is
+    dequantized once (float32, chunk-sized) and multiplied by BLAS, which is faster than ggml's CPU kernels
+    on portable builds and sums the same products (q_x d_x)(q_w d_w): the two differ by float32 summation
+    order only (~3e-7 of sum |x_i w_i| measured on SmolLM2 and Gemma 3 heads). Few rows (a word's
+    neighbours, one vector): `ggml_mul_mat` on the stored rows, which reads 0.5-1 byte per weight instead of
+    expanding the whole vocabulary to float32 for one product.
+    """
+
+    def __init__(self, matrix: StoredMatrix, x: np.ndarray):
+        self.matrix = matrix
+        self.by_blas = x.shape[0] >= BLAS_MIN_ROWS
+        self.x = matrix.rounded(x) if self.by_blas else np.ascontiguousarray(x, dtype=np.float32)
+        self._chunk: tuple[int, int, np.ndarray] | None = None
+
+    def products(self, rows: slice, start: int, stop: int) -> np.ndarray:
+        if not self.by_blas:
+            return self.matrix.products(self.x[rows], start, stop)
+        if self._chunk is None or self._chunk[:2] != (start, stop):
+            self._chunk = (start, stop, self.matrix.dequantize(start, stop))
+        return self.x[rows] @ self._chunk[2].T
+
+    def products_of_rows(self, rows: slice, row_ids: np.ndarray) -> np.ndarray:
+        """x @ W[row_ids].T for a few vocabulary rows (targets), in the BLAS path's arithmetic."""
+        x = self.x[rows] if self.by_blas else self.matrix.rounded(self.x[rows])
+        return x @ self.matrix.dequantize_rows(row_ids).T

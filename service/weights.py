@@ -32,7 +32,7 @@ from .stored_matrix import StoredMatrix
 LENS_ROWS_PER_CHUNK = 256
 # Per request, the float32 (rows x vocabulary chunk) blocks of the lens and nearest-token passes stay within
 # this many bytes whatever the vocabulary size (`Weights._vocabulary_chunks`).
-REDUCTION_BUDGET_BYTES = 64 << 20
+REDUCTION_BUDGET_BYTES = 32 << 20
 BYTES_PER_CELL = 32
 MIN_CHUNK = 256
 
@@ -132,9 +132,7 @@ class Weights:
         centered = x - x.mean(axis=-1, keepdims=True)
         return centered / np.sqrt(np.mean(centered ** 2, axis=-1, keepdims=True) + self.rms_eps) * weight + bias
 
-    def _head_logits(self, normed: np.ndarray, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Logits of already normalized rows for vocabulary ids [start, stop), as the model computes them."""
-        logits = self.head.products(normed, start, stop, out)
+    def _transformed(self, logits: np.ndarray) -> np.ndarray:
         transform = getattr(self, "logit_transform", None)  # final soft-capping, where the architecture has one
         return transform(logits) if transform is not None else logits
 
@@ -146,7 +144,8 @@ class Weights:
         reference rows and their difference, a comparison mask.
         """
         rows = min(n_rows, LENS_ROWS_PER_CHUNK) + extra_rows
-        width = max(MIN_CHUNK, self.reduction_budget // (BYTES_PER_CELL * max(rows, 1)))
+        per_column = BYTES_PER_CELL * max(rows, 1) + 4 * self.head.n_cols  # + the chunk's float32 weights
+        width = max(MIN_CHUNK, self.reduction_budget // per_column)
         for start in range(0, self.n_vocab, width):
             yield start, min(self.n_vocab, start + width)
 
@@ -182,36 +181,34 @@ class Weights:
         kl_sum = np.zeros(n)  # sum_j exp(z_ref,j - M_ref) (z_ref,j - z_i,j), rescaled as M_ref grows
         target_logits = np.zeros((n, len(targets)), np.float32)
         ranks = np.zeros((n, len(targets)), np.int64)
+        head = self.head.multiplier(normed)
         if len(targets):
             for start in range(0, n, LENS_ROWS_PER_CHUNK):
                 rows = slice(start, min(n, start + LENS_ROWS_PER_CHUNK))
-                products = self.head.products_of_rows(normed[rows], targets)
-                transform = getattr(self, "logit_transform", None)
-                target_logits[rows] = transform(products) if transform is not None else products
+                target_logits[rows] = self._transformed(head.products_of_rows(rows, targets))
         logits_out = np.zeros((n, self.n_vocab), np.float32) if keep_logits else None
         for start, stop in self._vocabulary_chunks(n, extra_rows=m):
             if m:  # the reference rows' own running softmax statistics, kept apart from the rows' ones
-                reference_logits = self._head_logits(normed[n - m:], start, stop)
+                reference_logits = self._transformed(head.products(slice(n - m, n), start, stop))
                 new_reference_max = np.maximum(reference_max, reference_logits.max(axis=1) * inverse_t)
                 reference_rescale = np.exp(reference_max - new_reference_max)
                 reference_exps = np.exp(reference_logits * inverse_t - new_reference_max[:, None].astype(np.float32))
-                reference_total = reference_rescale * reference_total + reference_exps.sum(axis=1, dtype=np.float64)
+                reference_total = reference_rescale * reference_total + reference_exps.sum(axis=1)
                 reference_max = new_reference_max
             for row_start in range(0, n, LENS_ROWS_PER_CHUNK):
                 rows = slice(row_start, min(n, row_start + LENS_ROWS_PER_CHUNK))
-                logits = self._head_logits(normed[rows], start, stop)
+                logits = self._transformed(head.products(rows, start, stop))
                 if keep_logits:
                     logits_out[rows, start:stop] = logits
                 new_max = np.maximum(maximum[rows], logits.max(axis=1) * inverse_t)
-                shifted = logits * inverse_t
-                shifted -= new_max[:, None].astype(np.float32)
+                shifted = (logits if inverse_t == 1 else logits * inverse_t) - new_max[:, None].astype(np.float32)
                 exps = np.exp(shifted)
                 scale = np.exp(maximum[rows] - new_max)  # 0 before the first chunk (M = -inf, S = B = 0)
                 old_total = total[rows]
                 gap = np.where(old_total > 0, maximum[rows] - new_max, 0.0)
                 weighted[rows] = scale * (weighted[rows] + gap * old_total)
-                weighted[rows] += np.einsum("ij,ij->i", exps, shifted, dtype=np.float64)
-                total[rows] = scale * old_total + exps.sum(axis=1, dtype=np.float64)
+                weighted[rows] += np.einsum("ij,ij->i", exps, shifted)  # float32 within a chunk, float64 across
+                total[rows] = scale * old_total + exps.sum(axis=1)
                 maximum[rows] = new_max
                 if k:
                     chunk_k = min(k, stop - start)
@@ -231,8 +228,7 @@ class Weights:
                     rescale = reference_rescale[reference]
                     difference = reference_logits[reference] - logits
                     difference *= inverse_t
-                    kl_sum[rows] = rescale * kl_sum[rows] + np.einsum("ij,ij->i", reference_exps[reference],
-                                                                      difference, dtype=np.float64)
+                    kl_sum[rows] = rescale * kl_sum[rows] + np.einsum("ij,ij->i", reference_exps[reference], difference)
         log_normalizer = maximum + np.log(total)  # log sum exp(z)
         out = {
             "top_ids": top_ids.astype(np.int32),
@@ -269,7 +265,7 @@ class Weights:
             step = max(1, self.reduction_budget // (4 * matrix.n_cols))
             for start in range(0, matrix.n_rows, step):
                 rows = matrix.dequantize(start, min(matrix.n_rows, start + step))
-                norms[start:start + len(rows)] = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
+                norms[start:start + len(rows)] = np.sqrt(np.einsum("ij,ij->i", rows, rows))  # no float64 copy
             self._inverse_norms[matrix.name] = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-30), 0.0).astype(np.float32)
         return self._inverse_norms[matrix.name]
 
@@ -288,11 +284,12 @@ class Weights:
         exclude = np.asarray(exclude_ids, dtype=np.int64)
         top_values = np.full((n, k), -np.inf, np.float32)
         top_ids = np.zeros((n, k), np.int64)
+        products = matrix.multiplier(queries)
         for start, stop in self._vocabulary_chunks(n):
             excluded = exclude[(exclude >= start) & (exclude < stop)] - start
             for row_start in range(0, n, LENS_ROWS_PER_CHUNK):
                 rows = slice(row_start, min(n, row_start + LENS_ROWS_PER_CHUNK))
-                scores = matrix.products(queries[rows], start, stop)
+                scores = products.products(rows, start, stop)
                 scores *= inverse_norms[start:stop]
                 scores[:, excluded] = -np.inf
                 chunk_top = top_k_columns(scores, min(k, stop - start))

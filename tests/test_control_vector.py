@@ -115,7 +115,7 @@ class _GgufInitParams(ctypes.Structure):
 def _llama_cpp_gguf():
     from lmscope.service import ggml
 
-    lib = ggml._load()
+    lib = ggml.load_library("ggml-base")
     lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GgufInitParams]
     lib.gguf_init_from_file.restype = ctypes.c_void_p
     for name, restype, extra in [("gguf_get_n_tensors", ctypes.c_int64, []),

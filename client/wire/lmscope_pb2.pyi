@@ -56,7 +56,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("architecture", "name", "description", "n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_vocab", "n_ctx_train", "n_ctx", "tied_embeddings", "tensor_types", "file_type", "has_chat_template", "chat_template", "bos_token_id", "eos_token_id", "capture_sites", "fingerprint", "n_params", "file_size", "limits", "backend", "n_gpu_layers", "n_workers")
+    __slots__ = ("architecture", "name", "description", "n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_vocab", "n_ctx_train", "n_ctx", "tied_embeddings", "tensor_types", "file_type", "has_chat_template", "chat_template", "bos_token_id", "eos_token_id", "capture_sites", "fingerprint", "n_params", "file_size", "limits", "backend", "n_gpu_layers", "n_workers", "memory")
     class TensorTypesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class ModelInfo(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     N_GPU_LAYERS_FIELD_NUMBER: _ClassVar[int]
     N_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     name: str
     description: str
@@ -116,7 +117,28 @@ class ModelInfo(_message.Message):
     backend: str
     n_gpu_layers: int
     n_workers: int
-    def __init__(self, architecture: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_head: _Optional[int] = ..., n_head_kv: _Optional[int] = ..., n_ff: _Optional[int] = ..., n_vocab: _Optional[int] = ..., n_ctx_train: _Optional[int] = ..., n_ctx: _Optional[int] = ..., tied_embeddings: _Optional[bool] = ..., tensor_types: _Optional[_Mapping[str, int]] = ..., file_type: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., chat_template: _Optional[str] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., capture_sites: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ..., n_params: _Optional[int] = ..., file_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., n_gpu_layers: _Optional[int] = ..., n_workers: _Optional[int] = ...) -> None: ...
+    memory: MemoryEstimate
+    def __init__(self, architecture: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_head: _Optional[int] = ..., n_head_kv: _Optional[int] = ..., n_ff: _Optional[int] = ..., n_vocab: _Optional[int] = ..., n_ctx_train: _Optional[int] = ..., n_ctx: _Optional[int] = ..., tied_embeddings: _Optional[bool] = ..., tensor_types: _Optional[_Mapping[str, int]] = ..., file_type: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., chat_template: _Optional[str] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., capture_sites: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ..., n_params: _Optional[int] = ..., file_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., n_gpu_layers: _Optional[int] = ..., n_workers: _Optional[int] = ..., memory: _Optional[_Union[MemoryEstimate, _Mapping]] = ...) -> None: ...
+
+class MemoryEstimate(_message.Message):
+    __slots__ = ("mapped_weights", "kv_cache", "compute_buffer", "output_buffer", "reduction_budget", "contexts", "n_ubatch", "per_worker")
+    MAPPED_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_BUFFER_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_BUFFER_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    CONTEXTS_FIELD_NUMBER: _ClassVar[int]
+    N_UBATCH_FIELD_NUMBER: _ClassVar[int]
+    PER_WORKER_FIELD_NUMBER: _ClassVar[int]
+    mapped_weights: int
+    kv_cache: int
+    compute_buffer: int
+    output_buffer: int
+    reduction_budget: int
+    contexts: int
+    n_ubatch: int
+    per_worker: int
+    def __init__(self, mapped_weights: _Optional[int] = ..., kv_cache: _Optional[int] = ..., compute_buffer: _Optional[int] = ..., output_buffer: _Optional[int] = ..., reduction_budget: _Optional[int] = ..., contexts: _Optional[int] = ..., n_ubatch: _Optional[int] = ..., per_worker: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_prompt_tokens", "max_capture_bytes", "max_generated_tokens", "max_batch_prompts", "max_message_bytes")
@@ -221,7 +243,7 @@ class RunRequest(_message.Message):
     def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., capture: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ..., logits: _Optional[_Union[LogitsMode, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., lens: _Optional[_Union[LensSpec, _Mapping]] = ...) -> None: ...
 
 class LensSpec(_message.Message):
-    __slots__ = ("enabled", "top_k", "temperature", "target_ids", "skip_final_norm", "return_logits", "keep_captures")
+    __slots__ = ("enabled", "top_k", "temperature", "target_ids", "skip_final_norm", "return_logits", "keep_captures", "kl_reference_rows")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +251,7 @@ class LensSpec(_message.Message):
     SKIP_FINAL_NORM_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
     KEEP_CAPTURES_FIELD_NUMBER: _ClassVar[int]
+    KL_REFERENCE_ROWS_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     top_k: int
     temperature: float
@@ -236,7 +259,8 @@ class LensSpec(_message.Message):
     skip_final_norm: bool
     return_logits: bool
     keep_captures: bool
-    def __init__(self, enabled: _Optional[bool] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., target_ids: _Optional[_Iterable[int]] = ..., skip_final_norm: _Optional[bool] = ..., return_logits: _Optional[bool] = ..., keep_captures: _Optional[bool] = ...) -> None: ...
+    kl_reference_rows: int
+    def __init__(self, enabled: _Optional[bool] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., target_ids: _Optional[_Iterable[int]] = ..., skip_final_norm: _Optional[bool] = ..., return_logits: _Optional[bool] = ..., keep_captures: _Optional[bool] = ..., kl_reference_rows: _Optional[int] = ...) -> None: ...
 
 class RunHeader(_message.Message):
     __slots__ = ("sequences", "sites", "decode_ms", "total_ms")

@@ -1,0 +1,225 @@
+"""The memory benchmark of issue #13: one inspection session, lmscope against transformers fp32, same GGUF.
+
+    .venv/bin/python scripts/bench_session.py --model gemma-3-270m-q4_k_m.gguf --json out.json
+    .venv/bin/python scripts/bench.py --session [--model ...]        (the same, from the main benchmark)
+
+The session: a `run()` of 128 tokens (every hidden state and every position's logits), the logit lens of
+that prompt (every layer x position, top-5 + entropy), nearest tokens of a word in the embedding table and
+in the LM head, and `unembed` of the last hidden state at every position. lmscope's figure is the sum of
+peak resident memory (VmHWM) over the server's processes (front end + workers; the front end's own is also
+given, since it holds no model); the peer's is its process's VmHWM, transformers loading the same GGUF in
+float32 (scripts/bench_peer.py does the same load). Speed is client wall time (median of --repeat).
+
+`--workers 2` runs the session from two clients at once on a two-worker server: the second worker's cost.
+The server's own estimate of memory by part (`ModelInfo.memory`, where the server has it) is printed too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from bench import TEXT, load_average, memory_mb, process_tree  # noqa: E402
+
+WORD = " Paris"
+
+
+def median_ms(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def status_mb(pid: int, key: str) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+
+
+def pss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+
+
+def session(client, prompt: list[int], repeat: int) -> dict:
+    out = {}
+    out["run_all_logits_ms"] = median_ms(lambda: client.run(prompt, logits=True), repeat)
+    run = client.run(prompt, logits=True)
+    out["lens_ms"] = median_ms(lambda: client.logit_lens(prompt, top_k=5), repeat)
+    out["nearest_embedding_ms"] = median_ms(lambda: client.nearest_tokens(WORD, k=10), repeat)
+    out["nearest_head_ms"] = median_ms(lambda: client.nearest_tokens(WORD, k=10, table="lm_head"), repeat)
+    out["unembed_ms"] = median_ms(lambda: client.unembed(run.hidden_states[-1]), repeat)
+    logits = client.unembed(run.hidden_states[-1])
+    out["unembed_vs_logits_max_abs"] = float(abs(logits - run.logits).max())
+    out["logits_max_abs"] = float(abs(run.logits).max())
+    out["unembed_argmax_agrees"] = float((logits.argmax(1) == run.logits.argmax(1)).mean())
+    return out
+
+
+def measure_lmscope(model: str, threads: int, workers: int, repeat: int, prompt: list[int]) -> dict:
+    from lmscope.client import Client
+    from lmscope.service.launch import launch_server
+
+    args = ("--threads", str(threads), "--workers", str(workers), "--n-ctx", "4096")
+    with launch_server(model, args=args) as server, Client(server.address) as client:
+        info = client.model_info()
+        out = {"n_tokens": len(prompt), "n_vocab": info.n_vocab, "n_layer": info.n_layer, "n_embd": info.n_embd}
+        if getattr(info, "memory", None):  # servers before issue #13 have no estimate
+            out["estimate"] = info.memory
+        results = [None] * workers
+
+        def one(i: int) -> None:
+            with Client(server.address) as c:
+                results[i] = session(c, prompt, repeat)
+        threads_ = [threading.Thread(target=one, args=(i,)) for i in range(workers)]
+        for t in threads_:
+            t.start()
+        for t in threads_:
+            t.join()
+        out.update(results[0])
+        pid = server.process.pid
+        out["peak_mb"] = memory_mb(pid, "VmHWM")
+        out["front_end_peak_mb"] = status_mb(pid, "VmHWM")
+        out["workers_peak_mb"] = [status_mb(p, "VmHWM") for p in process_tree(pid)[1:]]
+        out["rss_mb"] = memory_mb(pid, "VmRSS")
+        out["pss_mb"] = sum(pss_mb(p) for p in process_tree(pid))  # shared pages split between their users
+    return out
+
+
+def peer(model: str, threads: int, repeat: int, prompt: list[int]) -> dict:
+    """transformers fp32: the same session, in this (fresh) process."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    path = Path(model)
+    lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    out = {"loaded_rss_mb": status_mb(os.getpid(), "VmRSS"), "load_peak_mb": status_mb(os.getpid(), "VmHWM")}
+    ids = torch.tensor([prompt])
+    norm, head, table = lm.model.norm, lm.get_output_embeddings().weight, lm.get_input_embeddings().weight
+    with torch.inference_mode():
+        lm(ids, output_hidden_states=True)  # warm-up
+        out["run_all_logits_ms"] = median_ms(lambda: lm(ids, output_hidden_states=True), repeat)
+
+        def lens():  # one layer at a time: (n_tokens, n_vocab) blocks, as a user would on a big vocabulary
+            states = lm(ids, output_hidden_states=True).hidden_states
+            results = []
+            for state in states:
+                logp = torch.log_softmax(norm(state[0]) @ head.T, dim=-1)
+                results.append((logp.topk(5, dim=-1), -(logp.exp() * logp).sum(-1)))
+            return results
+        out["lens_ms"] = median_ms(lens, repeat)
+        query = table[prompt[1]]  # any row: the cost is the table-wide product
+
+        def nearest(matrix):
+            scores = (matrix @ query) / (matrix.norm(dim=1) * query.norm() + 1e-30)
+            return scores.topk(10)
+        out["nearest_embedding_ms"] = median_ms(lambda: nearest(table), repeat)
+        out["nearest_head_ms"] = median_ms(lambda: nearest(head), repeat)
+        last = lm(ids, output_hidden_states=True).hidden_states[-1][0]
+        out["unembed_ms"] = median_ms(lambda: norm(last) @ head.T, repeat)
+    out["peak_mb"] = status_mb(os.getpid(), "VmHWM")
+    return out
+
+
+def run_peer(model: str, threads: int, repeat: int, prompt: list[int]) -> dict:
+    command = [sys.executable, __file__, "--peer-of", model, "--threads", str(threads), "--repeat", str(repeat),
+               "--prompt", json.dumps(prompt)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="GGUF file (default: the default model)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--workers", default="1,2", help="worker counts to measure, e.g. '1,2'")
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--report", nargs="+", metavar="LABEL=JSON", help="print a markdown table from saved runs")
+    parser.add_argument("--peer-of", help=argparse.SUPPRESS)
+    parser.add_argument("--prompt", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.report:
+        print(markdown({item.split("=", 1)[0]: json.loads(Path(item.split("=", 1)[1]).read_text())
+                        for item in args.report}))
+        return 0
+    if args.peer_of:
+        print(json.dumps(peer(args.peer_of, args.threads, args.repeat, json.loads(args.prompt))))
+        return 0
+    if not args.model:
+        from lmscope.service.models import pull_default_model
+        args.model = str(pull_default_model(progress=None))
+    prompt = _prompt_ids(args.model, args.tokens)
+    result = {"model": args.model, "threads": args.threads, "load_before": load_average()}
+    for workers in [int(w) for w in args.workers.split(",") if w]:
+        print(f"[session] lmscope, {workers} worker(s), load {load_average()}", flush=True)
+        result[f"lmscope_{workers}"] = measure_lmscope(args.model, args.threads, workers, args.repeat, prompt)
+    if not args.no_peer:
+        print(f"[session] transformers, load {load_average()}", flush=True)
+        result["peer"] = run_peer(args.model, args.threads, args.repeat, prompt)
+    result["load_after"] = load_average()
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+def markdown(runs: dict[str, dict]) -> str:
+    """A table per model from saved --json results: {label ("before", "after"): result}."""
+    first = next(iter(runs.values()))
+    peer = next((r["peer"] for r in runs.values() if "peer" in r), None)
+    rows = ["| | " + " | ".join(runs) + (" | transformers fp32 |" if peer else " |"),
+            "| --- |" + " --- |" * (len(runs) + bool(peer))]
+
+    def row(label, key, fmt, peer_key=None, workers=1):
+        cells = [fmt(r.get(f"lmscope_{workers}", {}).get(key)) for r in runs.values()]
+        if peer:
+            cells.append(fmt(peer.get(peer_key)) if peer_key else "")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    mb = lambda v: "" if v is None else f"{v:,.0f} MB"  # noqa: E731
+    ms = lambda v: "" if v is None else f"{v:,.0f} ms"  # noqa: E731
+    row("server peak (front end + workers), 1 worker", "peak_mb", mb, "peak_mb")
+    row("  front end alone", "front_end_peak_mb", mb)
+    row("server peak, 2 workers, 2 clients at once", "peak_mb", mb, workers=2)
+    row("server PSS after the session, 1 worker", "pss_mb", mb)
+    row("server PSS after the session, 2 workers", "pss_mb", mb, workers=2)
+    row("`run()` 128 tokens, every hidden state + all logits", "run_all_logits_ms", ms, "run_all_logits_ms")
+    row("logit lens (every layer x position, top-5 + entropy)", "lens_ms", ms, "lens_ms")
+    row("nearest tokens (embedding / LM head)", "nearest_embedding_ms", ms, "nearest_embedding_ms")
+    row("unembed 128 vectors", "unembed_ms", ms, "unembed_ms")
+    for label, r in runs.items():
+        one = r.get("lmscope_1", {})
+        if peer and one:
+            rows.append(f"| ratio {label} (memory; speed = transformers time / lmscope time) | "
+                        f"memory {one['peak_mb'] / peer['peak_mb']:.2f}x; run {peer['run_all_logits_ms'] / one['run_all_logits_ms']:.2f}x; "
+                        f"lens {peer['lens_ms'] / one['lens_ms']:.2f}x | |" + (" |" * (len(runs) - 1)))
+    loads = "; ".join(f"{label}: load {r['load_before']} -> {r['load_after']}" for label, r in runs.items())
+    return f"{Path(first['model']).name}, {first['threads']} threads ({loads})\n\n" + "\n".join(rows)
+
+
+def _prompt_ids(model: str, n_tokens: int) -> list[int]:
+    """The session prompt's token ids, from llama.cpp's tokenizer (the peer gets identical inputs)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model, vocab_only=True, verbose=False)
+    return llm.tokenize(TEXT.encode(), add_bos=True)[:n_tokens]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
