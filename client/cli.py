@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="comma-separated positions, or 'all' (write --positions=-1,0 for a leading minus)")
     collect.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     collect.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    collect.add_argument("--batch-size", type=int, default=None, help="prompts per request (default 64)")
+    collect.add_argument("--batch-size", type=int, default=None, help="prompts per request (default 8)")
     collect.add_argument("--no-progress", action="store_true")
     collect.set_defaults(handler=_collect)
 

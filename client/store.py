@@ -27,10 +27,11 @@ shape is rewritten in place (it is padded to a fixed size for that). safetensors
 (its header lists every tensor's byte range first) and would need one shard per flush and a concatenation
 to give one array per site.
 
-Crash safety. Rows are appended in prompt order, one batch at a time: the batch's data is written and
-fsynced, then each .npy header is updated, then the manifest is replaced atomically. A collect killed at
-any point leaves the manifest of the last committed batch; reopening truncates every file to it, so the
-rows in flight are lost and nothing committed is touched.
+Crash safety. Rows are appended in prompt order, whole batches at a time (at the first batch boundary
+after `commit_seconds`): the rows are written and fsynced, then each .npy header is updated, then the
+manifest is replaced atomically. A collect killed at
+any point leaves the manifest of the last commit; the next collect truncates every file to it, so the
+rows in flight or received since that commit are lost and nothing committed is touched.
 
 Resuming, and why batches are aligned. With flash attention a row's float rounding depends on which
 prompts share its batch (docs/gotchas.md), so a resumed collect sends exactly the batches an uninterrupted
@@ -59,6 +60,9 @@ FORMAT = "lmscope-activation-store"
 VERSION = 1
 HEADER_BYTES = 128  # fixed .npy header size (magic + version + length + padded dict), so the shape can grow
 MANIFEST = "manifest.json"
+# Prompts per request. Short prompts (~9 tokens) in batches of 8 collected faster than in batches of 64 on
+# SmolLM2 (scripts/bench_store.py; figures in docs/datasets.md).
+DEFAULT_BATCH_SIZE = 8
 LOCK = ".lock"
 
 
@@ -475,7 +479,7 @@ class StoreMixin:
 
     def collect(self, prompts: Iterable, path, *, sites="blocks.*.resid_post", positions: Sequence[int] | None = (-1,),
                 dtype: str = "float16", chat: bool = False, batch_size: int | None = None,
-                progress: bool = True) -> ActivationStore:
+                commit_seconds: float = 1.0, progress: bool = True) -> ActivationStore:
         """Capture `sites` at `positions` for every prompt into the store at `path`; return it.
 
         prompts: texts or token-id lists, in the order the store keeps. A store that already holds the
@@ -485,8 +489,10 @@ class StoreMixin:
         sites: a capture-site filter (name, glob, list), resolved against the served model.
         positions: token positions per prompt (negative from the end), or None for every position (the
             ragged layout). dtype: "float16" (half the disk) or "float32".
-        batch_size: prompts per request (default 64, or what the store was started with: batches are
+        batch_size: prompts per request (default 8, or what the store was started with: batches are
             aligned to it so a resumed store is byte-identical, see the module docstring).
+        commit_seconds: rows are flushed and published at the first batch boundary after this many seconds
+            (each commit is ~n_sites + 5 fsyncs); a killed collect loses at most the rows received since.
         """
         if dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be 'float16' or 'float32', not {dtype!r}")
@@ -527,7 +533,7 @@ class StoreMixin:
                                      f"that batch size (or none) so rows do not depend on where it stopped")
                 batch_size = manifest["batch_size"]
             else:
-                batch_size = batch_size or 64
+                batch_size = batch_size or DEFAULT_BATCH_SIZE
                 manifest = {"format": FORMAT, "version": VERSION, "model": model, "request": request,
                             "batch_size": batch_size, "n_prompts": 0, "n_tokens": 0, "prompts_bytes": 0,
                             "row_shapes": None,
@@ -537,7 +543,8 @@ class StoreMixin:
             done = manifest["n_prompts"]
             writer = _Writer(path, manifest, manifest["row_shapes"])
             try:
-                self._collect_into(writer, prompts, done, batch_size, chosen, positions, dtype, chat, progress)
+                self._collect_into(writer, prompts, done, batch_size, chosen, positions, dtype, chat, progress,
+                                   commit_seconds)
             finally:
                 writer.close()
         store = ActivationStore.open(path)
@@ -546,7 +553,7 @@ class StoreMixin:
         return store
 
     def _collect_into(self, writer: _Writer, prompts: list, done: int, batch_size: int, sites: list[str], positions,
-                      dtype: str, chat: bool, progress: bool) -> None:
+                      dtype: str, chat: bool, progress: bool, commit_seconds: float) -> None:
         from .progress import progress_bar
 
         # Restart at the batch boundary at or before `done`: its batch is recomputed whole (rows before
@@ -557,7 +564,7 @@ class StoreMixin:
                               positions=None if positions is None else list(positions))
         pending: list = []
         tokens = 0
-        started = time.perf_counter()
+        started = last_commit = time.perf_counter()
         desc = f"collect (+{done} stored)" if done else "collect"
         with progress_bar(len(prompts) - done, enabled=progress, desc=desc) as bar:
             for index, run in enumerate(runs, start=first):
@@ -565,8 +572,11 @@ class StoreMixin:
                     continue
                 pending.append((prompts[index], run))
                 tokens += len(run.token_ids)
-                if (index + 1) % batch_size == 0 or index + 1 == len(prompts):
+                boundary = (index + 1) % batch_size == 0
+                due = time.perf_counter() - last_commit >= commit_seconds
+                if (boundary and due) or index + 1 == len(prompts):
                     writer.commit(pending)
+                    last_commit = time.perf_counter()
                     bar.update(len(pending))
                     pending = []
                     if hasattr(bar, "set_postfix_str"):

@@ -377,7 +377,7 @@ class TunedLensMixin:
 
     def fit_tuned_lens(self, data, *, steps: int = 40, batch_tokens: int = 32, lr: float = 1e-3,
                        validation: float = 0.1, eval_every: int = 20, seed: int = 0, norm_eps: float = 1e-5,
-                       positions: Sequence[int] | None = None, batch_size: int = 64,
+                       positions: Sequence[int] | None = None, batch_size: int | None = None,
                        progress: bool = True) -> TunedLens:
         """Fit a tuned lens (arXiv 2303.08112) on an `ActivationStore` or on prompts.
 

@@ -94,7 +94,7 @@ CHILD = textwrap.dedent("""
     address, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     prompts = [line for line in open(sys.argv[4], encoding="utf-8").read().split("\\n")[:n]]
     Client(address).collect(prompts, path, sites="blocks.*.resid_post", positions=[-1], dtype="float16",
-                            batch_size=4, progress=False)
+                            batch_size=4, commit_seconds=0, progress=False)
 """)
 
 
