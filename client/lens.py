@@ -305,7 +305,7 @@ class LensMixin:
             top_tokens=[[[pieces[int(t)] for t in cell] for cell in row] for row in top_ids],
             entropy=reduced["entropy"], temperature=temperature, layers=hidden_state_labels(info.n_layer),
             kl_to_final=reduced.get("kl_to_final") if states is None else
-            self._kl_to_final_on_client(states, raw.hidden_states[-1], temperature),
+            self._kl_to_final_of_states(states, raw.hidden_states[-1], temperature),
             token_pieces=piece_bytes, decode_ms=run.decode_ms, total_ms=run.total_ms,
             hidden_states=run.hidden_states if keep_states else None,
             _fetch_targets=fetch_targets, _token_of=lambda word: first_token(self, word))
@@ -314,21 +314,23 @@ class LensMixin:
                                                  reduced["target_ranks"][..., n], multi)
         return lens
 
-    def _kl_to_final_on_client(self, states: np.ndarray, final_states: np.ndarray, temperature: float) -> np.ndarray:
-        """KL(final || each row) for (n_layer + 1, n_positions, n_embd) states already translated, the final
-        distribution from the untranslated last hidden state: the affine path's `kl_to_final`, on the
-        client's copy of the head (`lens_head`), since Unembed requests carry no reference rows."""
-        from .tuned_lens import Targets, kl_rows
-
-        head = self.lens_head()
-        final = head.logits(final_states.astype(np.float32)) / np.float32(temperature)
-        final -= final.max(axis=-1, keepdims=True)
-        p = np.exp(final)
-        total = p.sum(axis=-1)
-        p /= total[:, None]
-        targets = Targets(p, np.einsum("ij,ij->i", p, final) - np.log(total))
-        kl = np.stack([kl_rows(targets, head.logits(layer) / np.float32(temperature)) for layer in states])
-        return np.maximum(kl, 0.0).astype(np.float32)
+    def _kl_to_final_of_states(self, states: np.ndarray, final_states: np.ndarray,
+                               temperature: float) -> np.ndarray:
+        """KL(final || each row) for (n_hidden, n_positions, n_embd) states already translated, the final
+        distribution from the untranslated last hidden state: the affine path's `kl_to_final`, from Unembed
+        requests whose last rows are the final states (`kl_reference_rows`), a bounded number of positions
+        per request. Row l * m + p of a request has reference row p (the reduction pairs rows mod m)."""
+        n_hidden, n_positions, n_embd = states.shape
+        step = max(1, UNEMBED_BYTES_PER_REQUEST // (4 * n_embd * (n_hidden + 1)))
+        kl = np.empty((n_hidden, n_positions), np.float32)
+        for start in range(0, n_positions, step):
+            chunk = slice(start, min(n_positions, start + step))
+            m = chunk.stop - chunk.start
+            rows = np.concatenate([states[:, chunk].reshape(-1, n_embd), final_states[chunk]])
+            reduced = self.lens_vectors(rows.astype(np.float32), top_k=0, temperature=temperature,
+                                        kl_reference_rows=m)
+            kl[:, chunk] = reduced["kl_to_final"][:n_hidden * m].reshape(n_hidden, m)
+        return kl
 
     def _lens_rows(self, states: np.ndarray, **spec) -> dict[str, np.ndarray]:
         """`lens_vectors` over (..., n_embd) states in requests of bounded size, reshaped back."""

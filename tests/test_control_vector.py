@@ -296,6 +296,9 @@ def test_the_client_reads_control_vectors_without_the_server_extra(tmp_path):
             "from lmscope.client import ControlVector\n"
             f"v = ControlVector.load({str(path)!r}); assert v.layers == [1, 2], v.layers\n"
             f"v.save({str(tmp_path / 'w.gguf')!r})\n"
-            "assert 'lmscope.service' not in sys.modules")
+            # The client reads weight-tensor names from the architecture registry, a module that imports
+            # nothing native (service/architectures.py); no other part of the service may come along.
+            "service = sorted(m for m in sys.modules if m.startswith('lmscope.service'))\n"
+            "assert service in ([], ['lmscope.service', 'lmscope.service.architectures']), service")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
