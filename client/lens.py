@@ -266,8 +266,9 @@ class LensMixin:
                 raise invalid_argument("give a tuned lens or affine maps, not both")
             fitted_on = lens.model.get("fingerprint")
             if fitted_on and fitted_on != info.fingerprint:
-                raise invalid_argument(f"this tuned lens was fitted on model {fitted_on[:12]} ({lens.model.get('name')}); "
-                                 f"the server holds {info.fingerprint[:12]} ({info.name})")
+                raise invalid_argument(f"this tuned lens was fitted on model {fitted_on[:12]} "
+                                       f"({lens.model.get('name')}); the server holds {info.fingerprint[:12]} "
+                                       f"({info.name})")
             affine = lens.affine()
         resolved = [first_token(self, t) for t in targets]
         target_ids = [r[0] for r in resolved]

@@ -442,7 +442,8 @@ class _Writer:
         for array in self._all():
             array.sync()
         n = self.manifest["n_prompts"] + len(runs)
-        rows = {"tokens": n_tokens, "offsets": n + 1, "positions": n, "sites": n_tokens if self.positions is None else n}
+        rows = {"tokens": n_tokens, "offsets": n + 1, "positions": n,
+                "sites": n_tokens if self.positions is None else n}
         self.tokens.set_rows(rows["tokens"])
         self.offsets.set_rows(rows["offsets"])
         if self.positions is not None:

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator, Protocol
 
-import numpy as np
-
 import llama_cpp as lc
+import numpy as np
 
 from .errors import RequestError
 

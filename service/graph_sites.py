@@ -40,7 +40,7 @@ class SiteRules:
             if rule is None:
                 continue
             layer = site_layer(site)
-            fill = (lambda t: t.format(L=layer)) if layer is not None else (lambda t: t)
+            fill = (lambda t, layer=layer: t.format(L=layer)) if layer is not None else (lambda t: t)
             steps = tuple(ggml.OP_CODES[s.op] for s in rule.then
                           if s.if_tensor is None or fill(s.if_tensor) in tensor_names)
             self.rules[site] = ResolvedRule(fill(rule.node).encode(), ggml.OP_CODES[rule.op] if rule.op else None,

@@ -16,8 +16,23 @@ import numpy as np
 
 from lmscope.client.wire import lmscope_pb2 as pb
 
-from .contracts import (CrashJob, DetokenizeJob, GenerateJob, Job, Lens, NamedTensor, NearestTokensJob, Prompt, RunJob,
-                        RunResult, Tensors, TokenizeJob, UnembedJob, WeightsJob, WorkerInfo)
+from .contracts import (
+    CrashJob,
+    DetokenizeJob,
+    GenerateJob,
+    Job,
+    Lens,
+    NamedTensor,
+    NearestTokensJob,
+    Prompt,
+    RunJob,
+    RunResult,
+    Tensors,
+    TokenizeJob,
+    UnembedJob,
+    WeightsJob,
+    WorkerInfo,
+)
 from .engine import Engine, ForwardRequest
 from .errors import RequestError
 
@@ -57,7 +72,8 @@ class Operations:
     def detokenize(self, job: DetokenizeJob) -> pb.DetokenizeResponse:
         bad = [t for t in job.token_ids if not 0 <= t < self.engine.n_vocab]
         if bad:
-            raise RequestError("OUT_OF_RANGE", f"token id {bad[0]} is outside the vocabulary [0, {self.engine.n_vocab})")
+            raise RequestError("OUT_OF_RANGE",
+                               f"token id {bad[0]} is outside the vocabulary [0, {self.engine.n_vocab})")
         return pb.DetokenizeResponse(text=self.engine.detokenize(job.token_ids),
                                      pieces=[self.engine.piece(t) for t in job.token_ids])
 
@@ -144,7 +160,8 @@ class Operations:
                                    f"index {bad[0]} is out of range for axis {axis} of {name} (size {shape[axis]})")
             self._check_answer_size(name, len(indices) * math.prod(shape) // shape[axis])
             index = np.asarray(indices, dtype=np.int64)
-            array = weights.rows(name, index) if axis == 0 and len(shape) == 2 else np.take(weights.read(name), index, axis=axis)
+            array = (weights.rows(name, index) if axis == 0 and len(shape) == 2
+                     else np.take(weights.read(name), index, axis=axis))
         else:
             self._check_answer_size(name, math.prod(shape))
             array = weights.read(name)

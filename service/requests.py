@@ -15,8 +15,19 @@ from lmscope.client import tensors
 from lmscope.client.sites import select_sites
 from lmscope.client.wire import lmscope_pb2 as pb
 
-from .contracts import (DetokenizeJob, GenerateJob, Intervention, Lens, NearestTokensJob, Prompt, RunJob,
-                        TokenizeJob, UnembedJob, WeightsJob, WorkerInfo)
+from .contracts import (
+    DetokenizeJob,
+    GenerateJob,
+    Intervention,
+    Lens,
+    NearestTokensJob,
+    Prompt,
+    RunJob,
+    TokenizeJob,
+    UnembedJob,
+    WeightsJob,
+    WorkerInfo,
+)
 from .errors import RequestError
 
 MAX_TEXT_BYTES = 1 << 20

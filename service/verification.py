@@ -26,9 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 import llama_cpp as lc
+import numpy as np
 
 from lmscope.client.sites import all_site_names, site_kind, site_layer
 
@@ -225,7 +224,7 @@ def _check(model: Model, weights: "Weights", family, tokens, captured, checks) -
             failed["embed"] = (f"embed differs from the token-embedding rows times {float(scale):g} "
                                f"(relative error {error:.2g})")
     for layer in range(model.n_layer):
-        site = lambda kind: f"blocks.{layer}.{kind}"  # noqa: E731
+        site = lambda kind, layer=layer: f"blocks.{layer}.{kind}"  # noqa: E731
         pre = "embed" if layer == 0 else site("resid_post").replace(f".{layer}.", f".{layer - 1}.")
         pre_ok = pre in captured and pre not in failed
         mid, post, attn, mlp = site("resid_mid"), site("resid_post"), site("attn_out"), site("mlp_out")
@@ -263,7 +262,8 @@ def _check(model: Model, weights: "Weights", family, tokens, captured, checks) -
             error = _relative(_rms(captured[source], weight[0], eps, weight[1]), captured[target])
             note(f"{kind} norm", error)
             if error > NORM_TOLERANCE:
-                failed[site(kind)] = f"{site(kind)} is not the RMS norm its block's weights give (relative error {error:.2g})"
+                failed[site(kind)] = (f"{site(kind)} is not the RMS norm its block's weights give "
+                                      f"(relative error {error:.2g})")
             else:
                 proved.add(site(kind))
         pattern = site("attn.pattern")

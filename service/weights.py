@@ -71,7 +71,8 @@ class Weights:
         self.family = architectures.family_for(self.architecture, self.tensors)
         self.head_name = architectures.head_tensor(self.tensors)
         self.tied = self.head_name == architectures.TOKEN_EMBEDDING
-        softcap = self.field(self.family.softcap_key.format(arch=self.architecture)) if self.family.softcap_key else None
+        softcap_key = self.family.softcap_key
+        softcap = self.field(softcap_key.format(arch=self.architecture)) if softcap_key else None
         self.final_logit_softcapping = float(softcap or 0.0)  # 0: none
         self._head_bias: np.ndarray | None = (self.read(architectures.OUTPUT_BIAS)
                                               if architectures.OUTPUT_BIAS in self.tensors else None)
@@ -213,7 +214,8 @@ class Weights:
         logits_out = np.zeros((n, self.n_vocab), np.float32) if keep_logits else None
         for start, stop in self._vocabulary_chunks(n, extra_rows=m):
             if m:  # the reference rows' own running softmax statistics, kept apart from the rows' ones
-                reference_logits = self._transformed(head.products(slice(n - m, n), start, stop), slice(start, stop), final_norm)
+                reference_logits = self._transformed(head.products(slice(n - m, n), start, stop), slice(start, stop),
+                                                     final_norm)
                 new_reference_max = np.maximum(reference_max, reference_logits.max(axis=1) * inverse_t)
                 reference_rescale = np.exp(reference_max - new_reference_max)
                 reference_exps = np.exp(reference_logits * inverse_t - new_reference_max[:, None].astype(np.float32))
@@ -290,7 +292,8 @@ class Weights:
             for start in range(0, matrix.n_rows, step):
                 rows = matrix.dequantize(start, min(matrix.n_rows, start + step))
                 norms[start:start + len(rows)] = np.sqrt(np.einsum("ij,ij->i", rows, rows))  # no float64 copy
-            self._inverse_norms[matrix.name] = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-30), 0.0).astype(np.float32)
+            inverse = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-30), 0.0)
+            self._inverse_norms[matrix.name] = inverse.astype(np.float32)
         return self._inverse_norms[matrix.name]
 
     def nearest(self, vectors: np.ndarray, k: int, table: str, exclude_ids: list[int] = ()) -> dict[str, np.ndarray]:

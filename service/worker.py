@@ -181,8 +181,8 @@ class _Worker:
         try:
             message = receive_message(self.conn)
         except EOFError:
-            raise RequestError("FAILED_PRECONDITION",
-                               f"the model worker died while loading the model (exit code {self._exit_code()})") from None
+            raise RequestError("FAILED_PRECONDITION", f"the model worker died while loading the model "
+                                                      f"(exit code {self._exit_code()})") from None
         if message[0] == "error":
             raise RequestError(message[1], message[2])
         self.info = message[1]
@@ -260,7 +260,7 @@ class WorkerPool:
                     return self._idle.get(timeout=0.1)
                 except queue.Empty:
                     if not is_active():
-                        raise RequestError("CANCELLED", "the request was cancelled while queued")
+                        raise RequestError("CANCELLED", "the request was cancelled while queued") from None
                     self._check_available()
         finally:
             with self._lock:

@@ -8,7 +8,6 @@ given batch, so the stored rows are the very bytes the server sent.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

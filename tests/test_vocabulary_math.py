@@ -15,14 +15,13 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from reference import ReferenceModel
 
 from lmscope.client import Client, LmscopeError
 from lmscope.client.wire import lmscope_pb2 as pb
 from lmscope.service import weights as weights_module
-from lmscope.service.launch import launch_server
 from lmscope.service.testing import build_tiny_model
 from lmscope.service.weights import Weights
-from reference import ReferenceModel
 
 PROMPT = "The capital of France is"
 EPS32 = 2.0 ** -24

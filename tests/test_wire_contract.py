@@ -11,6 +11,7 @@ import pathlib
 import threading
 
 import numpy as np
+from reliability_support import CRASH_METADATA, PROMPT, only_worker, stub
 
 from lmscope.client import Client
 from lmscope.client.servers import RETRIED_METHODS, service_config
@@ -20,8 +21,6 @@ from lmscope.service.contracts import NamedTensor, Tensors
 from lmscope.service.launch import launch_server
 from lmscope.service.server import _argument_error, add_arguments
 from lmscope.service.worker import receive_message, send_message
-
-from reliability_support import CRASH_METADATA, PROMPT, only_worker, stub
 
 NATIVE_LLAMA = ("libllama", "libggml", "llama_cpp")
 
