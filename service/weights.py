@@ -5,8 +5,8 @@ them; reading the file is simpler and works for every backend. The file is memor
 skips the tokenizer arrays that `gguf.GGUFReader` would expand into ~160 MB of objects).
 
 The vocabulary-wide math (logit lens, `Unembed`, nearest tokens) runs on the LM head and embedding table
-as stored, through ggml's kernels (`stored_matrix`): no float32 copy of a vocabulary-sized matrix is ever
-made, and every reduction (top-k, entropy, target probabilities and ranks, KL to the final layer) runs over
+as stored (`stored_matrix`: ggml_mul_mat for a few rows; for many, BLAS on chunks dequantized by ggml with
+the rows rounded as ggml rounds them): no float32 copy of a vocabulary-sized matrix is ever made, and every reduction (top-k, entropy, target probabilities and ranks, KL to the final layer) runs over
 vocabulary chunks within `REDUCTION_BUDGET_BYTES` per request, whatever the vocabulary size. The head's
 arithmetic is the model's own (activations rounded to the weight type's vec_dot_type, float32
 accumulation), so the lens's last layer repeats llama.cpp's logits. Small pieces (norm weights, a few
@@ -183,7 +183,7 @@ class Weights:
         softmax(logits / temperature). The softmax is never formed: a running maximum M, the running sum
         S = sum exp(z - M) and B = sum exp(z - M) (z - M) are rescaled when M grows (z = logits / T), so
         entropy = log S - B / S and p_i = exp(z_i - M) / S at the end; top-k candidates merge chunk by chunk.
-        Target ranks count logits above the target's logit, which is computed first with the same kernels
+        Target ranks count logits above the target's logit, which is computed first in the same arithmetic
         (the target's own column is never counted).
 
         reference_rows = m > 0: the last m rows are reference distributions (a model's final layer), and
