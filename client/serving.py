@@ -78,5 +78,6 @@ def connected(server: str | None = None, model: str | None = None, *, n_ctx: int
     except LaunchError as exc:
         raise MissingServer(f"could not start a server: {exc}") from None
     with launched as process, Client(process.address) as client:
-        print(process.log[-1], file=sys.stderr, flush=True)
+        # The "lmscope serving ..." line; the server may have logged more (refused sites) since.
+        print(next(line for line in process.log if line.startswith("lmscope serving")), file=sys.stderr, flush=True)
         yield client
