@@ -279,19 +279,20 @@ class LensMixin:
             raw = self.run(prompt, capture=capture, positions=positions, logits=False, chat=chat)
             states = _apply_affine(raw.hidden_states, affine, info.n_embd)
 
-        def reduce(top: int, ids: list[int], keep: bool = False):
+        def reduce(top: int, ids: list[int], keep: bool = False, kl: bool = False):
             """(run, lens arrays) for every (hidden state, position) row: one Run request with the lens (and
             the captured states too when `keep`), or, on the affine path, Unembed requests over the
-            transformed states."""
+            transformed states (with `kl`, against the untranslated final states as reference rows)."""
             if states is not None:
-                return raw, self._lens_rows(states, top_k=top, temperature=temperature, target_ids=ids)
+                return raw, self._lens_rows(states, raw.hidden_states[-1] if kl else None, top_k=top,
+                                            temperature=temperature, target_ids=ids)
             spec = pb.LensSpec(enabled=True, top_k=top, temperature=temperature, target_ids=ids,
                                keep_captures=keep)
             lensed = self.send_run(self.run_request([prompt], capture=capture, positions=positions, logits=False,
                                                     chat=chat, lens=spec))[0]
             return lensed, {name.removeprefix("lens."): array for name, array in lensed.extra.items()}
 
-        run, reduced = reduce(top_k, target_ids, keep_states)
+        run, reduced = reduce(top_k, target_ids, keep_states, kl=True)
 
         def fetch_targets(ids: list[int]):
             more = reduce(0, ids)[1]
@@ -305,8 +306,7 @@ class LensMixin:
             top_ids=top_ids, top_probs=reduced["top_probs"],
             top_tokens=[[[pieces[int(t)] for t in cell] for cell in row] for row in top_ids],
             entropy=reduced["entropy"], temperature=temperature, layers=hidden_state_labels(info.n_layer),
-            kl_to_final=reduced.get("kl_to_final") if states is None else
-            self._kl_to_final_of_states(states, raw.hidden_states[-1], temperature),
+            kl_to_final=reduced.get("kl_to_final"),
             token_pieces=piece_bytes, decode_ms=run.decode_ms, total_ms=run.total_ms,
             hidden_states=run.hidden_states if keep_states else None,
             _fetch_targets=fetch_targets, _token_of=lambda word: first_token(self, word))
@@ -315,31 +315,23 @@ class LensMixin:
                                                  reduced["target_ranks"][..., n], multi)
         return lens
 
-    def _kl_to_final_of_states(self, states: np.ndarray, final_states: np.ndarray,
-                               temperature: float) -> np.ndarray:
-        """KL(final || each row) for (n_hidden, n_positions, n_embd) states already translated, the final
-        distribution from the untranslated last hidden state: the affine path's `kl_to_final`, from Unembed
-        requests whose last rows are the final states (`kl_reference_rows`), a bounded number of positions
-        per request. Row l * m + p of a request has reference row p (the reduction pairs rows mod m)."""
+    def _lens_rows(self, states: np.ndarray, final_states: np.ndarray | None = None, **spec) -> dict[str, np.ndarray]:
+        """`lens_vectors` over (n_hidden, n_positions, n_embd) states in requests of bounded size, reshaped to
+        (n_hidden, n_positions, ...). With `final_states` (n_positions, n_embd) also `kl_to_final`, KL(final ||
+        each row), in the same vocabulary pass: each request ends with the final states of its positions as
+        reference rows (`kl_reference_rows`); row l * m + p of a request has reference row p."""
         n_hidden, n_positions, n_embd = states.shape
-        step = max(1, UNEMBED_BYTES_PER_REQUEST // (4 * n_embd * (n_hidden + 1)))
-        kl = np.empty((n_hidden, n_positions), np.float32)
+        extra = 0 if final_states is None else 1
+        step = max(1, UNEMBED_BYTES_PER_REQUEST // (4 * n_embd * (n_hidden + extra)))
+        parts = []
         for start in range(0, n_positions, step):
             chunk = slice(start, min(n_positions, start + step))
             m = chunk.stop - chunk.start
-            rows = np.concatenate([states[:, chunk].reshape(-1, n_embd), final_states[chunk]])
-            reduced = self.lens_vectors(rows.astype(np.float32), top_k=0, temperature=temperature,
-                                        kl_reference_rows=m)
-            kl[:, chunk] = reduced["kl_to_final"][:n_hidden * m].reshape(n_hidden, m)
-        return kl
-
-    def _lens_rows(self, states: np.ndarray, **spec) -> dict[str, np.ndarray]:
-        """`lens_vectors` over (..., n_embd) states in requests of bounded size, reshaped back."""
-        flat = states.reshape(-1, states.shape[-1]).astype(np.float32)
-        rows = max(1, UNEMBED_BYTES_PER_REQUEST // (4 * flat.shape[1]))
-        parts = [self.lens_vectors(flat[start:start + rows], **spec) for start in range(0, len(flat), rows)]
-        return {name: np.concatenate([p[name] for p in parts]).reshape(states.shape[:-1] + parts[0][name].shape[1:])
-                for name in parts[0]}
+            rows = [states[:, chunk].reshape(-1, n_embd)] + ([final_states[chunk]] if extra else [])
+            reduced = self.lens_vectors(np.concatenate(rows).astype(np.float32), **spec,
+                                        kl_reference_rows=m * extra)
+            parts.append({name: a[:n_hidden * m].reshape((n_hidden, m) + a.shape[1:]) for name, a in reduced.items()})
+        return {name: np.concatenate([p[name] for p in parts], axis=1) for name in parts[0]}
 
     def latent_language(self, prompt, *, target: str | Sequence[str] = "花", pivot: str | Sequence[str] = "flower",
                         temperature: float = 1.0, chat: bool = False) -> LatentLanguage:
