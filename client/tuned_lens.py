@@ -40,6 +40,8 @@ from typing import Sequence
 
 import numpy as np
 
+from lmscope.service.architectures import OUTPUT_NORM, OUTPUT_NORM_BIAS, head_tensor_name
+
 from .store import ActivationStore
 
 RIDGE_ALPHAS = (1e-2, 1e-1, 1.0)
@@ -356,12 +358,12 @@ class TunedLensMixin:
         cached = getattr(self, "_lens_head", None)
         if cached is None or cached.eps != norm_eps:
             info = self.model_info()
-            weight = self.weights("output_norm.weight")
+            weight = self.weights(OUTPUT_NORM)
             try:
-                bias = self.weights("output_norm.bias")
+                bias = self.weights(OUTPUT_NORM_BIAS)
             except LmscopeError:
                 bias = None
-            head = self.weights("token_embd.weight" if info.tied_embeddings else "output.weight")
+            head = self.weights(head_tensor_name(info.tied_embeddings))
             cached = Head(weight.astype(np.float32), None if bias is None else bias.astype(np.float32),
                           np.ascontiguousarray(head, dtype=np.float32), norm_eps)
             self._lens_head = cached
