@@ -92,19 +92,22 @@ def from_tensor(tensor: pb.Tensor) -> np.ndarray:
     return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
 
 
-def to_chunks(name: str, array: np.ndarray, sequence: int = 0,
-              chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
-    """Split an array into `TensorChunk`s of at most `chunk_bytes` bytes of data each."""
+def to_chunks(name: str, array: np.ndarray, sequence: int = 0, chunk_bytes: int = CHUNK_BYTES,
+              shape: tuple[int, ...] | None = None, offset: int = 0) -> Iterator[pb.TensorChunk]:
+    """Split an array into `TensorChunk`s of at most `chunk_bytes` bytes of data each.
+
+    With `shape`, the array is a piece of a bigger row-major tensor of that shape, starting at byte `offset`
+    of it (how a server streams a tensor it never holds whole)."""
     array = np.asarray(array, order="C")  # not ascontiguousarray: it turns a 0-d array into shape (1,)
     dtype = wire_dtype(array)
-    shape = list(array.shape)
+    shape = list(array.shape if shape is None else shape)
     if array.size == 0:
-        yield pb.TensorChunk(name=name, sequence=sequence, dtype=dtype, shape=shape, offset=0, data=b"")
+        yield pb.TensorChunk(name=name, sequence=sequence, dtype=dtype, shape=shape, offset=offset, data=b"")
         return
     raw = memoryview(array.astype(numpy_dtype(dtype), copy=False).reshape(-1)).cast("B")
-    for offset in range(0, len(raw), chunk_bytes):
-        yield pb.TensorChunk(name=name, sequence=sequence, dtype=dtype, shape=shape, offset=offset,
-                             data=bytes(raw[offset:offset + chunk_bytes]))
+    for start in range(0, len(raw), chunk_bytes):
+        yield pb.TensorChunk(name=name, sequence=sequence, dtype=dtype, shape=shape, offset=offset + start,
+                             data=bytes(raw[start:start + chunk_bytes]))
 
 
 class Assembler:

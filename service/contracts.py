@@ -4,7 +4,8 @@ The front end (`servicer.py`) turns each validated proto request into one of the
 (`requests.py` builds them), hands it to the `WorkerPool`, and the worker's `Operations.execute` runs the
 method registered for the job's type. Answers come back as the wire's own messages where they are small
 (`pb.TokenizeResponse`, `pb.GenerateEvent`, `pb.RunHeader`, `pb.ModelInfo`) and as `NamedTensor`s where they
-are arrays, which the front end cuts into `TensorChunk`s. So reading one RPC is a straight walk:
+are arrays, which the front end cuts into `TensorChunk`s; big arrays come ahead of the answer as
+`TensorPiece`s. So reading one RPC is a straight walk:
 `InspectorServicer.Run` -> `RequestParser.run` -> `RunJob` -> `Operations.run` -> `Engine.forward`.
 
 This module imports no native code: the front end loads it, and it must stay free of llama.cpp (the test
@@ -13,6 +14,7 @@ This module imports no native code: the front end loads it, and it must stay fre
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 
@@ -143,6 +145,30 @@ class NamedTensor:
     name: str
     sequence: int
     array: np.ndarray
+
+
+@dataclass
+class TensorPiece:
+    """Bytes [offset, offset + array.nbytes) of the row-major tensor `name` (of prompt `sequence`) whose
+    whole shape is `shape` and dtype the array's: how a big answer leaves a worker ahead of its "done"."""
+    name: str
+    sequence: int
+    shape: tuple[int, ...]
+    offset: int
+    array: np.ndarray
+
+
+PIECE_BYTES = 1 << 20  # what the front end holds of one answer in flight is a few of these
+
+
+def tensor_pieces(name: str, sequence: int, shape: tuple[int, ...], array: np.ndarray,
+                  offset: int = 0) -> Iterator[TensorPiece]:
+    """`array` (the part of tensor `name` of `shape` that starts at byte `offset`) as pieces of at most
+    PIECE_BYTES, each a view of its memory."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    step = max(1, PIECE_BYTES // flat.itemsize)
+    for start in range(0, max(flat.size, 1), step):  # an empty tensor is one empty piece: it has a shape
+        yield TensorPiece(name, sequence, tuple(shape), offset + start * flat.itemsize, flat[start:start + step])
 
 
 @dataclass

@@ -26,7 +26,7 @@ from lmscope.client.sites import all_site_names
 
 from . import generation
 from .architectures import embedding_scale
-from .batching import Cancelled, Contexts, collect_logits
+from .batching import Cancelled, Contexts, collect_logits, stream_logits
 from .capture import CapturePass, Intervention, resolve_positions
 from .contracts import EngineConfig
 from .errors import RequestError
@@ -60,6 +60,10 @@ class ForwardRequest:
     logits: str = "all"                                 # "all" | "last" | "none"
     interventions: list[Intervention] = field(default_factory=list)
     lens_row_bytes: int = 0  # answer bytes a lens adds per captured (site, position) row; counts towards the limit
+    # With logits "all" and ascending positions: sink(prompt, (n_positions, n_vocab), first row, rows) receives
+    # each ubatch's logits as it is decoded (rows: a view of llama.cpp's output buffer, valid during the call),
+    # and the result carries none, so that an all-logits answer is never whole in the worker.
+    logits_sink: Callable[[int, tuple[int, int], int, np.ndarray], None] | None = None
 
 
 @dataclass
@@ -202,13 +206,21 @@ class Engine:
         logits: list[np.ndarray] | None = None
         on_decoded = None
         if request.logits != "none":
-            logits = [np.zeros((len(pos) if request.logits == "all" else 1, self.n_vocab), np.float32)
-                      for pos in capture_positions]
             logit_slot = [({p: k for k, p in enumerate(pos)} if request.logits == "all" else {len(t) - 1: 0})
                           for pos, t in zip(capture_positions, prompts)]
+            sink = request.logits_sink
+            if sink is not None and request.logits == "all" and all(pos == sorted(pos) for pos in capture_positions):
+                shapes = [(len(pos), self.n_vocab) for pos in capture_positions]
 
-            def on_decoded(ubatch):
-                collect_logits(ctx, ubatch, self.n_vocab, logits, logit_slot)
+                def on_decoded(ubatch):
+                    stream_logits(ctx, ubatch, self.n_vocab, logit_slot,
+                                  lambda s, first, rows: sink(s, shapes[s], first, rows))
+            else:
+                logits = [np.zeros((len(pos) if request.logits == "all" else 1, self.n_vocab), np.float32)
+                          for pos in capture_positions]
+
+                def on_decoded(ubatch):
+                    collect_logits(ctx, ubatch, self.n_vocab, logits, logit_slot)
         start = time.perf_counter()
         try:
             for group in self.contexts.groups(prompts):

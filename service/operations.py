@@ -2,7 +2,8 @@
 
 Jobs arrive already validated against the model's shape (`service/requests.py`); what can only be checked
 once prompts are tokenized (lengths, positions, capture size) is checked by the engine before any call into
-llama.cpp. Small answers are the wire's own messages, arrays are `NamedTensor`s the front end streams.
+llama.cpp. Small answers are the wire's own messages, arrays are `NamedTensor`s (or `TensorPiece`s sent ahead)
+the front end streams.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import ctypes
 import math
 import os
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -32,15 +33,20 @@ from .contracts import (
     UnembedJob,
     WeightsJob,
     WorkerInfo,
+    tensor_pieces,
 )
 from .engine import Engine, ForwardRequest
 from .errors import RequestError
 
 
 class Operations:
-    def __init__(self, engine: Engine, test_hooks: bool = False):
+    def __init__(self, engine: Engine, test_hooks: bool = False, emit: Callable[[object], None] | None = None):
+        """`emit(item)` sends an item ahead of the job's answer (the worker's pipe); with it, a Run's
+        all-position logits leave as `TensorPiece`s straight from llama.cpp's output buffer, ubatch by
+        ubatch, instead of being collected into the answer."""
         self.engine = engine
         self.test_hooks = test_hooks
+        self.emit = emit
         self._handlers = {TokenizeJob: self.tokenize, DetokenizeJob: self.detokenize, RunJob: self.run,
                           GenerateJob: self.generate, UnembedJob: self.unembed, WeightsJob: self.weights,
                           NearestTokensJob: self.nearest_tokens, CrashJob: self.crash}
@@ -80,9 +86,16 @@ class Operations:
     def run(self, job: RunJob) -> RunResult:
         start = time.perf_counter()
         token_lists = [self._tokens(p) for p in job.prompts]
+        sink = None
+        if self.emit is not None:
+            def sink(sequence: int, shape: tuple[int, int], first_row: int, rows: np.ndarray) -> None:
+                rows = rows.astype(np.float16) if job.float16 else rows
+                for piece in tensor_pieces("logits", sequence, shape, rows, first_row * shape[1] * rows.itemsize):
+                    self.emit(piece)
         result = self.engine.forward(ForwardRequest(prompts=token_lists, capture=job.capture, positions=job.positions,
                                                     logits=job.logits, interventions=job.interventions,
-                                                    lens_row_bytes=self._lens_row_bytes(job.lens)))
+                                                    lens_row_bytes=self._lens_row_bytes(job.lens),
+                                                    logits_sink=sink))
         tensors: list[NamedTensor] = []
         if job.lens is not None:
             tensors += self._lens_of_run(job.capture, result, job.lens)

@@ -27,15 +27,14 @@ def children(pid: int) -> list[int]:
 
 
 def worker_pids(server_pid: int) -> list[int]:
-    """The model worker processes of an `lmscope serve` process (multiprocessing's spawned children, not
-    its resource tracker)."""
+    """The model worker processes of an `lmscope serve` process (`python -m lmscope.service.worker`)."""
     pids = []
     for child in children(server_pid):
         try:
             command = pathlib.Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"spawn_main" in command:
+        if b"lmscope.service.worker" in command:
             pids.append(child)
     return sorted(pids)
 

@@ -2,8 +2,8 @@
 
 Each RPC parses its request into a typed job (`RequestParser`, which refuses bad input with a precise
 status; jobs are in `contracts.py`), hands the job to a worker, and returns the worker's answer: small
-answers are already proto messages, arrays are streamed as tensor chunks. Errors of any kind become gRPC
-statuses; nothing here can take the process down.
+answers are already proto messages, arrays are streamed as tensor chunks as the worker sends them. Errors of
+any kind become gRPC statuses; nothing here can take the process down.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lmscope.client import tensors
 from lmscope.client.wire import lmscope_pb2 as pb
 from lmscope.client.wire import lmscope_pb2_grpc as pb_grpc
 
-from .contracts import CrashJob, NamedTensor, RunResult, Tensors
+from .contracts import CrashJob, NamedTensor, RunResult, TensorPiece
 from .errors import RequestError
 from .requests import RequestParser
 from .worker import WorkerPool
@@ -56,6 +56,21 @@ def _chunks(named_tensors: list[NamedTensor]):
             yield pb.RunChunk(tensor=chunk)
 
 
+def _tensor_answer(messages):
+    """A worker's tensor answer as RunChunks, each piece sent on as it arrives (see `WorkerPool.messages`):
+    the big tensors' pieces first, then the header (Run) and the small tensors that came with "done"."""
+    for kind, value in messages:
+        if kind == "item":
+            piece: TensorPiece = value
+            for chunk in tensors.to_chunks(piece.name, piece.array, piece.sequence, shape=piece.shape,
+                                           offset=piece.offset):
+                yield pb.RunChunk(tensor=chunk)
+            continue
+        if isinstance(value, RunResult):
+            yield pb.RunChunk(header=value.header)
+        yield from _chunks(value.tensors)
+
+
 class InspectorServicer(pb_grpc.InspectorServicer):
     def __init__(self, pool: WorkerPool, max_message_bytes: int, test_hooks: bool = False):
         self.pool = pool
@@ -89,9 +104,7 @@ class InspectorServicer(pb_grpc.InspectorServicer):
     @_statuses
     def Run(self, request, context):
         job = self.parser.run(request)
-        result: RunResult = self.pool.call(self._crash_job(context) or job, context.is_active)
-        yield pb.RunChunk(header=result.header)
-        yield from _chunks(result.tensors)
+        yield from _tensor_answer(self.pool.messages(self._crash_job(context) or job, context.is_active))
 
     @_statuses
     def Generate(self, request, context):
@@ -99,15 +112,12 @@ class InspectorServicer(pb_grpc.InspectorServicer):
 
     @_statuses
     def Unembed(self, request, context):
-        result: Tensors = self.pool.call(self.parser.unembed(request), context.is_active)
-        yield from _chunks(result.tensors)
+        yield from _tensor_answer(self.pool.messages(self.parser.unembed(request), context.is_active))
 
     @_statuses
     def GetWeights(self, request, context):
-        result: Tensors = self.pool.call(self.parser.weights(request), context.is_active)
-        yield from _chunks(result.tensors)
+        yield from _tensor_answer(self.pool.messages(self.parser.weights(request), context.is_active))
 
     @_statuses
     def NearestTokens(self, request, context):
-        result: Tensors = self.pool.call(self.parser.nearest_tokens(request), context.is_active)
-        yield from _chunks(result.tensors)
+        yield from _tensor_answer(self.pool.messages(self.parser.nearest_tokens(request), context.is_active))

@@ -18,31 +18,44 @@ Queue accounting: a request is admitted when a worker is idle or fewer than `max
 already waiting; past that it is refused with RESOURCE_EXHAUSTED at once.
 
 What travels: the front end sends one job (`contracts.py`, e.g. `RunJob`); the worker answers with
-("item", message) any number of times (generation), then ("done", answer) or ("error", code, message).
+("item", message) any number of times (generated tokens; `TensorPiece`s of big tensors), then
+("done", answer) or ("error", code, message).
 
 How it travels: pickled (`send_message` / `receive_message`), proto messages as their serialized bytes,
 numpy arrays as pickle protocol 5 out-of-band buffers. Each array is written to the pipe from its own memory
 and read straight into one buffer of its exact size (`tensors.new_buffer`), which the unpickled array then
-uses: an answer of N bytes costs N bytes in the worker and N in the front end, with no copy in between.
-Plain `Connection.send` would first copy every array into one pickle bytes object. The buffers of big arrays
-are anonymous maps, so the front end is back to its resting size once an answer has gone out (figures:
-docs/reliability.md, "Big answers").
-The front end takes a whole answer before streaming it to the client, so a slow or stalled client holds
-memory in the front end, never a worker.
+uses: no copy on either side of the pipe. Plain `Connection.send` would first copy every array into one
+pickle bytes object.
+
+Big answers cost their size once. Tensors leave the worker as `TensorPiece`s of at most `PIECE_BYTES` (views
+of its memory; logits straight from llama.cpp's output buffer as each ubatch is decoded, see
+`Operations.emit`), and the front end turns each piece into gRPC chunks as it arrives. A reader thread per
+request (`WorkerPool.messages`) takes the worker's messages off the pipe into a queue (`_Inbox`) that it
+keeps to a few pieces while the client reads: the front end never holds a whole big answer. A stalled
+client stops holding the reader back after a moment: it then holds memory in the front end (at most the
+answer), never a worker.
+
+Workers are plain subprocesses (`python -c ... lmscope.service.worker ...`) on a socket pair, cancelled by
+SIGUSR1: multiprocessing's spawn would also start its resource-tracker process (13 MB resident, for
+nothing here).
 """
 from __future__ import annotations
 
+import collections
 import io
 import itertools
-import multiprocessing as mp
 import os
 import pickle
 import queue
 import signal
+import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import traceback
+from multiprocessing.connection import Connection
 from typing import Callable, Iterator
 
 import numpy as np
@@ -51,7 +64,7 @@ from google.protobuf.message import Message
 
 from lmscope.client import tensors
 
-from .contracts import Job, WorkerInfo
+from .contracts import PIECE_BYTES, Job, RunResult, TensorPiece, Tensors, WorkerInfo, tensor_pieces
 from .errors import RequestError
 
 PICKLE_PROTOCOL = 5
@@ -118,15 +131,39 @@ def _read_exactly(fd: int, size: int) -> np.ndarray:
     return buffer
 
 
-def _worker_main(conn, config, cancel_flag, test_hooks: bool) -> None:
+def _send_answer(conn, result) -> None:
+    """("done", result), its tensors sent ahead as pieces so that the front end can stream them on."""
+    if isinstance(result, (RunResult, Tensors)):
+        for tensor in result.tensors:
+            for piece in tensor_pieces(tensor.name, tensor.sequence, tensor.array.shape, tensor.array):
+                send_message(conn, ("item", piece))
+        result.tensors = []
+    send_message(conn, ("done", result))
+
+
+_cancelled = False
+# Not `python -m lmscope.service.worker`: run as __main__, this module's functions would pickle under that name.
+_WORKER_COMMAND = "import sys; from lmscope.service.worker import _worker_main; _worker_main(int(sys.argv[1]))"
+
+
+def _on_cancel(signum, frame) -> None:
+    global _cancelled
+    _cancelled = True
+
+
+def _worker_main(fd: int) -> None:
+    """A worker process: load the model named by the first message, then answer jobs until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when workers stop
+    signal.signal(signal.SIGUSR1, _on_cancel)
+    conn = Connection(fd)
     try:
+        config, test_hooks = receive_message(conn)
         from .engine import Engine
         from .operations import Operations
 
         engine = Engine(config)
-        ops = Operations(engine, test_hooks=test_hooks)
-        engine.set_cancel(cancel_flag.is_set)
+        ops = Operations(engine, test_hooks=test_hooks, emit=lambda item: send_message(conn, ("item", item)))
+        engine.set_cancel(lambda: _cancelled)
         send_message(conn, ("ready", ops.info()))
     except RequestError as exc:
         send_message(conn, ("error", exc.code, exc.message))
@@ -136,11 +173,15 @@ def _worker_main(conn, config, cancel_flag, test_hooks: bool) -> None:
         return
     from .engine import Cancelled
 
+    global _cancelled
     while True:
         try:
             job = receive_message(conn)
         except EOFError:
             return
+        # The front end signals only while this worker runs its job, and only after sending it; a signal for
+        # the previous job arrived before its answer was read, so it ran before this job was read.
+        _cancelled = False
         try:
             result = ops.execute(job)
             if isinstance(result, Iterator):
@@ -148,7 +189,7 @@ def _worker_main(conn, config, cancel_flag, test_hooks: bool) -> None:
                     send_message(conn, ("item", item))
                 send_message(conn, ("done", None))
             else:
-                send_message(conn, ("done", result))
+                _send_answer(conn, result)
         except Cancelled:
             send_message(conn, ("error", "CANCELLED", "the request was cancelled"))
         except RequestError as exc:
@@ -166,14 +207,31 @@ class _Worker:
         self._start()
 
     def _start(self) -> None:
-        os.environ.setdefault("OMP_WAIT_POLICY", OPENMP_WAIT_POLICY)  # read by libgomp when the child loads it
-        context = mp.get_context("spawn")
-        self.conn, child = context.Pipe()
-        self.cancel = context.Event()
-        self.process = context.Process(target=_worker_main, args=(child, self.config, self.cancel, self.test_hooks),
-                                       name=f"lmscope-worker-{self.index}", daemon=True)
-        self.process.start()
-        child.close()
+        env = dict(os.environ)
+        env.setdefault("OMP_WAIT_POLICY", OPENMP_WAIT_POLICY)  # read by libgomp when the child loads it
+        ours, theirs = socket.socketpair()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_COMMAND, str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                env=env, stdin=subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.conn = Connection(ours.detach())
+        send_message(self.conn, (self.config, self.test_hooks))
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def cancel(self) -> None:
+        """Ask the worker to stop its job at the next ubatch or generated token."""
+        if self.alive():
+            try:
+                self.process.send_signal(signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
 
     def wait_ready(self, timeout: float) -> WorkerInfo:
         if not self.conn.poll(timeout):
@@ -189,8 +247,10 @@ class _Worker:
         return self.info
 
     def _exit_code(self):
-        self.process.join(timeout=1.0)
-        return self.process.exitcode
+        try:
+            return self.process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            return None
 
     def restart(self) -> None:
         self.stop()
@@ -198,9 +258,12 @@ class _Worker:
         self.wait_ready(timeout=600)
 
     def stop(self) -> None:
-        if self.process.is_alive():
+        if self.alive():
             self.process.kill()
-        self.process.join(timeout=5)
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
         self.conn.close()
 
     def crash_message(self) -> str:
@@ -208,6 +271,54 @@ class _Worker:
         how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         return (f"the model worker crashed ({how}) while running this request; "
                 f"a new worker is starting, retry the request")
+
+
+class _Inbox:
+    """One answer's messages between the thread reading the worker and the thread sending to the client.
+
+    The reader waits while more than QUEUED_BYTES of tensor pieces are waiting here, so that a client that
+    keeps reading holds the front end's share of a big answer near that (the worker then waits on its pipe,
+    which costs it nothing: the answer is computed). A client that takes nothing for `STALLED_CLIENT_S` stops
+    holding the reader back: the rest of the answer queues here and the worker is free for others.
+    """
+
+    QUEUED_BYTES = 2 * PIECE_BYTES
+    STALLED_CLIENT_S = 2.0
+
+    def __init__(self) -> None:
+        self._messages: collections.deque = collections.deque()
+        self._bytes = 0
+        self._taken_at = time.monotonic()
+        self._stalled = False
+        self._changed = threading.Condition()
+
+    def put(self, message) -> None:
+        with self._changed:
+            self._messages.append(message)
+            self._bytes += _piece_bytes(message)
+            self._changed.notify_all()
+
+    def get(self):
+        with self._changed:
+            while not self._messages:
+                self._changed.wait()
+            message = self._messages.popleft()
+            self._bytes -= _piece_bytes(message)
+            self._taken_at = time.monotonic()
+            self._changed.notify_all()
+            return message
+
+    def wait_for_room(self, give_up: Callable[[], bool]) -> None:
+        with self._changed:
+            while self._bytes > self.QUEUED_BYTES and not self._stalled and not give_up():
+                if time.monotonic() - self._taken_at > self.STALLED_CLIENT_S:
+                    self._stalled = True
+                    return
+                self._changed.wait(0.05)
+
+
+def _piece_bytes(message) -> int:
+    return message[1].array.nbytes if message[0] == "item" and isinstance(message[1], TensorPiece) else 0
 
 
 class WorkerPool:
@@ -300,81 +411,81 @@ class WorkerPool:
         threading.Thread(target=replace, name="lmscope-worker-restart", daemon=True).start()
 
     def call(self, job: Job, is_active: Callable[[], bool] = lambda: True):
-        """Run a job with one answer (`Operations.execute`) and return it."""
-        result = None
-        for kind, value in self._run(job, is_active):
-            if kind == "done":
-                result = value
-        return result
+        """Run a job whose whole answer is one small message (Tokenize, Detokenize) and return it."""
+        return next(value for kind, value in self.messages(job, is_active) if kind == "done")
 
     def stream(self, job: Job, is_active: Callable[[], bool] = lambda: True) -> Iterator:
         """Run a job whose answer is a stream (Generate), yielding its items."""
-        for kind, value in self._run(job, is_active):
+        for kind, value in self.messages(job, is_active):
             if kind == "item":
                 yield value
 
-    def _run(self, job: Job, is_active: Callable[[], bool]):
+    def messages(self, job: Job, is_active: Callable[[], bool] = lambda: True) -> Iterator[tuple[str, object]]:
+        """The job's ("item", value) messages, then ("done", answer); a refusal or failure raises RequestError.
+
+        The worker's messages are read by a thread of their own and queued (`_Inbox`); this generator yields
+        them at its consumer's (the client's) pace. Closing it early (the client
+        went away) cancels the job; the reader then discards the rest of the answer and hands the worker back.
+        """
         worker = self._acquire(is_active)
-        healthy = stuck = False
+        inbox = _Inbox()
+        abandoned = threading.Event()
+        threading.Thread(target=self._read_answer, args=(worker, job, is_active, abandoned, inbox),
+                         name="lmscope-answer-reader", daemon=True).start()
         try:
-            worker.cancel.clear()
+            while True:
+                kind, value = inbox.get()
+                if kind == "raise":
+                    raise value
+                yield kind, value
+                if kind == "done":
+                    return
+        finally:
+            abandoned.set()
+
+    def _read_answer(self, worker: _Worker, job: Job, is_active: Callable[[], bool], abandoned: threading.Event,
+                     inbox: _Inbox) -> None:
+        healthy = False
+        try:
             try:
                 send_message(worker.conn, job)
             except (BrokenPipeError, OSError):
                 raise RequestError("UNAVAILABLE", worker.crash_message()) from None
             cancelled_at = None
+            gone = lambda: abandoned.is_set() or not is_active()  # noqa: E731
             while True:
-                if not worker.conn.poll(0.05):
-                    if not worker.process.is_alive():
-                        raise RequestError("UNAVAILABLE", worker.crash_message())
-                    if cancelled_at is None and not is_active():
-                        worker.cancel.set()
+                if cancelled_at is None:
+                    inbox.wait_for_room(give_up=gone)
+                    if gone():
+                        worker.cancel()
                         cancelled_at = time.monotonic()
-                    elif cancelled_at is not None and time.monotonic() - cancelled_at > _CANCEL_GRACE_S:
-                        stuck = True
+                if not worker.conn.poll(0.05):
+                    if not worker.alive():
+                        raise RequestError("UNAVAILABLE", worker.crash_message())
+                    if cancelled_at is not None and time.monotonic() - cancelled_at > _CANCEL_GRACE_S:
                         raise RequestError("CANCELLED", "the request was cancelled; the worker was restarted")
                     continue
                 try:
                     message = receive_message(worker.conn)
                 except (EOFError, OSError):
                     raise RequestError("UNAVAILABLE", worker.crash_message()) from None
-                kind = message[0]
-                if kind == "error":
+                if message[0] == "error":
                     healthy = True
                     raise RequestError(message[1], message[2])
-                if kind == "done":
+                if not abandoned.is_set():
+                    inbox.put(message)
+                if message[0] == "done":
                     healthy = True
-                    yield message
                     return
-                if cancelled_at is None and not is_active():
-                    worker.cancel.set()
-                    cancelled_at = time.monotonic()
-                yield message
+        except RequestError as exc:
+            inbox.put(("raise", exc))
+        except BaseException as exc:  # noqa: BLE001 - the consumer must hear of any failure, never wait for ever
+            inbox.put(("raise", RequestError("INTERNAL", f"{type(exc).__name__}: {exc}")))
         finally:
-            # A generator closed early (the client went away mid-stream) leaves the worker mid-request:
-            # cancel it and drain its answer before handing it to anyone else.
-            if not healthy and not stuck and worker.process.is_alive() and self._drain(worker):
-                healthy = True
             self._release(worker, healthy)
-
-    @staticmethod
-    def _drain(worker: _Worker) -> bool:
-        worker.cancel.set()
-        deadline = time.monotonic() + _CANCEL_GRACE_S
-        while time.monotonic() < deadline:
-            if not worker.conn.poll(0.05):
-                if not worker.process.is_alive():
-                    return False
-                continue
-            try:
-                kind = receive_message(worker.conn)[0]
-            except (EOFError, OSError):
-                return False
-            if kind in ("done", "error"):
-                return True
-        return False
 
     def close(self) -> None:
         self._closed = True
         for worker in self._workers:
             worker.stop()
+

@@ -15,6 +15,7 @@ import pytest
 from tolerances import FLASH_F16
 
 from lmscope.client import Client, Intervention
+from lmscope.service import procinfo
 from lmscope.service.launch import launch_server
 
 PROMPT_WORDS = "one two three four five six seven eight nine ten " * 4
@@ -70,12 +71,8 @@ def test_an_edited_request_leaves_nothing_behind_for_the_next_one(small_batch_cl
 def test_workers_wait_passively_between_openmp_regions(tiny_server, client):
     client.model_info()
     pid = tiny_server.process.pid
-    children = [int(c) for task in os.listdir(f"/proc/{pid}/task")
-                for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
-    environments = [dict(item.split("=", 1) for item in open(f"/proc/{c}/environ").read().split("\0") if "=" in item)
-                    for c in children]
-    workers = [e for e, c in zip(environments, children) if "multiprocessing-fork" in open(f"/proc/{c}/cmdline").read()
-               and "spawn_main" in open(f"/proc/{c}/cmdline").read()]
+    workers = [dict(item.split("=", 1) for item in open(f"/proc/{c}/environ").read().split("\0") if "=" in item)
+               for c in procinfo.worker_pids(pid)]
     assert workers
     expected = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")  # a policy the user set is kept
     assert all(e.get("OMP_WAIT_POLICY") == expected for e in workers)

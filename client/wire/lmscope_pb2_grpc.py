@@ -112,7 +112,8 @@ class InspectorServicer:
 
     def Run(self, request, context):
         """One forward pass over one or more prompts (decoded together as separate sequences), capturing the
-        requested sites and applying interventions. Streams a header, then tensor chunks.
+        requested sites and applying interventions. Streams tensor chunks and one header, in any order: all-position
+        logits leave the server as they are computed, ahead of the header.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
