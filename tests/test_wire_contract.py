@@ -9,11 +9,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import pathlib
 import threading
+import time
 
 import numpy as np
 from reliability_support import CRASH_METADATA, PROMPT, only_worker, stub
 
-from lmscope.client import Client
+from lmscope.client import Client, tensors
 from lmscope.client.servers import RETRIED_METHODS, service_config
 from lmscope.client.wire import lmscope_pb2 as pb
 from lmscope.service import procinfo
@@ -116,3 +117,83 @@ def test_every_rpc_is_served_by_the_typed_path(client):
     assert client.weights("token_embd.weight", [1, 2]).shape == (2, info.n_embd)
     nearest_ids, scores = client.nearest_token_ids(run.resid_post(0)[-1:], k=3)
     assert nearest_ids.shape == scores.shape == (1, 3)
+
+
+def _peak_reset(pid: int) -> int:
+    """Reset the process's peak resident memory (VmHWM) to its current size; return that size in bytes."""
+    pathlib.Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return _status_bytes(pid, "VmHWM")
+
+
+def _status_bytes(pid: int, key: str) -> int:
+    line = next(x for x in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def test_a_big_answer_is_never_whole_in_the_front_end(smol_server, smol_client):
+    """All-position logits of 128 tokens (24 MiB on SmolLM2) pass through the front end in pieces.
+
+    What the front end may hold at once: the pieces its queue keeps while the client reads
+    (`_Inbox.QUEUED_BYTES`) plus the one the reader thread has just taken, the one being cut into gRPC
+    chunks and their bytes copies, and what gRPC buffers for the connection: a few MiB. Half the answer
+    leaves room for all that, and a front end that takes the answer whole (as before) adds at least all of
+    it."""
+    from lmscope.service.contracts import PIECE_BYTES
+    from lmscope.service.worker import _Inbox
+
+    prompt = smol_client.tokenize("The quick brown fox jumps over the lazy dog. " * 20).token_ids[:128]
+    smol_client.run(prompt[:8], logits=True)  # threads, gRPC buffers and the reader path warm
+    front_end = smol_server.process.pid
+    before = _peak_reset(front_end)
+    run = smol_client.run(prompt, logits=True)
+    added = _status_bytes(front_end, "VmHWM") - before
+    answer = run.logits.nbytes + sum(a.nbytes for a in run.hidden_states)
+    assert answer > 8 * (_Inbox.QUEUED_BYTES + PIECE_BYTES)  # big enough to tell a queue from a whole answer
+    assert added < answer / 2, f"the front end grew by {added / 2**20:.1f} MiB for a {answer / 2**20:.1f} MiB answer"
+    # A client slower than the worker (here one that pauses at each chunk): the queue's bound, not the
+    # client's speed, is what keeps the answer out of the front end.
+    request = pb.UnembedRequest(vectors=tensors.to_tensor(run.hidden_states[-1]),
+                                spec=pb.LensSpec(enabled=True, top_k=1, return_logits=True))
+    before = _peak_reset(front_end)
+    received = 0
+    for chunk in stub(smol_server.address).Unembed(request, timeout=120):
+        received += len(chunk.tensor.data)
+        time.sleep(0.02)
+    added = _status_bytes(front_end, "VmHWM") - before
+    assert received > 8 * (_Inbox.QUEUED_BYTES + PIECE_BYTES)
+    assert added < received / 2, f"the front end grew by {added / 2**20:.1f} MiB for a {received / 2**20:.1f} MiB answer"
+
+
+def test_a_stalled_client_holds_memory_in_the_front_end_never_the_worker(smol_server, smol_client):
+    """A client that stops reading a big answer does not keep the (only) worker from others: after
+    `_Inbox.STALLED_CLIENT_S` without progress the rest of the answer queues in the front end. When the
+    client reads again, the answer is whole and equal to the one a reading client gets."""
+    from lmscope.service.worker import _Inbox
+
+    assert smol_client.model_info().n_workers == 1
+    prompt = smol_client.tokenize("Once upon a time there was a lighthouse keeper. " * 20).token_ids[:128]
+    request = pb.RunRequest(prompts=[pb.Prompt(token_ids=prompt)], logits=pb.LOGITS_ALL)
+    expected = tensors.assemble(c.tensor for c in stub(smol_server.address).Run(request, timeout=120)
+                                if c.HasField("tensor"))[("logits", 0)]
+    assert expected.nbytes > 8 * _Inbox.QUEUED_BYTES  # more than the queue and the connection's window hold
+    stalled = stub(smol_server.address).Run(request, timeout=120)
+    first = next(stalled)  # the request is running; then this client reads nothing for a while
+    started = time.monotonic()
+    assert smol_client.tokenize("still served").token_ids
+    waited = time.monotonic() - started
+    # The worker answers the stalled request (a forward pass, well under a minute here) and is freed once the
+    # front end stops waiting for the stalled client; generous, since the machine may be loaded.
+    assert waited < _Inbox.STALLED_CLIENT_S + 60
+    assembler = tensors.Assembler()
+    for chunk in [first, *stalled]:
+        if chunk.HasField("tensor"):
+            assembler.add(chunk.tensor)
+    np.testing.assert_array_equal(assembler.arrays()[("logits", 0)], expected)
+
+
+def test_logits_at_positions_out_of_order_come_back_in_the_order_asked(smol_client):
+    """Ascending positions stream logits as llama.cpp computes them; others are collected, then sent."""
+    prompt = smol_client.tokenize("Paris is the capital of France and Rome of Italy.").token_ids
+    forward = smol_client.run(prompt, logits=True, positions=[1, 4, 7])
+    backward = smol_client.run(prompt, logits=True, positions=[7, 4, 1])
+    np.testing.assert_array_equal(backward.logits, forward.logits[::-1])
