@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator, Protocol
 
-import llama_cpp as lc
 import numpy as np
 
 from .errors import RequestError
+from .native import llama as lc
 
 # (token id, position, sequence, whether llama.cpp computes this row's output)
 Row = tuple[int, int, int, bool]

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import llama_cpp as lc
 import numpy as np
 
 from lmscope.client.sites import all_site_names
@@ -33,6 +32,7 @@ from .errors import RequestError
 from .graph_sites import SiteRules, is_pattern_site
 from .memory import expected_memory
 from .model import Model
+from .native import llama as lc
 from .verification import verify
 from .weights import Weights
 

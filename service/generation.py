@@ -10,11 +10,10 @@ import codecs
 import time
 from typing import Iterator
 
-import llama_cpp as lc
-
 from .batching import Cancelled, Contexts
 from .capture import CapturePass
 from .model import Model
+from .native import llama as lc
 
 
 def sampler_chain(temperature: float, top_k: int, top_p: float, seed: int):

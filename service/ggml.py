@@ -12,8 +12,6 @@ cost ~6 % of each generated token on SmolLM2 (callgrind instruction counts).
 from __future__ import annotations
 
 import ctypes
-import os
-import pathlib
 
 import numpy as np
 
@@ -31,17 +29,9 @@ GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
 
 
-def _library_dir() -> pathlib.Path:
-    """Where llama_cpp loaded its libraries from: `LLAMA_CPP_LIB_PATH` overrides the packaged lib/ there too."""
-    import llama_cpp
-
-    override = os.environ.get("LLAMA_CPP_LIB_PATH")
-    return pathlib.Path(override) if override else pathlib.Path(llama_cpp.__file__).parent / "lib"
-
-
 def load_library(stem: str) -> ctypes.CDLL:
     """`libggml-base`, `libggml-cpu`, ...: the copy llama.cpp itself links against (the `.so.0` soname first)."""
-    lib_dir = _library_dir()
+    from .native import LIBRARY_DIR as lib_dir
     for name in (f"lib{stem}.so.0", f"lib{stem}.so", f"lib{stem}.dylib", f"{stem}.dll"):
         path = lib_dir / name
         if path.exists():

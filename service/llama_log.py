@@ -13,7 +13,7 @@ import ctypes
 import os
 import sys
 
-import llama_cpp as lc
+from .native import llama as lc
 
 _LEVEL_WARN = 3  # ggml.h enum ggml_log_level (llama-cpp-python's own table is off by one)
 _LEVEL_ERROR = 4

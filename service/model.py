@@ -9,10 +9,9 @@ from __future__ import annotations
 import ctypes
 import hashlib
 
-import llama_cpp as lc
-
 from . import llama_log, rpc
 from .errors import RequestError
+from .native import llama as lc
 
 
 class Model:

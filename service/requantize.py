@@ -46,7 +46,7 @@ def requantized(source: str | os.PathLike, target: str) -> Path:
     with _cache_lock(out.parent):
         if out.exists() and stamp.exists() and stamp.read_text() == key:
             return out
-        import llama_cpp as lc
+        from .native import llama as lc
 
         params = lc.llama_model_quantize_default_params()
         params.ftype = getattr(lc, TARGETS[target])

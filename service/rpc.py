@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import pathlib
 import socket
 import sys
 
@@ -39,9 +38,8 @@ _GGML_BACKEND_DEVICE_TYPE_CPU = 0
 
 def _library() -> ctypes.CDLL:
     """The `libggml.so.0` libllama links against (the backend registry lives there)."""
-    import llama_cpp
+    from .native import LIBRARY_DIR as lib_dir
 
-    lib_dir = pathlib.Path(llama_cpp.__file__).parent / "lib"
     for name in ("libggml.so.0", "libggml.so", "libggml.dylib", "ggml.dll"):
         if (lib_dir / name).exists():
             lib = ctypes.CDLL(str(lib_dir / name))

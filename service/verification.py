@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import llama_cpp as lc
 import numpy as np
 
 from lmscope.client.sites import all_site_names, site_kind, site_layer
@@ -36,6 +35,7 @@ from .batching import Contexts, collect_logits
 from .capture import CapturePass
 from .graph_sites import SiteRules, is_pattern_site
 from .model import Model
+from .native import llama as lc
 
 if TYPE_CHECKING:
     from .weights import Weights

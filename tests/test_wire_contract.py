@@ -41,6 +41,16 @@ def test_the_front_end_loads_no_native_library_and_maps_no_weights(tiny_server, 
     assert str(pathlib.Path(tiny_model).resolve()) not in procinfo.mapped_files(front_end)
 
 
+def test_workers_load_neither_grpc_nor_llama_cpp_python_s_high_level_layer(tiny_server):
+    """A worker needs llama.cpp's C API, numpy and protobuf: gRPC (lmscope.client's lazy exports) and
+    llama-cpp-python's `Llama` layer with its sqlite-backed cache (service/native.py) stay out of it. Their
+    native modules show in the memory map when they are loaded."""
+    for worker in procinfo.worker_pids(tiny_server.process.pid):
+        mapped = procinfo.mapped_files(worker)
+        assert any("libllama" in p for p in mapped)  # the check sees what the worker loaded
+        assert not [p for p in mapped if "cygrpc" in p or "_sqlite3" in p]
+
+
 def test_arrays_cross_the_pipe_intact_into_buffers_of_their_own():
     rng = np.random.default_rng(0)
     answer = Tensors([NamedTensor("f32", 0, rng.standard_normal((128, 1000), dtype=np.float32)),
@@ -161,7 +171,8 @@ def test_a_big_answer_is_never_whole_in_the_front_end(smol_server, smol_client):
         time.sleep(0.02)
     added = _status_bytes(front_end, "VmHWM") - before
     assert received > 8 * (_Inbox.QUEUED_BYTES + PIECE_BYTES)
-    assert added < received / 2, f"the front end grew by {added / 2**20:.1f} MiB for a {received / 2**20:.1f} MiB answer"
+    assert added < received / 2, \
+        f"the front end grew by {added / 2**20:.1f} MiB for a {received / 2**20:.1f} MiB answer"
 
 
 def test_a_stalled_client_holds_memory_in_the_front_end_never_the_worker(smol_server, smol_client):
