@@ -123,8 +123,8 @@ def peer(model: str, threads: int, repeat: int, prompt: list[int]) -> dict:
     return out
 
 
-def run_peer(model: str, threads: int, repeat: int, prompt: list[int]) -> dict:
-    command = [sys.executable, __file__, "--peer-of", model, "--threads", str(threads), "--repeat", str(repeat),
+def run_peer(model: str, threads: int, repeat: int, prompt: list[int], python: str) -> dict:
+    command = [python, __file__, "--peer-of", model, "--threads", str(threads), "--repeat", str(repeat),
                "--prompt", json.dumps(prompt)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -138,6 +138,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--workers", default="1,2", help="worker counts to measure, e.g. '1,2'")
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--peer-python", default=sys.executable,
+                        help="the interpreter for the transformers peer (an environment with torch + transformers)")
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--report", nargs="+", metavar="LABEL=JSON", help="print a markdown table from saved runs")
     parser.add_argument("--peer-of", help=argparse.SUPPRESS)
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
         result[f"lmscope_{workers}"] = measure_lmscope(args.model, args.threads, workers, args.repeat, prompt)
     if not args.no_peer:
         print(f"[session] transformers, load {load_average()}", flush=True)
-        result["peer"] = run_peer(args.model, args.threads, args.repeat, prompt)
+        result["peer"] = run_peer(args.model, args.threads, args.repeat, prompt, args.peer_python)
     result["load_after"] = load_average()
     text = json.dumps(result, indent=1)
     print(text)
