@@ -195,7 +195,8 @@ class Engine:
         capture_positions = [resolve_positions(request.positions, len(t), "capture") for t in prompts]
         self._check_capture_size(request, prompts, capture_positions)
         need_pattern = any(is_pattern_site(s) for s in request.capture)
-        ctx = self.contexts.get(flash_attn=self.config.flash_attn and not need_pattern)
+        ctx = self.contexts.get(flash_attn=self.config.flash_attn and not need_pattern,
+                                n_cells=self.contexts.cells_needed(prompts))
         output_sets = self._outputs(request, prompts, capture_positions)
         active = CapturePass(self.site_rules, self.site_shapes, self.output_rows_sites, prompts, request.capture,
                              capture_positions, request.interventions, stop_when_done=request.logits == "none")
@@ -262,7 +263,7 @@ class Engine:
             raise RequestError("OUT_OF_RANGE",
                                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context "
                                f"of {self.n_ctx} tokens")
-        ctx = self.contexts.get(flash_attn=self.config.flash_attn)
+        ctx = self.contexts.get(flash_attn=self.config.flash_attn, n_cells=len(prompt) + max_tokens)
         active = CapturePass(self.site_rules, self.site_shapes, self.output_rows_sites, [prompt], [], [[]],
                              list(interventions))
         yield from generation.generate(self.model, self.contexts, ctx, active, prompt, max_tokens,
