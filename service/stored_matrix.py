@@ -19,12 +19,11 @@ caller's memory budget (`service/weights.py`).
 from __future__ import annotations
 
 import ctypes
-import mmap
 
 import numpy as np
 
 from . import ggml
-from .gguf_index import IndexedTensor
+from .gguf_index import IndexedTensor, release_pages
 
 _base = ggml.load_library("ggml-base")
 _cpu = ggml.load_library("ggml-cpu")
@@ -92,9 +91,6 @@ _graph_compute = _bind(_cpu, "ggml_graph_compute", [_void_p, ctypes.POINTER(_Com
 BLAS_MIN_ROWS = 64  # from this many rows on, chunks are dequantized and multiplied by BLAS (`Multiplier`)
 _CONTEXT_BYTES = _CONTEXT_TENSORS * _tensor_overhead() + _graph_overhead()
 _layout_checked = False
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_MADV_DONTNEED = 4
 
 
 def _set_data(tensor: int, address: int) -> None:
@@ -117,6 +113,7 @@ class StoredMatrix:
         if len(tensor.shape) != 2:
             raise ValueError(f"{tensor.name} is not a matrix")
         self.name = tensor.name
+        self.tensor = tensor
         self.ggml_type = int(tensor.tensor_type)
         self.n_cols, self.n_rows = (int(d) for d in tensor.shape)
         self.row_bytes = _row_size(self.ggml_type, self.n_cols)
@@ -135,19 +132,12 @@ class StoredMatrix:
         return out
 
     def release(self, start: int, stop: int) -> None:
-        """Drop this process's page-table entries for stored rows [start, stop) once a chunk is done.
-
-        The file's pages stay in the page cache, shared with llama.cpp's own mapping of the same file; but
-        RSS counts a page once per mapping that touched it, so without this a lens over the whole head
-        showed the head twice in every worker's RSS (Gemma 3: +154 MB) though no memory was used twice.
-        The next pass maps the pages again from the cache (minor faults, ~40k for Gemma's head)."""
-        if not isinstance(self.raw, np.memmap) or stop <= start:
-            return
-        first = self.raw[start:stop].ctypes.data
-        begin = first - first % mmap.PAGESIZE
-        end = first + (stop - start) * self.row_bytes
-        # pages shared with neighbouring chunks are dropped too: they fault back in when needed
-        _libc.madvise(begin, end - begin, _MADV_DONTNEED)
+        """Release our mapping's pages of stored rows [start, stop) once a chunk is done (`release_pages`):
+        otherwise a lens over the whole head showed it twice in the worker's RSS, ours and llama.cpp's
+        mapping of the same file (Gemma 3: +154 MB). The next pass maps the pages again from the page cache
+        (minor faults, ~40k for Gemma's head)."""
+        if stop > start:
+            release_pages(self.raw[start:stop])
 
     def multiplier(self, x: np.ndarray) -> "Multiplier":
         return Multiplier(self, x)
@@ -215,7 +205,8 @@ class StoredMatrix:
         return out
 
     def dequantize_rows(self, row_ids: np.ndarray) -> np.ndarray:
-        return self._dequantize(self.raw[np.asarray(row_ids, dtype=np.int64)])
+        """Rows by id, read from the file: scattered reads through the mapping map a folio each."""
+        return self._dequantize(self.tensor.read_rows(row_ids).reshape(-1, self.raw.shape[1]))
 
     def _dequantize(self, raw_rows: np.ndarray) -> np.ndarray:
         out = np.empty((raw_rows.shape[0], self.n_cols), np.float32)

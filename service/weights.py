@@ -21,6 +21,7 @@ instead of lensed wrongly.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 
 import numpy as np
@@ -38,6 +39,18 @@ LENS_ROWS_PER_CHUNK = 256
 REDUCTION_BUDGET_BYTES = 32 << 20
 BYTES_PER_CELL = 32
 MIN_CHUNK = 256
+
+
+def _releasing(method):
+    """A Weights method after which our mapping of the file holds no pages (`GGUFIndex.release`): what it read
+    stays in the page cache, shared with llama.cpp's mapping, instead of counting twice in the worker's RSS."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.index.release()
+    return wrapper
 
 
 ARGMAX_TOP_K = 32  # up to this k, k argmax passes beat one argpartition over a vocabulary-wide row
@@ -111,21 +124,21 @@ class Weights:
             return str(value)
 
     def read(self, name: str) -> np.ndarray:
-        """A whole tensor, dequantized to float32, in numpy order (ggml's `ne` reversed)."""
+        """A whole tensor, dequantized to float32, in numpy order (ggml's `ne` reversed), read from the file."""
         tensor = self.tensors.get(name)
         if tensor is None:
             raise RequestError("NOT_FOUND", f"the model has no tensor {name!r}")
-        data = dequantize(tensor.data, tensor.tensor_type)
+        data = dequantize(tensor.read(), tensor.tensor_type)
         shape = tuple(int(d) for d in reversed(tensor.shape))
         return np.asarray(data, dtype=np.float32).reshape(shape)
 
     def rows(self, name: str, indices: np.ndarray) -> np.ndarray:
-        """Rows of a 2-D tensor (numpy axis 0), dequantizing only those rows."""
+        """Rows of a 2-D tensor (numpy axis 0), reading and dequantizing only those rows."""
         tensor = self.tensors.get(name)
         if tensor is None:
             raise RequestError("NOT_FOUND", f"the model has no tensor {name!r}")
-        raw = tensor.data  # one raw row per numpy row for 2-D tensors, quantized blocks included
-        data = dequantize(np.asarray(raw[indices]), tensor.tensor_type)
+        # one raw row per numpy row for 2-D tensors, quantized blocks included
+        data = dequantize(tensor.read_rows(indices), tensor.tensor_type)
         return np.asarray(data, dtype=np.float32).reshape(len(indices), -1)
 
     def embedding_rows(self, token_ids: np.ndarray) -> np.ndarray:
@@ -176,6 +189,7 @@ class Weights:
         for start in range(0, self.n_vocab, width):
             yield start, min(self.n_vocab, start + width)
 
+    @_releasing
     def lens(self, x: np.ndarray, *, top_k: int, temperature: float, target_ids: list[int],
              final_norm: bool = True, keep_logits: bool = False,
              reference_rows: int = 0) -> dict[str, np.ndarray]:
@@ -284,6 +298,7 @@ class Weights:
             self._embedding = StoredMatrix(self.tensors["token_embd.weight"], self.n_threads)
         return self._embedding
 
+    @_releasing
     def inverse_row_norms(self, table: str) -> np.ndarray:
         """1 / |row| for every row of a vocabulary table, (n_vocab,) float32, computed once in chunks; 0 for
         all-zero rows (unused tokens)."""
@@ -298,6 +313,7 @@ class Weights:
             self._inverse_norms[matrix.name] = inverse.astype(np.float32)
         return self._inverse_norms[matrix.name]
 
+    @_releasing
     def nearest(self, vectors: np.ndarray, k: int, table: str, exclude_ids: list[int] = ()) -> dict[str, np.ndarray]:
         """The k rows of a vocabulary table with the highest cosine similarity to each vector.
 
