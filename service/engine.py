@@ -44,8 +44,8 @@ __all__ = ["Cancelled", "Engine", "EngineConfig", "ForwardRequest", "ForwardResu
 # Tokens per ubatch are capped so that this part (and the output buffer, which grows to the output rows of
 # one ubatch) stays within LOGITS_RESERVE_BYTES; a longer prompt is
 # decoded in several ubatches, as it already is past n_batch.
-LOGITS_RESERVE_BYTES = 64 << 20
-MIN_UBATCH = 32
+LOGITS_RESERVE_BYTES = 16 << 20
+MIN_UBATCH = 16
 
 
 def logits_rows_per_ubatch(n_vocab: int) -> int:

@@ -36,7 +36,7 @@ from .stored_matrix import StoredMatrix
 LENS_ROWS_PER_CHUNK = 256
 # Per request, the float32 (rows x vocabulary chunk) blocks of the lens and nearest-token passes stay within
 # this many bytes whatever the vocabulary size (`Weights._vocabulary_chunks`).
-REDUCTION_BUDGET_BYTES = 32 << 20
+REDUCTION_BUDGET_BYTES = 16 << 20
 BYTES_PER_CELL = 32
 MIN_CHUNK = 256
 
