@@ -128,16 +128,18 @@ class StoredMatrix:
 
     def products(self, x: np.ndarray, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         out = self._products(self.raw[start:stop], x, out)
-        self.release(start, stop)
+        self.release()
         return out
 
-    def release(self, start: int, stop: int) -> None:
-        """Release our mapping's pages of stored rows [start, stop) once a chunk is done (`release_pages`):
-        otherwise a lens over the whole head showed it twice in the worker's RSS, ours and llama.cpp's
-        mapping of the same file (Gemma 3: +154 MB). The next pass maps the pages again from the page cache
-        (minor faults, ~40k for Gemma's head)."""
-        if stop > start:
-            release_pages(self.raw[start:stop])
+    def release(self) -> None:
+        """Release our mapping's pages of the whole matrix once a chunk is done (`release_pages`): otherwise a
+        lens over the whole head showed it twice in the worker's RSS, ours and llama.cpp's mapping of the same
+        file (Gemma 3: +154 MB). The whole matrix, not the chunk's rows: reading a chunk's first row maps
+        the whole folio around it (1 MiB here), pages of the chunk before too, so releasing only the chunk's
+        own rows left ~0.5 MiB per chunk mapped (+109 MB over a Gemma 3 lens). Releasing page-table entries
+        that are not there costs nothing; the next pass maps the pages again from the page cache (minor
+        faults)."""
+        release_pages(self.raw)
 
     def multiplier(self, x: np.ndarray) -> "Multiplier":
         return Multiplier(self, x)
@@ -201,7 +203,7 @@ class StoredMatrix:
     def dequantize(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as float32 (n, n_cols), by ggml's own `to_float` for the type."""
         out = self._dequantize(self.raw[start:stop])
-        self.release(start, stop)
+        self.release()
         return out
 
     def dequantize_rows(self, row_ids: np.ndarray) -> np.ndarray:
