@@ -89,6 +89,7 @@ _graph_plan = _bind(_cpu, "ggml_graph_plan", [_void_p, ctypes.c_int, _void_p], _
 _graph_compute = _bind(_cpu, "ggml_graph_compute", [_void_p, ctypes.POINTER(_ComputePlan)], ctypes.c_int)
 
 BLAS_MIN_ROWS = 64  # from this many rows on, chunks are dequantized and multiplied by BLAS (`Multiplier`)
+TRANSFORM_ROWS = 256  # rows transformed and rounded at once by `Multiplier` (row-wise: any block gives the same)
 _CONTEXT_BYTES = _CONTEXT_TENSORS * _tensor_overhead() + _graph_overhead()
 _layout_checked = False
 
@@ -141,8 +142,8 @@ class StoredMatrix:
         faults)."""
         release_pages(self.raw)
 
-    def multiplier(self, x: np.ndarray) -> "Multiplier":
-        return Multiplier(self, x)
+    def multiplier(self, x: np.ndarray, transform=None) -> "Multiplier":
+        return Multiplier(self, x, transform)
 
     def _products(self, raw_rows: np.ndarray, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -233,10 +234,18 @@ class Multiplier:
     expanding the whole vocabulary to float32 for one product.
     """
 
-    def __init__(self, matrix: StoredMatrix, x: np.ndarray):
+    def __init__(self, matrix: StoredMatrix, x: np.ndarray, transform=None):
+        """x: (n, n_cols); transform: a row-wise map applied to x first (the final norm of a lens). The rows
+        multiplied are built TRANSFORM_ROWS at a time into one float32 array, so x's transformed and rounded
+        copies never exist whole (a lens of 4,000 SmolLM2 rows: 9 MiB each)."""
         self.matrix = matrix
         self.by_blas = x.shape[0] >= BLAS_MIN_ROWS
-        self.x = matrix.rounded(x) if self.by_blas else np.ascontiguousarray(x, dtype=np.float32)
+        self.x = np.empty(x.shape, np.float32)
+        for start in range(0, x.shape[0], TRANSFORM_ROWS):
+            block = x[start:start + TRANSFORM_ROWS]
+            if transform is not None:
+                block = transform(block)
+            self.x[start:start + TRANSFORM_ROWS] = matrix.rounded(block) if self.by_blas else block
         self._chunk: tuple[int, int, np.ndarray] | None = None
 
     def products(self, rows: slice, start: int, stop: int) -> np.ndarray:

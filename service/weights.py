@@ -206,8 +206,7 @@ class Weights:
         `kl_to_final[i]` = KL(P_ref || P_i) with P_ref the distribution of reference row i mod m, accumulated
         in the same pass: sum_j P_ref,j (z_ref,j - z_i,j) - lse(z_ref) + lse(z_i).
         """
-        normed = self.final_norm(x) if final_norm else np.ascontiguousarray(x, dtype=np.float32)
-        n = normed.shape[0]
+        n = x.shape[0]
         k = min(top_k, self.n_vocab)
         inverse_t = np.float32(1.0 / temperature)
         targets = np.asarray(target_ids, dtype=np.int64)
@@ -222,7 +221,7 @@ class Weights:
         kl_sum = np.zeros(n)  # sum_j exp(z_ref,j - M_ref) (z_ref,j - z_i,j), rescaled as M_ref grows
         target_logits = np.zeros((n, len(targets)), np.float32)
         ranks = np.zeros((n, len(targets)), np.int64)
-        head = self.head.multiplier(normed)
+        head = self.head.multiplier(x, transform=self.final_norm if final_norm else None)
         if len(targets):
             for start in range(0, n, LENS_ROWS_PER_CHUNK):
                 rows = slice(start, min(n, start + LENS_ROWS_PER_CHUNK))
