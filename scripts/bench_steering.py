@@ -59,7 +59,7 @@ def main() -> None:
         return [e["token"] for e in events if "token" in e], end["generate_ms"] / n, cpu * 1e3 / n
 
     def generate_cvec() -> tuple[list[int], float, float]:
-        ctx = engine.contexts.get(flash_attn=engine.config.flash_attn)
+        ctx = engine.contexts.get(flash_attn=engine.config.flash_attn, n_cells=len(prompt) + args.tokens)
         data = np.zeros((engine.n_layer - 1, engine.n_embd), np.float32)   # data[0] is block 1
         data[args.layer - 1] = vector
         pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))

@@ -40,12 +40,16 @@ __all__ = ["Cancelled", "Engine", "EngineConfig", "ForwardRequest", "ForwardResu
 
 
 # llama.cpp reserves each context's compute buffer for the worst ubatch, every token an output: n_ubatch x
-# n_vocab float32 logits (Gemma 3's 262,144-token vocabulary at 512 tokens: 512 MiB of a 514 MiB buffer).
-# Tokens per ubatch are capped so that this part (and the output buffer, which grows to the output rows of
-# one ubatch) stays within LOGITS_RESERVE_BYTES; a longer prompt is
-# decoded in several ubatches, as it already is past n_batch.
-LOGITS_RESERVE_BYTES = 64 << 20
-MIN_UBATCH = 32
+# n_vocab float32 logits (Gemma 3's 262,144-token vocabulary at 512 tokens: 512 MiB of a 514 MiB buffer), and
+# its output buffer grows to the output rows of one ubatch. Tokens per ubatch are capped so that each stays
+# within LOGITS_RESERVE_BYTES; a longer prompt is decoded in several ubatches, as it already is past n_batch.
+# 16 MiB: Gemma 3 16 tokens, SmolLM2 85, Llama 3 8B 32; a 64 MiB cap held 96 MiB more per worker (compute +
+# output buffers) for no measurable speed: Engine.forward of 128 tokens, every hidden state and all logits,
+# 2 threads, wall median of 8 interleaved at load 1.4: Gemma 3 at 16 / 32 / 64 tokens 1.22 / 1.26 / 1.23 s,
+# SmolLM2 at 85 / 170 / 341 tokens 0.67 / 0.72 / 0.70 s. Below 16 it slows: Gemma 3 at 8 tokens took 1.3x
+# the CPU time of 16 (load 2-3).
+LOGITS_RESERVE_BYTES = 16 << 20
+MIN_UBATCH = 16
 
 
 def logits_rows_per_ubatch(n_vocab: int) -> int:
@@ -199,7 +203,8 @@ class Engine:
         capture_positions = [resolve_positions(request.positions, len(t), "capture") for t in prompts]
         self._check_capture_size(request, prompts, capture_positions)
         need_pattern = any(is_pattern_site(s) for s in request.capture)
-        ctx = self.contexts.get(flash_attn=self.config.flash_attn and not need_pattern)
+        ctx = self.contexts.get(flash_attn=self.config.flash_attn and not need_pattern,
+                                n_cells=self.contexts.cells_needed(prompts))
         output_sets = self._outputs(request, prompts, capture_positions)
         active = CapturePass(self.site_rules, self.site_shapes, self.output_rows_sites, prompts, request.capture,
                              capture_positions, request.interventions, stop_when_done=request.logits == "none")
@@ -274,7 +279,7 @@ class Engine:
             raise RequestError("OUT_OF_RANGE",
                                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context "
                                f"of {self.n_ctx} tokens")
-        ctx = self.contexts.get(flash_attn=self.config.flash_attn)
+        ctx = self.contexts.get(flash_attn=self.config.flash_attn, n_cells=len(prompt) + max_tokens)
         active = CapturePass(self.site_rules, self.site_shapes, self.output_rows_sites, [prompt], [], [[]],
                              list(interventions))
         yield from generation.generate(self.model, self.contexts, ctx, active, prompt, max_tokens,

@@ -5,25 +5,33 @@ it fits, and checked against measured peaks in docs/performance.md. The parts, a
 them on the CPU backend (its log lines "KV buffer size", "compute buffer size", "output buffer size"):
 
 - mapped weights: the GGUF tensor data. llama.cpp maps the file (its CPU_Mapped buffer) and the vocabulary
-  math reads the same pages (`stored_matrix`); every worker maps the same file, so the page cache holds it
-  once (proportional set size), though each process's RSS counts the pages it touched.
-- KV cache, per context: n_ctx cells x every layer's K and V rows, F16 (a unified cache; Gemma 3's
-  sliding-window layers get full-size caches here too, as llama.cpp allocates them with 64 sequences).
-- compute buffer, per context: reserved for the worst ubatch, every token an output, so n_ubatch x n_vocab
-  float32 logits dominate it (measured: SmolLM2 98.25 MiB at n_ubatch 512, of which 96 MiB logits; Gemma
-  3 270M 514.5 MiB at 512, 128.6 MiB at 128); the rest is activations, estimated as n_ubatch x n_ff floats.
-- output buffer, per context: the logits rows llama.cpp hands back, n_seq_max rows at first, growing to
-  the most output rows of one ubatch (never shrinking).
+  math reads the same pages through a mapping of its own (`stored_matrix`), released after each use
+  (`gguf_index`), so a worker's RSS counts the file about once; every worker maps the same file, so the
+  page cache holds it once (proportional set size), though each process's RSS counts the pages it touched.
+- KV cache: n_ctx cells x every layer's K and V rows, F16 (a unified cache; Gemma 3's sliding-window layers
+  get full-size caches here too). llama.cpp clears it when it creates the context, so all of it is resident.
+  The worker holds one context at a time, sized to the requests so far (`service/batching.py`): 256 cells at
+  start (SmolLM2 5.6 MiB, Gemma 3 270M 4.5 MiB), doubling up to n_ctx as longer requests come; the estimate
+  is the cache at n_ctx, the most it grows to.
+- compute buffer: reserved for the worst ubatch, every token an output, so n_ubatch x n_vocab float32 logits
+  dominate it; the rest is activations, estimated as n_ubatch x n_ff floats, and without flash attention
+  the attention scores, n_ubatch x n_head x n_ctx floats (an upper bound: llama.cpp reuses the logits'
+  memory for part of them). Measured at n_ubatch 85 / 16: SmolLM2 16.4 MiB (flash), 17.2 MiB (not, 256
+  cells), 21.6 MiB (not, 4096 cells); Gemma 3 270M 16.1 MiB in all four cases. Resident as far as requests
+  use it: an all-logits ubatch touches the logits part.
+- output buffer: the logits rows llama.cpp hands back, n_seq_max rows at first (cleared, so resident),
+  growing to the most output rows of one ubatch (never shrinking).
 - reduction budget, per request: `weights.REDUCTION_BUDGET_BYTES`.
 
-A worker has at most two contexts (with flash attention; without, once attention is captured). Buffers
-are reserved, not touched: resident memory grows into them as requests use them.
+Not counted: llama.cpp's repacked copies of some weight types for faster CPU kernels (its log's "CPU_REPACK
+model buffer": Gemma 3 270M 12.7 MiB, SmolLM2 none), and each process's runtime.
 """
 from __future__ import annotations
 
 from .weights import REDUCTION_BUDGET_BYTES, Weights
 
-CONTEXTS_PER_WORKER = 2
+CONTEXTS_PER_WORKER = 1
+_CONTEXT_PADDING = 256  # llama.cpp rounds n_ctx up to a multiple of this
 _F16_BYTES = 2
 _F32_BYTES = 4
 
@@ -46,8 +54,9 @@ def _kv_rows_per_token(weights: Weights, n_layer: int, n_head_kv: int, n_head: i
 def expected_memory(weights: Weights, *, n_layer: int, n_head: int, n_head_kv: int, n_embd: int, n_vocab: int,
                     n_ctx: int, n_ubatch: int, n_seq_max: int) -> dict:
     mapped = sum(int(t.data.nbytes) for t in weights.tensors.values())
+    n_ctx = -(-n_ctx // _CONTEXT_PADDING) * _CONTEXT_PADDING
     kv = n_ctx * _kv_rows_per_token(weights, n_layer, n_head_kv, n_head, n_embd) * _F16_BYTES
-    compute = n_ubatch * (n_vocab + weights.n_ff) * _F32_BYTES
+    compute = n_ubatch * (n_vocab + weights.n_ff + n_head * n_ctx) * _F32_BYTES
     output = max(n_seq_max, n_ubatch) * n_vocab * _F32_BYTES
     return dict(mapped_weights=mapped, kv_cache=kv, compute_buffer=compute, output_buffer=output,
                 reduction_budget=REDUCTION_BUDGET_BYTES, contexts=CONTEXTS_PER_WORKER, n_ubatch=n_ubatch,

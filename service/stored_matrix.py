@@ -19,12 +19,11 @@ caller's memory budget (`service/weights.py`).
 from __future__ import annotations
 
 import ctypes
-import mmap
 
 import numpy as np
 
 from . import ggml
-from .gguf_index import IndexedTensor
+from .gguf_index import IndexedTensor, release_pages
 
 _base = ggml.load_library("ggml-base")
 _cpu = ggml.load_library("ggml-cpu")
@@ -90,11 +89,9 @@ _graph_plan = _bind(_cpu, "ggml_graph_plan", [_void_p, ctypes.c_int, _void_p], _
 _graph_compute = _bind(_cpu, "ggml_graph_compute", [_void_p, ctypes.POINTER(_ComputePlan)], ctypes.c_int)
 
 BLAS_MIN_ROWS = 64  # from this many rows on, chunks are dequantized and multiplied by BLAS (`Multiplier`)
+TRANSFORM_ROWS = 256  # rows transformed and rounded at once by `Multiplier` (row-wise: any block gives the same)
 _CONTEXT_BYTES = _CONTEXT_TENSORS * _tensor_overhead() + _graph_overhead()
 _layout_checked = False
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_MADV_DONTNEED = 4
 
 
 def _set_data(tensor: int, address: int) -> None:
@@ -117,6 +114,7 @@ class StoredMatrix:
         if len(tensor.shape) != 2:
             raise ValueError(f"{tensor.name} is not a matrix")
         self.name = tensor.name
+        self.tensor = tensor
         self.ggml_type = int(tensor.tensor_type)
         self.n_cols, self.n_rows = (int(d) for d in tensor.shape)
         self.row_bytes = _row_size(self.ggml_type, self.n_cols)
@@ -131,26 +129,21 @@ class StoredMatrix:
 
     def products(self, x: np.ndarray, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         out = self._products(self.raw[start:stop], x, out)
-        self.release(start, stop)
+        self.release()
         return out
 
-    def release(self, start: int, stop: int) -> None:
-        """Drop this process's page-table entries for stored rows [start, stop) once a chunk is done.
+    def release(self) -> None:
+        """Release our mapping's pages of the whole matrix once a chunk is done (`release_pages`): otherwise a
+        lens over the whole head showed it twice in the worker's RSS, ours and llama.cpp's mapping of the same
+        file (Gemma 3: +154 MB). The whole matrix, not the chunk's rows: reading a chunk's first row maps
+        the whole folio around it (1 MiB here), pages of the chunk before too, so releasing only the chunk's
+        own rows left ~0.5 MiB per chunk mapped (+109 MB over a Gemma 3 lens). Releasing page-table entries
+        that are not there costs nothing; the next pass maps the pages again from the page cache (minor
+        faults)."""
+        release_pages(self.raw)
 
-        The file's pages stay in the page cache, shared with llama.cpp's own mapping of the same file; but
-        RSS counts a page once per mapping that touched it, so without this a lens over the whole head
-        showed the head twice in every worker's RSS (Gemma 3: +154 MB) though no memory was used twice.
-        The next pass maps the pages again from the cache (minor faults, ~40k for Gemma's head)."""
-        if not isinstance(self.raw, np.memmap) or stop <= start:
-            return
-        first = self.raw[start:stop].ctypes.data
-        begin = first - first % mmap.PAGESIZE
-        end = first + (stop - start) * self.row_bytes
-        # pages shared with neighbouring chunks are dropped too: they fault back in when needed
-        _libc.madvise(begin, end - begin, _MADV_DONTNEED)
-
-    def multiplier(self, x: np.ndarray) -> "Multiplier":
-        return Multiplier(self, x)
+    def multiplier(self, x: np.ndarray, transform=None) -> "Multiplier":
+        return Multiplier(self, x, transform)
 
     def _products(self, raw_rows: np.ndarray, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -211,11 +204,12 @@ class StoredMatrix:
     def dequantize(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as float32 (n, n_cols), by ggml's own `to_float` for the type."""
         out = self._dequantize(self.raw[start:stop])
-        self.release(start, stop)
+        self.release()
         return out
 
     def dequantize_rows(self, row_ids: np.ndarray) -> np.ndarray:
-        return self._dequantize(self.raw[np.asarray(row_ids, dtype=np.int64)])
+        """Rows by id, read from the file: scattered reads through the mapping map a folio each."""
+        return self._dequantize(self.tensor.read_rows(row_ids).reshape(-1, self.raw.shape[1]))
 
     def _dequantize(self, raw_rows: np.ndarray) -> np.ndarray:
         out = np.empty((raw_rows.shape[0], self.n_cols), np.float32)
@@ -240,10 +234,18 @@ class Multiplier:
     expanding the whole vocabulary to float32 for one product.
     """
 
-    def __init__(self, matrix: StoredMatrix, x: np.ndarray):
+    def __init__(self, matrix: StoredMatrix, x: np.ndarray, transform=None):
+        """x: (n, n_cols); transform: a row-wise map applied to x first (the final norm of a lens). The rows
+        multiplied are built TRANSFORM_ROWS at a time into one float32 array, so x's transformed and rounded
+        copies never exist whole (a lens of 4,000 SmolLM2 rows: 9 MiB each)."""
         self.matrix = matrix
         self.by_blas = x.shape[0] >= BLAS_MIN_ROWS
-        self.x = matrix.rounded(x) if self.by_blas else np.ascontiguousarray(x, dtype=np.float32)
+        self.x = np.empty(x.shape, np.float32)
+        for start in range(0, x.shape[0], TRANSFORM_ROWS):
+            block = x[start:start + TRANSFORM_ROWS]
+            if transform is not None:
+                block = transform(block)
+            self.x[start:start + TRANSFORM_ROWS] = matrix.rounded(block) if self.by_blas else block
         self._chunk: tuple[int, int, np.ndarray] | None = None
 
     def products(self, rows: slice, start: int, stop: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The start-up probe: which capture sites this model really has, and proof that they mean what they say.
 
 The family's rules (`service/architectures.py`) say where each site *should* be. At start-up the engine
-decodes a short prompt in a small context of its own and:
+decodes a short prompt (in the smallest context, `Contexts.get`) and:
 
 1. records every node a rule matches (shape, type, contiguity, and whether the last block keeps only the
    rows of output tokens there), with the last token as the only output;
@@ -40,7 +40,6 @@ from .native import llama as lc
 if TYPE_CHECKING:
     from .weights import Weights
 
-PROBE_N_CTX = 256        # the probe's own context: a full-size one would raise the worker's peak memory
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog"
 PROBE_TOKENS = 8
 CHECK_VOCAB_SAMPLE = 256  # vocabulary rows compared by the unembedding check (plus each position's top 8)
@@ -142,7 +141,7 @@ def verify(model: Model, contexts: Contexts, weights: "Weights", site_rules: Sit
     tokens = model.tokenize(PROBE_TEXT, add_special=True)[:PROBE_TOKENS]
     if len(tokens) < 2:
         tokens = (tokens + [0, 1])[:2]
-    ctx, callback = contexts.new(flash_attn=False, n_ctx=min(contexts.n_ctx, PROBE_N_CTX))
+    ctx = contexts.get(flash_attn=False, n_cells=len(tokens))  # the smallest context, kept for the first request
     try:
         # 1. Where the sites are: the last token alone is an output, as in most requests.
         recorder = _Recorder(site_rules.matcher(list(site_rules.rules)))
@@ -178,8 +177,6 @@ def verify(model: Model, contexts: Contexts, weights: "Weights", site_rules: Sit
                         on_decoded=lambda ubatch: collect_logits(ctx, ubatch, model.n_vocab, logits, slots))
     finally:
         contexts.reset_memory(ctx)
-        lc.llama_free(ctx)
-    del callback
     captured = {site: arrays[0] for site, arrays in active.out.items()}
     checks: dict[str, float] = {}
     failed = _check(model, weights, family, tokens, captured, checks)

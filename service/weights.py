@@ -21,6 +21,7 @@ instead of lensed wrongly.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 
 import numpy as np
@@ -35,9 +36,23 @@ from .stored_matrix import StoredMatrix
 LENS_ROWS_PER_CHUNK = 256
 # Per request, the float32 (rows x vocabulary chunk) blocks of the lens and nearest-token passes stay within
 # this many bytes whatever the vocabulary size (`Weights._vocabulary_chunks`).
-REDUCTION_BUDGET_BYTES = 32 << 20
+REDUCTION_BUDGET_BYTES = 16 << 20
 BYTES_PER_CELL = 32
 MIN_CHUNK = 256
+
+
+def _releasing(method):
+    """A Weights method after which our mapping of the file holds no pages (`GGUFIndex.release`): what it read
+    stays in the page cache, shared with llama.cpp's mapping, instead of counting twice in the worker's RSS.
+    `StoredMatrix` releases its own rows after each chunk, but a touch maps the whole folio around it, which
+    can reach past the matrix into its neighbours in the file (measured: 1.3 MB after a SmolLM2 lens)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.index.release()
+    return wrapper
 
 
 ARGMAX_TOP_K = 32  # up to this k, k argmax passes beat one argpartition over a vocabulary-wide row
@@ -111,21 +126,21 @@ class Weights:
             return str(value)
 
     def read(self, name: str) -> np.ndarray:
-        """A whole tensor, dequantized to float32, in numpy order (ggml's `ne` reversed)."""
+        """A whole tensor, dequantized to float32, in numpy order (ggml's `ne` reversed), read from the file."""
         tensor = self.tensors.get(name)
         if tensor is None:
             raise RequestError("NOT_FOUND", f"the model has no tensor {name!r}")
-        data = dequantize(tensor.data, tensor.tensor_type)
+        data = dequantize(tensor.read(), tensor.tensor_type)
         shape = tuple(int(d) for d in reversed(tensor.shape))
         return np.asarray(data, dtype=np.float32).reshape(shape)
 
     def rows(self, name: str, indices: np.ndarray) -> np.ndarray:
-        """Rows of a 2-D tensor (numpy axis 0), dequantizing only those rows."""
+        """Rows of a 2-D tensor (numpy axis 0), reading and dequantizing only those rows."""
         tensor = self.tensors.get(name)
         if tensor is None:
             raise RequestError("NOT_FOUND", f"the model has no tensor {name!r}")
-        raw = tensor.data  # one raw row per numpy row for 2-D tensors, quantized blocks included
-        data = dequantize(np.asarray(raw[indices]), tensor.tensor_type)
+        # one raw row per numpy row for 2-D tensors, quantized blocks included
+        data = dequantize(tensor.read_rows(indices), tensor.tensor_type)
         return np.asarray(data, dtype=np.float32).reshape(len(indices), -1)
 
     def embedding_rows(self, token_ids: np.ndarray) -> np.ndarray:
@@ -176,6 +191,7 @@ class Weights:
         for start in range(0, self.n_vocab, width):
             yield start, min(self.n_vocab, start + width)
 
+    @_releasing
     def lens(self, x: np.ndarray, *, top_k: int, temperature: float, target_ids: list[int],
              final_norm: bool = True, keep_logits: bool = False,
              reference_rows: int = 0) -> dict[str, np.ndarray]:
@@ -192,8 +208,7 @@ class Weights:
         `kl_to_final[i]` = KL(P_ref || P_i) with P_ref the distribution of reference row i mod m, accumulated
         in the same pass: sum_j P_ref,j (z_ref,j - z_i,j) - lse(z_ref) + lse(z_i).
         """
-        normed = self.final_norm(x) if final_norm else np.ascontiguousarray(x, dtype=np.float32)
-        n = normed.shape[0]
+        n = x.shape[0]
         k = min(top_k, self.n_vocab)
         inverse_t = np.float32(1.0 / temperature)
         targets = np.asarray(target_ids, dtype=np.int64)
@@ -208,7 +223,7 @@ class Weights:
         kl_sum = np.zeros(n)  # sum_j exp(z_ref,j - M_ref) (z_ref,j - z_i,j), rescaled as M_ref grows
         target_logits = np.zeros((n, len(targets)), np.float32)
         ranks = np.zeros((n, len(targets)), np.int64)
-        head = self.head.multiplier(normed)
+        head = self.head.multiplier(x, transform=self.final_norm if final_norm else None)
         if len(targets):
             for start in range(0, n, LENS_ROWS_PER_CHUNK):
                 rows = slice(start, min(n, start + LENS_ROWS_PER_CHUNK))
@@ -284,6 +299,7 @@ class Weights:
             self._embedding = StoredMatrix(self.tensors["token_embd.weight"], self.n_threads)
         return self._embedding
 
+    @_releasing
     def inverse_row_norms(self, table: str) -> np.ndarray:
         """1 / |row| for every row of a vocabulary table, (n_vocab,) float32, computed once in chunks; 0 for
         all-zero rows (unused tokens)."""
@@ -298,6 +314,7 @@ class Weights:
             self._inverse_norms[matrix.name] = inverse.astype(np.float32)
         return self._inverse_norms[matrix.name]
 
+    @_releasing
     def nearest(self, vectors: np.ndarray, k: int, table: str, exclude_ids: list[int] = ()) -> dict[str, np.ndarray]:
         """The k rows of a vocabulary table with the highest cosine similarity to each vector.
 

@@ -197,17 +197,23 @@ def test_model_info_reports_memory_by_part(client, reference):
     info = client.model_info()
     memory = info.memory
     kv_rows = 2 * reference.n_head_kv * reference.head_dim * reference.n_layer
-    assert memory["kv_cache"] == info.n_ctx * kv_rows * 2
+    assert info.n_ctx % 256 == 0  # llama.cpp's own rounding of n_ctx does not apply
+    assert memory["kv_cache"] == info.n_ctx * kv_rows * 2  # one context, grown to n_ctx at most
+    assert memory["contexts"] == 1
     assert memory["mapped_weights"] <= info.file_size
     assert memory["compute_buffer"] >= 4 * memory["n_ubatch"] * info.n_vocab
-    assert memory["per_worker"] == memory["contexts"] * (memory["kv_cache"] + memory["compute_buffer"]
-                                                         + memory["output_buffer"]) + memory["reduction_budget"]
+    assert memory["per_worker"] == (memory["kv_cache"] + memory["compute_buffer"] + memory["output_buffer"]
+                                    + memory["reduction_budget"])
     assert "expected memory" in info.memory_lines()[0]
 
 
-def test_a_big_vocabulary_gets_a_smaller_ubatch(tmp_path):
-    """llama.cpp reserves n_ubatch x n_vocab float32 logits: the engine caps n_ubatch by the vocabulary."""
-    from lmscope.service.engine import LOGITS_RESERVE_BYTES, logits_rows_per_ubatch
-    assert logits_rows_per_ubatch(262_144) * 262_144 * 4 <= LOGITS_RESERVE_BYTES
-    assert logits_rows_per_ubatch(49_152) >= 256  # SmolLM2 keeps most of its 512-token batches
-    assert logits_rows_per_ubatch(10**8) >= 1
+def test_a_big_vocabulary_gets_a_smaller_ubatch():
+    """llama.cpp reserves n_ubatch x n_vocab float32 logits (compute buffer, and the output buffer grows to
+    them): the engine takes the most tokens per ubatch whose logits fit LOGITS_RESERVE_BYTES, at least
+    MIN_UBATCH."""
+    from lmscope.service.engine import LOGITS_RESERVE_BYTES, MIN_UBATCH, logits_rows_per_ubatch
+    for n_vocab in (32_000, 49_152, 128_256, 262_144, 10**8):
+        rows = logits_rows_per_ubatch(n_vocab)
+        assert rows >= MIN_UBATCH
+        assert rows == MIN_UBATCH or rows * 4 * n_vocab <= LOGITS_RESERVE_BYTES < (rows + 1) * 4 * n_vocab
+    assert logits_rows_per_ubatch(262_144) == 16  # Gemma 3: 16 MiB of logits per ubatch
