@@ -35,7 +35,6 @@ from .batching import Contexts, collect_logits
 from .capture import CapturePass
 from .graph_sites import SiteRules, is_pattern_site
 from .model import Model
-from .native import llama as lc
 
 if TYPE_CHECKING:
     from .weights import Weights
