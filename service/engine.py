@@ -48,7 +48,7 @@ __all__ = ["Cancelled", "Engine", "EngineConfig", "ForwardRequest", "ForwardResu
 # 2 threads, wall median of 8 interleaved at load 1.4: Gemma 3 at 16 / 32 / 64 tokens 1.22 / 1.26 / 1.23 s,
 # SmolLM2 at 85 / 170 / 341 tokens 0.67 / 0.72 / 0.70 s. Below 16 it slows: Gemma 3 at 8 tokens took 1.3x
 # the CPU time of 16 (load 2-3).
-LOGITS_RESERVE_BYTES = 16 << 20
+LOGITS_RESERVE_BYTES = 8 << 20
 MIN_UBATCH = 16
 
 

@@ -139,14 +139,18 @@ class Operations:
         back = np.argsort([capture.index(site) for site in order])  # computed order -> requested order
         out = []
         for s in range(len(result.positions)):
-            stacked = np.stack([result.captures[site][s] for site in order])  # (sites, positions, n_embd)
-            flat = stacked.reshape(-1, stacked.shape[-1])
-            reduced = self._lens(flat, lens, reference_rows=stacked.shape[1] if final in capture else 0)
+            blocks = [result.captures[site][s] for site in order]  # (positions, n_embd) each
+            shape = (len(blocks), blocks[0].shape[0])
+            if not lens.keep_captures:  # the lens copies each block in and drops it: no second copy of all
+                for site in capture:
+                    result.captures[site][s] = None
+            reduced = self._lens(blocks, lens, reference_rows=shape[1] if final in capture else 0)
             for name, array in reduced.items():
-                out.append(NamedTensor(f"lens.{name}", s, array.reshape(stacked.shape[:2] + array.shape[1:])[back]))
+                out.append(NamedTensor(f"lens.{name}", s, array.reshape(shape + array.shape[1:])[back]))
         return out
 
-    def _lens(self, vectors: np.ndarray, lens: Lens, reference_rows: int = 0) -> dict[str, np.ndarray]:
+    def _lens(self, vectors: np.ndarray | list[np.ndarray], lens: Lens,
+              reference_rows: int = 0) -> dict[str, np.ndarray]:
         return self.engine.weights.lens(vectors, top_k=lens.top_k, temperature=lens.temperature,
                                         target_ids=lens.target_ids, final_norm=lens.final_norm,
                                         keep_logits=lens.return_logits, reference_rows=reference_rows)

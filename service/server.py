@@ -34,7 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from lmscope.client.servers import join_host_port
 from lmscope.client.wire import lmscope_pb2 as pb
 
-from . import rpc
+from . import heap, rpc
 from .contracts import EngineConfig
 from .errors import RequestError
 from .models import ModelPathError, resolve_model_path
@@ -243,6 +243,7 @@ def serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    heap.settle_front_end()
     try:
         server = Server(args)
     except (ModelPathError, RequestError, RequantizeError) as exc:

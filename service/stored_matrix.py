@@ -142,7 +142,7 @@ class StoredMatrix:
         faults)."""
         release_pages(self.raw)
 
-    def multiplier(self, x: np.ndarray, transform=None) -> "Multiplier":
+    def multiplier(self, x: np.ndarray | list[np.ndarray], transform=None) -> "Multiplier":
         return Multiplier(self, x, transform)
 
     def _products(self, raw_rows: np.ndarray, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
@@ -234,24 +234,32 @@ class Multiplier:
     expanding the whole vocabulary to float32 for one product.
     """
 
-    def __init__(self, matrix: StoredMatrix, x: np.ndarray, transform=None):
-        """x: (n, n_cols); transform: a row-wise map applied to x first (the final norm of a lens). The rows
-        multiplied are built TRANSFORM_ROWS at a time into one float32 array, so x's transformed and rounded
-        copies never exist whole (a lens of 4,000 SmolLM2 rows: 9 MiB each)."""
+    def __init__(self, matrix: StoredMatrix, x: np.ndarray | list[np.ndarray], transform=None):
+        """x: (n, n_cols), or a list of consecutive row blocks, which is emptied as they are copied (so the
+        caller's captures can go as soon as they are in); transform: a row-wise map applied to x first (the
+        final norm of a lens). The rows multiplied are built TRANSFORM_ROWS at a time into one float32 array,
+        so x's transformed and rounded copies never exist whole (a lens of 4,000 SmolLM2 rows: 9 MiB each)."""
+        blocks = x if isinstance(x, list) else [x]
         self.matrix = matrix
-        self.by_blas = x.shape[0] >= BLAS_MIN_ROWS
-        self.x = np.empty(x.shape, np.float32)
-        for start in range(0, x.shape[0], TRANSFORM_ROWS):
-            block = x[start:start + TRANSFORM_ROWS]
-            if transform is not None:
-                block = transform(block)
-            self.x[start:start + TRANSFORM_ROWS] = matrix.rounded(block) if self.by_blas else block
+        n = sum(block.shape[0] for block in blocks)
+        self.by_blas = n >= BLAS_MIN_ROWS
+        self.x = np.empty((n, matrix.n_cols), np.float32)
+        row = 0
+        for i, block in enumerate(blocks):
+            for start in range(0, block.shape[0], TRANSFORM_ROWS):
+                part = block[start:start + TRANSFORM_ROWS]
+                if transform is not None:
+                    part = transform(part)
+                self.x[row:row + len(part)] = matrix.rounded(part) if self.by_blas else part
+                row += len(part)
+            blocks[i] = None
         self._chunk: tuple[int, int, np.ndarray] | None = None
 
     def products(self, rows: slice, start: int, stop: int) -> np.ndarray:
         if not self.by_blas:
             return self.matrix.products(self.x[rows], start, stop)
         if self._chunk is None or self._chunk[:2] != (start, stop):
+            self._chunk = None  # the chunk before goes first: never two in memory
             self._chunk = (start, stop, self.matrix.dequantize(start, stop))
         return self.x[rows] @ self._chunk[2].T
 

@@ -192,7 +192,7 @@ class Weights:
             yield start, min(self.n_vocab, start + width)
 
     @_releasing
-    def lens(self, x: np.ndarray, *, top_k: int, temperature: float, target_ids: list[int],
+    def lens(self, x: np.ndarray | list[np.ndarray], *, top_k: int, temperature: float, target_ids: list[int],
              final_norm: bool = True, keep_logits: bool = False,
              reference_rows: int = 0) -> dict[str, np.ndarray]:
         """The logit-lens reduction of many vectors, over vocabulary chunks within `reduction_budget` bytes.
@@ -207,8 +207,11 @@ class Weights:
         reference_rows = m > 0: the last m rows are reference distributions (a model's final layer), and
         `kl_to_final[i]` = KL(P_ref || P_i) with P_ref the distribution of reference row i mod m, accumulated
         in the same pass: sum_j P_ref,j (z_ref,j - z_i,j) - lse(z_ref) + lse(z_i).
+
+        x: (n, n_embd), or a list of consecutive row blocks (a lens's captured sites), which the lens empties
+        as it copies them into the rows it multiplies.
         """
-        n = x.shape[0]
+        n = sum(block.shape[0] for block in x) if isinstance(x, list) else x.shape[0]
         k = min(top_k, self.n_vocab)
         inverse_t = np.float32(1.0 / temperature)
         targets = np.asarray(target_ids, dtype=np.int64)
@@ -310,6 +313,7 @@ class Weights:
             for start in range(0, matrix.n_rows, step):
                 rows = matrix.dequantize(start, min(matrix.n_rows, start + step))
                 norms[start:start + len(rows)] = np.sqrt(np.einsum("ij,ij->i", rows, rows))  # no float64 copy
+                del rows  # before the next chunk is made: one chunk in memory, not two
             inverse = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-30), 0.0)
             self._inverse_norms[matrix.name] = inverse.astype(np.float32)
         return self._inverse_norms[matrix.name]

@@ -42,7 +42,6 @@ nothing here).
 from __future__ import annotations
 
 import collections
-import ctypes
 import io
 import itertools
 import os
@@ -65,6 +64,7 @@ from google.protobuf.message import Message
 
 from lmscope.client import tensors
 
+from . import heap
 from .contracts import PIECE_BYTES, Job, RunResult, TensorPiece, Tensors, WorkerInfo, tensor_pieces
 from .errors import RequestError
 
@@ -142,24 +142,6 @@ def _send_answer(conn, result) -> None:
     send_message(conn, ("done", result))
 
 
-def _return_free_memory() -> None:
-    """Give the heap's free pages back to the system after a job (glibc `malloc_trim`).
-
-    numpy's temporaries of a few MiB come from the heap once glibc's adaptive mmap threshold has risen (after
-    the first big array is freed), and a freed block in the middle of the heap stays resident: measured on
-    SmolLM2, a worker's heap grew to 112 MB over a lens, nearest tokens and an unembed, each of which needs
-    a fraction of that. Trimmed after every job, the worker's peak is its resting size plus the largest job.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-try:
-    _LIBC = ctypes.CDLL(None)
-    _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-    _LIBC = None
-
 _cancelled = False
 # Not `python -m lmscope.service.worker`: run as __main__, this module's functions would pickle under that name.
 _WORKER_COMMAND = "import sys; from lmscope.service.worker import _worker_main; _worker_main(int(sys.argv[1]))"
@@ -216,7 +198,7 @@ def _worker_main(fd: int) -> None:
             send_message(conn, ("error", exc.code, exc.message))
         except Exception as exc:  # noqa: BLE001 - a bug must fail one request, not the worker
             send_message(conn, ("error", "INTERNAL", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))
-        _return_free_memory()
+        heap.return_free_memory()
 
 
 class _Worker:
