@@ -158,7 +158,7 @@ class TensorPiece:
     array: np.ndarray
 
 
-PIECE_BYTES = 1 << 20  # what the front end holds of one answer in flight is a few of these
+PIECE_BYTES = 1 << 19  # what the front end holds of one answer in flight is a few of these
 
 
 def tensor_pieces(name: str, sequence: int, shape: tuple[int, ...], array: np.ndarray,

@@ -113,9 +113,6 @@ class Engine:
     def description(self) -> str:
         return self.model.description()
 
-    def fingerprint(self) -> str:
-        return self.model.fingerprint()
-
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         return self.model.tokenize(text, add_special, parse_special)
 
@@ -146,7 +143,6 @@ class Engine:
             bos_token_id=self.model.bos, eos_token_id=self.model.eos,
             capture_sites=list(self.site_shapes),
             site_shapes={k: list(v) for k, v in self.site_shapes.items()},
-            fingerprint=self.fingerprint(),
             n_params=self.model.n_params, file_size=os.path.getsize(self.config.model_path),
             limits=self.limits(), backend="RPC" if self.config.rpc_servers else (
                 "CUDA" if lc.llama_supports_gpu_offload() and self.config.n_gpu_layers else "CPU"),

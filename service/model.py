@@ -7,7 +7,6 @@ apart from decoding (`service/batching.py`).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 
 from . import llama_log, rpc
 from .errors import RequestError
@@ -38,7 +37,6 @@ class Model:
         self.n_params = lc.llama_model_n_params(self.handle)
         self.bos = lc.llama_vocab_bos(self.vocab)
         self.eos = lc.llama_vocab_eos(self.vocab)
-        self._fingerprint: str | None = None
 
     def close(self) -> None:
         if self.handle:
@@ -60,16 +58,6 @@ class Model:
         buf = ctypes.create_string_buffer(256)
         lc.llama_model_desc(self.handle, buf, len(buf))
         return buf.value.decode()
-
-    def fingerprint(self) -> str:
-        """sha256 of the model file, computed once on first use."""
-        if self._fingerprint is None:
-            digest = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
-            self._fingerprint = digest.hexdigest()
-        return self._fingerprint
 
     # ----- vocabulary -------------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from lmscope.client.wire import lmscope_pb2 as pb
 from . import heap, rpc
 from .contracts import EngineConfig
 from .errors import RequestError
-from .models import ModelPathError, resolve_model_path
+from .models import ModelPathError, resolve_model_path, sha256_file
 from .requantize import RequantizeError, requantized
 from .wire_guard import add_inspector_service
 
@@ -122,6 +122,8 @@ class Server:
         self.health = health.HealthServicer()
         self.pool = WorkerPool(config, n_workers=args.workers, max_queue=args.max_queue, test_hooks=args.test_hooks,
                                on_health=self._set_health)
+        # Hashed here, once, not by each worker: a worker that hashes loads OpenSSL (3 MB resident each).
+        self.pool.info.model.fingerprint = sha256_file(model_path)
         add_inspector_service(InspectorServicer(self.pool, message_bytes, test_hooks=args.test_hooks), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(

@@ -23,6 +23,7 @@ decodes a short prompt (in the smallest context, `Contexts.get`) and:
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -293,7 +294,8 @@ def _check_unembedding(model: Model, weights: "Weights", tokens, captured, logit
     if last not in shapes or last not in captured:
         return f"this model offers no {last} site, so the lens cannot be checked"
     top = np.argsort(-logits, axis=1)[:, :8].reshape(-1)
-    sample = np.random.default_rng(0).choice(model.n_vocab, min(model.n_vocab, CHECK_VOCAB_SAMPLE), replace=False)
+    # The stdlib's generator, not numpy's: numpy.random imports `secrets`, hence OpenSSL (3 MB in every worker).
+    sample = np.array(random.Random(0).sample(range(model.n_vocab), min(model.n_vocab, CHECK_VOCAB_SAMPLE)))
     ids = np.unique(np.concatenate([top, sample]))
     theirs = logits[:, ids]
     head = weights.rows(weights.head_name, ids)

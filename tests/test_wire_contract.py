@@ -42,13 +42,13 @@ def test_the_front_end_loads_no_native_library_and_maps_no_weights(tiny_server, 
 
 
 def test_workers_load_neither_grpc_nor_llama_cpp_python_s_high_level_layer(tiny_server):
-    """A worker needs llama.cpp's C API, numpy and protobuf: gRPC (lmscope.client's lazy exports) and
-    llama-cpp-python's `Llama` layer with its sqlite-backed cache (service/native.py) stay out of it. Their
-    native modules show in the memory map when they are loaded."""
+    """A worker needs llama.cpp's C API, numpy and protobuf: gRPC (lmscope.client's lazy exports),
+    llama-cpp-python's `Llama` layer with its sqlite-backed cache (service/native.py) and OpenSSL (the front
+    end hashes the model file) stay out of it. Their native modules show in the memory map when loaded."""
     for worker in procinfo.worker_pids(tiny_server.process.pid):
         mapped = procinfo.mapped_files(worker)
         assert any("libllama" in p for p in mapped)  # the check sees what the worker loaded
-        assert not [p for p in mapped if "cygrpc" in p or "_sqlite3" in p]
+        assert not [p for p in mapped if "cygrpc" in p or "_sqlite3" in p or "libcrypto" in p]
 
 
 def test_arrays_cross_the_pipe_intact_into_buffers_of_their_own():
