@@ -19,7 +19,7 @@ import numpy as np
 from .errors import RequestError
 from .native import llama as lc
 
-# (token id, position, sequence, whether llama.cpp computes this row's output)
+# (token id, position, prompt index in the request, whether llama.cpp computes this row's output)
 Row = tuple[int, int, int, bool]
 
 
@@ -160,7 +160,12 @@ class Contexts:
 
     @staticmethod
     def _decode_one(ctx, rows: list[Row]) -> int:
+        """Decode one ubatch. A row's sequence is its prompt's index in the request; llama.cpp's sequence id
+        is that modulo the context's n_seq_max: a group (`groups`) is at most n_seq_max consecutive prompts,
+        so their ids differ, and the memory is emptied between groups. (A request may hold more prompts than
+        a context has sequences: Gemma 3's 16-token ubatches allow 16.)"""
         n = len(rows)
+        n_seq_max = lc.llama_n_seq_max(ctx)
         batch = lc.llama_batch_init(n, 0, 1)
         try:
             batch.n_tokens = n
@@ -168,7 +173,7 @@ class Contexts:
                 batch.token[i] = token
                 batch.pos[i] = pos
                 batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq
+                batch.seq_id[i][0] = seq % n_seq_max
                 batch.logits[i] = out
             return lc.llama_decode(ctx, batch)
         finally:

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 import pytest
-from tolerances import FLASH_F16
+from tolerances import FLASH_F16, SAME_KERNELS
 
 from lmscope.client import Client, Intervention
 from lmscope.service import procinfo
@@ -76,3 +76,18 @@ def test_workers_wait_passively_between_openmp_regions(tiny_server, client):
     assert workers
     expected = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")  # a policy the user set is kept
     assert all(e.get("OMP_WAIT_POLICY") == expected for e in workers)
+
+
+def test_a_request_may_hold_more_prompts_than_a_context_has_sequences(small_batch_client):
+    """With 16-token ubatches a context has 16 sequences (llama.cpp: n_seq_max <= n_batch), as Gemma 3's
+    vocabulary-sized ubatches give; a request of 24 prompts is decoded in groups, each prompt still the
+    same as alone. llama.cpp refuses a sequence id past n_seq_max (llama_decode -1)."""
+    words = PROMPT_WORDS.split()
+    prompts = [" ".join(words[i:i + 2]) for i in range(24)]
+    batch = small_batch_client.run_batch(prompts, batch_size=24)
+    for prompt, run in zip(prompts, batch):
+        single = small_batch_client.run(prompt)
+        assert run.token_ids == single.token_ids
+        # One ubatch of < 64 rows: the same kernels row by row (tests/tolerances.py, SAME_KERNELS).
+        np.testing.assert_allclose(run.hidden_states, single.hidden_states, rtol=SAME_KERNELS, atol=SAME_KERNELS)
+        np.testing.assert_allclose(run.logits, single.logits, rtol=SAME_KERNELS, atol=SAME_KERNELS)
