@@ -43,11 +43,12 @@ __all__ = ["Cancelled", "Engine", "EngineConfig", "ForwardRequest", "ForwardResu
 # n_vocab float32 logits (Gemma 3's 262,144-token vocabulary at 512 tokens: 512 MiB of a 514 MiB buffer), and
 # its output buffer grows to the output rows of one ubatch. Tokens per ubatch are capped so that each stays
 # within LOGITS_RESERVE_BYTES; a longer prompt is decoded in several ubatches, as it already is past n_batch.
-# 16 MiB: Gemma 3 16 tokens, SmolLM2 85, Llama 3 8B 32; a 64 MiB cap held 96 MiB more per worker (compute +
-# output buffers) for no measurable speed: Engine.forward of 128 tokens, every hidden state and all logits,
-# 2 threads, wall median of 8 interleaved at load 1.4: Gemma 3 at 16 / 32 / 64 tokens 1.22 / 1.26 / 1.23 s,
-# SmolLM2 at 85 / 170 / 341 tokens 0.67 / 0.72 / 0.70 s. Below 16 it slows: Gemma 3 at 8 tokens took 1.3x
-# the CPU time of 16 (load 2-3).
+# 8 MiB: Gemma 3 16 tokens (the floor), SmolLM2 42, Llama 3 8B 16. A 64 MiB cap held 112 MiB more per worker
+# (compute + output buffers) for no measurable speed: Engine.forward of 128 tokens, every hidden state and all
+# logits, 2 threads, wall median of 8 interleaved at load 1.4: Gemma 3 at 16 / 32 / 64 tokens 1.22 / 1.26 /
+# 1.23 s, SmolLM2 at 85 / 170 / 341 tokens 0.67 / 0.72 / 0.70 s; SmolLM2 at 42 tokens 0.85 s against 0.79 s at
+# 85 (median of 6 interleaved, load 0.9), the price of 16 MB less per worker. Below 16 tokens it slows: Gemma 3
+# at 8 tokens took 1.3x the CPU time of 16 (load 2-3).
 LOGITS_RESERVE_BYTES = 8 << 20
 MIN_UBATCH = 16
 

@@ -216,4 +216,4 @@ def test_a_big_vocabulary_gets_a_smaller_ubatch():
         rows = logits_rows_per_ubatch(n_vocab)
         assert rows >= MIN_UBATCH
         assert rows == MIN_UBATCH or rows * 4 * n_vocab <= LOGITS_RESERVE_BYTES < (rows + 1) * 4 * n_vocab
-    assert logits_rows_per_ubatch(262_144) == 16  # Gemma 3: 16 MiB of logits per ubatch
+    assert logits_rows_per_ubatch(262_144) == 16  # Gemma 3: the floor, 16 MiB of logits per ubatch
