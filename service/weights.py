@@ -246,7 +246,8 @@ class Weights:
                 logits = self._transformed(head.products(rows, start, stop), slice(start, stop), final_norm)
                 if keep_logits:
                     logits_out[rows, start:stop] = logits
-                new_max = np.maximum(maximum[rows], logits.max(axis=1) * inverse_t)
+                chunk_max = logits.max(axis=1)
+                new_max = np.maximum(maximum[rows], chunk_max * inverse_t)
                 shifted = (logits if inverse_t == 1 else logits * inverse_t) - new_max[:, None].astype(np.float32)
                 exps = np.exp(shifted)
                 scale = np.exp(maximum[rows] - new_max)  # 0 before the first chunk (M = -inf, S = B = 0)
@@ -256,14 +257,20 @@ class Weights:
                 weighted[rows] += np.einsum("ij,ij->i", exps, shifted)  # float32 within a chunk, float64 across
                 total[rows] = scale * old_total + exps.sum(axis=1)
                 maximum[rows] = new_max
-                if k:
+                # Only rows whose chunk maximum beats their k-th best so far can change their top k (an equal
+                # value would rank after the one already there): after the first chunks, a fraction of them.
+                entering = np.flatnonzero(chunk_max > top_values[rows, k - 1]) if k else ()
+                if len(entering):
                     chunk_k = min(k, stop - start)
-                    chunk_top = top_k_columns(logits, chunk_k)
-                    values = np.concatenate([top_values[rows], np.take_along_axis(logits, chunk_top, axis=1)], axis=1)
-                    ids = np.concatenate([top_ids[rows], chunk_top + start], axis=1)
+                    candidates = logits if len(entering) == logits.shape[0] else logits[entering]
+                    chunk_top = top_k_columns(candidates, chunk_k)
+                    changed = entering + rows.start
+                    values = np.concatenate([top_values[changed], np.take_along_axis(candidates, chunk_top, axis=1)],
+                                            axis=1)
+                    ids = np.concatenate([top_ids[changed], chunk_top + start], axis=1)
                     order = np.argsort(-values, axis=1, kind="stable")[:, :k]
-                    top_values[rows] = np.take_along_axis(values, order, axis=1)
-                    top_ids[rows] = np.take_along_axis(ids, order, axis=1)
+                    top_values[changed] = np.take_along_axis(values, order, axis=1)
+                    top_ids[changed] = np.take_along_axis(ids, order, axis=1)
                 for j, target in enumerate(targets):  # one target at a time: memory (rows, chunk), not x n_targets
                     above = (logits > target_logits[rows, j:j + 1]).sum(axis=1)
                     if start <= target < stop:
