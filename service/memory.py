@@ -16,9 +16,10 @@ them on the CPU backend (its log lines "KV buffer size", "compute buffer size", 
 - compute buffer: reserved for the worst ubatch, every token an output, so n_ubatch x n_vocab float32 logits
   dominate it; the rest is activations, estimated as n_ubatch x n_ff floats, and without flash attention
   the attention scores, n_ubatch x n_head x n_ctx floats (an upper bound: llama.cpp reuses the logits'
-  memory for part of them). Measured at n_ubatch 85 / 16: SmolLM2 16.4 MiB (flash), 17.2 MiB (not, 256
-  cells), 21.6 MiB (not, 4096 cells); Gemma 3 270M 16.1 MiB in all four cases. Resident as far as requests
-  use it: an all-logits ubatch touches the logits part.
+  memory for part of them). Measured at n_ubatch 42 (SmolLM2) / 16 (Gemma 3 270M): SmolLM2 8.06 MiB with
+  and without flash attention at 256 cells (at n_ubatch 85: 16.4, 17.2, and 21.6 MiB without flash at 4096
+  cells); Gemma 3 270M 16.1 MiB in all four cases. Resident as far as requests use it: an all-logits ubatch
+  touches the logits part.
 - output buffer: the logits rows llama.cpp hands back, n_seq_max rows at first (cleared, so resident),
   growing to the most output rows of one ubatch (never shrinking).
 - reduction budget, per request: `weights.REDUCTION_BUDGET_BYTES`.
