@@ -221,43 +221,44 @@ class Contexts:
             yield current
 
 
-def collect_logits(ctx, ubatch: list[Row], n_vocab: int, logits: list[np.ndarray],
-                   logit_slot: list[dict[int, int]]) -> None:
-    """Copy the output rows' logits of the ubatch just decoded into the per-prompt arrays."""
+def _wanted_rows(ctx, ubatch: list[Row], n_vocab: int,
+                 logit_slot: list[dict[int, int]]) -> tuple[np.ndarray | None, list[tuple[int, int, int]]]:
+    """llama.cpp's logits of the ubatch just decoded (a view of its output buffer) and the (row, prompt,
+    slot) of each output row the request wants, in row order."""
     n_out = sum(1 for *_, o in ubatch if o)
     if n_out == 0:
-        return
+        return None, []
     table = np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(n_out, n_vocab))
-    row = 0
+    wanted, row = [], 0
     for _, p, s, out in ubatch:
         if not out:
             continue
         k = logit_slot[s].get(p)
         if k is not None:
-            logits[s][k] = table[row]
+            wanted.append((row, s, k))
         row += 1
+    return table, wanted
+
+
+def collect_logits(ctx, ubatch: list[Row], n_vocab: int, logits: list[np.ndarray],
+                   logit_slot: list[dict[int, int]]) -> None:
+    """Copy the output rows' logits of the ubatch just decoded into the per-prompt arrays."""
+    table, wanted = _wanted_rows(ctx, ubatch, n_vocab, logit_slot)
+    for row, s, k in wanted:
+        logits[s][k] = table[row]
 
 
 def stream_logits(ctx, ubatch: list[Row], n_vocab: int, logit_slot: list[dict[int, int]],
                   sink: Callable[[int, int, np.ndarray], None]) -> None:
     """Hand the output rows' logits of the ubatch just decoded to `sink(prompt, first slot, rows)`, one call
     per run of consecutive slots of one prompt, the rows viewed in llama.cpp's output buffer (no copy)."""
-    n_out = sum(1 for *_, o in ubatch if o)
-    if n_out == 0:
-        return
-    table = np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(n_out, n_vocab))
+    table, wanted = _wanted_rows(ctx, ubatch, n_vocab, logit_slot)
     runs: list[list[int]] = []  # [prompt, first slot, first row, rows]
-    row = 0
-    for _, p, s, out in ubatch:
-        if not out:
-            continue
-        k = logit_slot[s].get(p)
-        if k is not None:
-            last = runs[-1] if runs else None
-            if last is not None and last[0] == s and last[1] + last[3] == k and last[2] + last[3] == row:
-                last[3] += 1
-            else:
-                runs.append([s, k, row, 1])
-        row += 1
+    for row, s, k in wanted:
+        last = runs[-1] if runs else None
+        if last is not None and last[0] == s and last[1] + last[3] == k and last[2] + last[3] == row:
+            last[3] += 1
+        else:
+            runs.append([s, k, row, 1])
     for s, k, first_row, n in runs:
         sink(s, k, table[first_row:first_row + n])
