@@ -73,8 +73,9 @@ class ModelInfo:
         total = m["mapped_weights"] + self.n_workers * m["per_worker"]
         return [f"expected memory: {total / 2**20:,.1f} MiB = mapped weights {mib('mapped_weights')} (shared) "
                 f"+ {self.n_workers} worker(s) x {mib('per_worker')}, plus each process's runtime",
-                f"  per context (x{m['contexts']}): KV cache {mib('kv_cache')}, compute buffer {mib('compute_buffer')} "
-                f"(n_ubatch {m['n_ubatch']}), output buffer {mib('output_buffer')}",
+                f"  per context (x{m['contexts']}): KV cache up to {mib('kv_cache')} (it grows with the requests), "
+                f"compute buffer {mib('compute_buffer')} (n_ubatch {m['n_ubatch']}), output buffer "
+                f"{mib('output_buffer')}",
                 f"  per request: reduction budget {mib('reduction_budget')}"]
 
 
