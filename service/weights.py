@@ -278,10 +278,19 @@ class Weights:
                     ranks[rows, j] += above
                 if m:
                     reference = reference_of[rows]
-                    rescale = reference_rescale[reference]
-                    difference = reference_logits[reference] - logits
-                    difference *= inverse_t
-                    kl_sum[rows] = rescale * kl_sum[rows] + np.einsum("ij,ij->i", reference_exps[reference], difference)
+                    if rows.start % m == 0 and (rows.stop - rows.start) % m == 0:
+                        # Whole periods of the references (a lens: every layer's block of positions): broadcast
+                        # them over the block instead of gathering a copy per row.
+                        difference = reference_logits[None] - logits.reshape(-1, m, logits.shape[1])
+                        if inverse_t != 1:
+                            difference *= inverse_t
+                        dots = np.einsum("kpw,pw->kp", difference, reference_exps).reshape(-1)
+                    else:
+                        difference = reference_logits[reference] - logits
+                        if inverse_t != 1:
+                            difference *= inverse_t
+                        dots = np.einsum("ij,ij->i", reference_exps[reference], difference)
+                    kl_sum[rows] = reference_rescale[reference] * kl_sum[rows] + dots
         log_normalizer = maximum + np.log(total)  # log sum exp(z)
         out = {
             "top_ids": top_ids.astype(np.int32),

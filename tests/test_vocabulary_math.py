@@ -80,10 +80,13 @@ def test_chunked_reductions_equal_one_chunk(tiny_weights, monkeypatch, n_rows):
         assert (chunked["target_ranks"][:, j] <= maybe.sum(1)).all()
 
 
-def test_reductions_equal_the_numpy_definitions(tiny_weights):
+@pytest.mark.parametrize("rows_per_block", [256, 64])  # whole periods of the references; blocks across them
+def test_reductions_equal_the_numpy_definitions(tiny_weights, monkeypatch, rows_per_block):
     """Top-k, entropy, target probabilities and ranks, and KL to the reference rows, recomputed in float64
-    from logits of the stored weights and the rounded rows (`exact_logits`)."""
+    from logits of the stored weights and the rounded rows (`exact_logits`). 90 rows with 30 references: one
+    block of three whole periods (the references broadcast), or blocks of 64 rows that cut periods (gathered)."""
     path, weights = tiny_weights
+    monkeypatch.setattr(weights_module, "LENS_ROWS_PER_CHUNK", rows_per_block)
     x = np.random.default_rng(1).normal(size=(90, weights.head.n_cols)).astype(np.float32) * 2
     m, temperature = 30, 0.8
     got = weights.lens(x, top_k=4, temperature=temperature, target_ids=[3, 250], reference_rows=m)
