@@ -6,9 +6,9 @@ import pytest
 from tolerances import (
     F16_CACHE,
     FLASH_F16,
-    SAME_KERNELS,
     U16,
     assert_close_to_scale,
+    assert_same_as_alone,
     assert_within,
     gamma,
     unembedding_error,
@@ -117,11 +117,7 @@ def test_batched_prompts_equal_single_runs(client, reference):
     prompts = [PROMPT, "Hello world, this is a longer prompt with more tokens", "今天天氣真好！"]
     batch = client.run_batch(prompts, batch_size=3)
     for prompt, run in zip(prompts, batch):
-        single = client.run(prompt)
-        assert run.token_ids == single.token_ids
-        # One ubatch of < 64 rows: the same kernels row by row (tests/tolerances.py, SAME_KERNELS).
-        np.testing.assert_allclose(run.hidden_states, single.hidden_states, rtol=SAME_KERNELS, atol=SAME_KERNELS)
-        np.testing.assert_allclose(run.logits, single.logits, rtol=SAME_KERNELS, atol=SAME_KERNELS)
+        assert_same_as_alone(run, client.run(prompt))
         ref = reference.forward(run.token_ids)
         np.testing.assert_allclose(run.hidden_states[1:], ref["resid_post"], atol=FLASH_F16)
 

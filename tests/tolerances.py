@@ -120,3 +120,11 @@ def assert_close_to_scale(actual, expected, budget: float, what: str = "") -> No
     error, scale = np.abs(actual - expected).max(), np.abs(expected).max()
     assert error <= budget * scale, (f"{what}: max error {error:.3g} exceeds {budget:.3g} x the largest value "
                                      f"{scale:.3g}")
+
+
+def assert_same_as_alone(batched, alone) -> None:
+    """A prompt's Run from a batch against the same prompt run alone: one ubatch of < 64 rows either way, so
+    the same kernels row by row (SAME_KERNELS)."""
+    assert batched.token_ids == alone.token_ids
+    np.testing.assert_allclose(batched.hidden_states, alone.hidden_states, rtol=SAME_KERNELS, atol=SAME_KERNELS)
+    np.testing.assert_allclose(batched.logits, alone.logits, rtol=SAME_KERNELS, atol=SAME_KERNELS)
