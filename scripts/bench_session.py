@@ -134,6 +134,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="GGUF file (default: the default model)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--server-threads", type=int,
+                        help="lmscope serve --threads (default: --threads; 0: the cores shared among the workers)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--workers", default="1,2", help="worker counts to measure, e.g. '1,2'")
@@ -159,7 +161,8 @@ def main(argv=None) -> int:
     result = {"model": args.model, "threads": args.threads, "load_before": load_average()}
     for workers in [int(w) for w in args.workers.split(",") if w]:
         print(f"[session] lmscope, {workers} worker(s), load {load_average()}", flush=True)
-        result[f"lmscope_{workers}"] = measure_lmscope(args.model, args.threads, workers, args.repeat, prompt)
+        server_threads = args.threads if args.server_threads is None else args.server_threads
+        result[f"lmscope_{workers}"] = measure_lmscope(args.model, server_threads, workers, args.repeat, prompt)
     if not args.no_peer:
         print(f"[session] transformers, load {load_average()}", flush=True)
         result["peer"] = run_peer(args.model, args.threads, args.repeat, prompt, args.peer_python)

@@ -113,7 +113,7 @@ class Server:
         if not self.port:
             raise RequestError("UNAVAILABLE", f"cannot listen on {address}: the port is in use, or the host is "
                                               f"not an address of this machine")
-        config = EngineConfig(model_path=str(model_path), n_ctx=args.n_ctx, n_threads=args.threads,
+        config = EngineConfig(model_path=str(model_path), n_ctx=args.n_ctx, n_threads=worker_threads(args),
                               n_gpu_layers=args.n_gpu_layers, n_batch=args.n_batch,
                               max_capture_bytes=args.max_capture_mb << 20,
                               max_generated_tokens=args.max_generated_tokens,
@@ -185,6 +185,13 @@ def _read_token(path: str) -> str:
     return token
 
 
+def worker_threads(args: argparse.Namespace) -> int:
+    """Threads per worker: --threads, or the machine's cores shared among the workers. More threads than
+    cores makes every worker wait on the others' (two workers of two threads on two cores: a lens took 2.5x
+    as long as with one thread each; docs/performance.md)."""
+    return args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="path to a GGUF file (default: the default model, fetched once)")
     parser.add_argument("--requantize", choices=["q8_0", "q4_0"],
@@ -194,7 +201,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=50051, help="port (0 = any free port)")
     parser.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens per worker")
     parser.add_argument("--n-batch", type=int, default=512, help="tokens per llama.cpp batch (ubatch)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads per worker (0 = all cores)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads per worker (0 = the cores shared among the workers)")
     parser.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (CUDA/Metal builds)")
     parser.add_argument("--workers", type=int, default=1, help="model worker processes (requests in parallel)")
     parser.add_argument("--max-queue", type=int, default=32,

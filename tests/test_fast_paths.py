@@ -68,14 +68,28 @@ def test_an_edited_request_leaves_nothing_behind_for_the_next_one(small_batch_cl
     np.testing.assert_array_equal(after.logits, before.logits)
 
 
+def _worker_environments(server) -> list[dict[str, str]]:
+    return [dict(item.split("=", 1) for item in open(f"/proc/{c}/environ").read().split("\0") if "=" in item)
+            for c in procinfo.worker_pids(server.process.pid)]
+
+
 def test_workers_wait_passively_between_openmp_regions(tiny_server, client):
     client.model_info()
-    pid = tiny_server.process.pid
-    workers = [dict(item.split("=", 1) for item in open(f"/proc/{c}/environ").read().split("\0") if "=" in item)
-               for c in procinfo.worker_pids(pid)]
+    workers = _worker_environments(tiny_server)
     assert workers
     expected = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")  # a policy the user set is kept
     assert all(e.get("OMP_WAIT_POLICY") == expected for e in workers)
+    # numpy's BLAS gets the worker's threads (--threads 2 here), not every core; a setting the user made is kept.
+    assert all(e.get("OPENBLAS_NUM_THREADS") == os.environ.get("OPENBLAS_NUM_THREADS", "2") for e in workers)
+
+
+def test_workers_share_the_cores_unless_told_otherwise(tiny_model):
+    """Without --threads, two workers get half the cores each (at least one), for llama.cpp and BLAS alike."""
+    with launch_server(tiny_model, args=("--workers", "2", "--n-ctx", "256")) as server:
+        workers = _worker_environments(server)
+    assert len(workers) == 2
+    share = str(max(1, (os.cpu_count() or 1) // 2))
+    assert all(e.get("OPENBLAS_NUM_THREADS") == os.environ.get("OPENBLAS_NUM_THREADS", share) for e in workers)
 
 
 def test_a_request_may_hold_more_prompts_than_a_context_has_sequences(small_batch_client):
