@@ -187,8 +187,8 @@ def _read_token(path: str) -> str:
 
 def worker_threads(args: argparse.Namespace) -> int:
     """Threads per worker: --threads, or the machine's cores shared among the workers. More threads than
-    cores makes every worker wait on the others' (two workers of two threads on two cores: a lens took 2.5x
-    as long as with one thread each; docs/performance.md)."""
+    cores makes every worker wait on the others' (two workers of two threads each on two cores: a lens took
+    4x as long as with the cores shared; docs/gotchas.md)."""
     return args.threads or max(1, (os.cpu_count() or 1) // args.workers)
 
 

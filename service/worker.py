@@ -213,8 +213,8 @@ class _Worker:
         env = dict(os.environ)
         env.setdefault("OMP_WAIT_POLICY", OPENMP_WAIT_POLICY)  # read by libgomp when the child loads it
         # numpy's BLAS (the lens's products) takes every core unless told: with several workers, their BLAS
-        # threads outnumber the cores and wait on each other (two SmolLM2 lenses at once on 2 cores, one
-        # thread per worker: 18.4 s each with BLAS's default, 3.7-4.4 s with one BLAS thread per worker).
+        # threads outnumber the cores and wait on each other (docs/gotchas.md: two SmolLM2 lenses at once on
+        # 2 cores, 18.4 s each oversubscribed, 4.5 s with the cores shared).
         env.setdefault("OPENBLAS_NUM_THREADS", str(self.config.n_threads or os.cpu_count() or 1))
         ours, theirs = socket.socketpair()
         try:
