@@ -35,15 +35,17 @@ keeps to a few pieces while the client reads: the front end never holds a whole 
 client stops holding the reader back after a moment: it then holds memory in the front end (at most the
 answer), never a worker.
 
-Workers are plain subprocesses (`python -c ... lmscope.service.worker ...`) on a socket pair, cancelled by
-SIGUSR1: multiprocessing's spawn would also start its resource-tracker process (13 MB resident, for
-nothing here).
+Workers are plain subprocesses (`python -c ... lmscope.service.worker ...`) on a socket pair: multiprocessing's
+spawn would also start its resource-tracker process (13 MB resident, for nothing here). The cancel flag is one
+byte of a small file both processes map: the front end clears it before it sends a job and sets it to cancel
+that job, so a cancel can neither arrive before its job nor outlive it (a signal could do both).
 """
 from __future__ import annotations
 
 import collections
 import io
 import itertools
+import mmap
 import os
 import pickle
 import queue
@@ -52,6 +54,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -142,21 +145,17 @@ def _send_answer(conn, result) -> None:
     send_message(conn, ("done", result))
 
 
-_cancelled = False
 # Not `python -m lmscope.service.worker`: run as __main__, this module's functions would pickle under that name.
-_WORKER_COMMAND = "import sys; from lmscope.service.worker import _worker_main; _worker_main(int(sys.argv[1]))"
+_WORKER_COMMAND = ("import sys; from lmscope.service.worker import _worker_main; "
+                   "_worker_main(int(sys.argv[1]), int(sys.argv[2]))")
 
 
-def _on_cancel(signum, frame) -> None:
-    global _cancelled
-    _cancelled = True
-
-
-def _worker_main(fd: int) -> None:
-    """A worker process: load the model named by the first message, then answer jobs until the pipe closes."""
+def _worker_main(fd: int, cancel_fd: int) -> None:
+    """A worker process: load the model named by the first message, then answer jobs until the pipe closes.
+    `cancel_fd`: the file whose first byte the front end sets to cancel the running job."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when workers stop
-    signal.signal(signal.SIGUSR1, _on_cancel)
     conn = Connection(fd)
+    cancel_flag = mmap.mmap(cancel_fd, 1)
     try:
         config, test_hooks = receive_message(conn)
         from .engine import Engine
@@ -164,7 +163,7 @@ def _worker_main(fd: int) -> None:
 
         engine = Engine(config)
         ops = Operations(engine, test_hooks=test_hooks, emit=lambda item: send_message(conn, ("item", item)))
-        engine.set_cancel(lambda: _cancelled)
+        engine.set_cancel(lambda: cancel_flag[0] != 0)
         send_message(conn, ("ready", ops.info()))
     except RequestError as exc:
         send_message(conn, ("error", exc.code, exc.message))
@@ -174,15 +173,11 @@ def _worker_main(fd: int) -> None:
         return
     from .engine import Cancelled
 
-    global _cancelled
     while True:
         try:
             job = receive_message(conn)
         except EOFError:
             return
-        # The front end signals only while this worker runs its job, and only after sending it; a signal for
-        # the previous job arrived before its answer was read, so it ran before this job was read.
-        _cancelled = False
         try:
             result = ops.execute(job)
             if isinstance(result, Iterator):
@@ -217,28 +212,37 @@ class _Worker:
         # 2 cores, 18.4 s each oversubscribed, 4.5 s with the cores shared).
         env.setdefault("OPENBLAS_NUM_THREADS", str(self.config.n_threads or os.cpu_count() or 1))
         ours, theirs = socket.socketpair()
+        flag_file = tempfile.TemporaryFile()
         try:
+            flag_file.write(b"\0")
+            flag_file.flush()
+            self._cancel_flag = mmap.mmap(flag_file.fileno(), 1)
             self.process = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_COMMAND, str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                env=env, stdin=subprocess.DEVNULL)
+                [sys.executable, "-c", _WORKER_COMMAND, str(theirs.fileno()), str(flag_file.fileno())],
+                pass_fds=[theirs.fileno(), flag_file.fileno()], env=env, stdin=subprocess.DEVNULL)
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
+            flag_file.close()  # the mapping (and the worker's) keeps it
         self.conn = Connection(ours.detach())
         send_message(self.conn, (self.config, self.test_hooks))
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def start_job(self, job) -> None:
+        """Send a job, its cancel flag cleared first."""
+        self._cancel_flag[0] = 0
+        send_message(self.conn, job)
+
     def cancel(self) -> None:
         """Ask the worker to stop its job at the next ubatch or generated token."""
-        if self.alive():
-            try:
-                self.process.send_signal(signal.SIGUSR1)
-            except ProcessLookupError:
-                pass
+        try:
+            self._cancel_flag[0] = 1
+        except ValueError:  # stopped meanwhile (the server is shutting down): nothing left to cancel
+            pass
 
     def wait_ready(self, timeout: float) -> WorkerInfo:
         if not self.conn.poll(timeout):
@@ -272,6 +276,7 @@ class _Worker:
         except subprocess.TimeoutExpired:
             pass
         self.conn.close()
+        self._cancel_flag.close()
 
     def crash_message(self) -> str:
         code = self._exit_code()
@@ -455,7 +460,7 @@ class WorkerPool:
         healthy = False
         try:
             try:
-                send_message(worker.conn, job)
+                worker.start_job(job)
             except (BrokenPipeError, OSError):
                 raise RequestError("UNAVAILABLE", worker.crash_message()) from None
             cancelled_at = None
