@@ -322,8 +322,9 @@ class _Inbox:
 
     def wait_for_room(self, give_up: Callable[[], bool]) -> None:
         with self._changed:
+            waiting_since = time.monotonic()  # a client is stalled when it takes nothing while the queue is full
             while self._bytes > self.QUEUED_BYTES and not self._stalled and not give_up():
-                if time.monotonic() - self._taken_at > self.STALLED_CLIENT_S:
+                if time.monotonic() - max(self._taken_at, waiting_since) > self.STALLED_CLIENT_S:
                     self._stalled = True
                     return
                 self._changed.wait(0.05)

@@ -208,3 +208,20 @@ def test_logits_at_positions_out_of_order_come_back_in_the_order_asked(smol_clie
     forward = smol_client.run(prompt, logits=True, positions=[1, 4, 7])
     backward = smol_client.run(prompt, logits=True, positions=[7, 4, 1])
     np.testing.assert_array_equal(backward.logits, forward.logits[::-1])
+
+
+def test_a_client_is_stalled_when_it_takes_nothing_from_a_full_queue_not_since_the_request_began():
+    """A long computation before the first piece (a big Unembed) must not count as the client stalling:
+    the grace starts when the queue is full, or at the client's last take if that is later."""
+    from lmscope.service.contracts import PIECE_BYTES, TensorPiece
+    from lmscope.service.worker import _Inbox
+
+    inbox = _Inbox()
+    inbox._taken_at -= 60  # the request began a minute ago and the client has had nothing to take since
+    piece = TensorPiece("logits", 0, (3 * PIECE_BYTES // 4,), 0, np.zeros(PIECE_BYTES // 4, np.float32))
+    for _ in range(3):
+        inbox.put(("item", piece))
+    started = time.monotonic()
+    inbox.wait_for_room(give_up=lambda: time.monotonic() - started > 0.5)
+    assert time.monotonic() - started >= 0.5  # it waited for the client, who may still read
+    assert not inbox._stalled
