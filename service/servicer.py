@@ -15,7 +15,7 @@ from lmscope.client import tensors
 from lmscope.client.wire import lmscope_pb2 as pb
 from lmscope.client.wire import lmscope_pb2_grpc as pb_grpc
 
-from .contracts import CrashJob, NamedTensor, RunResult, TensorPiece
+from .contracts import CrashJob, RunResult, TensorPiece
 from .errors import RequestError
 from .requests import RequestParser
 from .worker import WorkerPool
@@ -50,25 +50,17 @@ def _statuses(method):
     return unary
 
 
-def _chunks(named_tensors: list[NamedTensor]):
-    for tensor in named_tensors:
-        for chunk in tensors.to_chunks(tensor.name, tensor.array, tensor.sequence):
-            yield pb.RunChunk(tensor=chunk)
-
-
 def _tensor_answer(messages):
     """A worker's tensor answer as RunChunks, each piece sent on as it arrives (see `WorkerPool.messages`):
-    the big tensors' pieces first, then the header (Run) and the small tensors that came with "done"."""
+    every tensor comes as pieces ahead of "done" (`worker._send_answer`), which brings a Run's header."""
     for kind, value in messages:
         if kind == "item":
             piece: TensorPiece = value
             for chunk in tensors.to_chunks(piece.name, piece.array, piece.sequence, shape=piece.shape,
                                            offset=piece.offset):
                 yield pb.RunChunk(tensor=chunk)
-            continue
-        if isinstance(value, RunResult):
+        elif isinstance(value, RunResult):
             yield pb.RunChunk(header=value.header)
-        yield from _chunks(value.tensors)
 
 
 class InspectorServicer(pb_grpc.InspectorServicer):
