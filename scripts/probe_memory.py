@@ -1,0 +1,149 @@
+"""Where a server's memory and time go, step by step: the probes behind docs/performance.md's second pass.
+
+    .venv/bin/python scripts/probe_memory.py stages  --model M   # resident memory of front end and worker
+                                                                # after each step of the issue #13 session
+    .venv/bin/python scripts/probe_memory.py forward --model M   # Engine.forward of 128 tokens in-process:
+                                                                # no logits / last / all (streamed, collected)
+    .venv/bin/python scripts/probe_memory.py lens    --model M   # the lens reduction in-process on real hidden
+                                                                # states (every layer x 128 positions, KL)
+    .venv/bin/python scripts/probe_memory.py norms   --model M   # peak memory of the embedding's row norms
+
+`stages` runs a real server (`launch_server`); the others load the model in this process, so that one step
+is timed or measured without the pipe and gRPC. Environment variables (MALLOC_MMAP_THRESHOLD_,
+OPENBLAS_NUM_THREADS) reach the server's processes too, which is how alternatives were compared.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+TEXT = "The capital of France is Paris. It is a big city with many people and old buildings. " * 20
+
+
+def _status(pid: int | str = "self") -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile of a process, in MB."""
+    keys = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
+    return {line.split(":")[0]: int(line.split()[1]) // 1024
+            for line in open(f"/proc/{pid}/status") if line.startswith(keys)}
+
+
+def _largest_mappings(pid: int, n: int = 8) -> list[tuple[str, int]]:
+    rss, name = collections.Counter(), "[anon]"
+    for line in open(f"/proc/{pid}/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            name = fields[5] if len(fields) > 5 else "[anon]"
+        elif fields[0] == "Rss:":
+            rss[name] += int(fields[1])
+    return [(name.rsplit("/", 1)[-1], kb // 1024) for name, kb in rss.most_common(n)]
+
+
+def stages(model: str) -> None:
+    from bench import process_tree
+
+    from lmscope.client import Client
+    from lmscope.service.launch import launch_server
+
+    with launch_server(model, args=("--threads", "2", "--workers", "1", "--n-ctx", "4096")) as server, \
+            Client(server.address) as c:
+        pids = process_tree(server.process.pid)
+
+        def show(step: str) -> None:
+            print(f"{step:14s}", "  ".join(f"{pid}: {_status(pid)}" for pid in pids), flush=True)
+        show("start")
+        prompt = c.tokenize(TEXT).token_ids[:128]
+        c.run(prompt, logits=False)
+        show("run, no logits")
+        run = c.run(prompt, logits=True)
+        show("run, logits")
+        c.logit_lens(prompt, top_k=5)
+        show("lens")
+        c.nearest_tokens(" Paris", k=10)
+        show("nearest emb")
+        c.nearest_tokens(" Paris", k=10, table="lm_head")
+        show("nearest head")
+        c.unembed(run.hidden_states[-1])
+        show("unembed")
+        for pid in pids[1:]:
+            print(pid, "largest mappings (MB):", _largest_mappings(pid))
+
+
+def _engine(model: str):
+    from lmscope.service.contracts import EngineConfig
+    from lmscope.service.engine import Engine
+
+    return Engine(EngineConfig(model_path=model, n_threads=2))
+
+
+def forward(model: str, repeat: int) -> None:
+    from lmscope.service.engine import ForwardRequest
+
+    engine = _engine(model)
+    prompt = engine.tokenize(TEXT)[:128]
+    print("tokens per ubatch", engine.contexts.n_batch)
+    for label, options in [("no logits", dict(logits="none")), ("last logits", dict(logits="last")),
+                           ("all, streamed", dict(logits="all", logits_sink=lambda *a: None)),
+                           ("all, collected", dict(logits="all"))]:
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            engine.forward(ForwardRequest(prompts=[prompt], **options))
+            times.append(round((time.perf_counter() - start) * 1e3))
+        print(f"{label:15s} ms {times}", flush=True)
+
+
+def lens(model: str, repeat: int) -> None:
+    from lmscope.service.engine import ForwardRequest
+
+    engine = _engine(model)
+    prompt = engine.tokenize(TEXT)[:128]
+    sites = ["embed"] + [f"blocks.{layer}.resid_post" for layer in range(engine.n_layer)]
+    captured = engine.forward(ForwardRequest(prompts=[prompt], capture=sites, logits="none")).captures
+
+    def once() -> float:
+        start = time.perf_counter()
+        engine.weights.lens([captured[site][0] for site in sites], top_k=5, temperature=1.0, target_ids=[],
+                            reference_rows=len(prompt))
+        return round(time.perf_counter() - start, 2)
+    once()
+    print("lens reduction s", [once() for _ in range(repeat)])
+
+
+def norms(model: str) -> None:
+    from lmscope.service.weights import Weights
+
+    weights = Weights(model, n_threads=2)
+    pathlib.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _status()["VmRSS"]
+    weights.inverse_row_norms("embedding")
+    print("row norms: peak", _status()["VmHWM"] - before, "MB over the", before, "MB before")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("probe", choices=["stages", "forward", "lens", "norms"])
+    parser.add_argument("--model", help="GGUF file (default: the default model)")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if not args.model:
+        from lmscope.service.models import pull_default_model
+        args.model = str(pull_default_model(progress=None))
+    if args.probe == "stages":
+        stages(args.model)
+    elif args.probe == "forward":
+        forward(args.model, args.repeat)
+    elif args.probe == "lens":
+        lens(args.model, args.repeat)
+    else:
+        norms(args.model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
