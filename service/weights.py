@@ -37,7 +37,7 @@ LENS_ROWS_PER_CHUNK = 256
 # Per request, the float32 (rows x vocabulary chunk) blocks of the lens and nearest-token passes stay within
 # this many bytes whatever the vocabulary size (`Weights._vocabulary_chunks`).
 REDUCTION_BUDGET_BYTES = 16 << 20
-BYTES_PER_CELL = 32
+BYTES_PER_CELL = 20
 MIN_CHUNK = 256
 
 
@@ -182,11 +182,12 @@ class Weights:
         """[start, stop) vocabulary ranges whose (rows x chunk) float32 blocks fit the reduction budget.
 
         A chunk's blocks (for a block of up to LENS_ROWS_PER_CHUNK rows plus `extra_rows` reference rows kept
-        through the chunk) cost about BYTES_PER_CELL per cell: logits, shifted logits, exponentials, gathered
-        reference rows and their difference, a comparison mask.
+        through the chunk) cost at most BYTES_PER_CELL per cell: logits, shifted logits and exponentials
+        (float32 each), then one more float32 copy at a time (reference rows gathered for a block that cuts
+        their periods, or top-k candidates) and a comparison mask (one byte).
         """
         rows = min(n_rows, LENS_ROWS_PER_CHUNK) + extra_rows
-        per_column = BYTES_PER_CELL * max(rows, 1) + 4 * self.head.n_cols  # + the chunk's float32 weights
+        per_column = BYTES_PER_CELL * max(rows, 1) + 8 * self.head.n_cols  # + the float32 chunk, and its transpose
         width = max(MIN_CHUNK, self.reduction_budget // per_column)
         for start in range(0, self.n_vocab, width):
             yield start, min(self.n_vocab, start + width)
@@ -232,30 +233,49 @@ class Weights:
                 rows = slice(start, min(n, start + LENS_ROWS_PER_CHUNK))
                 target_logits[rows] = self._transformed(head.products_of_rows(rows, targets), targets, final_norm)
         logits_out = np.zeros((n, self.n_vocab), np.float32) if keep_logits else None
+        block_rows = min(n, LENS_ROWS_PER_CHUNK)
+        shifted_buffer, exps_buffer = None, None
         for start, stop in self._vocabulary_chunks(n, extra_rows=m):
+            width = stop - start
+            if shifted_buffer is None or shifted_buffer.size < block_rows * width:
+                shifted_buffer = np.empty(block_rows * width, np.float32)
+                exps_buffer = np.empty(block_rows * width, np.float32)
             if m:  # the reference rows' own running softmax statistics, kept apart from the rows' ones
                 reference_logits = self._transformed(head.products(slice(n - m, n), start, stop), slice(start, stop),
                                                      final_norm)
                 new_reference_max = np.maximum(reference_max, reference_logits.max(axis=1) * inverse_t)
                 reference_rescale = np.exp(reference_max - new_reference_max)
-                reference_exps = np.exp(reference_logits * inverse_t - new_reference_max[:, None].astype(np.float32))
-                reference_total = reference_rescale * reference_total + reference_exps.sum(axis=1)
+                reference_shifted = reference_logits * inverse_t - new_reference_max[:, None].astype(np.float32)
+                reference_exps = np.exp(reference_shifted)
+                reference_chunk_total = np.einsum("ij->i", reference_exps).astype(np.float64)
+                reference_total = reference_rescale * reference_total + reference_chunk_total
+                reference_self = np.einsum("ij,ij->i", reference_exps, reference_shifted).astype(np.float64)
                 reference_max = new_reference_max
             for row_start in range(0, n, LENS_ROWS_PER_CHUNK):
                 rows = slice(row_start, min(n, row_start + LENS_ROWS_PER_CHUNK))
-                logits = self._transformed(head.products(rows, start, stop), slice(start, stop), final_norm)
+                if m and rows.start >= n - m:  # the reference rows themselves: their products are at hand
+                    logits = reference_logits[rows.start - (n - m):rows.stop - (n - m)]
+                else:
+                    logits = self._transformed(head.products(rows, start, stop), slice(start, stop), final_norm)
                 if keep_logits:
                     logits_out[rows, start:stop] = logits
                 chunk_max = logits.max(axis=1)
                 new_max = np.maximum(maximum[rows], chunk_max * inverse_t)
-                shifted = (logits if inverse_t == 1 else logits * inverse_t) - new_max[:, None].astype(np.float32)
-                exps = np.exp(shifted)
+                # shifted = z - M and exps = exp(z - M) in two buffers reused over the blocks; sums by einsum,
+                # which adds in one sweep where ndarray.sum's pairwise reduction takes three times as long.
+                shifted = shifted_buffer[:logits.size].reshape(logits.shape)
+                if inverse_t != 1:
+                    np.multiply(logits, inverse_t, out=shifted)
+                    np.subtract(shifted, new_max[:, None].astype(np.float32), out=shifted)
+                else:
+                    np.subtract(logits, new_max[:, None].astype(np.float32), out=shifted)
+                exps = np.exp(shifted, out=exps_buffer[:logits.size].reshape(logits.shape))
                 scale = np.exp(maximum[rows] - new_max)  # 0 before the first chunk (M = -inf, S = B = 0)
                 old_total = total[rows]
                 gap = np.where(old_total > 0, maximum[rows] - new_max, 0.0)
                 weighted[rows] = scale * (weighted[rows] + gap * old_total)
                 weighted[rows] += np.einsum("ij,ij->i", exps, shifted)  # float32 within a chunk, float64 across
-                total[rows] = scale * old_total + exps.sum(axis=1)
+                total[rows] = scale * old_total + np.einsum("ij->i", exps)
                 maximum[rows] = new_max
                 # Only rows whose chunk maximum beats their k-th best so far can change their top k (an equal
                 # value would rank after the one already there): after the first chunks, a fraction of them.
@@ -277,19 +297,18 @@ class Weights:
                         above -= logits[:, target - start] > target_logits[rows, j]
                     ranks[rows, j] += above
                 if m:
+                    # sum_j e_ref,j (z_ref,j - z_i,j) with e_ref = exp(s_ref), s = z - M (scaled by 1 / T):
+                    # sum_j e_ref,j s_ref,j - sum_j e_ref,j s_i,j + (M_ref - M_i) sum_j e_ref,j. Every term of
+                    # the two sums is <= 0, and for a row equal to its reference they cancel to rounding.
                     reference = reference_of[rows]
                     if rows.start % m == 0 and (rows.stop - rows.start) % m == 0:
                         # Whole periods of the references (a lens: every layer's block of positions): broadcast
                         # them over the block instead of gathering a copy per row.
-                        difference = reference_logits[None] - logits.reshape(-1, m, logits.shape[1])
-                        if inverse_t != 1:
-                            difference *= inverse_t
-                        dots = np.einsum("kpw,pw->kp", difference, reference_exps).reshape(-1)
+                        cross = np.einsum("kpw,pw->kp", shifted.reshape(-1, m, width), reference_exps).reshape(-1)
                     else:
-                        difference = reference_logits[reference] - logits
-                        if inverse_t != 1:
-                            difference *= inverse_t
-                        dots = np.einsum("ij,ij->i", reference_exps[reference], difference)
+                        cross = np.einsum("ij,ij->i", reference_exps[reference], shifted)
+                    dots = (reference_self[reference] - cross
+                            + (reference_max[reference] - new_max) * reference_chunk_total[reference])
                     kl_sum[rows] = reference_rescale[reference] * kl_sum[rows] + dots
         log_normalizer = maximum + np.log(total)  # log sum exp(z)
         out = {

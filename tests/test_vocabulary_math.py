@@ -80,11 +80,13 @@ def test_chunked_reductions_equal_one_chunk(tiny_weights, monkeypatch, n_rows):
         assert (chunked["target_ranks"][:, j] <= maybe.sum(1)).all()
 
 
-@pytest.mark.parametrize("rows_per_block", [256, 64])  # whole periods of the references; blocks across them
+@pytest.mark.parametrize("rows_per_block", [256, 64, 30])
 def test_reductions_equal_the_numpy_definitions(tiny_weights, monkeypatch, rows_per_block):
     """Top-k, entropy, target probabilities and ranks, and KL to the reference rows, recomputed in float64
     from logits of the stored weights and the rounded rows (`exact_logits`). 90 rows with 30 references: one
-    block of three whole periods (the references broadcast), or blocks of 64 rows that cut periods (gathered)."""
+    block of three whole periods (the references broadcast); blocks of 64 rows that cut periods (gathered),
+    the second one inside the references, whose products are reused; blocks of one period each, the last
+    one the references themselves."""
     path, weights = tiny_weights
     monkeypatch.setattr(weights_module, "LENS_ROWS_PER_CHUNK", rows_per_block)
     x = np.random.default_rng(1).normal(size=(90, weights.head.n_cols)).astype(np.float32) * 2
