@@ -89,6 +89,7 @@ _graph_plan = _bind(_cpu, "ggml_graph_plan", [_void_p, ctypes.c_int, _void_p], _
 _graph_compute = _bind(_cpu, "ggml_graph_compute", [_void_p, ctypes.POINTER(_ComputePlan)], ctypes.c_int)
 
 BLAS_MIN_ROWS = 64  # from this many rows on, chunks are dequantized and multiplied by BLAS (`Multiplier`)
+TRANSPOSE_ROWS = 128  # rows dequantized at once by `dequantize_transposed`
 TRANSFORM_ROWS = 256  # rows transformed and rounded at once by `Multiplier` (row-wise: any block gives the same)
 _CONTEXT_BYTES = _CONTEXT_TENSORS * _tensor_overhead() + _graph_overhead()
 _layout_checked = False
@@ -207,6 +208,17 @@ class StoredMatrix:
         self.release()
         return out
 
+    def dequantize_transposed(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as float32 (n_cols, stop - start), the layout BLAS reads ~6% faster as the right
+        factor than a transposed view. Built TRANSPOSE_ROWS rows at a time: one chunk-sized array, not two."""
+        out = np.empty((self.n_cols, stop - start), np.float32)
+        for first in range(start, stop, TRANSPOSE_ROWS):
+            last = min(stop, first + TRANSPOSE_ROWS)
+            out[:, first - start:last - start] = self._dequantize(self.raw[first:last]).T
+        self.largest_dequantized = max(self.largest_dequantized, stop - start)
+        self.release()
+        return out
+
     def dequantize_rows(self, row_ids: np.ndarray) -> np.ndarray:
         """Rows by id, read from the file: scattered reads through the mapping map a folio each."""
         return self._dequantize(self.tensor.read_rows(row_ids).reshape(-1, self.raw.shape[1]))
@@ -260,8 +272,7 @@ class Multiplier:
             return self.matrix.products(self.x[rows], start, stop)
         if self._chunk is None or self._chunk[:2] != (start, stop):
             self._chunk = None  # the chunk before goes first: never two in memory
-            # Stored (n_cols, chunk): BLAS reads a contiguous right-hand side ~6% faster than a transposed one.
-            self._chunk = (start, stop, np.ascontiguousarray(self.matrix.dequantize(start, stop).T))
+            self._chunk = (start, stop, self.matrix.dequantize_transposed(start, stop))
         return self.x[rows] @ self._chunk[2]
 
     def products_of_rows(self, rows: slice, row_ids: np.ndarray) -> np.ndarray:

@@ -187,7 +187,7 @@ class Weights:
         their periods, or top-k candidates) and a comparison mask (one byte).
         """
         rows = min(n_rows, LENS_ROWS_PER_CHUNK) + extra_rows
-        per_column = BYTES_PER_CELL * max(rows, 1) + 8 * self.head.n_cols  # + the float32 chunk, and its transpose
+        per_column = BYTES_PER_CELL * max(rows, 1) + 4 * self.head.n_cols  # + the chunk's float32 weights
         width = max(MIN_CHUNK, self.reduction_budget // per_column)
         for start in range(0, self.n_vocab, width):
             yield start, min(self.n_vocab, start + width)
