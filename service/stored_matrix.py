@@ -90,6 +90,10 @@ _graph_compute = _bind(_cpu, "ggml_graph_compute", [_void_p, ctypes.POINTER(_Com
 
 BLAS_MIN_ROWS = 64  # from this many rows on, chunks are dequantized and multiplied by BLAS (`Multiplier`)
 TRANSPOSE_ROWS = 128  # rows dequantized at once by `dequantize_transposed`
+# From this many rows on, `Multiplier` lays each dequantized chunk out transposed: BLAS multiplies 128 rows by
+# it ~0.24 ms faster (of 1.8; SmolLM2 head chunk of 1,681 x 576) and the copy costs ~0.95 ms, so it pays from
+# ~500 rows (a lens: thousands); an `unembed` of 128 vectors would pay twice what it saves.
+TRANSPOSED_CHUNK_MIN_ROWS = 1024
 TRANSFORM_ROWS = 256  # rows transformed and rounded at once by `Multiplier` (row-wise: any block gives the same)
 _CONTEXT_BYTES = _CONTEXT_TENSORS * _tensor_overhead() + _graph_overhead()
 _layout_checked = False
@@ -255,6 +259,7 @@ class Multiplier:
         self.matrix = matrix
         n = sum(block.shape[0] for block in blocks)
         self.by_blas = n >= BLAS_MIN_ROWS
+        self.transposed = n >= TRANSPOSED_CHUNK_MIN_ROWS
         self.x = np.empty((n, matrix.n_cols), np.float32)
         row = 0
         for i, block in enumerate(blocks):
@@ -272,7 +277,8 @@ class Multiplier:
             return self.matrix.products(self.x[rows], start, stop)
         if self._chunk is None or self._chunk[:2] != (start, stop):
             self._chunk = None  # the chunk before goes first: never two in memory
-            self._chunk = (start, stop, self.matrix.dequantize_transposed(start, stop))
+            self._chunk = (start, stop, self.matrix.dequantize_transposed(start, stop) if self.transposed
+                           else self.matrix.dequantize(start, stop).T)
         return self.x[rows] @ self._chunk[2]
 
     def products_of_rows(self, rows: slice, row_ids: np.ndarray) -> np.ndarray:

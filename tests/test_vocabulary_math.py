@@ -19,6 +19,7 @@ from reference import ReferenceModel
 
 from lmscope.client import Client, LmscopeError
 from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.service import stored_matrix
 from lmscope.service import weights as weights_module
 from lmscope.service.testing import build_tiny_model
 from lmscope.service.weights import Weights
@@ -44,6 +45,12 @@ def summation_bound(weights: Weights, normed: np.ndarray) -> np.ndarray:
 def exact_logits(weights: Weights, normed: np.ndarray) -> np.ndarray:
     head = weights.head
     return head.rounded(normed).astype(np.float64) @ head.dequantize(0, head.n_rows).T.astype(np.float64)
+
+
+def test_a_chunk_dequantized_transposed_is_the_chunk_transposed(tiny_weights):
+    head = tiny_weights[1].head
+    for start, stop in [(0, head.n_rows), (5, 5 + 2 * stored_matrix.TRANSPOSE_ROWS + 3)]:
+        np.testing.assert_array_equal(head.dequantize_transposed(start, stop), head.dequantize(start, stop).T)
 
 
 @pytest.mark.parametrize("n_rows", [5, 80])  # below and above BLAS_MIN_ROWS: ggml_mul_mat, and BLAS on chunks
@@ -86,9 +93,12 @@ def test_reductions_equal_the_numpy_definitions(tiny_weights, monkeypatch, rows_
     from logits of the stored weights and the rounded rows (`exact_logits`). 90 rows with 30 references: one
     block of three whole periods (the references broadcast); blocks of 64 rows that cut periods (gathered),
     the second one inside the references, whose products are reused; blocks of one period each, the last
-    one the references themselves."""
+    one the references themselves, and with chunks laid out transposed (what a lens of thousands of rows
+    gets)."""
     path, weights = tiny_weights
     monkeypatch.setattr(weights_module, "LENS_ROWS_PER_CHUNK", rows_per_block)
+    if rows_per_block == 30:
+        monkeypatch.setattr(stored_matrix, "TRANSPOSED_CHUNK_MIN_ROWS", 0)
     x = np.random.default_rng(1).normal(size=(90, weights.head.n_cols)).astype(np.float32) * 2
     m, temperature = 30, 0.8
     got = weights.lens(x, top_k=4, temperature=temperature, target_ids=[3, 250], reference_rows=m)
