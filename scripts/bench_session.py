@@ -11,6 +11,8 @@ given, since it holds no model); the peer's is its process's VmHWM, transformers
 float32 (scripts/bench_peer.py does the same load). Speed is client wall time (median of --repeat).
 
 `--workers 2` runs the session from two clients at once on a two-worker server: the second worker's cost.
+`--alternate ROUNDS` measures speed only: `run()` and the lens, one at a time on each side in turn (see
+`alternate`), for ratios that hold on a machine whose speed drifts.
 The server's own estimate of memory by part (`ModelInfo.memory`, where the server has it) is printed too.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -87,40 +90,60 @@ def measure_lmscope(model: str, threads: int, workers: int, repeat: int, prompt:
     return out
 
 
-def peer(model: str, threads: int, repeat: int, prompt: list[int]) -> dict:
-    """transformers fp32: the same session, in this (fresh) process."""
+def peer_steps(model: str, threads: int, prompt: list[int]):
+    """transformers fp32 on the GGUF, in this (fresh) process: (memory after loading, {step: callable}), the
+    session's steps as a PyTorch user would write them. Call them inside `torch.inference_mode()`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     path = Path(model)
     lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    out = {"loaded_rss_mb": status_mb(os.getpid(), "VmRSS"), "load_peak_mb": status_mb(os.getpid(), "VmHWM")}
+    loaded = {"loaded_rss_mb": status_mb(os.getpid(), "VmRSS"), "load_peak_mb": status_mb(os.getpid(), "VmHWM")}
     ids = torch.tensor([prompt])
     norm, head, table = lm.model.norm, lm.get_output_embeddings().weight, lm.get_input_embeddings().weight
+
+    def lens():  # one layer at a time: (n_tokens, n_vocab) blocks, as a user would on a big vocabulary
+        states = lm(ids, output_hidden_states=True).hidden_states
+        results = []
+        for state in states:
+            logp = torch.log_softmax(norm(state[0]) @ head.T, dim=-1)
+            results.append((logp.topk(5, dim=-1), -(logp.exp() * logp).sum(-1)))
+        return results
+    query = table[prompt[1]]  # any row: the cost is the table-wide product
+
+    def nearest(matrix):
+        scores = (matrix @ query) / (matrix.norm(dim=1) * query.norm() + 1e-30)
+        return scores.topk(10)
     with torch.inference_mode():
-        lm(ids, output_hidden_states=True)  # warm-up
-        out["run_all_logits_ms"] = median_ms(lambda: lm(ids, output_hidden_states=True), repeat)
+        last = lm(ids, output_hidden_states=True).hidden_states[-1][0]  # also the warm-up
+    steps = {"run_all_logits": lambda: lm(ids, output_hidden_states=True), "lens": lens,
+             "nearest_embedding": lambda: nearest(table), "nearest_head": lambda: nearest(head),
+             "unembed": lambda: norm(last) @ head.T}
+    return loaded, steps
 
-        def lens():  # one layer at a time: (n_tokens, n_vocab) blocks, as a user would on a big vocabulary
-            states = lm(ids, output_hidden_states=True).hidden_states
-            results = []
-            for state in states:
-                logp = torch.log_softmax(norm(state[0]) @ head.T, dim=-1)
-                results.append((logp.topk(5, dim=-1), -(logp.exp() * logp).sum(-1)))
-            return results
-        out["lens_ms"] = median_ms(lens, repeat)
-        query = table[prompt[1]]  # any row: the cost is the table-wide product
 
-        def nearest(matrix):
-            scores = (matrix @ query) / (matrix.norm(dim=1) * query.norm() + 1e-30)
-            return scores.topk(10)
-        out["nearest_embedding_ms"] = median_ms(lambda: nearest(table), repeat)
-        out["nearest_head_ms"] = median_ms(lambda: nearest(head), repeat)
-        last = lm(ids, output_hidden_states=True).hidden_states[-1][0]
-        out["unembed_ms"] = median_ms(lambda: norm(last) @ head.T, repeat)
+def peer(model: str, threads: int, repeat: int, prompt: list[int]) -> dict:
+    """The session in transformers: median times of each step, and the process's peak memory."""
+    import torch
+
+    out, steps = peer_steps(model, threads, prompt)
+    with torch.inference_mode():
+        for name, step in steps.items():
+            out[f"{name}_ms"] = median_ms(step, repeat)
     out["peak_mb"] = status_mb(os.getpid(), "VmHWM")
     return out
+
+
+def serve_peer_steps(model: str, threads: int, prompt: list[int]) -> None:
+    """For --alternate: run the step named on each line of stdin once, answer its milliseconds on stdout."""
+    import torch
+
+    _, steps = peer_steps(model, threads, prompt)
+    print("ready", flush=True)
+    with torch.inference_mode():
+        for line in sys.stdin:
+            print(median_ms(steps[line.strip()], 1), flush=True)
 
 
 def run_peer(model: str, threads: int, repeat: int, prompt: list[int], python: str) -> dict:
@@ -128,6 +151,51 @@ def run_peer(model: str, threads: int, repeat: int, prompt: list[int], python: s
                "--prompt", json.dumps(prompt)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+ALTERNATED_STEPS = ("run_all_logits", "lens")
+
+
+def alternate(model: str, threads: int, rounds: int, prompt: list[int], python: str) -> dict:
+    """Speed only, robust to a machine whose speed drifts: both sides loaded side by side, then `rounds`
+    rounds of each step once on each side (which side goes first alternates), and the ratio peer / lmscope
+    per round. A ratio of one run of each side can be off by 1.5x on a shared machine; the median of
+    alternated rounds is what the verdicts use."""
+    from lmscope.client import Client
+    from lmscope.service.launch import launch_server
+
+    lmscope_steps = {"run_all_logits": lambda c: c.run(prompt, logits=True),
+                     "lens": lambda c: c.logit_lens(prompt, top_k=5)}
+    command = [python, __file__, "--peer-of", model, "--threads", str(threads), "--prompt", json.dumps(prompt),
+               "--serve-steps"]
+    args = ("--threads", str(threads), "--workers", "1", "--n-ctx", "4096")
+    times: dict[str, dict[str, list[float]]] = {step: {"lmscope_ms": [], "peer_ms": []} for step in ALTERNATED_STEPS}
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as peer_process, \
+            launch_server(model, args=args) as server, Client(server.address) as client:
+        if peer_process.stdout.readline().strip() != "ready":
+            raise RuntimeError("the transformers peer did not start")
+
+        def on_peer(step: str) -> float:
+            peer_process.stdin.write(step + "\n")
+            peer_process.stdin.flush()
+            return float(peer_process.stdout.readline())
+
+        for step in ALTERNATED_STEPS:  # warm-up
+            lmscope_steps[step](client)
+            on_peer(step)
+        for i in range(rounds):
+            for step in ALTERNATED_STEPS:
+                sides = ["lmscope_ms", "peer_ms"] if i % 2 == 0 else ["peer_ms", "lmscope_ms"]
+                for side in sides:
+                    times[step][side].append(on_peer(step) if side == "peer_ms"
+                                             else median_ms(lambda: lmscope_steps[step](client), 1))  # noqa: B023
+        peer_process.stdin.close()
+    out = {}
+    for step, sides in times.items():
+        ratios = sorted(p / m for p, m in zip(sides["peer_ms"], sides["lmscope_ms"]))
+        out[step] = {**{side: [round(t) for t in ts] for side, ts in sides.items()},
+                     "ratios": [round(r, 2) for r in ratios], "median_ratio": round(statistics.median(ratios), 2)}
+    return out
 
 
 def main(argv=None) -> int:
@@ -142,14 +210,20 @@ def main(argv=None) -> int:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--peer-python", default=sys.executable,
                         help="the interpreter for the transformers peer (an environment with torch + transformers)")
+    parser.add_argument("--alternate", type=int, metavar="ROUNDS",
+                        help="speed only: run() and the lens alternated with the peer for ROUNDS rounds")
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--report", nargs="+", metavar="LABEL=JSON", help="print a markdown table from saved runs")
     parser.add_argument("--peer-of", help=argparse.SUPPRESS)
     parser.add_argument("--prompt", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-steps", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.report:
         print(markdown({item.split("=", 1)[0]: json.loads(Path(item.split("=", 1)[1]).read_text())
                         for item in args.report}))
+        return 0
+    if args.peer_of and args.serve_steps:
+        serve_peer_steps(args.peer_of, args.threads, json.loads(args.prompt))
         return 0
     if args.peer_of:
         print(json.dumps(peer(args.peer_of, args.threads, args.repeat, json.loads(args.prompt))))
@@ -159,11 +233,13 @@ def main(argv=None) -> int:
         args.model = str(pull_default_model(progress=None))
     prompt = _prompt_ids(args.model, args.tokens)
     result = {"model": args.model, "threads": args.threads, "load_before": load_average()}
-    for workers in [int(w) for w in args.workers.split(",") if w]:
+    if args.alternate:
+        result["alternate"] = alternate(args.model, args.threads, args.alternate, prompt, args.peer_python)
+    for workers in [] if args.alternate else [int(w) for w in args.workers.split(",") if w]:
         print(f"[session] lmscope, {workers} worker(s), load {load_average()}", flush=True)
         server_threads = args.threads if args.server_threads is None else args.server_threads
         result[f"lmscope_{workers}"] = measure_lmscope(args.model, server_threads, workers, args.repeat, prompt)
-    if not args.no_peer:
+    if not args.no_peer and not args.alternate:
         print(f"[session] transformers, load {load_average()}", flush=True)
         result["peer"] = run_peer(args.model, args.threads, args.repeat, prompt, args.peer_python)
     result["load_after"] = load_average()
