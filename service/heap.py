@@ -1,18 +1,23 @@
-"""glibc heap settings that keep the server's resident memory near what it is using.
+"""glibc heap settings that keep the server's resident memory near what it is using, without making it slow.
 
 Two behaviours of glibc's malloc cost lmscope resident memory it no longer uses:
 
 - Its mmap threshold adapts: after a big block allocated by mmap is freed, blocks up to that size come from
   the heap instead, and a freed block inside the heap stays resident. The front end passes big answers
-  through in 1 MiB pieces (`service/worker.py`): with the adaptive threshold each piece's buffers stay in
-  some thread's heap; a fixed threshold (`settle_front_end`) returns them at once. Measured on SmolLM2's
-  session (scripts/bench_session.py): front-end peak 82 -> 75 MB, resting 73 -> 66 MB. The workers keep the
-  adaptive threshold: their numpy temporaries of a few MiB would otherwise be mapped and faulted in afresh
-  each time, which made the lens reduction 1.2-2x slower.
+  through in `PIECE_BYTES` pieces (`service/worker.py`), each copied a few times on its way to gRPC (read
+  from the worker, protobuf's bytes, the message, its serialization). The front end fixes the threshold
+  (`settle_front_end`) just above those buffers, and gives the heap's free pages back after each answer
+  (`return_free_memory` in `servicer._tensor_answer`): the copies reuse the heap's pages during an answer,
+  and what they took goes back after it. A fixed threshold below the pieces' size had each copy mapped and
+  faulted in afresh: the protobuf path of 128 MiB took 460-600 ms instead of 105-150 ms, and a Gemma 3
+  `unembed` of 128 vectors 1.4-1.9 s instead of 1.0-1.2 s (SmolLM2 session: front-end peak 72 -> 73 MB,
+  at rest unchanged; the adaptive threshold had it at 82 MB, 73 at rest).
 - Free pages inside the heap are not returned until the top of the heap is free. A worker calls
   `return_free_memory` (`malloc_trim`) after each job, so that its peak is its resting size plus its largest
   job, not the sum of what earlier jobs left scattered in the heap (measured on SmolLM2: a worker's heap had
-  grown to 112 MB over a lens, nearest tokens and an unembed).
+  grown to 112 MB over a lens, nearest tokens and an unembed). The workers keep the adaptive threshold: their
+  numpy temporaries of a few MiB would otherwise be mapped and faulted in afresh each time, which made the
+  lens reduction 1.2-2x slower.
 
 Elsewhere than glibc (macOS, musl) these are no-ops.
 """
@@ -20,8 +25,10 @@ from __future__ import annotations
 
 import ctypes
 
+from .contracts import PIECE_BYTES
+
 _M_MMAP_THRESHOLD = -3
-FRONT_END_MMAP_THRESHOLD = 256 << 10
+FRONT_END_MMAP_THRESHOLD = 2 * PIECE_BYTES  # above a piece and its copies (their few bytes of header)
 
 try:
     _LIBC = ctypes.CDLL(None)
@@ -32,12 +39,13 @@ except (OSError, AttributeError):
 
 
 def settle_front_end() -> None:
-    """A fixed mmap threshold for the front end: blocks from 256 KiB up go back to the system when freed."""
+    """A fixed mmap threshold for the front end: blocks bigger than an answer's pieces are mapped, and go back to
+    the system when freed."""
     if _LIBC is not None:
         _LIBC.mallopt(_M_MMAP_THRESHOLD, FRONT_END_MMAP_THRESHOLD)
 
 
 def return_free_memory() -> None:
-    """Give the heap's free pages back to the system (after a worker's job)."""
+    """Give the heap's free pages back to the system (after a worker's job, after the front end's answer)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)

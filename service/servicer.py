@@ -15,6 +15,7 @@ from lmscope.client import tensors
 from lmscope.client.wire import lmscope_pb2 as pb
 from lmscope.client.wire import lmscope_pb2_grpc as pb_grpc
 
+from . import heap
 from .contracts import CrashJob, RunResult, TensorPiece
 from .errors import RequestError
 from .requests import RequestParser
@@ -53,14 +54,17 @@ def _statuses(method):
 def _tensor_answer(messages):
     """A worker's tensor answer as RunChunks, each piece sent on as it arrives (see `WorkerPool.messages`):
     every tensor comes as pieces ahead of "done" (`worker._send_answer`), which brings a Run's header."""
-    for kind, value in messages:
-        if kind == "item":
-            piece: TensorPiece = value
-            for chunk in tensors.to_chunks(piece.name, piece.array, piece.sequence, shape=piece.shape,
-                                           offset=piece.offset):
-                yield pb.RunChunk(tensor=chunk)
-        elif isinstance(value, RunResult):
-            yield pb.RunChunk(header=value.header)
+    try:
+        for kind, value in messages:
+            if kind == "item":
+                piece: TensorPiece = value
+                for chunk in tensors.to_chunks(piece.name, piece.array, piece.sequence, shape=piece.shape,
+                                               offset=piece.offset):
+                    yield pb.RunChunk(tensor=chunk)
+            elif isinstance(value, RunResult):
+                yield pb.RunChunk(header=value.header)
+    finally:
+        heap.return_free_memory()
 
 
 class InspectorServicer(pb_grpc.InspectorServicer):
