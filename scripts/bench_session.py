@@ -18,6 +18,7 @@ The server's own estimate of memory by part (`ModelInfo.memory`, where the serve
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -188,7 +189,7 @@ def alternate(model: str, threads: int, rounds: int, prompt: list[int], python: 
                 sides = ["lmscope_ms", "peer_ms"] if i % 2 == 0 else ["peer_ms", "lmscope_ms"]
                 for side in sides:
                     times[step][side].append(on_peer(step) if side == "peer_ms"
-                                             else median_ms(lambda: lmscope_steps[step](client), 1))  # noqa: B023
+                                             else median_ms(functools.partial(lmscope_steps[step], client), 1))
         peer_process.stdin.close()
     out = {}
     for step, sides in times.items():
