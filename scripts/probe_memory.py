@@ -1,4 +1,5 @@
-"""Where a server's memory and time go, step by step: the probes behind docs/performance.md's second pass.
+"""Where a server's memory and time go, step by step: the probes behind docs/performance.md's second and
+third passes.
 
     .venv/bin/python scripts/probe_memory.py stages  --model M   # resident memory of front end and worker
                                                                 # after each step of the issue #13 session
@@ -7,6 +8,11 @@
     .venv/bin/python scripts/probe_memory.py lens    --model M   # the lens reduction in-process on real hidden
                                                                 # states (every layer x 128 positions, KL)
     .venv/bin/python scripts/probe_memory.py norms   --model M   # peak memory of the embedding's row norms
+    .venv/bin/python scripts/probe_memory.py chunks  --model M   # one head chunk of a lens: the transposed
+                                                                # layout's copy against what BLAS gains on it
+    MALLOC_MMAP_THRESHOLD_=N .venv/bin/python scripts/probe_memory.py pieces --model M
+                                                                # the front end's protobuf path of a
+                                                                # (128, n_vocab) answer in PIECE_BYTES pieces
 
 `stages` runs a real server (`launch_server`); the others load the model in this process, so that one step
 is timed or measured without the pipe and gRPC. Environment variables (MALLOC_MMAP_THRESHOLD_,
@@ -124,9 +130,57 @@ def norms(model: str) -> None:
     print("row norms: peak", _status()["VmHWM"] - before, "MB over the", before, "MB before")
 
 
+def _best_ms(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return round(min(times), 3)
+
+
+def chunks(model: str, repeat: int) -> None:
+    import numpy as np
+
+    from lmscope.service import weights as weights_module
+    from lmscope.service.weights import Weights
+
+    weights = Weights(model, n_threads=2)
+    # a lens's chunk width: a full block of rows plus 128 positions of reference rows
+    start, stop = next(weights._vocabulary_chunks(weights_module.LENS_ROWS_PER_CHUNK, extra_rows=128))
+    head = weights.head
+    rows = np.random.default_rng(0).standard_normal((128, head.n_cols)).astype(np.float32)
+    plain, transposed = head.dequantize(start, stop).T, head.dequantize_transposed(start, stop)
+    print(f"chunk of {stop - start} x {head.n_cols} ({weights_module.BYTES_PER_CELL} bytes per cell), best of "
+          f"{repeat} ms: dequantize {_best_ms(lambda: head.dequantize(start, stop), repeat)}, dequantize "
+          f"transposed {_best_ms(lambda: head.dequantize_transposed(start, stop), repeat)}; 128 rows times the "
+          f"transposed view {_best_ms(lambda: rows @ plain, repeat)}, times the transposed layout "
+          f"{_best_ms(lambda: rows @ transposed, repeat)}")
+
+
+def pieces(model: str, repeat: int) -> None:
+    import numpy as np
+
+    from lmscope.client import tensors
+    from lmscope.client.wire import lmscope_pb2 as pb
+    from lmscope.service.contracts import PIECE_BYTES, tensor_pieces
+    from lmscope.service.weights import Weights
+
+    answer = np.random.default_rng(0).standard_normal((128, Weights(model, n_threads=1).n_vocab), np.float32)
+
+    def send() -> None:
+        for piece in tensor_pieces("lens.logits", 0, answer.shape, answer):
+            for chunk in tensors.to_chunks(piece.name, piece.array, piece.sequence, shape=piece.shape,
+                                           offset=piece.offset):
+                pb.RunChunk(tensor=chunk).SerializeToString()
+    print(f"{answer.nbytes >> 20} MiB in {PIECE_BYTES >> 10} KiB pieces, MALLOC_MMAP_THRESHOLD_="
+          f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}: best of {repeat} {_best_ms(send, repeat)} ms")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("probe", choices=["stages", "forward", "lens", "norms"])
+    parser.add_argument("probe", choices=["stages", "forward", "lens", "norms", "chunks", "pieces"])
     parser.add_argument("--model", help="GGUF file (default: the default model)")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
@@ -140,6 +194,10 @@ def main(argv=None) -> int:
         forward(args.model, args.repeat)
     elif args.probe == "lens":
         lens(args.model, args.repeat)
+    elif args.probe == "chunks":
+        chunks(args.model, args.repeat)
+    elif args.probe == "pieces":
+        pieces(args.model, args.repeat)
     else:
         norms(args.model)
     return 0
