@@ -9,9 +9,11 @@ Two behaviours of glibc's malloc cost lmscope resident memory it no longer uses:
   (`settle_front_end`) just above those buffers, and gives the heap's free pages back after each answer
   (`return_free_memory` in `servicer._tensor_answer`): the copies reuse the heap's pages during an answer,
   and what they took goes back after it. A fixed threshold below the pieces' size had each copy mapped and
-  faulted in afresh: the protobuf path of 128 MiB took 460-600 ms instead of 105-150 ms, and a Gemma 3
-  `unembed` of 128 vectors 1.4-1.9 s instead of 1.0-1.2 s (SmolLM2 session: front-end peak 72 -> 73 MB,
-  at rest unchanged; the adaptive threshold had it at 82 MB, 73 at rest).
+  faulted in afresh: the protobuf path of 128 MiB took 379-533 ms instead of 233-368 ms, and a Gemma 3
+  `unembed` of 128 vectors 1.28-1.60 s instead of 1.15-1.19 s (front-end peak +1-2 MB; the adaptive
+  threshold had the SmolLM2 session's at 82 MB, 73 at rest). Figures and commands: docs/performance.md,
+  "Third pass". The trim threshold stays glibc's: a higher one was faster still, but glibc keeps that much
+  free memory in every thread's arena, beyond `malloc_trim`'s reach.
 - Free pages inside the heap are not returned until the top of the heap is free. A worker calls
   `return_free_memory` (`malloc_trim`) after each job, so that its peak is its resting size plus its largest
   job, not the sum of what earlier jobs left scattered in the heap (measured on SmolLM2: a worker's heap had

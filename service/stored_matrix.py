@@ -90,9 +90,10 @@ _graph_compute = _bind(_cpu, "ggml_graph_compute", [_void_p, ctypes.POINTER(_Com
 
 BLAS_MIN_ROWS = 64  # from this many rows on, chunks are dequantized and multiplied by BLAS (`Multiplier`)
 TRANSPOSE_ROWS = 128  # rows dequantized at once by `dequantize_transposed`
-# From this many rows on, `Multiplier` lays each dequantized chunk out transposed: BLAS multiplies 128 rows by
-# it ~0.24 ms faster (of 1.8; SmolLM2 head chunk of 1,681 x 576) and the copy costs ~0.95 ms, so it pays from
-# ~500 rows (a lens: thousands); an `unembed` of 128 vectors would pay twice what it saves.
+# From this many rows on, `Multiplier` lays each dequantized chunk out transposed: the copy costs 0.6-0.96 ms
+# more per head chunk and BLAS saves 0.1-0.56 ms per 128 rows multiplied by it (SmolLM2 and Gemma 3 chunks,
+# `scripts/probe_memory.py chunks`), so it pays from a few hundred to ~1,200 rows (a lens: thousands); an
+# `unembed` of 128 vectors would pay more than it saves.
 TRANSPOSED_CHUNK_MIN_ROWS = 1024
 TRANSFORM_ROWS = 256  # rows transformed and rounded at once by `Multiplier` (row-wise: any block gives the same)
 _CONTEXT_BYTES = _CONTEXT_TENSORS * _tensor_overhead() + _graph_overhead()
