@@ -5,9 +5,13 @@ dtype plus the byte offset of its piece, so that no single gRPC message grows pa
 large the tensor is. `Assembler` puts the pieces back together and refuses anything inconsistent (a chunk
 that overruns the tensor, a shape or dtype that changes midway, missing bytes).
 
-A big tensor costs its size once on each side: `to_chunks` slices a memoryview of the array (each chunk's
-bytes are copied once into its message, which protobuf requires), and `Assembler` writes each chunk into
-one buffer allocated at the first chunk (`new_buffer`); no list of pieces is joined at the end.
+A big tensor costs its size once on each side. `encoded_run_chunks` writes each chunk's `RunChunk` wire form
+itself: protobuf encodes the small fields, and the data is appended to them from a memoryview of the array
+in the one copy that makes the message's bytes. Building the messages instead copies the data four times
+(the `bytes` given to protobuf, the `TensorChunk`, the `RunChunk` holding it, its serialization); measured on
+a Gemma 3 `run()` with all logits (128 MiB), that was ~170 ms of the front end's CPU, taken from llama.cpp's
+threads on a small machine (docs/performance.md, "Fourth pass"). `Assembler` writes each chunk into one
+buffer allocated at the first chunk (`new_buffer`); no list of pieces is joined at the end.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from .wire import lmscope_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
 _MAPPED_BYTES = 1 << 20  # buffers from this size up get pages of their own (`new_buffer`)
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only
 MAX_DIMS = 32  # numpy's own limit on older versions; no lmscope tensor has more than 4
 
 _NUMPY_OF = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2"), pb.INT32: np.dtype("<i4")}
@@ -52,9 +57,17 @@ def new_buffer(nbytes: int) -> np.ndarray:
     array on it dies. A malloc'd block of that size would too the first time, but glibc then raises its
     mmap threshold, and later big blocks come from heaps that keep freed memory: a server that has passed
     one 24 MiB answer would stay 24 MiB (one per thread's heap) larger for ever.
+
+    On Linux its pages are faulted in by the kernel when it is mapped (MAP_POPULATE): the buffer is about to
+    be written whole, and faulting its pages in one by one as they are written took half as long again
+    (128 MiB mapped and filled: 99-129 ms against 64-80 ms; the copy alone, into memory already resident,
+    14-16 ms; `scripts/probe_memory.py buffers`).
     """
     if nbytes < _MAPPED_BYTES:
         return np.empty(nbytes, np.uint8)
+    if _MAP_POPULATE:
+        return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE),
+                             np.uint8)
     return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)
 
 
@@ -92,29 +105,44 @@ def from_tensor(tensor: pb.Tensor) -> np.ndarray:
     return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
 
 
-def to_chunks(name: str, array: np.ndarray, sequence: int = 0, chunk_bytes: int = CHUNK_BYTES,
-              shape: tuple[int, ...] | None = None, offset: int = 0) -> Iterator[pb.TensorChunk]:
-    """Split an array into `TensorChunk`s of at most `chunk_bytes` bytes of data each.
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_RUN_CHUNK_TENSOR_TAG = b"\x12"   # RunChunk field 2 (tensor), length-delimited
+_TENSOR_CHUNK_DATA_TAG = b"\x32"  # TensorChunk field 6 (data), length-delimited
+
+
+def encoded_run_chunks(name: str, array: np.ndarray, sequence: int = 0, chunk_bytes: int = CHUNK_BYTES,
+                       shape: tuple[int, ...] | None = None, offset: int = 0) -> Iterator[bytes]:
+    """An array as the serialized `RunChunk`s that carry it, each with at most `chunk_bytes` bytes of data:
+    byte for byte what `RunChunk(tensor=TensorChunk(...)).SerializeToString()` gives, without the copies.
 
     With `shape`, the array is a piece of a bigger row-major tensor of that shape, starting at byte `offset`
     of it (how a server streams a tensor it never holds whole)."""
     array = np.asarray(array, order="C")  # not ascontiguousarray: it turns a 0-d array into shape (1,)
     dtype = wire_dtype(array)
     shape = list(array.shape if shape is None else shape)
-    if array.size == 0:
-        yield pb.TensorChunk(name=name, sequence=sequence, dtype=dtype, shape=shape, offset=offset, data=b"")
-        return
     raw = memoryview(array.astype(numpy_dtype(dtype), copy=False).reshape(-1)).cast("B")
-    for start in range(0, len(raw), chunk_bytes):
-        yield pb.TensorChunk(name=name, sequence=sequence, dtype=dtype, shape=shape, offset=offset + start,
-                             data=bytes(raw[start:start + chunk_bytes]))
+    for start in range(0, max(len(raw), 1), chunk_bytes):  # an empty tensor is one empty chunk: it has a shape
+        data = raw[start:start + chunk_bytes]
+        fields = pb.TensorChunk(name=name, sequence=sequence, dtype=dtype, shape=shape,
+                                offset=offset + start).SerializeToString()
+        data_field = [_TENSOR_CHUNK_DATA_TAG, _varint(len(data)), data] if len(data) else []  # proto3 omits b""
+        body_bytes = len(fields) + sum(len(part) for part in data_field)
+        yield b"".join([_RUN_CHUNK_TENSOR_TAG, _varint(body_bytes), fields, *data_field])
 
 
 class Assembler:
     """Collects `TensorChunk`s into arrays keyed by (name, sequence).
 
     The chunks of one tensor must arrive in order, each starting where the previous one ended (that is how
-    `to_chunks` sends them and gRPC keeps a stream's order). Checking this, rather than only counting bytes,
+    `encoded_run_chunks` sends them and gRPC keeps a stream's order). Checking this, rather than only counting bytes,
     makes a repeated, overlapping or skipped chunk an error instead of a tensor with a hole in it.
     `max_bytes` bounds the buffer a declared shape may make us allocate.
     """

@@ -6,7 +6,9 @@ tokens: 128 x 49,152 float32 = 24 MiB). Each repetition starts a fresh server an
 request, resets the peak resident memory (VmHWM) of client, front end and worker (`/proc/PID/clear_refs` 5,
 Linux), sends the big request, and reads each peak: "added" is the peak over the request minus what the
 process held before it. "wire_ms" is the client's time for the request minus the worker's own (the
-header's total_ms): the pipe, the front end, gRPC and the client's assembly.
+header's total_ms): the pipe, the front end, gRPC and the client's assembly. "CPU" is each process's CPU time
+over the request (user + system, `/proc/PID/stat`): on a machine with few cores, what the front end and the
+client spend is taken from llama.cpp's threads.
 
     python scripts/bench_wire.py [--model PATH] [--tokens 128] [--repeat 3] [--dtype float16] [--json out.json]
 
@@ -53,9 +55,11 @@ def measure_once(address: str, server_pid: int, tokens: int, dtype: str) -> dict
         before = {name: _status_kib(pid, "VmRSS") for name, pid in pids.items()}
         for pid in pids.values():
             _reset_peak(pid)
+        cpu_before = {name: procinfo.cpu_seconds(pid) for name, pid in pids.items()}
         started = time.perf_counter()
         run = client.run(ids, capture=[], logits="all", dtype=dtype)
         seconds = time.perf_counter() - started
+        cpu_ms = {name: (procinfo.cpu_seconds(pid) - cpu_before[name]) * 1e3 for name, pid in pids.items()}
         peaks = {name: _status_kib(pid, "VmHWM") for name, pid in pids.items()}
         answer_mib = run.logits.nbytes / 2**20
         wire_ms = seconds * 1e3 - run.total_ms  # all but the worker's own time: pipe, front end, gRPC, client
@@ -63,6 +67,7 @@ def measure_once(address: str, server_pid: int, tokens: int, dtype: str) -> dict
         time.sleep(0.5)
         after = {name: _status_kib(pid, "VmRSS") for name, pid in pids.items()}
     return {"seconds": seconds, "wire_ms": wire_ms, "answer_mib": answer_mib,
+            **{f"{name}_cpu_ms": cpu_ms[name] for name in PROCESSES},
             **{f"{name}_before_mib": before[name] / 1024 for name in PROCESSES},
             **{f"{name}_peak_mib": peaks[name] / 1024 for name in PROCESSES},
             **{f"{name}_added_mib": (peaks[name] - before[name]) / 1024 for name in PROCESSES},
@@ -107,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  time {m['seconds'] * 1e3:.0f} ms, of which {m['wire_ms']:.0f} ms outside the worker's own time")
     for name in PROCESSES:
         print(f"  {name:9s} before {m[name + '_before_mib']:6.1f}  peak {m[name + '_peak_mib']:6.1f}  "
-              f"added {m[name + '_added_mib']:5.1f}  after {m[name + '_after_mib']:6.1f} MiB")
+              f"added {m[name + '_added_mib']:5.1f}  after {m[name + '_after_mib']:6.1f} MiB  "
+              f"CPU {m[name + '_cpu_ms']:5.0f} ms")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

@@ -1,5 +1,5 @@
-"""Where a server's memory and time go, step by step: the probes behind docs/performance.md's second and
-third passes.
+"""Where a server's memory and time go, step by step: the probes behind docs/performance.md's second,
+third and fourth passes.
 
     .venv/bin/python scripts/probe_memory.py stages  --model M   # resident memory of front end and worker
                                                                 # after each step of the issue #13 session
@@ -11,8 +11,11 @@ third passes.
     .venv/bin/python scripts/probe_memory.py chunks  --model M   # one head chunk of a lens: the transposed
                                                                 # layout's copy against what BLAS gains on it
     MALLOC_MMAP_THRESHOLD_=N .venv/bin/python scripts/probe_memory.py pieces --model M
-                                                                # the front end's protobuf path of a
-                                                                # (128, n_vocab) answer in PIECE_BYTES pieces
+                                                                # the front end's wire encoding of a
+                                                                # (128, n_vocab) answer in PIECE_BYTES pieces:
+                                                                # messages built (before) / encoded (now)
+    .venv/bin/python scripts/probe_memory.py buffers --model M   # a client's assembly buffer: pages faulted
+                                                                # one by one / MAP_POPULATE / resident
 
 `stages` runs a real server (`launch_server`); the others load the model in this process, so that one step
 is timed or measured without the pipe and gRPC. Environment variables (MALLOC_MMAP_THRESHOLD_,
@@ -169,18 +172,53 @@ def pieces(model: str, repeat: int) -> None:
 
     answer = np.random.default_rng(0).standard_normal((128, Weights(model, n_threads=1).n_vocab), np.float32)
 
-    def send() -> None:
-        for piece in tensor_pieces("lens.logits", 0, answer.shape, answer):
-            for chunk in tensors.to_chunks(piece.name, piece.array, piece.sequence, shape=piece.shape,
-                                           offset=piece.offset):
-                pb.RunChunk(tensor=chunk).SerializeToString()
-    print(f"{answer.nbytes >> 20} MiB in {PIECE_BYTES >> 10} KiB pieces, MALLOC_MMAP_THRESHOLD_="
-          f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}: best of {repeat} {_best_ms(send, repeat)} ms")
+    def messages(piece) -> None:  # the front end before the fourth pass: the data copied into each message
+        for start in range(0, piece.array.nbytes, tensors.CHUNK_BYTES):
+            data = bytes(memoryview(piece.array).cast("B")[start:start + tensors.CHUNK_BYTES])
+            chunk = pb.TensorChunk(name=piece.name, sequence=piece.sequence, dtype=pb.FLOAT32, shape=piece.shape,
+                                   offset=piece.offset + start, data=data)
+            pb.RunChunk(tensor=chunk).SerializeToString()
+
+    def encoded(piece) -> None:  # the front end now
+        for _ in tensors.encoded_run_chunks(piece.name, piece.array, piece.sequence, shape=piece.shape,
+                                            offset=piece.offset):
+            pass
+
+    for path in (messages, encoded):
+        def send(path=path) -> None:
+            for piece in tensor_pieces("lens.logits", 0, answer.shape, answer):
+                path(piece)
+        print(f"{answer.nbytes >> 20} MiB in {PIECE_BYTES >> 10} KiB pieces, {path.__name__}, MALLOC_MMAP_THRESHOLD_="
+              f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}: best of {repeat} {_best_ms(send, repeat)} ms")
+
+
+def buffers(model: str, repeat: int) -> None:
+    """What a client pays to assemble a (128, n_vocab) answer in fresh memory: a copy into a mapping whose pages
+    fault in one by one, into one mapped with MAP_POPULATE (`tensors.new_buffer`), and into memory already
+    resident (the copy alone)."""
+    import mmap
+
+    import numpy as np
+
+    from lmscope.service.weights import Weights
+
+    answer = np.random.default_rng(0).standard_normal((128, Weights(model, n_threads=1).n_vocab), np.float32)
+    source = answer.reshape(-1).view(np.uint8)
+    resident = np.empty_like(source)
+    private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    fills = {"faulted page by page": lambda: np.frombuffer(mmap.mmap(-1, source.size, flags=private), np.uint8),
+             "MAP_POPULATE": lambda: np.frombuffer(
+                 mmap.mmap(-1, source.size, flags=private | mmap.MAP_POPULATE), np.uint8),
+             "resident": lambda: resident}
+    for label, buffer in fills.items():
+        def fill(buffer=buffer) -> None:
+            buffer()[:] = source
+        print(f"{source.size >> 20} MiB into memory {label}: ms {sorted(_best_ms(fill, 1) for _ in range(repeat))}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("probe", choices=["stages", "forward", "lens", "norms", "chunks", "pieces"])
+    parser.add_argument("probe", choices=["stages", "forward", "lens", "norms", "chunks", "pieces", "buffers"])
     parser.add_argument("--model", help="GGUF file (default: the default model)")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
@@ -198,6 +236,8 @@ def main(argv=None) -> int:
         chunks(args.model, args.repeat)
     elif args.probe == "pieces":
         pieces(args.model, args.repeat)
+    elif args.probe == "buffers":
+        buffers(args.model, args.repeat)
     else:
         norms(args.model)
     return 0

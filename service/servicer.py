@@ -52,15 +52,15 @@ def _statuses(method):
 
 
 def _tensor_answer(messages):
-    """A worker's tensor answer as RunChunks, each piece sent on as it arrives (see `WorkerPool.messages`):
-    every tensor comes as pieces ahead of "done" (`worker._send_answer`), which brings a Run's header."""
+    """A worker's tensor answer as RunChunks, each piece sent on as it arrives (see `WorkerPool.messages`), its
+    chunks serialized here in one copy: every tensor comes as pieces ahead of "done" (`worker._send_answer`),
+    which brings a Run's header."""
     try:
         for kind, value in messages:
             if kind == "item":
                 piece: TensorPiece = value
-                for chunk in tensors.to_chunks(piece.name, piece.array, piece.sequence, shape=piece.shape,
-                                               offset=piece.offset):
-                    yield pb.RunChunk(tensor=chunk)
+                yield from tensors.encoded_run_chunks(piece.name, piece.array, piece.sequence, shape=piece.shape,
+                                                      offset=piece.offset)
             elif isinstance(value, RunResult):
                 yield pb.RunChunk(header=value.header)
     finally:

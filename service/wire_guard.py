@@ -6,6 +6,9 @@ INTERNAL "Exception deserializing request!", a status that blames the server and
 the decoder never raises: it hands the handler a `MalformedRequest`, and the handler answers
 INVALID_ARGUMENT naming the message that failed to parse. The handlers are built from the service
 descriptor, so RPCs added to the proto later are covered without touching this module.
+
+Answers: a handler returns messages, or, for the tensor chunks of a big answer, those messages already
+serialized (`tensors.encoded_run_chunks`), which pass through as they are.
 """
 from __future__ import annotations
 
@@ -40,6 +43,10 @@ def _tolerant_decoder(message_class):
     return decode
 
 
+def _serialize(response) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
 def _guarded(method, streaming: bool):
     if streaming:
         def stream(request, context):
@@ -62,11 +69,10 @@ def add_inspector_service(servicer, server: grpc.Server) -> None:
         if method.client_streaming:
             raise NotImplementedError(f"{method.full_name}: client-streaming RPCs are not handled here")
         request_class = message_factory.GetMessageClass(method.input_type)
-        response_class = message_factory.GetMessageClass(method.output_type)
         make_handler = (grpc.unary_stream_rpc_method_handler if method.server_streaming
                         else grpc.unary_unary_rpc_method_handler)
         handlers[method.name] = make_handler(_guarded(getattr(servicer, method.name), method.server_streaming),
                                              request_deserializer=_tolerant_decoder(request_class),
-                                             response_serializer=response_class.SerializeToString)
+                                             response_serializer=_serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
