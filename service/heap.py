@@ -4,8 +4,8 @@ Two behaviours of glibc's malloc cost lmscope resident memory it no longer uses:
 
 - Its mmap threshold adapts: after a big block allocated by mmap is freed, blocks up to that size come from
   the heap instead, and a freed block inside the heap stays resident. The front end passes big answers
-  through in `PIECE_BYTES` pieces (`service/worker.py`), each copied a few times on its way to gRPC (read
-  from the worker, protobuf's bytes, the message, its serialization). The front end fixes the threshold
+  through in `PIECE_BYTES` pieces (`service/worker.py`), each copied on its way to gRPC (read from the
+  worker, its encoded message, gRPC's own copy). The front end fixes the threshold
   (`settle_front_end`) just above those buffers, and gives the heap's free pages back after each answer
   (`return_free_memory` in `servicer._tensor_answer`): the copies reuse the heap's pages during an answer,
   and what they took goes back after it. A fixed threshold below the pieces' size had each copy mapped and
