@@ -8,10 +8,12 @@ that overruns the tensor, a shape or dtype that changes midway, missing bytes).
 A big tensor costs its size once on each side. `encoded_run_chunks` writes each chunk's `RunChunk` wire form
 itself: protobuf encodes the small fields, and the data is appended to them from a memoryview of the array
 in the one copy that makes the message's bytes. Building the messages instead copies the data four times
-(the `bytes` given to protobuf, the `TensorChunk`, the `RunChunk` holding it, its serialization); measured on
-a Gemma 3 `run()` with all logits (128 MiB), that was ~170 ms of the front end's CPU, taken from llama.cpp's
-threads on a small machine (docs/performance.md, "Fourth pass"). `Assembler` writes each chunk into one
-buffer allocated at the first chunk (`new_buffer`); no list of pieces is joined at the end.
+(the `bytes` given to protobuf, the `TensorChunk`, the `RunChunk` holding it, its serialization): 128 MiB
+took 404-429 ms that way and takes 52-58 ms now (`scripts/probe_memory.py pieces`), and the front end's CPU
+time for a Gemma 3 `run()` with all logits fell from 500-580 to 200-210 ms (`scripts/bench_wire.py`), time
+that on a small machine is taken from llama.cpp's threads (docs/performance.md, "Fourth pass"). `Assembler`
+writes each chunk into one buffer allocated at the first chunk (`new_buffer`); no list of pieces is joined at
+the end.
 """
 from __future__ import annotations
 
@@ -142,8 +144,8 @@ class Assembler:
     """Collects `TensorChunk`s into arrays keyed by (name, sequence).
 
     The chunks of one tensor must arrive in order, each starting where the previous one ended (that is how
-    `encoded_run_chunks` sends them and gRPC keeps a stream's order). Checking this, rather than only counting bytes,
-    makes a repeated, overlapping or skipped chunk an error instead of a tensor with a hole in it.
+    `encoded_run_chunks` sends them and gRPC keeps a stream's order). Checking this, rather than only counting
+    bytes, makes a repeated, overlapping or skipped chunk an error instead of a tensor with a hole in it.
     `max_bytes` bounds the buffer a declared shape may make us allocate.
     """
 

@@ -63,7 +63,8 @@ def _guarded(method, streaming: bool):
 
 
 def add_inspector_service(servicer, server: grpc.Server) -> None:
-    """What `lmscope_pb2_grpc.add_InspectorServicer_to_server` does, with tolerant request decoding."""
+    """What `lmscope_pb2_grpc.add_InspectorServicer_to_server` does, with tolerant request decoding and answers
+    already serialized passed through."""
     handlers = {}
     for method in SERVICE.methods:
         if method.client_streaming:
