@@ -4,8 +4,8 @@ The front end (`servicer.py`) turns each validated proto request into one of the
 (`requests.py` builds them), hands it to the `WorkerPool`, and the worker's `Operations.execute` runs the
 method registered for the job's type. Answers come back as the wire's own messages where they are small
 (`pb.TokenizeResponse`, `pb.GenerateEvent`, `pb.RunHeader`, `pb.ModelInfo`) and as `NamedTensor`s where they
-are arrays, which the front end cuts into `TensorChunk`s; big arrays come ahead of the answer as
-`TensorPiece`s. So reading one RPC is a straight walk:
+are arrays, which leave the worker as `TensorPiece`s ahead of the answer (all-position logits as they are
+computed) and reach the client as `TensorChunk`s. So reading one RPC is a straight walk:
 `InspectorServicer.Run` -> `RequestParser.run` -> `RunJob` -> `Operations.run` -> `Engine.forward`.
 
 This module imports no native code: the front end loads it, and it must stay free of llama.cpp (the test

@@ -5,12 +5,12 @@ Two behaviours of glibc's malloc cost lmscope resident memory it no longer uses:
 - Its mmap threshold adapts: after a big block allocated by mmap is freed, blocks up to that size come from
   the heap instead, and a freed block inside the heap stays resident. The front end passes big answers
   through in `PIECE_BYTES` pieces (`service/worker.py`), each copied on its way to gRPC (read from the
-  worker, its encoded message, gRPC's own copy). The front end fixes the threshold
-  (`settle_front_end`) just above those buffers, and gives the heap's free pages back after each answer
-  (`return_free_memory` in `servicer._tensor_answer`): the copies reuse the heap's pages during an answer,
-  and what they took goes back after it. A fixed threshold below the pieces' size had each copy mapped and
-  faulted in afresh: the protobuf path of 128 MiB took 379-533 ms instead of 233-368 ms, and a Gemma 3
-  `unembed` of 128 vectors 1.28-1.60 s instead of 1.15-1.19 s (front-end peak +1-2 MB; the adaptive
+  worker, its encoded message, gRPC's own copy). The front end fixes the threshold (`settle_front_end`)
+  just above those buffers, and gives the heap's free pages back after each answer (`return_free_memory`
+  in `servicer._tensor_answer`): the copies reuse the heap's pages during an answer, and what they took
+  goes back after it. A fixed threshold below the pieces' size had each copy mapped and faulted in afresh:
+  the protobuf path of 128 MiB (before `encoded_run_chunks`) took 379-533 ms instead of 233-368 ms, and a
+  Gemma 3 `unembed` of 128 vectors 1.28-1.60 s instead of 1.15-1.19 s (front-end peak +1-2 MB; the adaptive
   threshold had the SmolLM2 session's at 82 MB, 73 at rest). Figures and commands: docs/performance.md,
   "Third pass". The trim threshold stays glibc's: a higher one was faster still, but glibc keeps that much
   free memory in every thread's arena, beyond `malloc_trim`'s reach.

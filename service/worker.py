@@ -437,8 +437,8 @@ class WorkerPool:
         """The job's ("item", value) messages, then ("done", answer); a refusal or failure raises RequestError.
 
         The worker's messages are read by a thread of their own and queued (`_Inbox`); this generator yields
-        them at its consumer's (the client's) pace. Closing it early (the client
-        went away) cancels the job; the reader then discards the rest of the answer and hands the worker back.
+        them at its consumer's (the client's) pace. Closing it early (the client went away) cancels the job; the
+        reader then discards the rest of the answer and hands the worker back.
         """
         worker = self._acquire(is_active)
         inbox = _Inbox()
