@@ -41,6 +41,8 @@ class ModelInfo:
     verification: dict[str, float] = field(default_factory=dict)  # start-up check -> worst relative error
     unembed_error: str = ""                 # why the lens is disabled; empty when verified
     memory: dict[str, int] = field(default_factory=dict)  # expected bytes by part (proto MemoryEstimate)
+    flash_attention: bool = True            # runs without an attention capture use flash attention (--flash-attn)
+    batch_invariant: bool = False           # each prompt of a batch decoded as if alone (--batch-invariant)
 
     @classmethod
     def from_proto(cls, message) -> "ModelInfo":

@@ -54,8 +54,10 @@ class Contexts:
     4096 cells (clearing the cache), against 50-70 ms for decoding 8 tokens.
     """
 
-    def __init__(self, model_handle, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int):
+    def __init__(self, model_handle, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int,
+                 prompts_share_ubatches: bool = True):
         self.model_handle = model_handle
+        self.prompts_share_ubatches = prompts_share_ubatches
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.n_seq_max = n_seq_max
@@ -196,10 +198,15 @@ class Contexts:
         The memory is cleared between groups. Letting a group grow past one batch would make every later
         batch attend over (and mask out) the cache cells of all the group's earlier prompts: attention
         cost quadratic in the group's size, for nothing, since prompts never see each other.
+
+        Without `prompts_share_ubatches` every prompt is a group of its own: its ubatches and KV cells are
+        those of the prompt sent alone, so kernels whose rounding depends on a row's neighbours in the
+        ubatch (repacked weights, the plain attention's sums over cells) give it the same numbers.
         """
         group, tokens = [], 0
         for i, prompt in enumerate(prompts):
-            if group and (len(group) == self.n_seq_max or tokens + len(prompt) > self.n_batch):
+            if group and (not self.prompts_share_ubatches or len(group) == self.n_seq_max
+                          or tokens + len(prompt) > self.n_batch):
                 yield group
                 group, tokens = [], 0
             group.append(i)

@@ -70,6 +70,7 @@ class CapturePass:
         self.positions = capture_positions
         self.slot = [{p: k for k, p in enumerate(pos)} for pos in capture_positions]
         shapes = site_shapes
+        self.row_size = {site: int(np.prod(shapes[site])) for site in set(capture) | set(self.interventions)}
         self.out: dict[str, list[np.ndarray]] = {}
         for site in capture:
             if is_pattern_site(site):
@@ -113,7 +114,14 @@ class CapturePass:
             self._capture_pattern(site, tensor, ne)
             return
         rows = self.output_rows if site in self.output_rows_sites else self.rows
-        data = np.empty(int(np.prod(ne)), np.float32)
+        size = int(np.prod(ne))
+        if size != len(rows) * self.row_size[site]:
+            raise RequestError("INTERNAL", f"site {site} holds {size} values in a ubatch of {len(rows)} rows of "
+                                           f"{self.row_size[site]}: the graph no longer has the layout verified "
+                                           f"at start-up")
+        if not rows:  # a ubatch without output rows: the last block's output-rows-only sites are empty
+            return
+        data = np.empty(size, np.float32)
         ggml.read(tensor, data)
         data = data.reshape(len(rows), -1)
         if site in self.interventions and self._intervene(site, data, rows):

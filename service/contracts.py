@@ -31,6 +31,7 @@ class EngineConfig:
     n_gpu_layers: int = 0
     n_seq_max: int = 64
     flash_attn: bool = True     # for passes that do not capture attention patterns
+    batch_invariant: bool = False  # decode each prompt of a request as if alone (its own ubatches and cells)
     max_prompt_tokens: int = 0  # 0 = n_ctx
     max_capture_bytes: int = 2 << 30
     max_generated_tokens: int = 4096

@@ -92,7 +92,8 @@ class Engine:
         n_batch = min(config.n_batch, config.n_ctx, logits_rows_per_ubatch(self.n_vocab))
         self.contexts = Contexts(self.model.handle, n_ctx=config.n_ctx, n_batch=n_batch,
                                  n_seq_max=min(config.n_seq_max, n_batch),  # llama.cpp needs n_seq_max <= n_batch
-                                 n_threads=config.n_threads or os.cpu_count() or 1)
+                                 n_threads=config.n_threads or os.cpu_count() or 1,
+                                 prompts_share_ubatches=not config.batch_invariant)
         self.weights = Weights(config.model_path, n_threads=self.contexts.n_threads)
         self.family = self.weights.family
         self.site_rules = SiteRules(self.family, all_site_names(self.n_layer), self.weights.tensors)
@@ -147,7 +148,8 @@ class Engine:
             n_params=self.model.n_params, file_size=os.path.getsize(self.config.model_path),
             limits=self.limits(), backend="RPC" if self.config.rpc_servers else (
                 "CUDA" if lc.llama_supports_gpu_offload() and self.config.n_gpu_layers else "CPU"),
-            n_gpu_layers=self.config.n_gpu_layers,
+            n_gpu_layers=self.config.n_gpu_layers, flash_attention=self.config.flash_attn,
+            batch_invariant=self.config.batch_invariant,
             unavailable_sites=dict(self.unavailable_sites),
             embedding_scale=embedding_scale(self.family, self.n_embd),
             final_logit_softcapping=self.weights.final_logit_softcapping,

@@ -115,6 +115,7 @@ class Server:
                                               f"not an address of this machine")
         config = EngineConfig(model_path=str(model_path), n_ctx=args.n_ctx, n_threads=worker_threads(args),
                               n_gpu_layers=args.n_gpu_layers, n_batch=args.n_batch,
+                              flash_attn=args.flash_attn == "on", batch_invariant=args.batch_invariant,
                               max_capture_bytes=args.max_capture_mb << 20,
                               max_generated_tokens=args.max_generated_tokens,
                               max_prompt_tokens=args.max_prompt_tokens, max_batch_prompts=args.max_batch_prompts,
@@ -200,7 +201,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     parser.add_argument("--port", type=int, default=50051, help="port (0 = any free port)")
     parser.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens per worker")
-    parser.add_argument("--n-batch", type=int, default=512, help="tokens per llama.cpp batch (ubatch)")
+    parser.add_argument("--n-batch", type=int, default=512,
+                        help="tokens per llama.cpp batch (ubatch; capped so a ubatch's logits stay within 8 MiB)")
+    parser.add_argument("--flash-attn", choices=["on", "off"], default="on",
+                        help="off: every request runs the plain attention kernel (the one an attention capture "
+                             "needs), so a result never depends on what else is captured; slower "
+                             "(docs/gotchas.md)")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="decode each prompt of a batch in ubatches of its own, as if it came alone, so its "
+                             "numbers never depend on the prompts beside it; slower for batches of short prompts "
+                             "(docs/gotchas.md)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads per worker (0 = the cores shared among the workers)")
     parser.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (CUDA/Metal builds)")
