@@ -244,7 +244,7 @@ def _argument_error(args: argparse.Namespace) -> str | None:
         return (f"--host {args.host} exposes the server beyond this machine; add --tls-cert/--tls-key, "
                 f"or --insecure if the network is trusted")
     minimums = (("--workers", args.workers, 1), ("--max-queue", args.max_queue, 0), ("--n-ctx", args.n_ctx, 1),
-                ("--n-batch", args.n_batch, 1), ("--threads", args.threads, 0), ("--port", args.port, 0),
+                ("--n-batch", args.n_batch, 2), ("--threads", args.threads, 0), ("--port", args.port, 0),
                 ("--max-capture-mb", args.max_capture_mb, 1), ("--max-prompt-tokens", args.max_prompt_tokens, 0),
                 ("--max-generated-tokens", args.max_generated_tokens, 1),
                 ("--max-batch-prompts", args.max_batch_prompts, 1),

@@ -138,7 +138,9 @@ def verify(model: Model, contexts: Contexts, weights: "Weights", site_rules: Sit
         if site not in site_rules:
             unavailable[site] = family.refused.get(site_kind(site)) or f"{family.name} has no such tensor"
 
-    tokens = model.tokenize(PROBE_TEXT, add_special=True)[:PROBE_TOKENS]
+    # One ubatch holds the whole probe (llama.cpp aborts on a batch longer than n_batch), so that the last
+    # block's output-rows-only sites show as one row among several.
+    tokens = model.tokenize(PROBE_TEXT, add_special=True)[:min(PROBE_TOKENS, contexts.n_batch)]
     if len(tokens) < 2:
         tokens = (tokens + [0, 1])[:2]
     ctx = contexts.get(flash_attn=False, n_cells=len(tokens))  # the smallest context, kept for the first request

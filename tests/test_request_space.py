@@ -1,0 +1,341 @@
+"""The request space, explored by differential tests: a request equals its pieces.
+
+Each property compares two requests that must agree: a position subset with the full run indexed, a batch
+with its prompts one by one, a capture subset or `layers=` with the same sites of a full capture, float16 with
+float32, a zero steer with no steer, the lens's last layer with the logits, a generation's first token with
+the run of its prompt. Hypothesis draws the requests (seeded: CI sees the same examples every time) on the
+tiny model of every family, served with ubatches of 4 tokens (`--n-batch 4`): prompts of 1-23 tokens then
+cover one to six ubatches, ubatches without output rows, and prompts split across ubatches, the shapes that
+answered INTERNAL before (a ubatch with no output row reached a reshape of zero rows in service/capture.py).
+The same properties then run on SmolLM2 and Gemma 3 270M with prompts past two of their ubatches.
+
+Tolerances (tests/tolerances.py), from what the two requests compute:
+- A position subset decodes the same rows in the same ubatches; only the last block, which llama.cpp computes
+  for the output rows alone, multiplies a different number of rows: float32 sums in another blocking,
+  SAME_KERNELS on the tiny models. On the quantized real models a different rounding in the last block can
+  move an activation across an 8-bit rounding boundary (one step, 2**-7 of its block's largest value) before
+  a later product of the same block: Q8_STEP_LAST_BLOCK, relative to the row's largest value; every earlier
+  layer holds the same bits.
+- A batch against its prompts alone: flash attention's row-by-row kernel (below 64 query rows) gives each row
+  the same sums, but a matrix product over one row and over several may block its float32 sums otherwise,
+  and a difference of one unit can flip an entry of the F16 KV cache: F16_CACHE of the array's scale.
+  Prompts longer than a ubatch are groups of their own, so on the real models their rows are the same bits
+  as alone; mixtures of experts run with --batch-invariant (see `routed`), the same bits too.
+- float16 against float32: half a float16 step of the value (normal range), 2**-25 absolute (subnormals).
+- A zero steer adds +0.0 to every edited value: the same bits.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tolerances import (
+    F16_CACHE,
+    FLASH_F16,
+    SAME_KERNELS,
+    U16,
+    assert_close_to_scale,
+    assert_within,
+    reordered,
+)
+
+from lmscope.client import Client, LmscopeError
+from lmscope.service.launch import launch_server
+from lmscope.service.testing import FAMILIES, TINY_VOCAB_SIZE, build_tiny_model
+
+UBATCH = 4
+SERVER_ARGS = ("--threads", "1", "--n-ctx", "512", "--n-batch", str(UBATCH))
+MAX_LEN = 6 * UBATCH - 1
+EXAMPLES = settings(max_examples=8, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+Q8_STEP_LAST_BLOCK = 2 * 2.0 ** -7  # one 8-bit step of one activation, carried by at most two products
+FIRST_CONTROL_FREE_ID = 4  # ids 0-3 are the tiny vocabulary's control tokens
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
+def routed(family: str) -> bool:
+    """A mixture of experts: a float32 difference can send a token at a near tie to the other expert, a
+    discrete change no tolerance bounds; these servers decode each prompt as if alone (--batch-invariant)."""
+    return FAMILIES[family].n_expert > 0
+
+
+@pytest.fixture(scope="module")
+def family_client(family, tmp_path_factory):
+    path = build_tiny_model(tmp_path_factory.mktemp("space") / f"{family}.gguf", family=family)
+    args = SERVER_ARGS + (("--batch-invariant",) if routed(family) else ())
+    with launch_server(path, args=args) as server, Client(server.address) as client:
+        assert client.model_info().memory["n_ubatch"] == UBATCH
+        yield client
+
+
+def prompts_strategy(max_prompts: int = 3):
+    prompt = st.lists(st.integers(FIRST_CONTROL_FREE_ID, TINY_VOCAB_SIZE - 1), min_size=1, max_size=MAX_LEN)
+    return st.lists(prompt, min_size=1, max_size=max_prompts)
+
+
+@st.composite
+def shared_positions(draw, shortest: int) -> list[int]:
+    """Distinct relative positions valid for every prompt of a request (positions apply to each prompt): some
+    from the start, some from the end, never naming one token twice in the shortest prompt."""
+    split = draw(st.integers(0, shortest))
+    ahead = draw(st.lists(st.integers(0, split - 1), unique=True, max_size=3)) if split else []
+    behind = draw(st.lists(st.integers(-(shortest - split), -1), unique=True, max_size=3)) if shortest > split else []
+    positions = ahead + behind
+    return draw(st.permutations(positions)) if positions else [-1]
+
+
+def absolute(positions: list[int], n_tokens: int) -> list[int]:
+    return [p + n_tokens if p < 0 else p for p in positions]
+
+
+def close(actual, expected, what: str, rtol: float = SAME_KERNELS, atol: float = SAME_KERNELS) -> None:
+    expected = np.asarray(expected, np.float64)
+    assert_within(actual, expected, atol + rtol * np.abs(expected), what)
+
+
+def is_pattern(site: str) -> bool:
+    return site.endswith(("attn.pattern", "attn.scores"))
+
+
+def site_subset(client, data, patterns: bool = True) -> list[str]:
+    sites = [s for s in client.model_info().capture_sites if patterns or not is_pattern(s)]
+    return data.draw(st.lists(st.sampled_from(sites), min_size=1, max_size=6, unique=True), label="sites")
+
+
+@given(data=st.data())
+@EXAMPLES
+def test_a_position_subset_is_the_full_run_at_those_positions(family_client, data):
+    c = family_client
+    prompts = data.draw(prompts_strategy(), label="prompts")
+    positions = data.draw(shared_positions(min(map(len, prompts))), label="positions")
+    sites = site_subset(c, data)
+    full = c.send_run(c.run_request(prompts, capture=sites, logits=True))
+    part = c.send_run(c.run_request(prompts, capture=sites, positions=positions, logits=True))
+    last = c.send_run(c.run_request(prompts, capture=sites, positions=positions, logits="last"))
+    for s, ids in enumerate(prompts):
+        chosen = absolute(positions, len(ids))
+        assert part[s].positions == chosen == last[s].positions
+        for site in sites:
+            whole = full[s].captures[site]
+            expected = whole[:, chosen, :] if is_pattern(site) else whole[chosen]
+            close(part[s].captures[site], expected, f"{site} at {chosen} of prompt {s}")
+            close(last[s].captures[site], expected, f"{site} with last logits, prompt {s}")
+        close(part[s].logits, full[s].logits[chosen], f"logits at {chosen} of prompt {s}")
+        close(last[s].logits, full[s].logits[-1:], f"last logits of prompt {s}")
+
+
+@given(data=st.data())
+@EXAMPLES
+def test_a_batch_of_mixed_lengths_equals_its_prompts_one_by_one(family, family_client, data):
+    c = family_client
+    prompts = data.draw(prompts_strategy(max_prompts=4), label="prompts")
+    sites = ["embed", "blocks.*.resid_post"] + site_subset(c, data, patterns=False)
+    batch = c.run_batch(prompts, capture=sites)
+    for s, ids in enumerate(prompts):
+        alone = c.run(ids, capture=sites)
+        assert batch[s].token_ids == alone.token_ids == ids
+        for name in list(alone.captures) + ["logits"]:
+            shared = batch[s].logits if name == "logits" else batch[s].captures[name]
+            single = alone.logits if name == "logits" else alone.captures[name]
+            if routed(family):  # --batch-invariant: the prompt's own ubatches and cells, the same bits
+                np.testing.assert_array_equal(shared, single, f"{name} of prompt {s}")
+            else:  # a ubatch of other rows can round a product otherwise and flip an F16 cache entry
+                assert_close_to_scale(shared, single, F16_CACHE, f"{name} of prompt {s} in the batch")
+
+
+@given(data=st.data())
+@EXAMPLES
+def test_a_capture_subset_and_layers_are_the_same_sites_of_a_full_capture(family, family_client, data):
+    c = family_client
+    ids = data.draw(prompts_strategy(max_prompts=1), label="prompts")[0]
+    sites = site_subset(c, data, patterns=False)
+    layers = data.draw(st.lists(st.integers(0, c.n_layer - 1), min_size=1, unique=True), label="layers")
+    everything = c.run(ids, capture=lambda site: not is_pattern(site))  # a pattern would switch the kernel
+    subset = c.run(ids, capture=sites, logits=False)  # no logits: the pass ends at the last wanted node
+    by_layer = c.run(ids, layers=layers, logits=False)
+    for site in sites:
+        close(subset.captures[site], everything.captures[site], site)
+    for layer in layers:
+        close(by_layer.resid_post(layer), everything.hidden_states[layer + 1], f"layers=[{layer}]")
+    assert subset.logits is None and by_layer.logits is None
+    if FAMILIES[family].n_expert == 0:  # a mixture's routing can take the other expert at a near tie
+        observed = c.run(ids, capture=sites + ["blocks.0.attn.pattern"], logits=False)
+        for site in sites:  # a pattern capture runs the plain attention kernel: FLASH_F16 on order-one states
+            close(observed.captures[site], everything.captures[site], f"{site} beside a pattern", 0.0, FLASH_F16)
+
+
+@given(data=st.data())
+@EXAMPLES
+def test_float16_answers_are_float32_rounded_to_half_a_step(family_client, data):
+    c = family_client
+    prompts = data.draw(prompts_strategy(), label="prompts")
+    positions = data.draw(st.none() | shared_positions(min(map(len, prompts))), label="positions")
+    sites = site_subset(c, data)
+    wide = c.send_run(c.run_request(prompts, capture=sites, positions=positions))
+    half = c.send_run(c.run_request(prompts, capture=sites, positions=positions, dtype="float16"))
+    for w, h in zip(wide, half):
+        for name in list(w.captures) + ["logits"]:
+            a16 = h.logits if name == "logits" else h.captures[name]
+            a32 = w.logits if name == "logits" else w.captures[name]
+            assert a16.dtype == np.float16
+            assert_within(a16, a32, U16 * np.abs(a32) + 2.0 ** -25, f"float16 {name}")
+
+
+@given(data=st.data())
+@EXAMPLES
+def test_a_zero_steer_is_no_steer_and_an_ablated_direction_is_gone(family_client, data):
+    c = family_client
+    ids = data.draw(prompts_strategy(max_prompts=1), label="prompts")[0]
+    n_embd = c.model_info().n_embd
+    layer = data.draw(st.integers(0, c.n_layer - 1), label="layer")
+    plain = c.run(ids)
+    steered = c.run(ids, steer={layer: np.zeros(n_embd, np.float32)})
+    np.testing.assert_array_equal(steered.hidden_states, plain.hidden_states)
+    np.testing.assert_array_equal(steered.logits, plain.logits)
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+    u = np.random.default_rng(seed).standard_normal(n_embd).astype(np.float32)
+    ablated = c.run(ids, ablate=u, capture=["embed", "blocks.*.resid_mid", "blocks.*.resid_post"], logits=False)
+    u64 = u.astype(np.float64) / np.linalg.norm(u.astype(np.float64))
+    for site, states in ablated.captures.items():
+        # x - (x.v) v in float32 with v normalized in float32: a dot product of n_embd terms and the rounding
+        # of each element, each at most reordered(n_embd) of |x| along the unit direction.
+        norms = np.linalg.norm(states.astype(np.float64), axis=1)
+        along = states.astype(np.float64) @ u64
+        assert_within(along, np.zeros_like(along), 3 * reordered(n_embd) * norms, f"{site} along u")
+
+
+@given(data=st.data())
+@EXAMPLES
+def test_the_lens_of_the_last_layer_ranks_tokens_as_the_logits_do(family_client, data):
+    c = family_client
+    ids = data.draw(prompts_strategy(max_prompts=1), label="prompts")[0]
+    positions = data.draw(st.none() | shared_positions(len(ids)), label="positions")
+    lens = c.logit_lens(ids, top_k=3, positions=positions)
+    run = c.run(ids, positions=positions, capture=[])
+    logits = run.logits.astype(np.float64)
+    order = np.argsort(-logits, axis=1, kind="stable")
+    top, second = np.take_along_axis(logits, order[:, :2], axis=1).T
+    # The lens unembeds in numpy, llama.cpp in its own kernels: two float32 evaluations of the same logits,
+    # apart by at most reordered(n_embd) of the largest |logit|-sized terms. Where the first two logits are
+    # further apart than that, both must put the same token first.
+    margin = 4 * reordered(c.model_info().n_embd) * np.abs(logits).max(axis=1) + 1e-6
+    clear = top - second > margin
+    assert lens.positions == run.positions
+    np.testing.assert_array_equal(lens.top_ids[-1, clear, 0], order[clear, 0])
+
+
+def test_generation_with_interventions_continues_the_run_of_a_long_chat_prompt(family_client):
+    c = family_client
+    text = "Tell me, in a few words, why the sky looks blue on a clear summer day and red at sunset."
+    n_embd = c.model_info().n_embd
+    u = np.random.default_rng(7).standard_normal(n_embd).astype(np.float32)
+    steer = {c.n_layer // 2: 2.0 * u}
+    for edit in ({"ablate": u}, {"steer": steer}, {}):
+        generated = c.generate(text, chat=True, max_tokens=3, **edit)
+        assert len(generated.prompt_token_ids) > 2 * UBATCH
+        run = c.run(text, chat=True, logits="last", capture=[], **edit)
+        assert run.token_ids == generated.prompt_token_ids
+        assert generated.token_ids, generated
+        top = np.argsort(-run.logits[-1], kind="stable")[:2]
+        gap = run.logits[-1][top[0]] - run.logits[-1][top[1]]
+        if gap > 1e-4 * np.abs(run.logits[-1]).max():  # greedy picks the same token unless it is a near tie
+            assert generated.token_ids[0] == top[0], edit
+    with pytest.raises(LmscopeError) as refused:
+        c.generate(c.tokenize(text).token_ids, chat=True, max_tokens=1)
+    assert refused.value.code.name == "INVALID_ARGUMENT"
+
+
+# ----- the same properties on the real models ----------------------------------------------------------------
+
+REAL_TEXT = ("The history of the old harbour town begins in Roman times, when a few fishermen settled on the "
+             "banks of the river. Over the centuries it grew into a centre of trade, learning and the arts, "
+             "with a cathedral, a university and a market that drew merchants from across the sea. Today the "
+             "town is known for its festivals, its narrow streets and the bridges that cross the water at")
+
+
+def _check_real_model(c: Client) -> None:
+    ubatch = c.model_info().memory["n_ubatch"]
+    ids = c.tokenize(REAL_TEXT + " " + REAL_TEXT).token_ids  # past two ubatches of either model
+    assert len(ids) > 2 * ubatch, (len(ids), ubatch)
+    full = c.run(ids)
+    n = full.hidden_states.shape[0]
+    for positions in ([-1], [0, -1], [ubatch, ubatch - 1, 3]):
+        chosen = absolute(positions, len(ids))
+        for logits in (True, "last"):
+            part = c.run(ids, positions=positions, logits=logits)
+            assert part.positions == chosen
+            # Every block but the last computes the same rows in the same ubatches: the same bits.
+            np.testing.assert_array_equal(part.hidden_states[:n - 1], full.hidden_states[:n - 1, chosen])
+            expected = full.hidden_states[n - 1, chosen]
+            scale = np.abs(expected).max(axis=1, keepdims=True)
+            assert_within(part.hidden_states[n - 1], expected, Q8_STEP_LAST_BLOCK * scale, f"last block {positions}")
+            want = full.logits[chosen] if logits is True else full.logits[-1:]
+            # the logits are the final norm and head of those states; the same budget, of the logits' scale
+            assert_within(part.logits, want, Q8_STEP_LAST_BLOCK * np.abs(want).max(axis=1, keepdims=True),
+                          f"logits {positions} {logits}")
+    # Prompts longer than a ubatch are decoded in groups of their own: the same bits as alone.
+    prompts = [ids[:2 * ubatch + 3], ids, ids[:ubatch + 1]]
+    for p, batched in zip(prompts, c.run_batch(prompts, layers=[0, c.n_layer // 2, c.n_layer - 1])):
+        alone = c.run(p, layers=[0, c.n_layer // 2, c.n_layer - 1])
+        for site in alone.captures:
+            np.testing.assert_array_equal(batched.captures[site], alone.captures[site])
+        np.testing.assert_array_equal(batched.logits, alone.logits)
+    # float16: the values rounded to half a step, or a clear refusal where they do not fit
+    try:
+        half = c.run(ids, positions=[0, -1], dtype="float16")
+    except LmscopeError as error:
+        assert error.code.name == "OUT_OF_RANGE" and "float32" in error.message
+        assert max(np.abs(full.hidden_states[:, [0, -1]]).max(), np.abs(full.logits[[0, -1]]).max()) >= 65520
+    else:
+        assert_within(half.hidden_states, full.hidden_states[:, [0, -1]],
+                      U16 * np.abs(full.hidden_states[:, [0, -1]]) + 2.0 ** -25, "float16 hidden states")
+    # a zero steer, an ablation and a lens on the long prompt
+    zero = c.run(ids, positions=[-1], steer={c.n_layer // 2: np.zeros(c.model_info().n_embd, np.float32)})
+    np.testing.assert_array_equal(zero.logits, c.run(ids, positions=[-1]).logits)
+    lens = c.logit_lens(ids, positions=[-1], top_k=1)
+    assert lens.top_ids.shape == (n, 1, 1)
+    u = full.hidden_states[n // 2, -1] - full.hidden_states[n // 2, 0]
+    ablated = c.run(ids, positions=[-1], ablate=u, logits="last")
+    assert np.isfinite(ablated.logits).all()
+
+
+def test_the_request_space_on_smollm2(smol_client):
+    _check_real_model(smol_client)
+
+
+def test_the_request_space_on_gemma3(gemma_space_client):
+    _check_real_model(gemma_space_client)
+
+
+@pytest.fixture(scope="module")
+def gemma_space_client():
+    from lmscope.service.models import pull_model
+
+    path = pull_model("gemma3-270m", progress=None)
+    with launch_server(path, args=("--threads", "2", "--n-ctx", "512")) as server, Client(server.address) as c:
+        yield c
+
+
+# ----- the options that remove what observing and batching change --------------------------------------------
+
+def test_with_plain_attention_and_batch_invariance_observing_and_batching_change_no_bit(tiny_model):
+    """`--flash-attn off`: every pass runs the kernel an attention capture needs, so capturing a pattern
+    changes nothing else; `--batch-invariant`: each prompt is decoded in ubatches and cells of its own, so
+    it gets the bits it gets alone, short prompts included."""
+    args = SERVER_ARGS + ("--flash-attn", "off", "--batch-invariant")
+    with launch_server(tiny_model, args=args) as server, Client(server.address) as c:
+        info = c.model_info()
+        assert not info.flash_attention and info.batch_invariant
+        prompts = [[5, 9, 13], list(range(4, 4 + 3 * UBATCH + 1)), [100, 200], list(range(300, 300 + UBATCH))]
+        sites = ["embed", "blocks.*.resid_post", "blocks.*.attn_out"]
+        batch = c.run_batch(prompts, capture=sites + ["blocks.1.attn.pattern"])
+        for p, batched in zip(prompts, batch):
+            alone = c.run(p, capture=sites)
+            for site in alone.captures:
+                np.testing.assert_array_equal(batched.captures[site], alone.captures[site])
+            np.testing.assert_array_equal(batched.logits, alone.logits)
