@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
 
 from . import interventions as iv
 from . import tensors
-from .dispatch import ordered_calls
+from .dispatch import check_batch_size, ordered_calls
 from .errors import LmscopeError, check_layer, invalid_argument
 from .results import Generation, ModelInfo, Run, Tokens, TopK
 from .servers import ServerSet, service_config
@@ -47,6 +47,35 @@ class ModelMismatchError(LmscopeError):
 
 def _raise(error: grpc.RpcError):
     raise LmscopeError(error.code(), error.details() or "") from None
+
+
+def split_run_request(request: pb.RunRequest, size: int | None = None) -> list[pb.RunRequest] | None:
+    """The request's prompts in parts of `size` (default: two halves), each part with the request's options
+    and the interventions that reach its prompts (`sequences` renumbered from 0); None for one prompt."""
+    n = len(request.prompts)
+    if n < 2:
+        return None
+    size = size or (n + 1) // 2
+    parts = []
+    for start in range(0, n, size):
+        stop = min(n, start + size)
+        part = pb.RunRequest()
+        part.CopyFrom(request)
+        part.ClearField("prompts")
+        part.ClearField("interventions")
+        part.prompts.extend(request.prompts[start:stop])
+        for edit in request.interventions:
+            if edit.sequences:
+                mine = [s - start for s in edit.sequences if start <= s < stop]
+                if not mine:
+                    continue
+                renumbered = part.interventions.add()
+                renumbered.CopyFrom(edit)
+                renumbered.sequences[:] = mine
+            else:
+                part.interventions.append(edit)
+        parts.append(part)
+    return parts
 
 
 class _BearerToken(grpc.AuthMetadataPlugin):
@@ -218,6 +247,16 @@ class CoreClient:
     def detokenize(self, token_ids: Iterable[int]) -> str:
         return self.call("Detokenize", pb.DetokenizeRequest(token_ids=[int(t) for t in token_ids])).text
 
+    def token_pieces(self, ids: Iterable[int]) -> list[bytes]:
+        """The raw bytes of each token id, in order: Detokenize requests of at most the server's
+        `max_prompt_tokens` ids each. Every piece the client looks up on the user's behalf comes from here."""
+        ids = [int(t) for t in ids]
+        step = self.model_info().limits.get("max_prompt_tokens") or len(ids) or 1
+        pieces: list[bytes] = []
+        for start in range(0, len(ids), step):
+            pieces += self.call("Detokenize", pb.DetokenizeRequest(token_ids=ids[start:start + step])).pieces
+        return pieces
+
     def token_id(self, text: str) -> int:
         """The first token of `text` (no BOS): how a multi-token word is reduced to one id."""
         ids = self.tokenize(text, add_special=False).token_ids
@@ -231,7 +270,9 @@ class CoreClient:
     def _prompt(prompt, chat: bool = False, prepend_bos: bool = True) -> pb.Prompt:
         if isinstance(prompt, str):
             return pb.Prompt(text=prompt, chat=chat, no_bos=not prepend_bos)
-        return pb.Prompt(token_ids=[int(t) for t in prompt])
+        # chat travels with token ids too: the server refuses that pair (INVALID_ARGUMENT) rather than the
+        # client dropping chat and running a different prompt than the one asked for.
+        return pb.Prompt(token_ids=[int(t) for t in prompt], chat=chat)
 
     def check_layer(self, layer, what: str = "layer") -> int:
         """A block index of the served model; OUT_OF_RANGE (`LmscopeError`) otherwise."""
@@ -290,7 +331,8 @@ class CoreClient:
         logits: True / "all", "last", or False.
         dtype: "float32" or "float16" on the wire (results are float16 arrays then).
         steer / ablate / patch / interventions: edits of the forward pass (`lmscope.client.interventions`).
-        chat: wrap a text prompt in the model's chat template.
+        chat: wrap a text prompt in the model's chat template (the server refuses it with token ids:
+            INVALID_ARGUMENT).
         prepend_bos: False leaves out the BOS token the tokenizer would add to a text prompt (token-id
             prompts are used as given).
         """
@@ -299,28 +341,54 @@ class CoreClient:
                                    interventions=interventions, chat=chat, prepend_bos=prepend_bos)
         return self.send_run(request)[0]
 
+    def send_runs(self, requests: Iterable[pb.RunRequest], *,
+                  describe: Callable[[int], str] | None = None) -> Iterator[Run]:
+        """Send RunRequests (from `run_request`) with up to `max_in_flight` outstanding over all servers; each
+        prompt's Run, in request and prompt order. Every batch of prompts goes through here.
+
+        A request with more prompts than the server's `max_batch_prompts` is sent in parts of that size; one the
+        server refuses with RESOURCE_EXHAUSTED (an answer over `max_capture_bytes`, a message too large) is sent
+        again in halves, recursively, so the results do not depend on how the prompts were grouped; a single
+        prompt still too big raises the server's error. A request whose server fails is sent again (see
+        `lmscope.client.dispatch`). Only the window of outstanding requests is held in memory.
+        `describe(i)` names request i in log messages.
+        """
+        info = self.model_info()
+        limit = info.limits.get("max_batch_prompts") or 0
+
+        def fitting() -> Iterator[pb.RunRequest]:
+            for request in requests:
+                if limit and len(request.prompts) > limit:
+                    yield from split_run_request(request, limit)
+                else:
+                    yield request
+
+        window = self.max_in_flight or 2 * self._n_workers
+        for runs in ordered_calls(self.send_run, fitting(), max_in_flight=window, retries=self.retries,
+                                  describe=describe or (lambda i: f"{info.name}: request {i}"),
+                                  split=split_run_request):
+            yield from runs
+
     def iter_runs(self, prompts: Iterable, *, batch_size: int = 64, **options) -> Iterator[Run]:
         """`run_batch` as a stream: each prompt's Run in prompt order, while later requests are running.
 
-        Requests of `batch_size` prompts (decoded together by one server) are spread over the servers with
-        up to `max_in_flight` outstanding; a request whose server fails is sent again (see
-        `lmscope.client.dispatch`). Only the window of outstanding requests is held in memory.
+        Requests of `batch_size` prompts (at most the server's `max_batch_prompts`; decoded together by one
+        server) go through `send_runs`: spread over the servers, split when an answer would be too big.
         """
+        batch_size = min(check_batch_size(batch_size), self.model_info().limits.get("max_batch_prompts") or batch_size)
         prompts = list(prompts)
-        info = self.model_info()
         requests = [self.run_request(prompts[start:start + batch_size], **options)
                     for start in range(0, len(prompts), batch_size)]
-        window = self.max_in_flight or 2 * self._n_workers
-        for runs in ordered_calls(self.send_run, requests, max_in_flight=window, retries=self.retries,
-                                  describe=lambda i: f"{info.name}: prompts {i * batch_size}.."
-                                                     f"{min((i + 1) * batch_size, len(prompts)) - 1}"):
-            yield from runs
+        name = self.model_info().name
+        return self.send_runs(requests, describe=lambda i: f"{name}: prompts {i * batch_size}.."
+                                                           f"{min((i + 1) * batch_size, len(prompts)) - 1}")
 
     def run_batch(self, prompts: Sequence, *, batch_size: int = 64, progress: bool = False, **options) -> list[Run]:
         """Many prompts, `batch_size` per request, several requests in flight over all servers, results in
         prompt order (options as for `run`)."""
         from .progress import progress_bar
 
+        prompts = list(prompts)
         runs: list[Run] = []
         with progress_bar(len(prompts), enabled=progress, desc="prompts") as bar:
             for run in self.iter_runs(prompts, batch_size=batch_size, **options):
@@ -343,8 +411,8 @@ class CoreClient:
         return TopK(ids=ids.astype(np.int64), pieces=pieces, probs=probs[ids], logits=logits[ids])
 
     def tokenize_pieces(self, ids: Iterable[int]) -> list[str]:
-        pieces = self.call("Detokenize", pb.DetokenizeRequest(token_ids=[int(t) for t in ids])).pieces
-        return [p.decode("utf-8", "replace") for p in pieces]
+        """The text of each token id (`token_pieces` decoded; a partial UTF-8 sequence shows as U+FFFD)."""
+        return [p.decode("utf-8", "replace") for p in self.token_pieces(ids)]
 
     def unembed(self, vectors: np.ndarray, final_norm: bool = True) -> np.ndarray:
         """Final norm (unless final_norm=False) + LM head applied server-side: logits (n, n_vocab)."""
@@ -413,6 +481,8 @@ class CoreClient:
             vectors.append(v)
         if pooling == "none":
             return vectors[0] if single else vectors
+        if not vectors:  # no texts: no rows, as numpy would give
+            return np.zeros((0, self.model_info().n_embd), dtype=np.float32)
         stacked = np.stack(vectors)
         return stacked[0] if single else stacked
 

@@ -20,13 +20,13 @@ from lmscope.service.architectures import ffn_value_tensor, head_tensor_name
 
 from .activation_patching import IDENTITY_PROMPT, Metric, Patchscope, PatchSweep, logit_difference
 from .attention import Attention
+from .dispatch import check_batch_size
 from .errors import check_index, invalid_argument
 from .interface import ClientCore
 from .interventions import Intervention, Patch
 from .neurons import Hit, NeuronActivations, Neurons, NeuronTokens, TopActivating
 from .progress import progress_bar
 from .token_labels import snippet, token_labels
-from .wire import lmscope_pb2 as pb
 
 PATCHABLE_SITES = ("resid_post", "resid_mid", "attn_out", "mlp_out")
 
@@ -39,12 +39,9 @@ class InsideMixin:
     def _check_neuron(self: ClientCore, neuron: int) -> int:
         return check_index(neuron, self.model_info().n_ff, "neuron", "feed-forward neurons")
 
-    def _pieces(self, token_ids: Sequence[int]) -> list[bytes]:
-        return list(self.call("Detokenize", pb.DetokenizeRequest(token_ids=[int(t) for t in token_ids])).pieces)
-
     def token_labels(self, token_ids: Sequence[int]) -> list[str]:
         """A readable label per token (see `lmscope.client.token_labels`)."""
-        return token_labels(self._pieces(token_ids))
+        return token_labels(self.token_pieces(token_ids))
 
     # ----- attention -------------------------------------------------------------------------------
 
@@ -110,8 +107,8 @@ class InsideMixin:
                        context: int = 6, skip_bos: bool = True, progress: bool = True) -> TopActivating:
         """The `k` tokens of `prompts` on which the neuron's activation is largest, with text around them.
 
-        Prompts are decoded `batch_size` at a time capturing only ``blocks.{layer}.mlp.post``; only the
-        neuron's column is kept, so memory stays small for a large corpus. `skip_bos` leaves out the BOS
+        Prompts are decoded `batch_size` at a time (`iter_runs`) capturing only ``blocks.{layer}.mlp.post``;
+        only the neuron's column is kept, so memory stays small for a large corpus. `skip_bos` leaves out the BOS
         token, on which many neurons fire regardless of the text.
         """
         site = f"blocks.{self.check_layer(layer)}.mlp.post"
@@ -119,13 +116,12 @@ class InsideMixin:
         bos = self.model_info().bos_token_id
         columns: list[np.ndarray] = []
         token_lists: list[list[int]] = []
+        prompts = list(prompts)
         with progress_bar(len(prompts), enabled=progress, desc=f"layer {layer} neuron {neuron}") as bar:
-            for start in range(0, len(prompts), batch_size):
-                part = list(prompts[start:start + batch_size])
-                for run in self.send_run(self.run_request(part, capture=[site], logits=False)):
-                    columns.append(run.captures[site][:, neuron].astype(np.float32))
-                    token_lists.append(run.token_ids)
-                bar.update(len(part))
+            for run in self.iter_runs(prompts, batch_size=batch_size, capture=[site], logits=False):
+                columns.append(run.captures[site][:, neuron].astype(np.float32))
+                token_lists.append(run.token_ids)
+                bar.update(1)
         ranked = []
         for p, (column, ids) in enumerate(zip(columns, token_lists)):
             ranked += [(float(column[i]), p, i) for i in range(len(ids)) if not (skip_bos and ids[i] == bos)]
@@ -134,13 +130,14 @@ class InsideMixin:
                              n_tokens_scanned=len(ranked), activations=columns)
 
     def _hits(self, ranked, token_lists, context: int) -> list[Hit]:
-        """Hits with a text window of `context` tokens either side, from one Detokenize call."""
+        """Hits with a text window of `context` tokens either side (the windows' pieces from `token_pieces`,
+        in requests within the server's limits)."""
         windows = []
         for _, p, i in ranked:
             ids = token_lists[p]
             windows.append((max(0, i - context), i, min(len(ids), i + context + 1)))
         all_ids = [t for (_, p, _), (a, _, b) in zip(ranked, windows) for t in token_lists[p][a:b]]
-        pieces = self._pieces(all_ids) if all_ids else []
+        pieces = self.token_pieces(all_ids)
         hits, offset = [], 0
         for (value, p, i), (a, _, b) in zip(ranked, windows):
             window = pieces[offset:offset + b - a]
@@ -185,8 +182,10 @@ class InsideMixin:
         The two prompts must have the same number of tokens. The default metric is the logit difference
         between the clean and the corrupted run's top next tokens (`logit_difference`). Cells are decoded
         `batch_size` at a time: each request holds that many copies of the corrupted prompt, each with its
-        own SET intervention (`Intervention.sequences`).
+        own SET intervention (`Intervention.sequences`), and sent through `send_runs` (split to the server's
+        limits).
         """
+        batch_size = check_batch_size(batch_size)
         if site not in PATCHABLE_SITES:
             raise invalid_argument(f"site {site!r} cannot be swept; use one of {', '.join(PATCHABLE_SITES)}")
         layers = list(range(self.model_info().n_layer)) if layers is None else [self.check_layer(L) for L in layers]
@@ -206,17 +205,20 @@ class InsideMixin:
             metric.__name__ = "logit[{!r}] - logit[{!r}]".format(*self.token_labels([good, bad]))
         cells = [(i, j) for i in range(len(layers)) for j in range(len(clean_run.positions))]
         values = np.zeros((len(layers), len(clean_run.positions)))
-        with progress_bar(len(cells), enabled=progress, desc="patched runs") as bar:
+
+        def requests():
             for start in range(0, len(cells), batch_size):
                 chunk = cells[start:start + batch_size]
                 interventions = [Intervention("set", [sites[i]], clean_run.captures[sites[i]][j],
                                               positions=[clean_run.positions[j]], sequences=[s])
                                  for s, (i, j) in enumerate(chunk)]
-                request = self.run_request([corrupted_run.token_ids] * len(chunk), capture=[], logits="last",
-                                           interventions=interventions)
-                for (i, j), run in zip(chunk, self.send_run(request)):
-                    values[i, j] = metric(run.logits[-1])
-                bar.update(len(chunk))
+                yield self.run_request([corrupted_run.token_ids] * len(chunk), capture=[], logits="last",
+                                       interventions=interventions)
+
+        with progress_bar(len(cells), enabled=progress, desc="patched runs") as bar:
+            for (i, j), run in zip(cells, self.send_runs(requests())):
+                values[i, j] = metric(run.logits[-1])
+                bar.update(1)
         clean_labels = self.token_labels(clean_run.token_ids)
         corrupted_labels = self.token_labels(corrupted_run.token_ids)
         tokens = [clean_labels[p] if clean_labels[p] == corrupted_labels[p]

@@ -11,7 +11,7 @@ contract too.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -40,6 +40,8 @@ class ClientCore(Protocol):
 
     def token_id(self, text: str) -> int: ...
 
+    def token_pieces(self, ids: Iterable[int]) -> list[bytes]: ...
+
     def tokenize_pieces(self, ids: Iterable[int]) -> list[str]: ...
 
     # forward passes
@@ -53,6 +55,9 @@ class ClientCore(Protocol):
     def run_request(self, prompts, **options) -> pb.RunRequest: ...
 
     def send_run(self, request: pb.RunRequest, metadata=None) -> list[Run]: ...
+
+    def send_runs(self, requests: Iterable[pb.RunRequest], *,
+                  describe: Callable[[int], str] | None = None) -> Iterator[Run]: ...
 
     def generate(self, prompt, **options) -> Generation: ...
 

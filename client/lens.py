@@ -229,15 +229,15 @@ def first_token(client, word: str | int) -> tuple[int, bool]:
 
 
 def token_texts(client, ids) -> dict[int, str]:
-    """The text of each distinct token id, in one Detokenize request."""
+    """The text of each distinct token id (`tokenize_pieces`: requests within the server's limits)."""
     unique = [int(t) for t in np.unique(np.asarray(ids, dtype=np.int64))]
     return dict(zip(unique, client.tokenize_pieces(unique)))
 
 
 def token_bytes(client, ids) -> dict[int, bytes]:
-    """The raw bytes of each distinct token id, in one Detokenize request."""
+    """The raw bytes of each distinct token id (`token_pieces`: requests within the server's limits)."""
     unique = [int(t) for t in np.unique(np.asarray(ids, dtype=np.int64))]
-    return dict(zip(unique, client.call("Detokenize", pb.DetokenizeRequest(token_ids=unique)).pieces))
+    return dict(zip(unique, client.token_pieces(unique)))
 
 
 class LensMixin:

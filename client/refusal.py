@@ -61,10 +61,9 @@ def refusal_rate(texts: Iterable[str]) -> float:
 def refusal_token_ids(client, openings: Sequence[str] = REFUSAL_OPENINGS) -> list[int]:
     """The distinct first tokens of `openings` in the client's model, keeping only tokens that are whole
     characters (a byte-fallback piece of a CJK character is shared with unrelated characters)."""
+    tokens = [client.token_id(text) for text in openings]
     ids = []
-    for text in openings:
-        token = client.token_id(text)
-        piece = client.tokenize_pieces([token])[0]
+    for token, piece in zip(tokens, client.tokenize_pieces(tokens)):
         if "\ufffd" not in piece and piece.strip() and token not in ids:
             ids.append(token)
     if not ids:
@@ -85,14 +84,15 @@ def block_output_means(store, info, position: int | str, chat: bool) -> np.ndarr
     token mean): the difference-in-means ingredients read from an `ActivationStore`, nothing recomputed."""
     store.check_model(info.fingerprint)
     if store.chat != chat:
-        raise ValueError(f"the store at {store.path} was collected with chat={store.chat}, but chat={chat} was "
-                         f"asked: the template changes the states, so collect again or pass chat={store.chat}")
+        raise invalid_argument(f"the store at {store.path} was collected with chat={store.chat}, but chat={chat} "
+                               f"was asked: the template changes the states, so collect again or pass "
+                               f"chat={store.chat}")
     sites = [f"blocks.{L}.resid_post" for L in range(info.n_layer)]
     missing = [s for s in sites if s not in store]
     if missing:
-        raise ValueError(f"the store at {store.path} lacks {missing[:3]}; collect sites='blocks.*.resid_post'")
+        raise invalid_argument(f"the store at {store.path} lacks {missing[:3]}; collect sites='blocks.*.resid_post'")
     if position != "mean" and not store.ragged and position not in store.request["positions"]:
-        raise ValueError(f"the store holds positions {store.request['positions']}, not {position}")
+        raise invalid_argument(f"the store holds positions {store.request['positions']}, not {position}")
     # bos_token_id=None: the token mean includes BOS, as `SteeringMixin._mean_block_outputs` computes it
     return np.stack([store.vectors(site, position, bos_token_id=None).astype(np.float64).mean(axis=0)
                      for site in sites])
