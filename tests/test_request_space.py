@@ -339,3 +339,20 @@ def test_with_plain_attention_and_batch_invariance_observing_and_batching_change
             for site in alone.captures:
                 np.testing.assert_array_equal(batched.captures[site], alone.captures[site])
             np.testing.assert_array_equal(batched.logits, alone.logits)
+
+
+def test_float16_refuses_values_it_cannot_hold_instead_of_sending_infinities(client):
+    """Gemma's residual stream reaches 1e5; float16 holds at most 65,504: such an answer is refused with a
+    message that names the site and the fix, never sent as inf."""
+    from lmscope.client.interventions import Intervention
+
+    big = [Intervention("set", "blocks.1.resid_post", np.full(64, 7e4, np.float32), positions=[1])]
+    ids = list(range(10, 10 + 3))
+    wide = client.run(ids, interventions=big, layers=[0, 1], logits=False)
+    assert np.abs(wide.resid_post(1)).max() == np.float32(7e4)
+    with pytest.raises(LmscopeError) as refused:
+        client.run(ids, interventions=big, layers=[0, 1], logits=False, dtype="float16")
+    assert refused.value.code.name == "OUT_OF_RANGE"
+    assert "blocks.1.resid_post" in refused.value.message and "float32" in refused.value.message
+    half = client.run(ids, interventions=big, layers=[0], logits=False, dtype="float16")  # block 0 fits
+    assert_within(half.resid_post(0), wide.resid_post(0), U16 * np.abs(wide.resid_post(0)) + 2.0 ** -25, "block 0")
