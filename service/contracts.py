@@ -132,7 +132,8 @@ class NearestTokensJob:
 
 @dataclass
 class CrashJob:
-    """Test hook (see docs/reliability.md): make the worker die ("segv", "abort") or hang ("hang")."""
+    """Test hook (see docs/reliability.md): make the worker die ("segv", "abort"), hang ("hang") or fail with a
+    plain Python exception, as a bug would ("raise")."""
     how: str
 
 

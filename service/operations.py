@@ -38,6 +38,21 @@ from .contracts import (
 from .engine import Engine, ForwardRequest
 from .errors import RequestError
 
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65,504
+FLOAT16_OVERFLOW = FLOAT16_MAX + 16  # half a float16 step (32) above it: from here a value rounds to infinity
+
+
+def as_float16(array: np.ndarray, name: str) -> np.ndarray:
+    """`array` in float16, or OUT_OF_RANGE where a finite value would become infinite (Gemma's residual stream
+    reaches 1e5): a float16 answer is float32 rounded to half a float16 step, never silently something else."""
+    if np.abs(array).max(initial=0.0) < FLOAT16_OVERFLOW:  # one pass in the usual case; NaN and inf go on below
+        return array.astype(np.float16)
+    overflow = np.isfinite(array) & (np.abs(array) >= FLOAT16_OVERFLOW)
+    if overflow.any():
+        raise RequestError("OUT_OF_RANGE", f"{name} has values up to {np.abs(array[overflow]).max():.4g}, beyond "
+                                           f"float16's largest value {FLOAT16_MAX:,.0f}: ask for dtype float32")
+    return array.astype(np.float16)
+
 
 class Operations:
     def __init__(self, engine: Engine, test_hooks: bool = False, emit: Callable[[object], None] | None = None):
@@ -89,7 +104,7 @@ class Operations:
         sink = None
         if self.emit is not None:
             def sink(sequence: int, shape: tuple[int, int], first_row: int, rows: np.ndarray) -> None:
-                rows = rows.astype(np.float16) if job.float16 else rows
+                rows = as_float16(rows, "logits") if job.float16 else rows
                 for piece in tensor_pieces("logits", sequence, shape, rows, first_row * shape[1] * rows.itemsize):
                     self.emit(piece)
         result = self.engine.forward(ForwardRequest(prompts=token_lists, capture=job.capture, positions=job.positions,
@@ -111,7 +126,7 @@ class Operations:
         if job.float16:
             for i, tensor in enumerate(tensors):
                 if tensor.array.dtype == np.float32:
-                    tensors[i] = NamedTensor(tensor.name, tensor.sequence, tensor.array.astype(np.float16))
+                    tensors[i] = NamedTensor(tensor.name, tensor.sequence, as_float16(tensor.array, tensor.name))
         header.total_ms = (time.perf_counter() - start) * 1e3
         return RunResult(header=header, tensors=tensors)
 
@@ -182,7 +197,7 @@ class Operations:
         else:
             self._check_answer_size(name, math.prod(shape))
             array = weights.read(name)
-        return Tensors([NamedTensor("weights", 0, array.astype(np.float16) if job.float16 else array)])
+        return Tensors([NamedTensor("weights", 0, as_float16(array, name) if job.float16 else array)])
 
     def _check_answer_size(self, name: str, n_values: int) -> None:
         limit = self.engine.config.max_capture_bytes
@@ -210,9 +225,11 @@ class Operations:
     def crash(self, job: CrashJob) -> None:
         """Test hook (honoured only by a server started with --test-hooks): kill this worker the way native
         code would ("segv", "abort"), or hang it like a native call that never returns and ignores
-        cancellation ("hang")."""
+        cancellation ("hang"), or fail it with a plain Python exception, as a bug would ("raise")."""
         if not self.test_hooks:
             raise RequestError("PERMISSION_DENIED", "test hooks are disabled on this server")
+        if job.how == "raise":  # its text names a path, which must stay in the server's log
+            raise RuntimeError(f"test hook: an unexpected error in {os.path.abspath(__file__)}")
         if job.how == "abort":
             os.abort()
         if job.how == "hang":

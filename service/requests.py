@@ -42,12 +42,21 @@ MAX_INTERVENTIONS = 1024
 MAX_ABS_VALUE = 1e15
 # Lens temperatures outside this range overflow float32 logits / temperature (NaN probabilities).
 LENS_TEMPERATURE_RANGE = (1e-6, 1e6)
+# Sampling divides float32 logits by the temperature: below 1e-6 they overflow to infinity and the sampler's
+# probabilities are NaN (it then drew the vocabulary's last token every time, whatever the prompt).
+GENERATE_TEMPERATURE_RANGE = LENS_TEMPERATURE_RANGE
 MAX_NEAREST_ROWS = 4096  # query vectors per NearestTokens request (each costs a pass over the vocabulary)
 VOCABULARY_TABLES = ("embedding", "lm_head")
 
 
 def _fail(code: str, message: str):
     raise RequestError(code, message)
+
+
+def _within(value: float, bounds: tuple[float, float]) -> bool:
+    """low <= value <= high for the value of a float32 field, whose bounds arrive rounded as it rounds them (1e-6
+    as 9.99999997e-07: a client sending a bound gets it); False for NaN."""
+    return float(np.float32(bounds[0])) <= value <= float(np.float32(bounds[1]))
 
 
 def _dtype_name(value: int) -> str:
@@ -172,7 +181,7 @@ class RequestParser:
             _fail("INVALID_ARGUMENT", f"lens top_k {spec.top_k} is over the limit of {MAX_TOP_K}")
         temperature = spec.temperature or 1.0
         low, high = LENS_TEMPERATURE_RANGE
-        if not low <= temperature <= high:  # NaN fails this too
+        if not _within(temperature, LENS_TEMPERATURE_RANGE):
             _fail("INVALID_ARGUMENT", f"lens temperature must be between {low:g} and {high:g} (0 means 1), "
                                       f"got {spec.temperature}")
         if len(spec.target_ids) > MAX_TARGET_IDS:
@@ -216,8 +225,10 @@ class RequestParser:
         limit = self.limits.max_generated_tokens
         if request.max_tokens == 0 or request.max_tokens > limit:
             _fail("OUT_OF_RANGE", f"max_tokens must be between 1 and {limit}, got {request.max_tokens}")
-        if not math.isfinite(request.temperature) or request.temperature < 0:
-            _fail("INVALID_ARGUMENT", f"temperature must be >= 0 and finite, got {request.temperature}")
+        low, high = GENERATE_TEMPERATURE_RANGE
+        if request.temperature != 0 and not _within(request.temperature, GENERATE_TEMPERATURE_RANGE):
+            _fail("INVALID_ARGUMENT", f"temperature must be 0 (greedy) or between {low:g} and {high:g}, "
+                                      f"got {request.temperature:g}")
         if not math.isfinite(request.top_p) or not 0 <= request.top_p <= 1:
             _fail("INVALID_ARGUMENT", f"top_p must be in [0, 1], got {request.top_p}")
         if request.top_k > self.n_vocab:

@@ -17,7 +17,7 @@ from lmscope.client.wire import lmscope_pb2_grpc as pb_grpc
 
 from . import heap
 from .contracts import CrashJob, RunResult, TensorPiece
-from .errors import RequestError
+from .errors import RequestError, internal_error
 from .requests import RequestParser
 from .worker import WorkerPool
 
@@ -27,11 +27,12 @@ CRASH_METADATA = "lmscope-test-crash"
 
 def _statuses(method):
     """Turn RequestError (and any bug) into a gRPC status, for unary and server-streaming RPCs alike (which
-    one a method is, the proto says)."""
+    one a method is, the proto says). A bug becomes INTERNAL with an error id, its traceback in the server's
+    log (`errors.internal_error`); a RequestError's code is a status name (checked when it was made)."""
     def fail(context, exc):
-        if isinstance(exc, RequestError):
-            context.abort(getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN), exc.message)
-        context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        if not isinstance(exc, RequestError):
+            exc = internal_error(exc, method.__name__)
+        context.abort(grpc.StatusCode[exc.code], exc.message)
 
     if SERVICE.methods_by_name[method.__name__].server_streaming:
         @functools.wraps(method)
@@ -79,7 +80,8 @@ class InspectorServicer(pb_grpc.InspectorServicer):
 
     def _crash_job(self, context) -> CrashJob | None:
         """Test hook, honoured only when the server runs with --test-hooks (docs/reliability.md): a Run
-        carrying metadata `lmscope-test-crash: segv|abort|hang` makes its worker die (or hang) instead."""
+        carrying metadata `lmscope-test-crash: segv|abort|hang|raise` makes its worker die (or hang, or raise
+        a plain exception: an internal error) instead."""
         if not self.test_hooks:
             return None
         how = dict(context.invocation_metadata()).get(CRASH_METADATA)

@@ -57,7 +57,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from multiprocessing.connection import Connection
 from typing import Callable, Iterator
 
@@ -69,7 +68,7 @@ from lmscope.client import tensors
 
 from . import heap
 from .contracts import PIECE_BYTES, Job, RunResult, TensorPiece, Tensors, WorkerInfo, tensor_pieces
-from .errors import RequestError
+from .errors import RequestError, internal_error
 
 PICKLE_PROTOCOL = 5
 # llama.cpp's CPU back end runs on OpenMP. By default libgomp's idle threads spin after each parallel region,
@@ -81,6 +80,12 @@ PICKLE_PROTOCOL = 5
 OPENMP_WAIT_POLICY = "PASSIVE"
 _CANCEL_GRACE_S = 10.0
 _RESTART_PAUSES_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # before each restart attempt; the last one repeats
+
+
+def rpc_name(job) -> str:
+    """The Inspector method a job serves, for error reports (`CrashJob` is a Run's test hook)."""
+    name = type(job).__name__
+    return {"WeightsJob": "GetWeights", "CrashJob": "Run"}.get(name, name.removesuffix("Job"))
 
 
 def _proto(full_name: str, data: bytes) -> Message:
@@ -189,10 +194,10 @@ def _worker_main(fd: int, cancel_fd: int) -> None:
             result = item = None  # not alive next to the next job's answer while it waits and runs
         except Cancelled:
             send_message(conn, ("error", "CANCELLED", "the request was cancelled"))
-        except RequestError as exc:
-            send_message(conn, ("error", exc.code, exc.message))
         except Exception as exc:  # noqa: BLE001 - a bug must fail one request, not the worker
-            send_message(conn, ("error", "INTERNAL", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))
+            if not isinstance(exc, RequestError) or exc.code == "INTERNAL":
+                exc = internal_error(exc, rpc_name(job))  # logged here with its traceback, one line to the client
+            send_message(conn, ("error", exc.code, exc.message))
         heap.return_free_memory()
 
 
@@ -493,7 +498,7 @@ class WorkerPool:
         except RequestError as exc:
             inbox.put(("raise", exc))
         except BaseException as exc:  # noqa: BLE001 - the consumer must hear of any failure, never wait for ever
-            inbox.put(("raise", RequestError("INTERNAL", f"{type(exc).__name__}: {exc}")))
+            inbox.put(("raise", internal_error(exc, rpc_name(job))))
         finally:
             self._release(worker, healthy)
 
