@@ -34,6 +34,11 @@ ANY machine, whatever its BLAS, its SIMD width or its thread count. The bounds u
   tiled kernel (``GGML_FA_TILE_Q`` in ggml-cpu/ops.cpp; above it the two passes differ by up to
   2 * :data:`FLASH_F16`). :data:`SAME_KERNELS` keeps a float32 reordering margin, 2 gamma(n_ff) with the
   tiny model's n_ff = 128, relative and absolute (order-one values).
+* **The GELU table** (gemma's GeGLU): ggml's CPU GELU reads a table indexed by the float16 rounding of its
+  input, so a float32 difference of one unit in the input can move it across a float16 rounding boundary:
+  one float16 step (2**-10 relative) of that activation, which the product reading it (the FFN down
+  projection) can double. :data:`GELU_TABLE` = 2**-9 of the largest value, applied by
+  :func:`assert_close_to_scale` (the same budget tests/test_families.py allows as GELU_TOL).
 * **Float16 transfer** (``dtype="float16"``): round to nearest, so at most half a float16 step,
   ``2**-11`` relative to the value (normal range), ``2**-25`` absolute in the subnormal range.
 """
@@ -46,6 +51,7 @@ U16 = 2.0 ** -11  # float16 unit roundoff
 F16_CACHE = 2.0 ** -8  # a float16 flip (2**-10) carried through 4 layers, of the largest value: see above
 FLASH_F16 = 2e-2  # float16 accumulation of softmax(QK) V over <= 40 keys: see the module docstring
 SAME_KERNELS = 2 * 128 * U32 / (1 - 128 * U32)  # 1.5e-5: reordered(n_ff) of the tiny model
+GELU_TABLE = 2.0 ** -9  # one float16 step of a GELU input (2**-10), doubled by the product that reads it
 
 
 def gamma(n: int, u: float = U32) -> float:
