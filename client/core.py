@@ -372,10 +372,10 @@ class CoreClient:
     def iter_runs(self, prompts: Iterable, *, batch_size: int = 64, **options) -> Iterator[Run]:
         """`run_batch` as a stream: each prompt's Run in prompt order, while later requests are running.
 
-        Requests of `batch_size` prompts (at most the server's `max_batch_prompts`; decoded together by one
-        server) go through `send_runs`: spread over the servers, split when an answer would be too big.
+        Requests of `batch_size` prompts (decoded together by one server) go through `send_runs`: spread over
+        the servers, cut to the server's `max_batch_prompts`, split when an answer would be too big.
         """
-        batch_size = min(check_batch_size(batch_size), self.model_info().limits.get("max_batch_prompts") or batch_size)
+        batch_size = check_batch_size(batch_size)
         prompts = list(prompts)
         requests = [self.run_request(prompts[start:start + batch_size], **options)
                     for start in range(0, len(prompts), batch_size)]

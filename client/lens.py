@@ -229,9 +229,8 @@ def first_token(client, word: str | int) -> tuple[int, bool]:
 
 
 def token_texts(client, ids) -> dict[int, str]:
-    """The text of each distinct token id (`tokenize_pieces`: requests within the server's limits)."""
-    unique = [int(t) for t in np.unique(np.asarray(ids, dtype=np.int64))]
-    return dict(zip(unique, client.tokenize_pieces(unique)))
+    """The text of each distinct token id (a partial UTF-8 sequence shows as U+FFFD)."""
+    return {t: piece.decode("utf-8", "replace") for t, piece in token_bytes(client, ids).items()}
 
 
 def token_bytes(client, ids) -> dict[int, bytes]:
