@@ -18,6 +18,7 @@ WORKDIR /src
 ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"
 RUN CMAKE_ARGS="$LLAMA_CMAKE_ARGS" pip wheel --no-cache-dir --no-deps -w /wheels "llama-cpp-python==0.3.36"
 COPY pyproject.toml ./
+COPY proto proto
 COPY client client
 COPY service service
 RUN pip wheel --no-cache-dir --find-links /wheels -w /wheels ".[server]"

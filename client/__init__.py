@@ -4,10 +4,15 @@
 >>> c = Client("127.0.0.1:50051")         # doctest: +SKIP
 """
 import importlib
+import sys
 
-# Where each public name lives. Resolved on first use (PEP 562): the server's model workers import this
-# package's codec and wire stubs (`lmscope.client.tensors`, `.wire`, `.sites`) and must not pay for gRPC,
-# plotting or scikit-learn they never call (measured: ~29 MB of a worker's resident memory).
+# The codec, the site names and the GGUF reader moved to `lmscope.proto` (the contract the server and the
+# client share) on 2026-12-07; their old names stay importable for scripts written before (CHANGELOG.md).
+for _moved in ("sites", "tensors", "gguf_file"):
+    sys.modules[f"{__name__}.{_moved}"] = importlib.import_module(f"lmscope.proto.{_moved}")
+
+# Where each public name lives. Resolved on first use (PEP 562): `import lmscope.client` (a script that needs
+# one analysis, the CLI's start-up) does not pay for gRPC, plotting and scikit-learn until they are used.
 _EXPORTS = {
     "Client": ".client", "ControlVector": ".control_vector", "LmscopeError": ".errors",
     "Intervention": ".interventions", "Patch": ".interventions", "Generation": ".results",

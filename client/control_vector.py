@@ -25,7 +25,7 @@ A GGUF file (version 2 or 3, little-endian) with the metadata ``general.architec
 ``controlvector.model_hint`` (the architecture it was made for, free text) and ``controlvector.layer_count``
 (the number of direction tensors), and one F32 1-D tensor ``direction.N`` (length ``n_embd``) per layer.
 The client must stay installable without the server's ``gguf`` package, so files are read with the
-project's own GGUF reader (`lmscope.client.gguf_file`, which the service's model index uses too) and this
+project's own GGUF reader (`lmscope.proto.gguf_file`, which the service's model index uses too) and this
 small subset is written here. Nothing in a file is trusted: every count, length and offset is checked
 against the size of the file before anything is read or allocated, so a malformed or hostile file raises
 `LmscopeError` INVALID_ARGUMENT, a ``ValueError`` (never a crash, a hang or a huge allocation).
@@ -39,8 +39,9 @@ from typing import BinaryIO, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from lmscope.proto.gguf_file import DEFAULT_ALIGNMENT, INT32, MAGIC, STRING, GGUFFormatError, GGUFHeader
+
 from .errors import invalid_argument, out_of_range
-from .gguf_file import DEFAULT_ALIGNMENT, INT32, MAGIC, STRING, GGUFFormatError, GGUFHeader
 
 ARCHITECTURE = "controlvector"
 _VERSION = 3

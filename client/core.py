@@ -19,15 +19,16 @@ from typing import Callable, Iterable, Iterator, Sequence
 import grpc
 import numpy as np
 
+from lmscope.proto import tensors
+from lmscope.proto.sites import SiteFilter, select_sites
+from lmscope.proto.wire import lmscope_pb2 as pb
+from lmscope.proto.wire import lmscope_pb2_grpc as pb_grpc
+
 from . import interventions as iv
-from . import tensors
 from .dispatch import check_batch_size, ordered_calls
 from .errors import LmscopeError, check_layer, invalid_argument
 from .results import Generation, ModelInfo, Run, Tokens, TopK
 from .servers import ServerSet, service_config
-from .sites import SiteFilter, select_sites
-from .wire import lmscope_pb2 as pb
-from .wire import lmscope_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -326,7 +327,7 @@ class CoreClient:
         """One forward pass. By default captures every hidden state and returns logits for every token.
 
         layers: capture only these blocks' outputs (``blocks.L.resid_post``).
-        capture: any sites instead (name, glob, list or predicate; see `lmscope.client.sites`).
+        capture: any sites instead (name, glob, list or predicate; see `lmscope.proto.sites`).
         positions: token positions to return (negative from the end); default all.
         logits: True / "all", "last", or False.
         dtype: "float32" or "float16" on the wire (results are float16 arrays then).

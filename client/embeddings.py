@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lmscope.service.architectures import OUTPUT, TOKEN_EMBEDDING, head_tensor_name
+from lmscope.proto.tensor_names import OUTPUT, TOKEN_EMBEDDING, head_tensor_name
 
 from .errors import invalid_argument
 from .lens import first_token, token_texts

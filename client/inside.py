@@ -14,14 +14,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import grpc
 import numpy as np
 
-from lmscope.service.architectures import ffn_value_tensor, head_tensor_name
+from lmscope.proto.tensor_names import head_tensor_name
 
 from .activation_patching import IDENTITY_PROMPT, Metric, Patchscope, PatchSweep, logit_difference
 from .attention import Attention
 from .dispatch import check_batch_size
-from .errors import check_index, invalid_argument
+from .errors import LmscopeError, check_index, invalid_argument
 from .interface import ClientCore
 from .interventions import Intervention, Patch
 from .neurons import Hit, NeuronActivations, Neurons, NeuronTokens, TopActivating
@@ -71,7 +72,12 @@ class InsideMixin:
         """The neuron's value vector: column `neuron` of ``blk.{layer}.ffn_down.weight``, (n_embd,).
 
         Only that column travels; the server dequantizes the matrix."""
-        name = ffn_value_tensor(self.model_info().site_rules, self.check_layer(layer))
+        info = self.model_info()
+        if not info.ffn_value_tensor:
+            raise LmscopeError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"{info.site_rules}: a mixture of experts runs each token through its own experts, "
+                               f"so a neuron has no single value vector")
+        name = info.ffn_value_tensor.format(L=self.check_layer(layer))
         return self.weights(name, [self._check_neuron(neuron)], axis=1)[:, 0]
 
     def neuron_top_tokens(self, layer: int, neuron: int, k: int = 10) -> NeuronTokens:

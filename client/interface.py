@@ -15,9 +15,10 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from lmscope.proto.sites import SiteFilter
+from lmscope.proto.wire import lmscope_pb2 as pb
+
 from .results import Generation, ModelInfo, Run, Tokens
-from .sites import SiteFilter
-from .wire import lmscope_pb2 as pb
 
 
 class ClientCore(Protocol):

@@ -17,9 +17,10 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from . import tensors
+from lmscope.proto import tensors
+from lmscope.proto.wire import lmscope_pb2 as pb
+
 from .errors import check_layer, invalid_argument
-from .wire import lmscope_pb2 as pb
 
 _OPS = {"add": pb.Intervention.ADD, "set": pb.Intervention.SET, "ablate": pb.Intervention.ABLATE}
 

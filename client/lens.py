@@ -31,8 +31,9 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from lmscope.proto.wire import lmscope_pb2 as pb
+
 from .errors import invalid_argument
-from .wire import lmscope_pb2 as pb
 
 Affine = Mapping[int, tuple] | Sequence[tuple | None]
 # Rows per Unembed request on the affine path: keeps each request far below the gRPC message limit.

@@ -43,6 +43,7 @@ class ModelInfo:
     memory: dict[str, int] = field(default_factory=dict)  # expected bytes by part (proto MemoryEstimate)
     flash_attention: bool = True            # runs without an attention capture use flash attention (--flash-attn)
     batch_invariant: bool = False           # each prompt of a batch decoded as if alone (--batch-invariant)
+    ffn_value_tensor: str = ""              # "blk.{L}.ffn_down.weight"; empty for mixtures of experts
 
     @classmethod
     def from_proto(cls, message) -> "ModelInfo":
@@ -105,7 +106,7 @@ class Tokens:
 class Run:
     """One prompt's forward pass.
 
-    captures: site name -> array, one row per returned position (see `lmscope.client.sites` for shapes).
+    captures: site name -> array, one row per returned position (see `lmscope.proto.sites` for shapes).
     logits: (n_positions, n_vocab), or (1, n_vocab) when only the last token's were asked, or None.
     positions: the prompt positions the rows belong to.
     """

@@ -27,8 +27,10 @@ from typing import Sequence
 
 from google.protobuf import descriptor_pb2
 
+from lmscope.proto.addresses import join_host_port
+from lmscope.proto.wire import lmscope_pb2 as pb
+
 from .errors import invalid_argument
-from .wire import lmscope_pb2 as pb
 
 DEFAULT_PORT = 50051
 
@@ -70,10 +72,6 @@ def split_host_port(address: str) -> tuple[str, int]:
         return host, int(port) if port else DEFAULT_PORT
     except ValueError:
         raise invalid_argument(f"bad port in server address {address!r}") from None
-
-
-def join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -54,7 +54,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .sites import PATTERN_SITES, site_layer
+from lmscope.proto.sites import PATTERN_SITES, site_layer
 
 FORMAT = "lmscope-activation-store"
 VERSION = 1

@@ -40,7 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lmscope.service.architectures import OUTPUT_NORM, OUTPUT_NORM_BIAS, head_tensor_name
+from lmscope.proto.tensor_names import OUTPUT_NORM, OUTPUT_NORM_BIAS, head_tensor_name
 
 from .store import ActivationStore
 

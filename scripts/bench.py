@@ -137,7 +137,7 @@ def cold_start(model, threads: int, extra: tuple, prompt_ids: list[int]) -> tupl
 
 
 def lens_request(prompt_ids: list[int], layers: list[int]):
-    from lmscope.client.wire import lmscope_pb2 as pb
+    from lmscope.proto.wire import lmscope_pb2 as pb
 
     return pb.RunRequest(prompts=[pb.Prompt(token_ids=prompt_ids)],
                          capture=[f"blocks.{L}.resid_post" if L >= 0 else "embed" for L in layers],
@@ -146,8 +146,8 @@ def lens_request(prompt_ids: list[int], layers: list[int]):
 
 def time_lens(client, prompt_ids: list[int], layers: list[int], repeat: int) -> float:
     """The fused server-side lens (Run with a LensSpec): top-10 per layer and position, client wall time."""
-    from lmscope.client import tensors
-    from lmscope.client.wire import lmscope_pb2_grpc as pb_grpc
+    from lmscope.proto import tensors
+    from lmscope.proto.wire import lmscope_pb2_grpc as pb_grpc
 
     stub = pb_grpc.InspectorStub(client._channel)
     request = lens_request(prompt_ids, layers)

@@ -29,12 +29,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lmscope.client import Client, LmscopeError
-from lmscope.client.wire import lmscope_pb2 as pb
-from lmscope.client.wire import lmscope_pb2_grpc as pb_grpc
+from lmscope.proto.wire import lmscope_pb2 as pb
+from lmscope.proto.wire import lmscope_pb2_grpc as pb_grpc
 from lmscope.service import procinfo
-from lmscope.service.exercise import endless_request
 from lmscope.service.launch import launch_server
 from lmscope.service.testing import build_tiny_model
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+from exercise import endless_request  # noqa: E402  (a test helper: tests/exercise.py)
 
 BASE_ARGS = ("--threads", "1", "--n-ctx", "4096")
 PROMPT = "The capital of France is"
@@ -185,7 +187,7 @@ def client_cancels_stream(model, _folder) -> Outcome:
 CLIENT_PROCESS = textwrap.dedent("""
     import sys
     from lmscope.client import Client
-    from lmscope.service.exercise import endless
+    from exercise import endless
     client = Client(sys.argv[1], timeout=120)
     for k, _ in enumerate(client.generate_stream("The capital of France is", max_tokens=4000,
                                                  interventions=endless(client))):

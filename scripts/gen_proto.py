@@ -1,9 +1,9 @@
-"""Regenerate the gRPC stubs in client/wire/ from proto/lmscope.proto.
+"""Regenerate the gRPC stubs in proto/wire/ from proto/lmscope.proto.
 
-Usage: python scripts/gen_proto.py [OUT_DIR]   (default: client/wire)
+Usage: python scripts/gen_proto.py [OUT_DIR]   (default: proto/wire)
 
 protoc writes `import lmscope_pb2` into the gRPC stub; inside the installed package the module lives at
-`lmscope.client.wire`, so the import is rewritten to a relative one. tests/test_proto.py regenerates into a
+`lmscope.proto.wire`, so the import is rewritten to a relative one. tests/test_proto.py regenerates into a
 temporary folder and fails when the checked-in stubs differ.
 """
 import pathlib
@@ -34,4 +34,4 @@ def generate(out_dir: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
-    generate(pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "client" / "wire")
+    generate(pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "proto" / "wire")

@@ -35,8 +35,8 @@ import grpc
 import numpy as np
 
 from lmscope.client import Client, LmscopeError, tensors
-from lmscope.client.wire import lmscope_pb2 as pb
-from lmscope.client.wire import lmscope_pb2_grpc as pb_grpc
+from lmscope.proto.wire import lmscope_pb2 as pb
+from lmscope.proto.wire import lmscope_pb2_grpc as pb_grpc
 
 PROMPTS = ["The capital of France is", "Hello world, this is a test of", "In 1905 Einstein published",
            "The quick brown fox jumps over"]

@@ -165,8 +165,8 @@ def chunks(model: str, repeat: int) -> None:
 def pieces(model: str, repeat: int) -> None:
     import numpy as np
 
-    from lmscope.client import tensors
-    from lmscope.client.wire import lmscope_pb2 as pb
+    from lmscope.proto import tensors
+    from lmscope.proto.wire import lmscope_pb2 as pb
     from lmscope.service.contracts import PIECE_BYTES, tensor_pieces
     from lmscope.service.weights import Weights
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from lmscope.proto.tensor_names import ATTN_OUTPUT_BIAS, FFN_DOWN, OUTPUT, TOKEN_EMBEDDING
+
 
 @dataclass(frozen=True)
 class Step:
@@ -62,20 +64,8 @@ class Family:
     @property
     def ffn_value_tensor(self) -> str | None:
         """The tensor whose columns are the FFN neurons' value vectors (`blk.{L}.ffn_down.weight`), or None."""
-        return None if self.moe else "blk.{L}.ffn_down.weight"
+        return None if self.moe else FFN_DOWN
 
-
-# Weight-tensor names (GGUF), the same for every family here.
-TOKEN_EMBEDDING = "token_embd.weight"
-OUTPUT = "output.weight"        # absent when the head is tied to TOKEN_EMBEDDING
-OUTPUT_BIAS = "output.bias"
-OUTPUT_NORM = "output_norm.weight"
-OUTPUT_NORM_BIAS = "output_norm.bias"
-ATTN_NORM = "blk.{L}.attn_norm.weight"
-FFN_NORM = "blk.{L}.ffn_norm.weight"
-POST_ATTN_NORM = "blk.{L}.post_attention_norm.weight"
-POST_FFN_NORM = "blk.{L}.post_ffw_norm.weight"
-ATTN_OUTPUT_BIAS = "blk.{L}.attn_output.bias"
 
 COMMON_KEYS = ("general.architecture", "{arch}.block_count", "{arch}.embedding_length",
                "{arch}.feed_forward_length", "{arch}.attention.layer_norm_rms_epsilon")
@@ -248,23 +238,6 @@ def family_for(architecture: str, tensor_names=()) -> Family:
     if family is LLAMA and "blk.0.ffn_gate_inp.weight" in tensor_names:
         return LLAMA_MOE
     return family
-
-
-def family_named(name: str) -> Family | None:
-    """The entry a server reported in `ModelInfo.site_rules`, for clients that name weight tensors."""
-    return next((f for f in (*REGISTRY.values(), LLAMA_MOE, GENERIC) if f.name == name), None)
-
-
-def ffn_value_tensor(rules_name: str, layer: int) -> str:
-    """The tensor whose columns are layer `layer`'s FFN value vectors; ValueError where there is none."""
-    family = family_named(rules_name)
-    if family is not None and family.ffn_value_tensor is None:
-        raise ValueError(f"{family.name}: {_MOE_REFUSED['mlp.post']}, so neurons have no single value vector")
-    return (family.ffn_value_tensor if family else LLAMA.ffn_value_tensor).format(L=layer)
-
-
-def head_tensor_name(tied: bool) -> str:
-    return TOKEN_EMBEDDING if tied else OUTPUT
 
 
 def embedding_scale(family: Family, n_embd: int) -> float:

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.proto.wire import lmscope_pb2 as pb
 
 
 @dataclass

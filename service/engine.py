@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from lmscope.client.sites import all_site_names
+from lmscope.proto.sites import all_site_names
 
 from . import generation
 from .architectures import embedding_scale
@@ -149,7 +149,7 @@ class Engine:
             limits=self.limits(), backend="RPC" if self.config.rpc_servers else (
                 "CUDA" if lc.llama_supports_gpu_offload() and self.config.n_gpu_layers else "CPU"),
             n_gpu_layers=self.config.n_gpu_layers, flash_attention=self.config.flash_attn,
-            batch_invariant=self.config.batch_invariant,
+            batch_invariant=self.config.batch_invariant, ffn_value_tensor=self.family.ffn_value_tensor or "",
             unavailable_sites=dict(self.unavailable_sites),
             embedding_scale=embedding_scale(self.family, self.n_embd),
             final_logit_softcapping=self.weights.final_logit_softcapping,

@@ -3,7 +3,7 @@
 `gguf.GGUFReader` parses every metadata array element into its own numpy view. A model's tokenizer
 arrays (SmolLM2: 49,152 tokens and 48,900 merges) thereby cost ~160 MB of Python objects in every worker
 process, more than the model's own weights. The service needs only scalar fields and the tensors, so the
-header is read by the project's one GGUF reader (`lmscope.client.gguf_file`, which steps over arrays
+header is read by the project's one GGUF reader (`lmscope.proto.gguf_file`, which steps over arrays
 without materializing them; the control-vector loader uses it too) and tensor data is mapped lazily
 (`np.memmap`: pages are read only when a tensor is dequantized). Tensors have the same layout as
 `GGUFReader.tensors`, so `gguf.quants.dequantize` takes their `data` as it is.
@@ -33,7 +33,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import quant_shape_to_byte_shape
 
-from lmscope.client.gguf_file import GGUFFormatError, GGUFHeader
+from lmscope.proto.gguf_file import GGUFFormatError, GGUFHeader
 
 __all__ = ["GGUFFormatError", "GGUFIndex", "IndexedTensor", "release_pages"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmscope.client.sites import PATTERN_SITES, site_kind, site_layer
+from lmscope.proto.sites import PATTERN_SITES, site_kind, site_layer
 
 from . import ggml
 from .architectures import Family

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.proto.wire import lmscope_pb2 as pb
 
 from .contracts import (
     CrashJob,

@@ -11,9 +11,9 @@ import math
 
 import numpy as np
 
-from lmscope.client import tensors
-from lmscope.client.sites import select_sites
-from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.proto import tensors
+from lmscope.proto.sites import select_sites
+from lmscope.proto.wire import lmscope_pb2 as pb
 
 from .contracts import (
     DetokenizeJob,

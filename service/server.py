@@ -31,8 +31,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lmscope.client.servers import join_host_port
-from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.proto.addresses import join_host_port
+from lmscope.proto.wire import lmscope_pb2 as pb
 
 from . import heap, rpc
 from .contracts import EngineConfig

@@ -11,9 +11,9 @@ import functools
 
 import grpc
 
-from lmscope.client import tensors
-from lmscope.client.wire import lmscope_pb2 as pb
-from lmscope.client.wire import lmscope_pb2_grpc as pb_grpc
+from lmscope.proto import tensors
+from lmscope.proto.wire import lmscope_pb2 as pb
+from lmscope.proto.wire import lmscope_pb2_grpc as pb_grpc
 
 from . import heap
 from .contracts import CrashJob, RunResult, TensorPiece

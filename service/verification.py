@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lmscope.client.sites import all_site_names, site_kind, site_layer
+from lmscope.proto import tensor_names
+from lmscope.proto.sites import all_site_names, site_kind, site_layer
 
 from . import architectures, ggml
 from .batching import Contexts, collect_logits
@@ -216,7 +217,7 @@ def _check(model: Model, weights: "Weights", family, tokens, captured, checks) -
     eps = weights.rms_eps
     if "embed" in captured and family is not architectures.GENERIC:
         scale = np.float32(architectures.embedding_scale(family, model.n_embd))
-        rows = weights.rows(architectures.TOKEN_EMBEDDING, np.asarray(tokens)) * scale
+        rows = weights.rows(tensor_names.TOKEN_EMBEDDING, np.asarray(tokens)) * scale
         error = _relative(rows, captured["embed"])
         note("embed == scale * embedding rows", error)
         if error > ADD_TOLERANCE:
@@ -247,9 +248,9 @@ def _check(model: Model, weights: "Weights", family, tokens, captured, checks) -
             proved.update((attn, mid) + ((pre,) if pre == "embed" else ()))
         if second:
             proved.update((mid, mlp, post))
-        for kind, source, template in (("ln1", pre, architectures.ATTN_NORM), ("ln2", mid, architectures.FFN_NORM),
-                                       ("attn_out_pre_norm", None, architectures.POST_ATTN_NORM),
-                                       ("mlp_out_pre_norm", None, architectures.POST_FFN_NORM)):
+        for kind, source, template in (("ln1", pre, tensor_names.ATTN_NORM), ("ln2", mid, tensor_names.FFN_NORM),
+                                       ("attn_out_pre_norm", None, tensor_names.POST_ATTN_NORM),
+                                       ("mlp_out_pre_norm", None, tensor_names.POST_FFN_NORM)):
             target = site(kind)
             if target not in captured:
                 continue

@@ -28,6 +28,8 @@ import numpy as np
 from gguf import LlamaFileType
 from gguf.quants import dequantize
 
+from lmscope.proto import tensor_names
+
 from . import architectures
 from .errors import RequestError
 from .gguf_index import GGUFIndex
@@ -87,12 +89,12 @@ class Weights:
         self.architecture = self.field("general.architecture") or "llama"
         self.family = architectures.family_for(self.architecture, self.tensors)
         self.head_name = architectures.head_tensor(self.tensors)
-        self.tied = self.head_name == architectures.TOKEN_EMBEDDING
+        self.tied = self.head_name == tensor_names.TOKEN_EMBEDDING
         softcap_key = self.family.softcap_key
         softcap = self.field(softcap_key.format(arch=self.architecture)) if softcap_key else None
         self.final_logit_softcapping = float(softcap or 0.0)  # 0: none
-        self._head_bias: np.ndarray | None = (self.read(architectures.OUTPUT_BIAS)
-                                              if architectures.OUTPUT_BIAS in self.tensors else None)
+        self._head_bias: np.ndarray | None = (self.read(tensor_names.OUTPUT_BIAS)
+                                              if tensor_names.OUTPUT_BIAS in self.tensors else None)
         self.rms_eps = float(self.field(f"{self.architecture}.attention.layer_norm_rms_epsilon") or
                              self.field(f"{self.architecture}.attention.layer_norm_epsilon") or 1e-5)
         self.n_ff = self._n_ff()
@@ -152,9 +154,9 @@ class Weights:
         Every family in the registry uses RMSNorm with the weight as stored (Gemma's files store 1 + w)
         and an optional bias; a family whose entry says "layer" centres first (LayerNorm)."""
         if self._norm is None:
-            bias = self.tensors.get(architectures.OUTPUT_NORM_BIAS)
-            self._norm = (self.read(architectures.OUTPUT_NORM),
-                          self.read(architectures.OUTPUT_NORM_BIAS) if bias is not None else None)
+            bias = self.tensors.get(tensor_names.OUTPUT_NORM_BIAS)
+            self._norm = (self.read(tensor_names.OUTPUT_NORM),
+                          self.read(tensor_names.OUTPUT_NORM_BIAS) if bias is not None else None)
         weight, bias = self._norm
         x = x.astype(np.float32)
         if self.family.final_norm == "layer":

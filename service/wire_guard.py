@@ -18,7 +18,7 @@ import grpc
 from google.protobuf import message as protobuf_message
 from google.protobuf import message_factory
 
-from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.proto.wire import lmscope_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inspector"]
 

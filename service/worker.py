@@ -64,7 +64,7 @@ import numpy as np
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import Message
 
-from lmscope.client import tensors
+from lmscope.proto import tensors
 
 from . import heap
 from .contracts import PIECE_BYTES, Job, RunResult, TensorPiece, Tensors, WorkerInfo, tensor_pieces

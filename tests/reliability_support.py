@@ -5,8 +5,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lmscope.client.wire import lmscope_pb2 as pb
-from lmscope.client.wire import lmscope_pb2_grpc as pb_grpc
+from lmscope.proto.wire import lmscope_pb2 as pb
+from lmscope.proto.wire import lmscope_pb2_grpc as pb_grpc
 from lmscope.service import procinfo
 
 PROMPT = "The capital of France is"

@@ -17,7 +17,7 @@ from lmscope.client import Client
 from lmscope.client.activation_patching import logit_difference
 from lmscope.client.errors import LmscopeError
 from lmscope.client.token_labels import snippet, token_labels
-from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.proto.wire import lmscope_pb2 as pb
 from lmscope.service.launch import launch_server
 
 MAX_TOKENS, MAX_PROMPTS = 64, 4

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from reliability_support import PROMPT, SERVING, health, only_worker, stub
 
-from lmscope.client import tensors
-from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.proto import tensors
+from lmscope.proto.wire import lmscope_pb2 as pb
 from lmscope.service.launch import launch_server
 
 FUZZ_ARGS = ("--threads", "1", "--n-ctx", "256", "--max-prompt-tokens", "128", "--max-generated-tokens", "16",

@@ -36,8 +36,8 @@ from hypothesis import strategies as st
 from reliability_support import PROMPT, SERVING, health, only_worker, stub
 from test_fuzz import CALL_TIMEOUT_S, FUZZ_ARGS, HOSTILE_TEXT, PLAIN_TEXT, REQUEST_FAULTS
 
-from lmscope.client import tensors
-from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.proto import tensors
+from lmscope.proto.wire import lmscope_pb2 as pb
 from lmscope.service.launch import launch_server
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inspector"]

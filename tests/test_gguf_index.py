@@ -51,11 +51,11 @@ def test_truncated_and_foreign_files_are_refused(tiny_model, tmp_path):
 
 
 def test_nested_metadata_arrays_are_stepped_over_and_bounded(tmp_path):
-    # The one GGUF reader (lmscope.client.gguf_file) behind this index and the control-vector loader:
+    # The one GGUF reader (lmscope.proto.gguf_file) behind this index and the control-vector loader:
     # arrays of arrays are skipped, and a nesting deeper than any real file is refused, not recursed into.
     import struct
 
-    from lmscope.client.gguf_file import ARRAY, INT32, STRING, GGUFHeader
+    from lmscope.proto.gguf_file import ARRAY, INT32, STRING, GGUFHeader
 
     def string(text: str) -> bytes:
         raw = text.encode()

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from reliability_support import PROMPT, only_worker, stub
 
-from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.proto.wire import lmscope_pb2 as pb
 from lmscope.service import errors, servicer
 from lmscope.service.errors import RequestError, internal_error
 from lmscope.service.worker import rpc_name

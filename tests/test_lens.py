@@ -12,7 +12,7 @@ import pytest
 from tolerances import SAME_KERNELS, U32, assert_within, entropy_atol, gamma, probability_rtol, unembedding_error
 
 from lmscope.client import Client, LmscopeError, tensors
-from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.proto.wire import lmscope_pb2 as pb
 
 PROMPT = "The capital of France is"
 

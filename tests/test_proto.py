@@ -12,6 +12,6 @@ def test_generated_stubs_are_up_to_date(tmp_path):
     gen_proto.generate(tmp_path)
     for name in gen_proto.STUB_NAMES:
         fresh = (tmp_path / name).read_text()
-        checked_in = (ROOT / "client" / "wire" / name).read_text()
-        assert fresh == checked_in, f"client/wire/{name} is stale: run python scripts/gen_proto.py"
+        checked_in = (ROOT / "proto" / "wire" / name).read_text()
+        assert fresh == checked_in, f"proto/wire/{name} is stale: run python scripts/gen_proto.py"
 

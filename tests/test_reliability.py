@@ -15,6 +15,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from exercise import endless, endless_request
 from reliability_support import (
     CRASH_METADATA,
     NOT_SERVING,
@@ -28,9 +29,8 @@ from reliability_support import (
 )
 
 from lmscope.client import Client, Intervention, LmscopeError, Patch
-from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.proto.wire import lmscope_pb2 as pb
 from lmscope.service import procinfo
-from lmscope.service.exercise import endless, endless_request
 from lmscope.service.launch import launch_server
 
 TINY_ARGS = ("--threads", "1", "--n-ctx", "4096", "--test-hooks")

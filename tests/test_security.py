@@ -14,7 +14,7 @@ import pytest
 from reliability_support import PROMPT, SERVING, health
 
 from lmscope.client import Client, LmscopeError
-from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.proto.wire import lmscope_pb2 as pb
 from lmscope.service import server as server_module
 from lmscope.service.launch import launch_server
 

@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 from reliability_support import PROMPT, only_worker, stub
 
 from lmscope.client import Client, LmscopeError
-from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.proto.wire import lmscope_pb2 as pb
 from lmscope.service.launch import launch_server
 
 LIMIT_ARGS = ("--threads", "1", "--n-ctx", "80", "--max-prompt-tokens", "64", "--max-generated-tokens", "32",

@@ -18,7 +18,7 @@ import pytest
 from reference import ReferenceModel
 
 from lmscope.client import Client, LmscopeError
-from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.proto.wire import lmscope_pb2 as pb
 from lmscope.service import stored_matrix
 from lmscope.service import weights as weights_module
 from lmscope.service.testing import build_tiny_model

@@ -14,9 +14,10 @@ import time
 import numpy as np
 from reliability_support import CRASH_METADATA, PROMPT, only_worker, stub
 
-from lmscope.client import Client, tensors
+from lmscope.client import Client
 from lmscope.client.servers import RETRIED_METHODS, service_config
-from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.proto import tensors
+from lmscope.proto.wire import lmscope_pb2 as pb
 from lmscope.service import procinfo
 from lmscope.service.contracts import NamedTensor, Tensors
 from lmscope.service.launch import launch_server

@@ -8,15 +8,15 @@ and the fault script use it to have a request reliably in flight when they kill,
 from __future__ import annotations
 
 from lmscope.client import Intervention
-from lmscope.client.wire import lmscope_pb2 as pb
+from lmscope.proto.tensor_names import head_tensor_name
+from lmscope.proto.wire import lmscope_pb2 as pb
 
 PINNED_TOKEN = 100
 
 
 def endless(client, token: int = PINNED_TOKEN) -> list[Intervention]:
     """Interventions that make greedy generation repeat `token` for ever (never end-of-sequence)."""
-    head = "token_embd.weight" if client.model_info().tied_embeddings else "output.weight"
-    row = client.weights(head, [token])[0]
+    row = client.weights(head_tensor_name(client.model_info().tied_embeddings), [token])[0]
     return [Intervention("set", ["ln_final"], 10 * row)]
 
 
