@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
-from .errors import RequestError
+from .errors import Code, RequestError
 from .native import llama as lc
 
 # (token id, position, prompt index in the request, whether llama.cpp computes this row's output)
@@ -83,7 +83,8 @@ class Contexts:
         holding at least `n_cells` KV cells (a forward pass: its largest group's tokens, `cells_needed`;
         generation: prompt + new tokens). The context it replaces, if any, is freed first."""
         if n_cells > self.n_ctx:
-            raise RequestError("OUT_OF_RANGE", f"the request needs {n_cells} KV cells; the context holds {self.n_ctx}")
+            raise RequestError(Code.OUT_OF_RANGE,
+                               f"the request needs {n_cells} KV cells; the context holds {self.n_ctx}")
         held = self._held
         if held is not None and held[0] == flash_attn and held[1] >= n_cells:
             return held[2]
@@ -117,7 +118,7 @@ class Contexts:
         params.cb_eval_user_data = None
         ctx = lc.llama_init_from_model(self.model_handle, params)
         if not ctx:
-            raise RequestError("RESOURCE_EXHAUSTED", "llama.cpp could not create a context (out of memory?)")
+            raise RequestError(Code.RESOURCE_EXHAUSTED, "llama.cpp could not create a context (out of memory?)")
         return ctx, callback
 
     def _route(self, tensor, ask, user_data):
@@ -152,7 +153,7 @@ class Contexts:
                 if active.error is not None:  # what the callback caught, rather than the abort it caused
                     raise active.error
                 if status != 0:
-                    raise RequestError("INTERNAL", f"llama_decode failed with status {status}")
+                    raise RequestError(Code.INTERNAL, f"llama_decode failed with status {status}")
                 cell += len(ubatch)
                 if on_decoded is not None:
                     on_decoded(ubatch)

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import ggml
 from .contracts import Intervention
-from .errors import RequestError
+from .errors import Code, RequestError
 from .graph_sites import SiteRules, is_pattern_site
 
 
@@ -27,12 +27,12 @@ def resolve_positions(positions: list[int] | None, n_tokens: int, what: str) -> 
     for p in positions:
         q = p + n_tokens if p < 0 else p
         if not 0 <= q < n_tokens:
-            raise RequestError("OUT_OF_RANGE",
+            raise RequestError(Code.OUT_OF_RANGE,
                                f"{what} position {p} is outside a prompt of {n_tokens} tokens "
                                f"(valid: {-n_tokens}..{n_tokens - 1})")
         out.append(q)
     if len(set(out)) != len(out):
-        raise RequestError("INVALID_ARGUMENT", f"{what} positions {positions} name the same token twice in a prompt "
+        raise RequestError(Code.INVALID_ARGUMENT, f"{what} positions {positions} name the same token twice in a prompt "
                                                f"of {n_tokens} tokens (a negative position counts from the end)")
     return out
 
@@ -107,7 +107,7 @@ class CapturePass:
 
     def _visit(self, site: str, tensor: int) -> None:
         if ggml.type_of(tensor) != ggml.GGML_TYPE_F32 or not ggml.is_contiguous(tensor):
-            raise RequestError("FAILED_PRECONDITION",
+            raise RequestError(Code.FAILED_PRECONDITION,
                                f"site {site} is not a contiguous float32 tensor in this build/model")
         ne = ggml.shape_of(tensor)
         if is_pattern_site(site):
@@ -116,7 +116,7 @@ class CapturePass:
         rows = self.output_rows if site in self.output_rows_sites else self.rows
         size = int(np.prod(ne))
         if size != len(rows) * self.row_size[site]:
-            raise RequestError("INTERNAL", f"site {site} holds {size} values in a ubatch of {len(rows)} rows of "
+            raise RequestError(Code.INTERNAL, f"site {site} holds {size} values in a ubatch of {len(rows)} rows of "
                                            f"{self.row_size[site]}: the graph no longer has the layout verified "
                                            f"at start-up")
         if not rows:  # a ubatch without output rows: the last block's output-rows-only sites are empty
@@ -137,7 +137,7 @@ class CapturePass:
         changed = False
         for iv, resolved, vector in self.interventions[site]:
             if vector.shape[-1] != data.shape[1]:
-                raise RequestError("INVALID_ARGUMENT",
+                raise RequestError(Code.INVALID_ARGUMENT,
                                    f"intervention at {site} has width {vector.shape[-1]}, the site has {data.shape[1]}")
             picked, which = [], []
             for r, (s, p) in enumerate(rows):

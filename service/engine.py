@@ -28,7 +28,7 @@ from .architectures import embedding_scale
 from .batching import Cancelled, Contexts, collect_logits, stream_logits
 from .capture import CapturePass, Intervention, resolve_positions
 from .contracts import EngineConfig
-from .errors import RequestError
+from .errors import Code, RequestError
 from .graph_sites import SiteRules, is_pattern_site
 from .memory import expected_memory
 from .model import Model
@@ -180,20 +180,20 @@ class Engine:
     def validate_prompts(self, prompts: list[list[int]]) -> None:
         limit = self.limits()["max_prompt_tokens"]
         if not prompts:
-            raise RequestError("INVALID_ARGUMENT", "no prompt given")
+            raise RequestError(Code.INVALID_ARGUMENT, "no prompt given")
         if len(prompts) > self.config.max_batch_prompts:
-            raise RequestError("RESOURCE_EXHAUSTED",
+            raise RequestError(Code.RESOURCE_EXHAUSTED,
                                f"{len(prompts)} prompts in one request; the server accepts at most "
                                f"{self.config.max_batch_prompts}: split the batch")
         for i, tokens in enumerate(prompts):
             if not tokens:
-                raise RequestError("INVALID_ARGUMENT", f"prompt {i} is empty: send at least one token")
+                raise RequestError(Code.INVALID_ARGUMENT, f"prompt {i} is empty: send at least one token")
             if len(tokens) > limit:
-                raise RequestError("OUT_OF_RANGE",
+                raise RequestError(Code.OUT_OF_RANGE,
                                    f"prompt {i} has {len(tokens)} tokens; the server accepts at most {limit}")
             bad = [t for t in tokens if not 0 <= t < self.n_vocab]
             if bad:
-                raise RequestError("OUT_OF_RANGE",
+                raise RequestError(Code.OUT_OF_RANGE,
                                    f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {self.n_vocab})")
 
     def forward(self, request: ForwardRequest) -> ForwardResult:
@@ -246,7 +246,7 @@ class Engine:
             total += sum(len(p) for p in capture_positions) * self.n_vocab * 4
         total += request.lens_row_bytes * len(request.capture) * sum(len(p) for p in capture_positions)
         if total > self.config.max_capture_bytes:
-            raise RequestError("RESOURCE_EXHAUSTED",
+            raise RequestError(Code.RESOURCE_EXHAUSTED,
                                f"the request would return {total / 2**20:.1f} MiB, over the server's limit of "
                                f"{self.config.max_capture_bytes / 2**20:.0f} MiB: capture fewer sites or "
                                f"positions, skip logits, or split the prompts")
@@ -275,7 +275,7 @@ class Engine:
         """Yields {"token": id, "piece": bytes, "text": str} per token, then {"end": ...}."""
         self.validate_prompts([prompt])
         if len(prompt) + max_tokens > self.n_ctx:
-            raise RequestError("OUT_OF_RANGE",
+            raise RequestError(Code.OUT_OF_RANGE,
                                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context "
                                f"of {self.n_ctx} tokens")
         ctx = self.contexts.get(flash_attn=self.config.flash_attn, n_cells=len(prompt) + max_tokens)

@@ -1,8 +1,8 @@
 """The one exception type for a request the server refuses or cannot complete, and what a bug becomes.
 
-`code` is the name of a `grpc.StatusCode` (a string, so the exception pickles across the worker pipe and
-this module needs no grpc import); `message` says what to fix. A code that is not a status name is refused
-when the error is made, so a typo fails loudly (as a bug, see below) instead of reaching a client as UNKNOWN.
+`code` is a `Code`, one of `grpc.StatusCode`'s names (this module needs no grpc import); `message` says what to
+fix. Code raises with `Code.INVALID_ARGUMENT` and the like, so a misspelt code fails where it is written
+instead of reaching a client as UNKNOWN.
 
 An unexpected exception (a bug) never reaches a client as text: `internal_error` logs it on the server with
 its traceback under a short random id, and the client gets INTERNAL with one line naming that id, so that
@@ -10,24 +10,43 @@ a user can quote it and the operator can find the traceback in the server's log 
 """
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import sys
 import traceback
 
-# grpc.StatusCode's names (tests/test_internal_errors.py checks them against grpc), less OK and UNKNOWN: an
-# error is never OK, and UNKNOWN says nothing a client could act on.
-STATUS_CODES = ("CANCELLED", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-                "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-                "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
+
+class Code(str, enum.Enum):
+    """grpc.StatusCode's names (tests/test_internal_errors.py checks them against grpc), less OK and UNKNOWN: an
+    error is never OK, and UNKNOWN says nothing a client could act on. A `str` so that it pickles across the
+    worker pipe as itself and compares equal to its name."""
+    CANCELLED = "CANCELLED"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ABORTED = "ABORTED"
+    OUT_OF_RANGE = "OUT_OF_RANGE"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    INTERNAL = "INTERNAL"
+    UNAVAILABLE = "UNAVAILABLE"
+    DATA_LOSS = "DATA_LOSS"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+
+    __str__ = str.__str__  # "INVALID_ARGUMENT" in messages, not "Code.INVALID_ARGUMENT"
+    __format__ = str.__format__
+
 
 log = logging.getLogger("lmscope.service")
 
 
 class RequestError(Exception):
-    def __init__(self, code: str, message: str):
-        if code not in STATUS_CODES:
-            raise ValueError(f"RequestError code {code!r} is not one of {', '.join(STATUS_CODES)}")
+    def __init__(self, code: Code | str, message: str):
+        code = Code(code)  # a name that is no status raises ValueError here: a bug, reported as one
         super().__init__(code, message)
         self.code = code
         self.message = message
@@ -46,11 +65,12 @@ def internal_error(exc: BaseException, rpc: str) -> RequestError:
     """
     error_id = os.urandom(4).hex()  # not `secrets`: it loads OpenSSL, which workers keep out (test_wire_contract)
     _log_error(f"lmscope: internal error {error_id} ({type(exc).__name__}) while serving {rpc}", exc)
-    if isinstance(exc, RequestError) and exc.code == "INTERNAL":
+    if isinstance(exc, RequestError) and exc.code is Code.INTERNAL:
         what = f"while serving {rpc}: {' '.join(exc.message.split())}"
     else:
         what = f"({type(exc).__name__}) while serving {rpc}"
-    return RequestError("INTERNAL", f"internal error {error_id} {what}; the server log has the details under this id")
+    return RequestError(Code.INTERNAL,
+                        f"internal error {error_id} {what}; the server log has the details under this id")
 
 
 def _log_error(line: str, exc: BaseException) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 
 from . import llama_log, rpc
-from .errors import RequestError
+from .errors import Code, RequestError
 from .native import llama as lc
 
 
@@ -25,7 +25,7 @@ class Model:
         llama_log.clear()
         self.handle = lc.llama_model_load_from_file(path.encode(), params)
         if not self.handle:
-            raise RequestError("INVALID_ARGUMENT", f"llama.cpp could not load the model {path}: "
+            raise RequestError(Code.INVALID_ARGUMENT, f"llama.cpp could not load the model {path}: "
                                                    f"{llama_log.recent_problems() or 'no reason given'}")
         self.vocab = lc.llama_model_get_vocab(self.handle)
         self.n_layer = lc.llama_model_n_layer(self.handle)
@@ -88,7 +88,7 @@ class Model:
     def apply_chat_template(self, user_text: str) -> str:
         template = lc.llama_model_chat_template(self.handle, None)
         if not template:
-            raise RequestError("FAILED_PRECONDITION", "this model has no chat template; send chat=false")
+            raise RequestError(Code.FAILED_PRECONDITION, "this model has no chat template; send chat=false")
         role, content = b"user", user_text.encode("utf-8")
         messages = (lc.llama_chat_message * 1)(lc.llama_chat_message(role=role, content=content))
         size = len(content) * 2 + 512
@@ -96,7 +96,7 @@ class Model:
             buf = ctypes.create_string_buffer(size)
             n = lc.llama_chat_apply_template(template, messages, 1, True, buf, size)
             if n < 0:
-                raise RequestError("FAILED_PRECONDITION", "llama.cpp does not support this model's chat template")
+                raise RequestError(Code.FAILED_PRECONDITION, "llama.cpp does not support this model's chat template")
             if n <= size:
                 return buf.raw[:n].decode("utf-8", "replace")
             size = n

@@ -36,7 +36,7 @@ from .contracts import (
     tensor_pieces,
 )
 from .engine import Engine, ForwardRequest
-from .errors import RequestError
+from .errors import Code, RequestError
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65,504
 FLOAT16_OVERFLOW = FLOAT16_MAX + 16  # half a float16 step (32) above it: from here a value rounds to infinity
@@ -49,7 +49,7 @@ def as_float16(array: np.ndarray, name: str) -> np.ndarray:
         return array.astype(np.float16)
     overflow = np.isfinite(array) & (np.abs(array) >= FLOAT16_OVERFLOW)
     if overflow.any():
-        raise RequestError("OUT_OF_RANGE", f"{name} has values up to {np.abs(array[overflow]).max():.4g}, beyond "
+        raise RequestError(Code.OUT_OF_RANGE, f"{name} has values up to {np.abs(array[overflow]).max():.4g}, beyond "
                                            f"float16's largest value {FLOAT16_MAX:,.0f}: ask for dtype float32")
     return array.astype(np.float16)
 
@@ -93,7 +93,7 @@ class Operations:
     def detokenize(self, job: DetokenizeJob) -> pb.DetokenizeResponse:
         bad = [t for t in job.token_ids if not 0 <= t < self.engine.n_vocab]
         if bad:
-            raise RequestError("OUT_OF_RANGE",
+            raise RequestError(Code.OUT_OF_RANGE,
                                f"token id {bad[0]} is outside the vocabulary [0, {self.engine.n_vocab})")
         return pb.DetokenizeResponse(text=self.engine.detokenize(job.token_ids),
                                      pieces=[self.engine.piece(t) for t in job.token_ids])
@@ -139,7 +139,7 @@ class Operations:
 
     def _check_lens(self) -> None:
         if self.engine.unembed_error:
-            raise RequestError("FAILED_PRECONDITION", self.engine.unembed_error)
+            raise RequestError(Code.FAILED_PRECONDITION, self.engine.unembed_error)
 
     def _lens_of_run(self, capture, result, lens: Lens) -> list[NamedTensor]:
         """Lens reductions per prompt, stacked over the captured sites: (n_sites, n_positions, ...).
@@ -180,15 +180,16 @@ class Operations:
         name, axis, indices = job.name, job.axis, job.indices
         tensor = weights.tensors.get(name)
         if tensor is None:
-            raise RequestError("NOT_FOUND", f"the model has no tensor {name!r}; ModelInfo.tensor_types counts them, "
+            raise RequestError(Code.NOT_FOUND, f"the model has no tensor {name!r}; ModelInfo.tensor_types counts them, "
                                             f"GGUF names look like 'token_embd.weight' or 'blk.0.ffn_down.weight'")
         shape = tuple(int(d) for d in reversed(tensor.shape))
         if indices:
             if not 0 <= axis < len(shape):
-                raise RequestError("INVALID_ARGUMENT", f"axis {axis} is out of range for {name} of shape {list(shape)}")
+                raise RequestError(Code.INVALID_ARGUMENT,
+                                   f"axis {axis} is out of range for {name} of shape {list(shape)}")
             bad = [i for i in indices if not 0 <= i < shape[axis]]
             if bad:
-                raise RequestError("OUT_OF_RANGE",
+                raise RequestError(Code.OUT_OF_RANGE,
                                    f"index {bad[0]} is out of range for axis {axis} of {name} (size {shape[axis]})")
             self._check_answer_size(name, len(indices) * math.prod(shape) // shape[axis])
             index = np.asarray(indices, dtype=np.int64)
@@ -202,7 +203,7 @@ class Operations:
     def _check_answer_size(self, name: str, n_values: int) -> None:
         limit = self.engine.config.max_capture_bytes
         if 4 * n_values > limit:
-            raise RequestError("RESOURCE_EXHAUSTED",
+            raise RequestError(Code.RESOURCE_EXHAUSTED,
                                f"{n_values} values of {name} ({4 * n_values / 2**20:.1f} MiB as float32) exceed the "
                                f"server's limit of {limit / 2**20:.0f} MiB per answer: ask for fewer indices")
 
@@ -227,7 +228,7 @@ class Operations:
         code would ("segv", "abort"), or hang it like a native call that never returns and ignores
         cancellation ("hang"), or fail it with a plain Python exception, as a bug would ("raise")."""
         if not self.test_hooks:
-            raise RequestError("PERMISSION_DENIED", "test hooks are disabled on this server")
+            raise RequestError(Code.PERMISSION_DENIED, "test hooks are disabled on this server")
         if job.how == "raise":  # its text names a path, which must stay in the server's log
             raise RuntimeError(f"test hook: an unexpected error in {os.path.abspath(__file__)}")
         if job.how == "abort":

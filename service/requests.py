@@ -28,7 +28,7 @@ from .contracts import (
     WeightsJob,
     WorkerInfo,
 )
-from .errors import RequestError
+from .errors import Code, RequestError
 
 MAX_TEXT_BYTES = 1 << 20
 MAX_STOP_STRINGS = 16
@@ -75,28 +75,28 @@ class RequestParser:
 
     def text(self, value: str, what: str) -> str:
         if len(value.encode("utf-8", "surrogatepass")) > MAX_TEXT_BYTES:
-            _fail("INVALID_ARGUMENT", f"{what} is longer than {MAX_TEXT_BYTES} bytes")
+            _fail(Code.INVALID_ARGUMENT, f"{what} is longer than {MAX_TEXT_BYTES} bytes")
         return value
 
     def token_ids(self, ids, what: str) -> list[int]:
         ids = list(ids)
         if len(ids) > self.limits.max_prompt_tokens:
-            _fail("OUT_OF_RANGE", f"{what} has {len(ids)} tokens; the server accepts at most "
+            _fail(Code.OUT_OF_RANGE, f"{what} has {len(ids)} tokens; the server accepts at most "
                                   f"{self.limits.max_prompt_tokens}")
         bad = [t for t in ids if not 0 <= t < self.n_vocab]
         if bad:
-            _fail("OUT_OF_RANGE", f"{what} has token id {bad[0]} outside the vocabulary [0, {self.n_vocab})")
+            _fail(Code.OUT_OF_RANGE, f"{what} has token id {bad[0]} outside the vocabulary [0, {self.n_vocab})")
         return ids
 
     def prompt(self, prompt: pb.Prompt, what: str = "the prompt") -> Prompt:
         if prompt.token_ids:
             if prompt.chat:
-                _fail("INVALID_ARGUMENT", f"{what}: chat=true needs text, not token ids")
+                _fail(Code.INVALID_ARGUMENT, f"{what}: chat=true needs text, not token ids")
             return Prompt(token_ids=self.token_ids(prompt.token_ids, what))
         if not prompt.text:
-            _fail("INVALID_ARGUMENT", f"{what} is empty: send text or token ids")
+            _fail(Code.INVALID_ARGUMENT, f"{what} is empty: send text or token ids")
         if prompt.chat and not self.info.has_chat_template:
-            _fail("FAILED_PRECONDITION", "this model has no chat template; send chat=false")
+            _fail(Code.FAILED_PRECONDITION, "this model has no chat template; send chat=false")
         return Prompt(text=self.text(prompt.text, what), chat=prompt.chat, bos=not prompt.no_bos)
 
     def select(self, patterns, what: str) -> list[str]:
@@ -106,26 +106,26 @@ class RequestParser:
         try:
             chosen = select_sites(self.sites, patterns, dict(self.info.unavailable_sites))
         except KeyError as exc:
-            _fail("INVALID_ARGUMENT", f"{what}: {exc.args[0]}")
+            _fail(Code.INVALID_ARGUMENT, f"{what}: {exc.args[0]}")
         if len(chosen) > MAX_SITES_PER_REQUEST:
-            _fail("INVALID_ARGUMENT", f"{what} selects {len(chosen)} sites; at most {MAX_SITES_PER_REQUEST}")
+            _fail(Code.INVALID_ARGUMENT, f"{what} selects {len(chosen)} sites; at most {MAX_SITES_PER_REQUEST}")
         return chosen
 
     def vector(self, tensor: pb.Tensor, what: str) -> np.ndarray:
         if tensor.dtype not in (pb.FLOAT32, pb.FLOAT16):
-            _fail("INVALID_ARGUMENT", f"{what} must be FLOAT32 or FLOAT16, not {_dtype_name(tensor.dtype)}")
+            _fail(Code.INVALID_ARGUMENT, f"{what} must be FLOAT32 or FLOAT16, not {_dtype_name(tensor.dtype)}")
         try:
             array = tensors.from_tensor(tensor)
         except tensors.TensorCodecError as exc:
-            _fail("INVALID_ARGUMENT", f"{what}: {exc}")
+            _fail(Code.INVALID_ARGUMENT, f"{what}: {exc}")
         if array.ndim not in (1, 2) or array.size == 0:
-            _fail("INVALID_ARGUMENT", f"{what} must be a vector (width,) or a matrix (positions, width), "
+            _fail(Code.INVALID_ARGUMENT, f"{what} must be a vector (width,) or a matrix (positions, width), "
                                       f"got shape {list(array.shape)}")
         array = array.astype(np.float32)
         if not np.all(np.isfinite(array)):
-            _fail("INVALID_ARGUMENT", f"{what} contains NaN or infinite values")
+            _fail(Code.INVALID_ARGUMENT, f"{what} contains NaN or infinite values")
         if np.max(np.abs(array)) > MAX_ABS_VALUE:
-            _fail("INVALID_ARGUMENT", f"{what} has values above {MAX_ABS_VALUE:g} in magnitude, which overflow "
+            _fail(Code.INVALID_ARGUMENT, f"{what} has values above {MAX_ABS_VALUE:g} in magnitude, which overflow "
                                       f"the model's float32 arithmetic; scale it down")
         return array
 
@@ -136,56 +136,56 @@ class RequestParser:
         limit = self.limits.max_prompt_tokens
         bad = [p for p in values if not -limit <= p < limit]
         if bad:
-            _fail("OUT_OF_RANGE", f"{what} position {bad[0]} is outside any prompt this server accepts "
+            _fail(Code.OUT_OF_RANGE, f"{what} position {bad[0]} is outside any prompt this server accepts "
                                   f"(at most {limit} tokens)")
         if len(set(values)) != len(values):
-            _fail("INVALID_ARGUMENT", f"{what} positions repeat: {values}")
+            _fail(Code.INVALID_ARGUMENT, f"{what} positions repeat: {values}")
         return values
 
     def interventions(self, messages, n_prompts: int) -> list[Intervention]:
         if len(messages) > MAX_INTERVENTIONS:
-            _fail("INVALID_ARGUMENT", f"{len(messages)} interventions in one request; at most {MAX_INTERVENTIONS} "
+            _fail(Code.INVALID_ARGUMENT, f"{len(messages)} interventions in one request; at most {MAX_INTERVENTIONS} "
                                       f"(one intervention may name many sites)")
         out = []
         for i, message in enumerate(messages):
             what = f"intervention {i}"
             if message.op not in (pb.Intervention.ADD, pb.Intervention.SET, pb.Intervention.ABLATE):
-                _fail("INVALID_ARGUMENT", f"{what}: unknown op {message.op}; use ADD, SET or ABLATE")
+                _fail(Code.INVALID_ARGUMENT, f"{what}: unknown op {message.op}; use ADD, SET or ABLATE")
             op = {pb.Intervention.ADD: "add", pb.Intervention.SET: "set", pb.Intervention.ABLATE: "ablate"}[message.op]
             sites = self.select(message.sites, what)
             if not sites:
-                _fail("INVALID_ARGUMENT", f"{what} names no site")
+                _fail(Code.INVALID_ARGUMENT, f"{what} names no site")
             vector = self.vector(message.vector, f"{what} vector")
             positions = self.positions(message.positions, what)
             for site in sites:
                 shape = self.shapes[site]
                 if len(shape) != 1 or site.endswith(("attn.pattern", "attn.scores")):
-                    _fail("INVALID_ARGUMENT", f"{what}: {site} cannot be edited; edit a residual-stream, "
+                    _fail(Code.INVALID_ARGUMENT, f"{what}: {site} cannot be edited; edit a residual-stream, "
                                               f"attention/MLP output or MLP neuron site")
                 if vector.shape[-1] != shape[0]:
-                    _fail("INVALID_ARGUMENT", f"{what}: the vector has width {vector.shape[-1]} but {site} has "
+                    _fail(Code.INVALID_ARGUMENT, f"{what}: the vector has width {vector.shape[-1]} but {site} has "
                                               f"width {shape[0]}")
             if vector.ndim == 2 and (positions is None or vector.shape[0] != len(positions)):
-                _fail("INVALID_ARGUMENT", f"{what}: a (rows, width) vector needs one position per row; got "
+                _fail(Code.INVALID_ARGUMENT, f"{what}: a (rows, width) vector needs one position per row; got "
                                           f"{vector.shape[0]} rows and {len(positions or [])} positions")
             if op == "ablate" and np.any(np.linalg.norm(vector, axis=-1) == 0):
-                _fail("INVALID_ARGUMENT", f"{what}: cannot ablate a zero direction")
+                _fail(Code.INVALID_ARGUMENT, f"{what}: cannot ablate a zero direction")
             sequences = list(message.sequences) or None
             if sequences and any(s >= n_prompts for s in sequences):
-                _fail("OUT_OF_RANGE", f"{what}: sequence index {max(sequences)} but only {n_prompts} prompts")
+                _fail(Code.OUT_OF_RANGE, f"{what}: sequence index {max(sequences)} but only {n_prompts} prompts")
             out.append(Intervention(op=op, sites=sites, vector=vector, positions=positions, sequences=sequences))
         return out
 
     def lens(self, spec: pb.LensSpec) -> Lens:
         if spec.top_k > MAX_TOP_K:
-            _fail("INVALID_ARGUMENT", f"lens top_k {spec.top_k} is over the limit of {MAX_TOP_K}")
+            _fail(Code.INVALID_ARGUMENT, f"lens top_k {spec.top_k} is over the limit of {MAX_TOP_K}")
         temperature = spec.temperature or 1.0
         low, high = LENS_TEMPERATURE_RANGE
         if not _within(temperature, LENS_TEMPERATURE_RANGE):
-            _fail("INVALID_ARGUMENT", f"lens temperature must be between {low:g} and {high:g} (0 means 1), "
+            _fail(Code.INVALID_ARGUMENT, f"lens temperature must be between {low:g} and {high:g} (0 means 1), "
                                       f"got {spec.temperature}")
         if len(spec.target_ids) > MAX_TARGET_IDS:
-            _fail("INVALID_ARGUMENT", f"{len(spec.target_ids)} lens target_ids; at most {MAX_TARGET_IDS}")
+            _fail(Code.INVALID_ARGUMENT, f"{len(spec.target_ids)} lens target_ids; at most {MAX_TARGET_IDS}")
         targets = self.token_ids(spec.target_ids, "lens target_ids")
         return Lens(top_k=spec.top_k, temperature=temperature, target_ids=targets,
                     final_norm=not spec.skip_final_norm, return_logits=spec.return_logits,
@@ -194,27 +194,27 @@ class RequestParser:
     def dtype(self, value: int) -> bool:
         """True for float16."""
         if value not in (pb.FLOAT32, pb.FLOAT16):
-            _fail("INVALID_ARGUMENT", f"results can be FLOAT32 or FLOAT16, not {_dtype_name(value)}")
+            _fail(Code.INVALID_ARGUMENT, f"results can be FLOAT32 or FLOAT16, not {_dtype_name(value)}")
         return value == pb.FLOAT16
 
     # ----- requests --------------------------------------------------------------------------------
 
     def run(self, request: pb.RunRequest) -> RunJob:
         if not request.prompts:
-            _fail("INVALID_ARGUMENT", "send at least one prompt")
+            _fail(Code.INVALID_ARGUMENT, "send at least one prompt")
         if len(request.prompts) > self.limits.max_batch_prompts:
-            _fail("RESOURCE_EXHAUSTED", f"{len(request.prompts)} prompts in one request; the server accepts at most "
+            _fail(Code.RESOURCE_EXHAUSTED, f"{len(request.prompts)} prompts in one request; the server accepts at most "
                                         f"{self.limits.max_batch_prompts}: split the batch")
         logits = {pb.LOGITS_ALL: "all", pb.LOGITS_LAST: "last", pb.LOGITS_NONE: "none"}.get(request.logits)
         if logits is None:
-            _fail("INVALID_ARGUMENT", f"unknown logits mode {request.logits}")
+            _fail(Code.INVALID_ARGUMENT, f"unknown logits mode {request.logits}")
         capture = self.select(request.capture, "capture")
         lens = None
         if request.lens.enabled:
             lens = self.lens(request.lens)
             not_residual = [s for s in capture if self.shapes[s] != (self.info.n_embd,)]
             if not capture or not_residual:
-                _fail("INVALID_ARGUMENT", "the lens needs captured residual-width sites (e.g. embed, "
+                _fail(Code.INVALID_ARGUMENT, "the lens needs captured residual-width sites (e.g. embed, "
                                           f"blocks.*.resid_post); not lensable: {not_residual[:3]}")
         return RunJob(prompts=[self.prompt(p, f"prompt {i}") for i, p in enumerate(request.prompts)],
                       capture=capture, positions=self.positions(request.positions, "capture"), logits=logits,
@@ -224,17 +224,17 @@ class RequestParser:
     def generate(self, request: pb.GenerateRequest) -> GenerateJob:
         limit = self.limits.max_generated_tokens
         if request.max_tokens == 0 or request.max_tokens > limit:
-            _fail("OUT_OF_RANGE", f"max_tokens must be between 1 and {limit}, got {request.max_tokens}")
+            _fail(Code.OUT_OF_RANGE, f"max_tokens must be between 1 and {limit}, got {request.max_tokens}")
         low, high = GENERATE_TEMPERATURE_RANGE
         if request.temperature != 0 and not _within(request.temperature, GENERATE_TEMPERATURE_RANGE):
-            _fail("INVALID_ARGUMENT", f"temperature must be 0 (greedy) or between {low:g} and {high:g}, "
+            _fail(Code.INVALID_ARGUMENT, f"temperature must be 0 (greedy) or between {low:g} and {high:g}, "
                                       f"got {request.temperature:g}")
         if not math.isfinite(request.top_p) or not 0 <= request.top_p <= 1:
-            _fail("INVALID_ARGUMENT", f"top_p must be in [0, 1], got {request.top_p}")
+            _fail(Code.INVALID_ARGUMENT, f"top_p must be in [0, 1], got {request.top_p}")
         if request.top_k > self.n_vocab:
-            _fail("INVALID_ARGUMENT", f"top_k {request.top_k} is larger than the vocabulary ({self.n_vocab})")
+            _fail(Code.INVALID_ARGUMENT, f"top_k {request.top_k} is larger than the vocabulary ({self.n_vocab})")
         if len(request.stop) > MAX_STOP_STRINGS or any(len(s.encode()) > MAX_STOP_BYTES for s in request.stop):
-            _fail("INVALID_ARGUMENT", f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_BYTES} bytes")
+            _fail(Code.INVALID_ARGUMENT, f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_BYTES} bytes")
         interventions = self.interventions(request.interventions, 1)
         return GenerateJob(prompt=self.prompt(request.prompt), max_tokens=request.max_tokens,
                            temperature=request.temperature, top_k=request.top_k, top_p=request.top_p or 1.0,
@@ -245,38 +245,38 @@ class RequestParser:
         if vectors.ndim == 1:
             vectors = vectors[None, :]
         if vectors.shape[1] != self.info.n_embd:
-            _fail("INVALID_ARGUMENT", f"vectors have width {vectors.shape[1]}; this model's residual width is "
+            _fail(Code.INVALID_ARGUMENT, f"vectors have width {vectors.shape[1]}; this model's residual width is "
                                       f"{self.info.n_embd}")
         rows_limit = max(1, self.limits.max_capture_bytes // (4 * self.n_vocab))
         if request.spec.return_logits and vectors.shape[0] > rows_limit:
-            _fail("RESOURCE_EXHAUSTED", f"{vectors.shape[0]} rows of full logits exceed the server's limit "
+            _fail(Code.RESOURCE_EXHAUSTED, f"{vectors.shape[0]} rows of full logits exceed the server's limit "
                                         f"({rows_limit} rows); ask for top_k instead or send fewer vectors")
         reference_rows = request.spec.kl_reference_rows
         if reference_rows > vectors.shape[0]:
-            _fail("INVALID_ARGUMENT", f"kl_reference_rows {reference_rows} is more than the {vectors.shape[0]} "
+            _fail(Code.INVALID_ARGUMENT, f"kl_reference_rows {reference_rows} is more than the {vectors.shape[0]} "
                                       f"vectors sent; the reference rows are the last ones of the request")
         return UnembedJob(vectors=vectors, lens=self.lens(request.spec), reference_rows=reference_rows)
 
     def nearest_tokens(self, request: pb.NearestTokensRequest) -> NearestTokensJob:
         table = request.table or "embedding"
         if table not in VOCABULARY_TABLES:
-            _fail("INVALID_ARGUMENT", f"unknown table {request.table!r}; use 'embedding' or 'lm_head'")
+            _fail(Code.INVALID_ARGUMENT, f"unknown table {request.table!r}; use 'embedding' or 'lm_head'")
         exclude = sorted(set(self.token_ids(request.exclude_ids, "exclude_ids")))
         limit = min(self.n_vocab - len(exclude), MAX_TOP_K)
         if not 1 <= request.k <= limit:
-            _fail("OUT_OF_RANGE", f"k must be between 1 and {limit}, got {request.k}")
+            _fail(Code.OUT_OF_RANGE, f"k must be between 1 and {limit}, got {request.k}")
         vectors = self.vector(request.vectors, "vectors")
         if vectors.ndim == 1:
             vectors = vectors[None, :]
         if vectors.shape[1] != self.info.n_embd:
-            _fail("INVALID_ARGUMENT", f"vectors have width {vectors.shape[1]}; this model's {table} rows have "
+            _fail(Code.INVALID_ARGUMENT, f"vectors have width {vectors.shape[1]}; this model's {table} rows have "
                                       f"width {self.info.n_embd}")
         if vectors.shape[0] > MAX_NEAREST_ROWS:
-            _fail("RESOURCE_EXHAUSTED", f"{vectors.shape[0]} query vectors in one request; at most "
+            _fail(Code.RESOURCE_EXHAUSTED, f"{vectors.shape[0]} query vectors in one request; at most "
                                         f"{MAX_NEAREST_ROWS}: split them")
         zero = np.flatnonzero(np.linalg.norm(vectors, axis=1) == 0)
         if len(zero):
-            _fail("INVALID_ARGUMENT", f"vector {zero[0]} is all zeros, so its cosine similarity is undefined")
+            _fail(Code.INVALID_ARGUMENT, f"vector {zero[0]} is all zeros, so its cosine similarity is undefined")
         return NearestTokensJob(vectors=vectors, k=request.k, table=table, exclude_ids=exclude)
 
     def weights(self, request: pb.WeightsRequest) -> WeightsJob:
@@ -285,7 +285,7 @@ class RequestParser:
 
     def tokenize(self, request: pb.TokenizeRequest) -> TokenizeJob:
         if request.chat and not self.info.has_chat_template:
-            _fail("FAILED_PRECONDITION", "this model has no chat template; send chat=false")
+            _fail(Code.FAILED_PRECONDITION, "this model has no chat template; send chat=false")
         return TokenizeJob(text=self.text(request.text, "text"), add_special=request.add_special,
                            parse_special=request.parse_special, chat=request.chat)
 

@@ -29,7 +29,7 @@ import ctypes
 import socket
 import sys
 
-from .errors import RequestError
+from .errors import Code, RequestError
 
 BUILD_HINT = ('rebuild llama-cpp-python with the RPC backend: LMSCOPE_CMAKE_ARGS="-DGGML_NATIVE=OFF '
               '-DLLAVA_BUILD=OFF -DGGML_RPC=ON" bash scripts/setup.sh (see docs/deployment.md)')
@@ -70,13 +70,13 @@ def parse_endpoints(text: str) -> list[str]:
     """'host:port,host:port' -> endpoints, each checked for a host and a numeric port."""
     endpoints = [e.strip() for e in text.split(",") if e.strip()]
     if not endpoints:
-        raise RequestError("INVALID_ARGUMENT", "--rpc needs at least one HOST:PORT")
+        raise RequestError(Code.INVALID_ARGUMENT, "--rpc needs at least one HOST:PORT")
     for endpoint in endpoints:
         host, _, port = endpoint.rpartition(":")
         if not host or not port.isdigit():
-            raise RequestError("INVALID_ARGUMENT", f"--rpc endpoint {endpoint!r} is not HOST:PORT")
+            raise RequestError(Code.INVALID_ARGUMENT, f"--rpc endpoint {endpoint!r} is not HOST:PORT")
         if ":" in host:
-            raise RequestError("INVALID_ARGUMENT", f"--rpc endpoint {endpoint!r}: ggml-rpc speaks IPv4 only")
+            raise RequestError(Code.INVALID_ARGUMENT, f"--rpc endpoint {endpoint!r}: ggml-rpc speaks IPv4 only")
     return endpoints
 
 
@@ -89,7 +89,7 @@ def check_reachable(endpoints: list[str], timeout: float = 5.0) -> None:
                 probe.settimeout(timeout)
                 probe.connect((host, int(port)))
         except OSError as exc:
-            raise RequestError("FAILED_PRECONDITION",
+            raise RequestError(Code.FAILED_PRECONDITION,
                                f"cannot reach the RPC worker at {endpoint} ({exc.strerror or exc}); start it "
                                f"with `lmscope rpc-worker --port {port}` on that host") from None
 
@@ -100,13 +100,13 @@ def server_endpoints(rpc: str | None, workers: int, n_gpu_layers: int) -> tuple[
         return ()
     endpoints = parse_endpoints(rpc)
     if workers != 1:
-        raise RequestError("INVALID_ARGUMENT", "--rpc needs --workers 1: an RPC worker serves one connection "
+        raise RequestError(Code.INVALID_ARGUMENT, "--rpc needs --workers 1: an RPC worker serves one connection "
                                                "at a time")
     if n_gpu_layers <= 0:
-        raise RequestError("INVALID_ARGUMENT", "--rpc needs --n-gpu-layers N: the number of layers placed on the "
+        raise RequestError(Code.INVALID_ARGUMENT, "--rpc needs --n-gpu-layers N: the number of layers placed on the "
                                                "RPC workers (99 = all; the rest stay on this machine's CPU)")
     if not supported():
-        raise RequestError("FAILED_PRECONDITION", f"--rpc: this llama.cpp build has no RPC backend; {BUILD_HINT}")
+        raise RequestError(Code.FAILED_PRECONDITION, f"--rpc: this llama.cpp build has no RPC backend; {BUILD_HINT}")
     check_reachable(endpoints)
     return tuple(endpoints)
 
@@ -121,13 +121,13 @@ def add_devices(endpoints: list[str]) -> None:
     lib = _library()
     registry = _rpc_registry(lib)
     if not registry:
-        raise RequestError("FAILED_PRECONDITION", f"this llama.cpp build has no RPC backend; {BUILD_HINT}")
+        raise RequestError(Code.FAILED_PRECONDITION, f"this llama.cpp build has no RPC backend; {BUILD_HINT}")
     address = lib.ggml_backend_reg_get_proc_address(registry, b"ggml_backend_rpc_add_server")
     add_server = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(address)
     for endpoint in endpoints:
         server_registry = add_server(endpoint.encode())
         if not server_registry:
-            raise RequestError("FAILED_PRECONDITION", f"the RPC worker at {endpoint} offers no device")
+            raise RequestError(Code.FAILED_PRECONDITION, f"the RPC worker at {endpoint} offers no device")
         lib.ggml_backend_register(server_registry)
 
 
@@ -136,7 +136,7 @@ def serve_worker(endpoint: str, threads: int) -> None:
     lib = _library()
     registry = _rpc_registry(lib)
     if not registry:
-        raise RequestError("FAILED_PRECONDITION", f"this llama.cpp build has no RPC backend; {BUILD_HINT}")
+        raise RequestError(Code.FAILED_PRECONDITION, f"this llama.cpp build has no RPC backend; {BUILD_HINT}")
     cpu = lib.ggml_backend_dev_by_type(_GGML_BACKEND_DEVICE_TYPE_CPU)
     address = lib.ggml_backend_reg_get_proc_address(registry, b"ggml_backend_rpc_start_server")
     start_server = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,

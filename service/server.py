@@ -36,7 +36,7 @@ from lmscope.proto.wire import lmscope_pb2 as pb
 
 from . import heap, rpc
 from .contracts import EngineConfig
-from .errors import RequestError
+from .errors import Code, RequestError
 from .models import ModelPathError, resolve_model_path, sha256_file
 from .requantize import RequantizeError, requantized
 from .wire_guard import add_inspector_service
@@ -111,7 +111,7 @@ class Server:
         except RuntimeError:  # grpc's "Failed to bind to address"
             self.port = 0
         if not self.port:
-            raise RequestError("UNAVAILABLE", f"cannot listen on {address}: the port is in use, or the host is "
+            raise RequestError(Code.UNAVAILABLE, f"cannot listen on {address}: the port is in use, or the host is "
                                               f"not an address of this machine")
         config = EngineConfig(model_path=str(model_path), n_ctx=args.n_ctx, n_threads=worker_threads(args),
                               n_gpu_layers=args.n_gpu_layers, n_batch=args.n_batch,
@@ -162,16 +162,16 @@ def _tls_credentials(cert_path: str | None, key_path: str | None) -> grpc.Server
     if not (cert_path or key_path):
         return None
     if not (cert_path and key_path):
-        raise RequestError("INVALID_ARGUMENT", "TLS needs both --tls-cert and --tls-key")
+        raise RequestError(Code.INVALID_ARGUMENT, "TLS needs both --tls-cert and --tls-key")
     pem = {}
     for flag, path in (("--tls-cert", cert_path), ("--tls-key", key_path)):
         try:
             with open(path, "rb") as f:
                 pem[flag] = f.read()
         except OSError as exc:
-            raise RequestError("INVALID_ARGUMENT", f"cannot read {flag} {path}: {exc.strerror}") from None
+            raise RequestError(Code.INVALID_ARGUMENT, f"cannot read {flag} {path}: {exc.strerror}") from None
         if b"-----BEGIN " not in pem[flag]:
-            raise RequestError("INVALID_ARGUMENT", f"{flag} {path} is not a PEM file")
+            raise RequestError(Code.INVALID_ARGUMENT, f"{flag} {path} is not a PEM file")
     return grpc.ssl_server_credentials([(pem["--tls-key"], pem["--tls-cert"])])
 
 
@@ -180,9 +180,9 @@ def _read_token(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             token = f.read().strip()
     except OSError as exc:
-        raise RequestError("INVALID_ARGUMENT", f"cannot read --token-file {path}: {exc.strerror}") from None
+        raise RequestError(Code.INVALID_ARGUMENT, f"cannot read --token-file {path}: {exc.strerror}") from None
     if len(token) < 16:
-        raise RequestError("INVALID_ARGUMENT", f"the token in {path} is shorter than 16 characters")
+        raise RequestError(Code.INVALID_ARGUMENT, f"the token in {path} is shorter than 16 characters")
     return token
 
 

@@ -31,7 +31,7 @@ from gguf.quants import dequantize
 from lmscope.proto import tensor_names
 
 from . import architectures
-from .errors import RequestError
+from .errors import Code, RequestError
 from .gguf_index import GGUFIndex
 from .stored_matrix import StoredMatrix
 
@@ -131,7 +131,7 @@ class Weights:
         """A whole tensor, dequantized to float32, in numpy order (ggml's `ne` reversed), read from the file."""
         tensor = self.tensors.get(name)
         if tensor is None:
-            raise RequestError("NOT_FOUND", f"the model has no tensor {name!r}")
+            raise RequestError(Code.NOT_FOUND, f"the model has no tensor {name!r}")
         data = dequantize(tensor.read(), tensor.tensor_type)
         shape = tuple(int(d) for d in reversed(tensor.shape))
         return np.asarray(data, dtype=np.float32).reshape(shape)
@@ -140,7 +140,7 @@ class Weights:
         """Rows of a 2-D tensor (numpy axis 0), reading and dequantizing only those rows."""
         tensor = self.tensors.get(name)
         if tensor is None:
-            raise RequestError("NOT_FOUND", f"the model has no tensor {name!r}")
+            raise RequestError(Code.NOT_FOUND, f"the model has no tensor {name!r}")
         # one raw row per numpy row for 2-D tensors, quantized blocks included
         data = dequantize(tensor.read_rows(indices), tensor.tensor_type)
         return np.asarray(data, dtype=np.float32).reshape(len(indices), -1)

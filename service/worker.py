@@ -68,7 +68,7 @@ from lmscope.proto import tensors
 
 from . import heap
 from .contracts import PIECE_BYTES, Job, RunResult, TensorPiece, Tensors, WorkerInfo, tensor_pieces
-from .errors import RequestError, internal_error
+from .errors import Code, RequestError, internal_error
 
 PICKLE_PROTOCOL = 5
 # llama.cpp's CPU back end runs on OpenMP. By default libgomp's idle threads spin after each parallel region,
@@ -174,7 +174,7 @@ def _worker_main(fd: int, cancel_fd: int) -> None:
         send_message(conn, ("error", exc.code, exc.message))
         return
     except BaseException as exc:  # noqa: BLE001 - report any start-up failure to the supervisor
-        send_message(conn, ("error", "FAILED_PRECONDITION", f"the model could not be loaded: {exc}"))
+        send_message(conn, ("error", Code.FAILED_PRECONDITION, f"the model could not be loaded: {exc}"))
         return
     from .engine import Cancelled
 
@@ -193,9 +193,9 @@ def _worker_main(fd: int, cancel_fd: int) -> None:
                 _send_answer(conn, result)
             result = item = None  # not alive next to the next job's answer while it waits and runs
         except Cancelled:
-            send_message(conn, ("error", "CANCELLED", "the request was cancelled"))
+            send_message(conn, ("error", Code.CANCELLED, "the request was cancelled"))
         except Exception as exc:  # noqa: BLE001 - a bug must fail one request, not the worker
-            if not isinstance(exc, RequestError) or exc.code == "INTERNAL":
+            if not isinstance(exc, RequestError) or exc.code is Code.INTERNAL:
                 exc = internal_error(exc, rpc_name(job))  # logged here with its traceback, one line to the client
             send_message(conn, ("error", exc.code, exc.message))
         heap.return_free_memory()
@@ -251,11 +251,11 @@ class _Worker:
 
     def wait_ready(self, timeout: float) -> WorkerInfo:
         if not self.conn.poll(timeout):
-            raise RequestError("UNAVAILABLE", f"the model worker did not start within {timeout:.0f} s")
+            raise RequestError(Code.UNAVAILABLE, f"the model worker did not start within {timeout:.0f} s")
         try:
             message = receive_message(self.conn)
         except EOFError:
-            raise RequestError("FAILED_PRECONDITION", f"the model worker died while loading the model "
+            raise RequestError(Code.FAILED_PRECONDITION, f"the model worker died while loading the model "
                                                       f"(exit code {self._exit_code()})") from None
         if message[0] == "error":
             raise RequestError(message[1], message[2])
@@ -369,9 +369,9 @@ class WorkerPool:
 
     def _check_available(self) -> None:
         if self._closed:
-            raise RequestError("UNAVAILABLE", "the server is shutting down")
+            raise RequestError(Code.UNAVAILABLE, "the server is shutting down")
         if self._failed == self.size:
-            raise RequestError("UNAVAILABLE", f"no model worker is running: restarting it failed "
+            raise RequestError(Code.UNAVAILABLE, f"no model worker is running: restarting it failed "
                                               f"({self._restart_error}); the server keeps retrying")
 
     def _acquire(self, is_active: Callable[[], bool]) -> _Worker:
@@ -379,7 +379,7 @@ class WorkerPool:
             self._check_available()
             queued = self._waiting - self._idle.qsize()
             if queued >= self.max_queue:
-                raise RequestError("RESOURCE_EXHAUSTED",
+                raise RequestError(Code.RESOURCE_EXHAUSTED,
                                    f"the server is busy: {self.size} worker(s) working and {max(queued, 0)} "
                                    f"requests queued (limit {self.max_queue}); retry later")
             self._waiting += 1
@@ -389,7 +389,7 @@ class WorkerPool:
                     return self._idle.get(timeout=0.1)
                 except queue.Empty:
                     if not is_active():
-                        raise RequestError("CANCELLED", "the request was cancelled while queued") from None
+                        raise RequestError(Code.CANCELLED, "the request was cancelled while queued") from None
                     self._check_available()
         finally:
             with self._lock:
@@ -468,7 +468,7 @@ class WorkerPool:
             try:
                 worker.start_job(job)
             except (BrokenPipeError, OSError):
-                raise RequestError("UNAVAILABLE", worker.crash_message()) from None
+                raise RequestError(Code.UNAVAILABLE, worker.crash_message()) from None
             cancelled_at = None
             gone = lambda: abandoned.is_set() or not is_active()  # noqa: E731
             while True:
@@ -479,14 +479,14 @@ class WorkerPool:
                         cancelled_at = time.monotonic()
                 if not worker.conn.poll(0.05):
                     if not worker.alive():
-                        raise RequestError("UNAVAILABLE", worker.crash_message())
+                        raise RequestError(Code.UNAVAILABLE, worker.crash_message())
                     if cancelled_at is not None and time.monotonic() - cancelled_at > _CANCEL_GRACE_S:
-                        raise RequestError("CANCELLED", "the request was cancelled; the worker was restarted")
+                        raise RequestError(Code.CANCELLED, "the request was cancelled; the worker was restarted")
                     continue
                 try:
                     message = receive_message(worker.conn)
                 except (EOFError, OSError):
-                    raise RequestError("UNAVAILABLE", worker.crash_message()) from None
+                    raise RequestError(Code.UNAVAILABLE, worker.crash_message()) from None
                 if message[0] == "error":
                     healthy = True
                     raise RequestError(message[1], message[2])
