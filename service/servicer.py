@@ -18,6 +18,7 @@ from lmscope.proto.wire import lmscope_pb2_grpc as pb_grpc
 from . import heap
 from .contracts import CrashJob, RunResult, TensorPiece
 from .errors import RequestError, internal_error
+from .pipe import Kind
 from .requests import RequestParser
 from .worker import WorkerPool
 
@@ -58,7 +59,7 @@ def _tensor_answer(messages):
     which brings a Run's header."""
     try:
         for kind, value in messages:
-            if kind == "item":
+            if kind is Kind.ITEM:
                 piece: TensorPiece = value
                 yield from tensors.encoded_run_chunks(piece.name, piece.array, piece.sequence, shape=piece.shape,
                                                       offset=piece.offset)

@@ -17,15 +17,7 @@ the rest up to a limit, and watches the worker while it works:
 Queue accounting: a request is admitted when a worker is idle or fewer than `max_queue` requests are
 already waiting; past that it is refused with RESOURCE_EXHAUSTED at once.
 
-What travels: the front end sends one job (`contracts.py`, e.g. `RunJob`); the worker answers with
-("item", message) any number of times (generated tokens; `TensorPiece`s of big tensors), then
-("done", answer) or ("error", code, message).
-
-How it travels: pickled (`send_message` / `receive_message`), proto messages as their serialized bytes,
-numpy arrays as pickle protocol 5 out-of-band buffers. Each array is written to the pipe from its own memory
-and read straight into one buffer of its exact size (`tensors.new_buffer`), which the unpickled array then
-uses: no copy on either side of the pipe. Plain `Connection.send` would first copy every array into one
-pickle bytes object.
+What travels, and how: `service/pipe.py` (one job in; items, then "done" or "error", out).
 
 Big answers cost their size once. Tensors leave the worker as `TensorPiece`s of at most `PIECE_BYTES` (views
 of its memory; logits straight from llama.cpp's output buffer as each ubatch is decoded, see
@@ -43,15 +35,12 @@ that job, so a cancel can neither arrive before its job nor outlive it (a signal
 from __future__ import annotations
 
 import collections
-import io
 import itertools
 import mmap
 import os
-import pickle
 import queue
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -60,17 +49,11 @@ import time
 from multiprocessing.connection import Connection
 from typing import Callable, Iterator
 
-import numpy as np
-from google.protobuf import descriptor_pool, message_factory
-from google.protobuf.message import Message
-
-from lmscope.proto import tensors
-
 from . import heap
 from .contracts import PIECE_BYTES, Job, RunResult, TensorPiece, Tensors, WorkerInfo, tensor_pieces
 from .errors import Code, RequestError, internal_error
+from .pipe import Kind, receive_message, send_message
 
-PICKLE_PROTOCOL = 5
 # llama.cpp's CPU back end runs on OpenMP. By default libgomp's idle threads spin after each parallel region,
 # and a worker leaves a region many times per request (each captured node ends a graph segment, each generated
 # token is a decode): whenever the worker's threads and anything else (the front end, the client, other
@@ -88,66 +71,14 @@ def rpc_name(job) -> str:
     return {"WeightsJob": "GetWeights", "CrashJob": "Run"}.get(name, name.removesuffix("Job"))
 
 
-def _proto(full_name: str, data: bytes) -> Message:
-    return message_factory.GetMessageClass(descriptor_pool.Default().FindMessageTypeByName(full_name)).FromString(data)
-
-
-class _Pickler(pickle.Pickler):
-    def reducer_override(self, obj):
-        # Generated proto classes claim the module `lmscope_pb2`, which pickle cannot import by that name.
-        if isinstance(obj, Message):
-            return _proto, (obj.DESCRIPTOR.full_name, obj.SerializeToString())
-        return NotImplemented
-
-
-def send_message(conn, message) -> None:
-    """One message: a frame with the pickle and the sizes of its out-of-band buffers, then the buffers' raw
-    bytes on the pipe itself (`Connection` writes from a memoryview without copying)."""
-    buffers: list[memoryview] = []
-    pickled = io.BytesIO()
-    _Pickler(pickled, protocol=PICKLE_PROTOCOL, buffer_callback=lambda b: buffers.append(b.raw())).dump(message)
-    head = pickled.getbuffer()
-    sizes = struct.pack(f"<I{len(buffers)}Q", len(buffers), *(b.nbytes for b in buffers))
-    conn.send_bytes(sizes + head)
-    for buffer in buffers:
-        _write_all(conn.fileno(), buffer)
-
-
-def receive_message(conn):
-    data = conn.recv_bytes()
-    (n_buffers,) = struct.unpack_from("<I", data)
-    sizes = struct.unpack_from(f"<{n_buffers}Q", data, 4)
-    buffers = [_read_exactly(conn.fileno(), size) for size in sizes]
-    return pickle.loads(memoryview(data)[4 + 8 * n_buffers:], buffers=buffers)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    data = data.cast("B")
-    while data:
-        data = data[os.write(fd, data):]
-
-
-def _read_exactly(fd: int, size: int) -> np.ndarray:
-    """`size` bytes from the pipe into one new buffer (the array built on it owns it)."""
-    buffer = tensors.new_buffer(size)
-    view = memoryview(buffer)
-    received = 0
-    while received < size:
-        n = os.readv(fd, [view[received:]])
-        if n == 0:
-            raise EOFError("the pipe closed in the middle of a message")
-        received += n
-    return buffer
-
-
 def _send_answer(conn, result) -> None:
-    """("done", result), its tensors sent ahead as pieces so that the front end can stream them on."""
+    """(Kind.DONE, result), its tensors sent ahead as pieces so that the front end can stream them on."""
     if isinstance(result, (RunResult, Tensors)):
         for tensor in result.tensors:
             for piece in tensor_pieces(tensor.name, tensor.sequence, tensor.array.shape, tensor.array):
-                send_message(conn, ("item", piece))
+                send_message(conn, (Kind.ITEM, piece))
         result.tensors = []
-    send_message(conn, ("done", result))
+    send_message(conn, (Kind.DONE, result))
 
 
 # Not `python -m lmscope.service.worker`: run as __main__, this module's functions would pickle under that name.
@@ -167,14 +98,14 @@ def _worker_main(fd: int, cancel_fd: int) -> None:
         from .operations import Operations
 
         engine = Engine(config)
-        ops = Operations(engine, test_hooks=test_hooks, emit=lambda item: send_message(conn, ("item", item)))
+        ops = Operations(engine, test_hooks=test_hooks, emit=lambda item: send_message(conn, (Kind.ITEM, item)))
         engine.set_cancel(lambda: cancel_flag[0] != 0)
-        send_message(conn, ("ready", ops.info()))
+        send_message(conn, (Kind.READY, ops.info()))
     except RequestError as exc:
-        send_message(conn, ("error", exc.code, exc.message))
+        send_message(conn, (Kind.ERROR, exc.code, exc.message))
         return
     except BaseException as exc:  # noqa: BLE001 - report any start-up failure to the supervisor
-        send_message(conn, ("error", Code.FAILED_PRECONDITION, f"the model could not be loaded: {exc}"))
+        send_message(conn, (Kind.ERROR, Code.FAILED_PRECONDITION, f"the model could not be loaded: {exc}"))
         return
     from .engine import Cancelled
 
@@ -187,17 +118,17 @@ def _worker_main(fd: int, cancel_fd: int) -> None:
             result = ops.execute(job)
             if isinstance(result, Iterator):
                 for item in result:
-                    send_message(conn, ("item", item))
-                send_message(conn, ("done", None))
+                    send_message(conn, (Kind.ITEM, item))
+                send_message(conn, (Kind.DONE, None))
             else:
                 _send_answer(conn, result)
             result = item = None  # not alive next to the next job's answer while it waits and runs
         except Cancelled:
-            send_message(conn, ("error", Code.CANCELLED, "the request was cancelled"))
+            send_message(conn, (Kind.ERROR, Code.CANCELLED, "the request was cancelled"))
         except Exception as exc:  # noqa: BLE001 - a bug must fail one request, not the worker
             if not isinstance(exc, RequestError) or exc.code is Code.INTERNAL:
                 exc = internal_error(exc, rpc_name(job))  # logged here with its traceback, one line to the client
-            send_message(conn, ("error", exc.code, exc.message))
+            send_message(conn, (Kind.ERROR, exc.code, exc.message))
         heap.return_free_memory()
 
 
@@ -257,7 +188,7 @@ class _Worker:
         except EOFError:
             raise RequestError(Code.FAILED_PRECONDITION, f"the model worker died while loading the model "
                                                       f"(exit code {self._exit_code()})") from None
-        if message[0] == "error":
+        if message[0] is Kind.ERROR:
             raise RequestError(message[1], message[2])
         self.info = message[1]
         return self.info
@@ -336,7 +267,7 @@ class _Inbox:
 
 
 def _piece_bytes(message) -> int:
-    return message[1].array.nbytes if message[0] == "item" and isinstance(message[1], TensorPiece) else 0
+    return message[1].array.nbytes if message[0] is Kind.ITEM and isinstance(message[1], TensorPiece) else 0
 
 
 class WorkerPool:
@@ -430,16 +361,16 @@ class WorkerPool:
 
     def call(self, job: Job, is_active: Callable[[], bool] = lambda: True):
         """Run a job whose whole answer is one small message (Tokenize, Detokenize) and return it."""
-        return next(value for kind, value in self.messages(job, is_active) if kind == "done")
+        return next(value for kind, value in self.messages(job, is_active) if kind is Kind.DONE)
 
     def stream(self, job: Job, is_active: Callable[[], bool] = lambda: True) -> Iterator:
         """Run a job whose answer is a stream (Generate), yielding its items."""
         for kind, value in self.messages(job, is_active):
-            if kind == "item":
+            if kind is Kind.ITEM:
                 yield value
 
     def messages(self, job: Job, is_active: Callable[[], bool] = lambda: True) -> Iterator[tuple[str, object]]:
-        """The job's ("item", value) messages, then ("done", answer); a refusal or failure raises RequestError.
+        """The job's (Kind.ITEM, value) messages, then (Kind.DONE, answer); a refusal or failure raises RequestError.
 
         The worker's messages are read by a thread of their own and queued (`_Inbox`); this generator yields
         them at its consumer's (the client's) pace. Closing it early (the client went away) cancels the job; the
@@ -453,10 +384,10 @@ class WorkerPool:
         try:
             while True:
                 kind, value = inbox.get()
-                if kind == "raise":
+                if kind is Kind.RAISE:
                     raise value
                 yield kind, value
-                if kind == "done":
+                if kind is Kind.DONE:
                     return
         finally:
             abandoned.set()
@@ -487,18 +418,18 @@ class WorkerPool:
                     message = receive_message(worker.conn)
                 except (EOFError, OSError):
                     raise RequestError(Code.UNAVAILABLE, worker.crash_message()) from None
-                if message[0] == "error":
+                if message[0] is Kind.ERROR:
                     healthy = True
                     raise RequestError(message[1], message[2])
                 if not abandoned.is_set():
                     inbox.put(message)
-                if message[0] == "done":
+                if message[0] is Kind.DONE:
                     healthy = True
                     return
         except RequestError as exc:
-            inbox.put(("raise", exc))
+            inbox.put((Kind.RAISE, exc))
         except BaseException as exc:  # noqa: BLE001 - the consumer must hear of any failure, never wait for ever
-            inbox.put(("raise", internal_error(exc, rpc_name(job))))
+            inbox.put((Kind.RAISE, internal_error(exc, rpc_name(job))))
         finally:
             self._release(worker, healthy)
 

@@ -21,8 +21,8 @@ from lmscope.proto.wire import lmscope_pb2 as pb
 from lmscope.service import procinfo
 from lmscope.service.contracts import NamedTensor, Tensors
 from lmscope.service.launch import launch_server
+from lmscope.service.pipe import Kind, receive_message, send_message
 from lmscope.service.server import _argument_error, add_arguments
-from lmscope.service.worker import receive_message, send_message
 
 NATIVE_LLAMA = ("libllama", "libggml", "llama_cpp")
 
@@ -59,7 +59,7 @@ def test_arrays_cross_the_pipe_intact_into_buffers_of_their_own():
                       NamedTensor("i32", 0, np.arange(12, dtype=np.int32).reshape(3, 4)[:, ::2]),  # not contiguous
                       NamedTensor("empty", 0, np.zeros((0, 7), np.float32))])
     sender, receiver = mp.Pipe()
-    writer = threading.Thread(target=send_message, args=(sender, ("done", answer)))  # more than a pipe holds
+    writer = threading.Thread(target=send_message, args=(sender, (Kind.DONE, answer)))  # more than a pipe holds
     writer.start()
     try:
         kind, received = receive_message(receiver)
@@ -67,7 +67,7 @@ def test_arrays_cross_the_pipe_intact_into_buffers_of_their_own():
         writer.join(10)
         sender.close()
         receiver.close()
-    assert kind == "done"
+    assert kind is Kind.DONE
     for sent, got in zip(answer.tensors, received.tensors):
         assert (got.name, got.sequence, got.array.dtype, got.array.shape) == \
                (sent.name, sent.sequence, sent.array.dtype, sent.array.shape)
@@ -221,7 +221,7 @@ def test_a_client_is_stalled_when_it_takes_nothing_from_a_full_queue_not_since_t
     inbox._taken_at -= 60  # the request began a minute ago and the client has had nothing to take since
     piece = TensorPiece("logits", 0, (3 * PIECE_BYTES // 4,), 0, np.zeros(PIECE_BYTES // 4, np.float32))
     for _ in range(3):
-        inbox.put(("item", piece))
+        inbox.put((Kind.ITEM, piece))
     started = time.monotonic()
     inbox.wait_for_room(give_up=lambda: time.monotonic() - started > 0.5)
     assert time.monotonic() - started >= 0.5  # it waited for the client, who may still read
