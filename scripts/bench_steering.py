@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     engine = Engine(EngineConfig(model_path=str(args.model or pull_default_model(progress=None)), n_ctx=2048,
                                  n_threads=args.threads))
-    prompt = engine.prompt_tokens("Teach me machine learning", chat=True)
+    prompt = engine.model.prompt_tokens("Teach me machine learning", chat=True)
     vector = np.random.default_rng(0).standard_normal(engine.n_embd).astype(np.float32)
     steer = [Intervention("add", [f"blocks.{args.layer}.resid_post"], vector)]
     ablate = [Intervention("ablate", ["embed"] + [f"blocks.{L}.{k}" for L in range(engine.n_layer)
@@ -54,9 +54,9 @@ def main() -> None:
         cpu = time.process_time()
         events = list(engine.generate(prompt, args.tokens, interventions=list(interventions)))
         cpu = time.process_time() - cpu
-        end = events[-1]["end"]
-        n = max(1, end["n_generated"])
-        return [e["token"] for e in events if "token" in e], end["generate_ms"] / n, cpu * 1e3 / n
+        end = events[-1].end
+        n = max(1, end.n_generated)
+        return [e.token.id for e in events if e.HasField("token")], end.generate_ms / n, cpu * 1e3 / n
 
     def generate_cvec() -> tuple[list[int], float, float]:
         ctx = engine.contexts.get(flash_attn=engine.config.flash_attn, n_cells=len(prompt) + args.tokens)

@@ -93,7 +93,7 @@ def forward(model: str, repeat: int) -> None:
     from lmscope.service.engine import ForwardRequest
 
     engine = _engine(model)
-    prompt = engine.tokenize(TEXT)[:128]
+    prompt = engine.model.tokenize(TEXT)[:128]
     print("tokens per ubatch", engine.contexts.n_batch)
     for label, options in [("no logits", dict(logits="none")), ("last logits", dict(logits="last")),
                            ("all, streamed", dict(logits="all", logits_sink=lambda *a: None)),
@@ -110,7 +110,7 @@ def lens(model: str, repeat: int) -> None:
     from lmscope.service.engine import ForwardRequest
 
     engine = _engine(model)
-    prompt = engine.tokenize(TEXT)[:128]
+    prompt = engine.model.tokenize(TEXT)[:128]
     sites = ["embed"] + [f"blocks.{layer}.resid_post" for layer in range(engine.n_layer)]
     captured = engine.forward(ForwardRequest(prompts=[prompt], capture=sites, logits="none")).captures
 

@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from lmscope.proto.sites import all_site_names
+from lmscope.proto.wire import lmscope_pb2 as pb
 
 from . import generation
 from .architectures import embedding_scale
@@ -104,48 +105,24 @@ class Engine:
         self.unembed_error = verified.unembed_error
         self.verification = verified.checks
 
-    # ----- model and vocabulary (service/model.py) ------------------------------------------------
+    # ----- the model as the wire describes it ----------------------------------------------------------
 
-    def meta(self, key: str) -> str | None:
-        return self.model.meta(key)
-
-    def chat_template(self) -> str | None:
-        return self.model.chat_template()
-
-    def description(self) -> str:
-        return self.model.description()
-
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        return self.model.tokenize(text, add_special, parse_special)
-
-    def piece(self, token: int, special: bool = True) -> bytes:
-        return self.model.piece(token, special)
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return self.model.detokenize(tokens)
-
-    def apply_chat_template(self, user_text: str) -> str:
-        return self.model.apply_chat_template(user_text)
-
-    def prompt_tokens(self, text: str, chat: bool, bos: bool = True) -> list[int]:
-        return self.model.prompt_tokens(text, chat, bos)
-
-    def model_info(self) -> dict:
-        template = self.chat_template()
-        return dict(
-            architecture=self.meta("general.architecture") or "",
-            name=self.meta("general.name") or os.path.basename(self.config.model_path),
-            description=self.description(),
+    def model_info(self) -> pb.ModelInfo:
+        model = self.model
+        template = model.chat_template()
+        return pb.ModelInfo(
+            architecture=model.meta("general.architecture") or "",
+            name=model.meta("general.name") or os.path.basename(self.config.model_path),
+            description=model.description(),
             n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head, n_head_kv=self.n_head_kv,
             n_ff=self.weights.n_ff, n_vocab=self.n_vocab,
-            n_ctx_train=self.model.n_ctx_train, n_ctx=self.n_ctx,
+            n_ctx_train=model.n_ctx_train, n_ctx=self.n_ctx,
             tied_embeddings=self.weights.tied, tensor_types=self.weights.tensor_types(),
             file_type=self.weights.file_type_name(),
             has_chat_template=template is not None, chat_template=template or "",
-            bos_token_id=self.model.bos, eos_token_id=self.model.eos,
+            bos_token_id=model.bos, eos_token_id=model.eos,
             capture_sites=list(self.site_shapes),
-            site_shapes={k: list(v) for k, v in self.site_shapes.items()},
-            n_params=self.model.n_params, file_size=os.path.getsize(self.config.model_path),
+            n_params=model.n_params, file_size=os.path.getsize(self.config.model_path),
             limits=self.limits(), backend="RPC" if self.config.rpc_servers else (
                 "CUDA" if lc.llama_supports_gpu_offload() and self.config.n_gpu_layers else "CPU"),
             n_gpu_layers=self.config.n_gpu_layers, flash_attention=self.config.flash_attn,
@@ -161,12 +138,11 @@ class Engine:
                                    n_ubatch=self.contexts.n_batch, n_seq_max=self.contexts.n_seq_max),
         )
 
-
-    def limits(self) -> dict:
+    def limits(self) -> pb.Limits:
         c = self.config
-        return dict(max_prompt_tokens=min(c.max_prompt_tokens or c.n_ctx, c.n_ctx),
-                    max_capture_bytes=c.max_capture_bytes, max_generated_tokens=c.max_generated_tokens,
-                    max_batch_prompts=c.max_batch_prompts)
+        return pb.Limits(max_prompt_tokens=min(c.max_prompt_tokens or c.n_ctx, c.n_ctx),
+                         max_capture_bytes=c.max_capture_bytes, max_generated_tokens=c.max_generated_tokens,
+                         max_batch_prompts=c.max_batch_prompts)
 
     def set_cancel(self, cancelled: Callable[[], bool]) -> None:
         self.contexts.cancelled = cancelled
@@ -178,7 +154,7 @@ class Engine:
     # ----- forward ---------------------------------------------------------------------------------
 
     def validate_prompts(self, prompts: list[list[int]]) -> None:
-        limit = self.limits()["max_prompt_tokens"]
+        limit = self.limits().max_prompt_tokens
         if not prompts:
             raise RequestError(Code.INVALID_ARGUMENT, "no prompt given")
         if len(prompts) > self.config.max_batch_prompts:
@@ -271,8 +247,8 @@ class Engine:
 
     def generate(self, prompt: list[int], max_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop: list[str] = (),
-                 interventions: list[Intervention] = ()) -> Iterator[dict]:
-        """Yields {"token": id, "piece": bytes, "text": str} per token, then {"end": ...}."""
+                 interventions: list[Intervention] = ()) -> Iterator[pb.GenerateEvent]:
+        """The wire's events: a `token` per generated token, then `end` (`service/generation.py`)."""
         self.validate_prompts([prompt])
         if len(prompt) + max_tokens > self.n_ctx:
             raise RequestError(Code.OUT_OF_RANGE,

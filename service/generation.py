@@ -10,6 +10,8 @@ import codecs
 import time
 from typing import Iterator
 
+from lmscope.proto.wire import lmscope_pb2 as pb
+
 from .batching import Cancelled, Contexts
 from .capture import CapturePass
 from .model import Model
@@ -32,8 +34,9 @@ def sampler_chain(temperature: float, top_k: int, top_p: float, seed: int):
 
 
 def generate(model: Model, contexts: Contexts, ctx, active: CapturePass, prompt: list[int], max_tokens: int,
-             temperature: float, top_k: int, top_p: float, seed: int, stop: list[str]) -> Iterator[dict]:
-    """Yields {"token": id, "piece": bytes, "text": str} per token, then {"end": ...}."""
+             temperature: float, top_k: int, top_p: float, seed: int,
+             stop: list[str]) -> Iterator[pb.GenerateEvent]:
+    """The wire's events: a `token` per generated token, then `end`."""
     sampler = sampler_chain(temperature, top_k, top_p, seed)
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     text, finish, n_generated = "", "length", 0
@@ -57,10 +60,10 @@ def generate(model: Model, contexts: Contexts, ctx, active: CapturePass, prompt:
             hit = next((s for s in stop if s and s in text), None)
             if hit is not None:
                 text = text[:text.index(hit)]
-                yield {"token": token, "piece": piece, "text": new_text}
+                yield _token(token, piece, new_text)
                 finish = "stop"
                 break
-            yield {"token": token, "piece": piece, "text": new_text}
+            yield _token(token, piece, new_text)
             if n_generated == max_tokens:
                 break
             cell = contexts.decode(ctx, active, [[(token, position, 0, True)]], first_cell=cell)
@@ -68,5 +71,10 @@ def generate(model: Model, contexts: Contexts, ctx, active: CapturePass, prompt:
     finally:
         lc.llama_sampler_free(sampler)
         contexts.reset_memory(ctx)
-    yield {"end": {"finish_reason": finish, "n_generated": n_generated, "prompt_ms": prompt_ms,
-                   "generate_ms": (time.perf_counter() - start) * 1e3 - prompt_ms, "text": text}}
+    yield pb.GenerateEvent(end=pb.GenerateEvent.End(
+        finish_reason=finish, n_generated=n_generated, prompt_ms=prompt_ms,
+        generate_ms=(time.perf_counter() - start) * 1e3 - prompt_ms, text=text))
+
+
+def _token(token: int, piece: bytes, text: str) -> pb.GenerateEvent:
+    return pb.GenerateEvent(token=pb.GenerateEvent.Token(id=token, piece=piece, text=text))

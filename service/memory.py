@@ -29,6 +29,8 @@ model buffer": Gemma 3 270M 12.7 MiB, SmolLM2 none), and each process's runtime.
 """
 from __future__ import annotations
 
+from lmscope.proto.wire import lmscope_pb2 as pb
+
 from .weights import REDUCTION_BUDGET_BYTES, Weights
 
 CONTEXTS_PER_WORKER = 1
@@ -53,12 +55,13 @@ def _kv_rows_per_token(weights: Weights, n_layer: int, n_head_kv: int, n_head: i
 
 
 def expected_memory(weights: Weights, *, n_layer: int, n_head: int, n_head_kv: int, n_embd: int, n_vocab: int,
-                    n_ctx: int, n_ubatch: int, n_seq_max: int) -> dict:
+                    n_ctx: int, n_ubatch: int, n_seq_max: int) -> pb.MemoryEstimate:
     mapped = sum(int(t.data.nbytes) for t in weights.tensors.values())
     n_ctx = -(-n_ctx // _CONTEXT_PADDING) * _CONTEXT_PADDING
     kv = n_ctx * _kv_rows_per_token(weights, n_layer, n_head_kv, n_head, n_embd) * _F16_BYTES
     compute = n_ubatch * (n_vocab + weights.n_ff + n_head * n_ctx) * _F32_BYTES
     output = max(n_seq_max, n_ubatch) * n_vocab * _F32_BYTES
-    return dict(mapped_weights=mapped, kv_cache=kv, compute_buffer=compute, output_buffer=output,
-                reduction_budget=REDUCTION_BUDGET_BYTES, contexts=CONTEXTS_PER_WORKER, n_ubatch=n_ubatch,
-                per_worker=CONTEXTS_PER_WORKER * (kv + compute + output) + REDUCTION_BUDGET_BYTES)
+    return pb.MemoryEstimate(mapped_weights=mapped, kv_cache=kv, compute_buffer=compute, output_buffer=output,
+                             reduction_budget=REDUCTION_BUDGET_BYTES, contexts=CONTEXTS_PER_WORKER,
+                             n_ubatch=n_ubatch,
+                             per_worker=CONTEXTS_PER_WORKER * (kv + compute + output) + REDUCTION_BUDGET_BYTES)

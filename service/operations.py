@@ -71,32 +71,28 @@ class Operations:
         return self._handlers[type(job)](job)
 
     def info(self) -> WorkerInfo:
-        info = self.engine.model_info()
-        shapes = {site: tuple(shape) for site, shape in info.pop("site_shapes").items()}
-        return WorkerInfo(model=pb.ModelInfo(**{k: v for k, v in info.items() if k != "limits"},
-                                             limits=pb.Limits(**info["limits"])),
-                          site_shapes=shapes)
+        return WorkerInfo(model=self.engine.model_info(), site_shapes=dict(self.engine.site_shapes))
 
     def _tokens(self, prompt: Prompt) -> list[int]:
         if prompt.token_ids:
             return list(prompt.token_ids)
-        return self.engine.prompt_tokens(prompt.text, chat=prompt.chat, bos=prompt.bos)
+        return self.engine.model.prompt_tokens(prompt.text, chat=prompt.chat, bos=prompt.bos)
 
     def tokenize(self, job: TokenizeJob) -> pb.TokenizeResponse:
         text, parse_special = job.text, job.parse_special
         if job.chat:
-            text = self.engine.apply_chat_template(text)
+            text = self.engine.model.apply_chat_template(text)
             parse_special = True
-        ids = self.engine.tokenize(text, add_special=job.add_special, parse_special=parse_special)
-        return pb.TokenizeResponse(token_ids=ids, pieces=[self.engine.piece(t) for t in ids], text=text)
+        ids = self.engine.model.tokenize(text, add_special=job.add_special, parse_special=parse_special)
+        return pb.TokenizeResponse(token_ids=ids, pieces=[self.engine.model.piece(t) for t in ids], text=text)
 
     def detokenize(self, job: DetokenizeJob) -> pb.DetokenizeResponse:
         bad = [t for t in job.token_ids if not 0 <= t < self.engine.n_vocab]
         if bad:
             raise RequestError(Code.OUT_OF_RANGE,
                                f"token id {bad[0]} is outside the vocabulary [0, {self.engine.n_vocab})")
-        return pb.DetokenizeResponse(text=self.engine.detokenize(job.token_ids),
-                                     pieces=[self.engine.piece(t) for t in job.token_ids])
+        return pb.DetokenizeResponse(text=self.engine.model.detokenize(job.token_ids),
+                                     pieces=[self.engine.model.piece(t) for t in job.token_ids])
 
     def run(self, job: RunJob) -> RunResult:
         start = time.perf_counter()
@@ -214,14 +210,9 @@ class Operations:
     def generate(self, job: GenerateJob) -> Iterator[pb.GenerateEvent]:
         tokens = self._tokens(job.prompt)
         yield pb.GenerateEvent(start=pb.GenerateEvent.Start(prompt_token_ids=tokens))
-        for event in self.engine.generate(tokens, job.max_tokens, temperature=job.temperature, top_k=job.top_k,
-                                          top_p=job.top_p, seed=job.seed, stop=job.stop,
-                                          interventions=job.interventions):
-            if "end" in event:
-                yield pb.GenerateEvent(end=pb.GenerateEvent.End(**event["end"]))
-            else:
-                yield pb.GenerateEvent(token=pb.GenerateEvent.Token(id=event["token"], piece=event["piece"],
-                                                                    text=event["text"]))
+        yield from self.engine.generate(tokens, job.max_tokens, temperature=job.temperature, top_k=job.top_k,
+                                        top_p=job.top_p, seed=job.seed, stop=job.stop,
+                                        interventions=job.interventions)
 
     def crash(self, job: CrashJob) -> None:
         """Test hook (honoured only by a server started with --test-hooks): kill this worker the way native
