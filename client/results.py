@@ -6,57 +6,33 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-@dataclass
+def _python(value, field):
+    """A proto field's value as plain Python: dict for a map or a message, list for a repeated field."""
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        return dict(value)
+    if field.is_repeated:
+        return list(value)
+    if field.message_type is not None:
+        return {f.name: _python(getattr(value, f.name), f) for f in field.message_type.fields}
+    return value
+
+
 class ModelInfo:
-    architecture: str
-    name: str
-    description: str
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    n_ff: int
-    n_vocab: int
-    n_ctx_train: int
-    n_ctx: int
-    tied_embeddings: bool
-    tensor_types: dict[str, int]
-    file_type: str
-    has_chat_template: bool
-    chat_template: str
-    bos_token_id: int
-    eos_token_id: int
-    capture_sites: list[str]
-    fingerprint: str
-    n_params: int
-    file_size: int
-    limits: dict[str, int]
-    backend: str
-    n_gpu_layers: int
-    n_workers: int = 1
-    unavailable_sites: dict[str, str] = field(default_factory=dict)  # site or "blocks.*.<kind>" -> why not offered
-    embedding_scale: float = 1.0            # embed = embedding rows * this (Gemma: sqrt(n_embd))
-    final_logit_softcapping: float = 0.0    # logits = cap * tanh(x / cap); 0 = none
-    site_rules: str = ""                    # the registry entry that placed the sites (docs/architectures.md)
-    verification: dict[str, float] = field(default_factory=dict)  # start-up check -> worst relative error
-    unembed_error: str = ""                 # why the lens is disabled; empty when verified
-    memory: dict[str, int] = field(default_factory=dict)  # expected bytes by part (proto MemoryEstimate)
-    flash_attention: bool = True            # runs without an attention capture use flash attention (--flash-attn)
-    batch_invariant: bool = False           # each prompt of a batch decoded as if alone (--batch-invariant)
-    ffn_value_tensor: str = ""              # "blk.{L}.ffn_down.weight"; empty for mixtures of experts
+    """The served model: every field of the wire's `ModelInfo` (proto/lmscope.proto, which documents them) as a
+    Python value, read from the message's descriptor, so a field added to the proto appears here by itself.
+    Maps are dicts, repeated fields lists, nested messages (`limits`, `memory`) dicts of their fields.
+
+    n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab, n_ctx: the model's shape and the server's context;
+    capture_sites / unavailable_sites: what can be captured and why the rest cannot; limits: what one request
+    may ask (max_prompt_tokens, max_capture_bytes, max_generated_tokens, max_batch_prompts, max_message_bytes).
+    """
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
 
     @classmethod
     def from_proto(cls, message) -> "ModelInfo":
-        values = {}
-        for name in cls.__dataclass_fields__:
-            if name in ("limits", "memory"):
-                part = getattr(message, name)
-                values[name] = {f.name: getattr(part, f.name) for f in part.DESCRIPTOR.fields}
-            else:
-                value = getattr(message, name)
-                values[name] = dict(value) if name in ("tensor_types", "unavailable_sites", "verification") else (
-                    list(value) if name == "capture_sites" else value)
-        return cls(**values)
+        return cls(**{field.name: _python(getattr(message, field.name), field) for field in message.DESCRIPTOR.fields})
 
     def __repr__(self) -> str:
         types = ", ".join(f"{k}:{v}" for k, v in sorted(self.tensor_types.items()))
