@@ -14,12 +14,15 @@ This module imports no native code: the front end loads it, and it must stay fre
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 
 from lmscope.proto.wire import lmscope_pb2 as pb
 
+EditOp = Literal["add", "set", "ablate"]
+LogitsMode = Literal["all", "last", "none"]  # every requested position, the prompt's last token, none
+VocabularyTable = Literal["embedding", "lm_head"]
 
 @dataclass
 class EngineConfig:
@@ -42,7 +45,7 @@ class EngineConfig:
 @dataclass
 class Intervention:
     """An edit at resolved sites. `positions` None = every position (and every generated token)."""
-    op: str                               # "add" | "set" | "ablate"
+    op: EditOp
     sites: list[str]
     vector: np.ndarray                    # (width,) or (len(positions), width), float32
     positions: list[int] | None = None    # relative (negative from the end) prompt positions
@@ -89,7 +92,7 @@ class RunJob:
     prompts: list[Prompt]
     capture: list[str]                 # concrete site names
     positions: list[int] | None        # None = every position
-    logits: str                        # "all" | "last" | "none"
+    logits: LogitsMode
     float16: bool
     interventions: list[Intervention] = field(default_factory=list)
     lens: Lens | None = None
@@ -126,7 +129,7 @@ class WeightsJob:
 class NearestTokensJob:
     vectors: np.ndarray  # (n, n_embd) float32, no zero rows
     k: int
-    table: str           # "embedding" | "lm_head"
+    table: VocabularyTable
     exclude_ids: list[int]
 
 
@@ -134,7 +137,7 @@ class NearestTokensJob:
 class CrashJob:
     """Test hook (see docs/reliability.md): make the worker die ("segv", "abort"), hang ("hang") or fail with a
     plain Python exception, as a bug would ("raise")."""
-    how: str
+    how: Literal["segv", "abort", "hang", "raise"]
 
 
 Job = TokenizeJob | DetokenizeJob | RunJob | GenerateJob | UnembedJob | WeightsJob | NearestTokensJob | CrashJob

@@ -28,7 +28,7 @@ from . import generation
 from .architectures import embedding_scale
 from .batching import Cancelled, Contexts, collect_logits, stream_logits
 from .capture import CapturePass, Intervention, resolve_positions
-from .contracts import EngineConfig
+from .contracts import EngineConfig, LogitsMode
 from .errors import Code, RequestError
 from .graph_sites import SiteRules, is_pattern_site
 from .memory import expected_memory
@@ -63,7 +63,7 @@ class ForwardRequest:
     prompts: list[list[int]]
     capture: list[str] = field(default_factory=list)   # concrete site names
     positions: list[int] | None = None                  # relative positions to return; None = all
-    logits: str = "all"                                 # "all" | "last" | "none"
+    logits: LogitsMode = "all"
     interventions: list[Intervention] = field(default_factory=list)
     lens_row_bytes: int = 0  # answer bytes a lens adds per captured (site, position) row; counts towards the limit
     # With logits "all" and ascending positions: sink(prompt, (n_positions, n_vocab), first row, rows) receives

@@ -31,6 +31,7 @@ from gguf.quants import dequantize
 from lmscope.proto import tensor_names
 
 from . import architectures
+from .contracts import VocabularyTable
 from .errors import Code, RequestError
 from .gguf_index import GGUFIndex
 from .stored_matrix import StoredMatrix
@@ -328,7 +329,7 @@ class Weights:
             out["logits"] = logits_out
         return out
 
-    def vocabulary_matrix(self, table: str) -> StoredMatrix:
+    def vocabulary_matrix(self, table: VocabularyTable) -> StoredMatrix:
         """The token-embedding table ("embedding") or the LM head ("lm_head") as stored.
 
         In a tied model both names are one tensor (the head is `token_embd.weight`).
@@ -340,7 +341,7 @@ class Weights:
         return self._embedding
 
     @_releasing
-    def inverse_row_norms(self, table: str) -> np.ndarray:
+    def inverse_row_norms(self, table: VocabularyTable) -> np.ndarray:
         """1 / |row| for every row of a vocabulary table, (n_vocab,) float32, computed once in chunks; 0 for
         all-zero rows (unused tokens)."""
         matrix = self.vocabulary_matrix(table)
@@ -356,7 +357,8 @@ class Weights:
         return self._inverse_norms[matrix.name]
 
     @_releasing
-    def nearest(self, vectors: np.ndarray, k: int, table: str, exclude_ids: list[int] = ()) -> dict[str, np.ndarray]:
+    def nearest(self, vectors: np.ndarray, k: int, table: VocabularyTable,
+                exclude_ids: list[int] = ()) -> dict[str, np.ndarray]:
         """The k rows of a vocabulary table with the highest cosine similarity to each vector.
 
         cosine = (v / |v|) . row * (1 / |row|): the product runs on the table as stored (the query rounded to
