@@ -136,9 +136,6 @@ class CapturePass:
     def _intervene(self, site: str, data: np.ndarray, rows: list[tuple[int, int]]) -> bool:
         changed = False
         for iv, resolved, vector in self.interventions[site]:
-            if vector.shape[-1] != data.shape[1]:
-                raise RequestError(Code.INVALID_ARGUMENT,
-                                   f"intervention at {site} has width {vector.shape[-1]}, the site has {data.shape[1]}")
             picked, which = [], []
             for r, (s, p) in enumerate(rows):
                 selected = resolved[s]

@@ -154,23 +154,16 @@ class Engine:
     # ----- forward ---------------------------------------------------------------------------------
 
     def validate_prompts(self, prompts: list[list[int]]) -> None:
+        """What only the tokenized prompts show: a text that tokenizes to nothing or past the limit. Everything
+        the request itself shows (token ids, the number of prompts) the front end checked
+        (`service/requests.py`)."""
         limit = self.limits().max_prompt_tokens
-        if not prompts:
-            raise RequestError(Code.INVALID_ARGUMENT, "no prompt given")
-        if len(prompts) > self.config.max_batch_prompts:
-            raise RequestError(Code.RESOURCE_EXHAUSTED,
-                               f"{len(prompts)} prompts in one request; the server accepts at most "
-                               f"{self.config.max_batch_prompts}: split the batch")
         for i, tokens in enumerate(prompts):
             if not tokens:
                 raise RequestError(Code.INVALID_ARGUMENT, f"prompt {i} is empty: send at least one token")
             if len(tokens) > limit:
                 raise RequestError(Code.OUT_OF_RANGE,
                                    f"prompt {i} has {len(tokens)} tokens; the server accepts at most {limit}")
-            bad = [t for t in tokens if not 0 <= t < self.n_vocab]
-            if bad:
-                raise RequestError(Code.OUT_OF_RANGE,
-                                   f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {self.n_vocab})")
 
     def forward(self, request: ForwardRequest) -> ForwardResult:
         prompts = request.prompts

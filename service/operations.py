@@ -87,10 +87,6 @@ class Operations:
         return pb.TokenizeResponse(token_ids=ids, pieces=[self.engine.model.piece(t) for t in ids], text=text)
 
     def detokenize(self, job: DetokenizeJob) -> pb.DetokenizeResponse:
-        bad = [t for t in job.token_ids if not 0 <= t < self.engine.n_vocab]
-        if bad:
-            raise RequestError(Code.OUT_OF_RANGE,
-                               f"token id {bad[0]} is outside the vocabulary [0, {self.engine.n_vocab})")
         return pb.DetokenizeResponse(text=self.engine.model.detokenize(job.token_ids),
                                      pieces=[self.engine.model.piece(t) for t in job.token_ids])
 
