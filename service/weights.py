@@ -34,9 +34,9 @@ from . import architectures
 from .contracts import VocabularyTable
 from .errors import Code, RequestError
 from .gguf_index import GGUFIndex
+from .lens_reduction import LENS_ROWS_PER_CHUNK, LensReduction, top_k_columns
 from .stored_matrix import StoredMatrix
 
-LENS_ROWS_PER_CHUNK = 256
 # Per request, the float32 (rows x vocabulary chunk) blocks of the lens and nearest-token passes stay within
 # this many bytes whatever the vocabulary size (`Weights._vocabulary_chunks`).
 REDUCTION_BUDGET_BYTES = 16 << 20
@@ -56,31 +56,6 @@ def _releasing(method):
         finally:
             self.index.release()
     return wrapper
-
-
-ARGMAX_TOP_K = 32  # up to this k, k argmax passes beat one argpartition over a vocabulary-wide row
-
-
-def top_k_columns(values: np.ndarray, k: int) -> np.ndarray:
-    """Column indices of the k largest values of each row, largest first (ties: lowest index first).
-
-    For small k, k passes of argmax (each masking the winner, restored afterwards) are an order of magnitude
-    faster than argpartition over 50k columns; larger k use argpartition + a sort of the k candidates.
-    """
-    if k > ARGMAX_TOP_K:
-        top = np.argpartition(values, values.shape[1] - k, axis=1)[:, -k:]
-        order = np.argsort(-np.take_along_axis(values, top, axis=1), axis=1, kind="stable")
-        return np.take_along_axis(top, order, axis=1)
-    rows = np.arange(values.shape[0])
-    top = np.empty((values.shape[0], k), np.int64)
-    saved = np.empty((values.shape[0], k), values.dtype)
-    for i in range(k):
-        top[:, i] = values.argmax(axis=1)
-        saved[:, i] = values[rows, top[:, i]]
-        values[rows, top[:, i]] = -np.inf
-    for i in range(k):
-        values[rows, top[:, i]] = saved[:, i]
-    return top
 
 
 class Weights:
@@ -199,61 +174,32 @@ class Weights:
     def lens(self, x: np.ndarray | list[np.ndarray], *, top_k: int, temperature: float, target_ids: list[int],
              final_norm: bool = True, keep_logits: bool = False,
              reference_rows: int = 0) -> dict[str, np.ndarray]:
-        """The logit-lens reduction of many vectors, over vocabulary chunks within `reduction_budget` bytes.
-
-        Per row: top-k ids and probabilities, entropy, target probabilities and ranks of
-        softmax(logits / temperature). The softmax is never formed: a running maximum M, the running sum
-        S = sum exp(z - M) and B = sum exp(z - M) (z - M) are rescaled when M grows (z = logits / T), so
-        entropy = log S - B / S and p_i = exp(z_i - M) / S at the end; top-k candidates merge chunk by chunk.
-        Target ranks count logits above the target's logit, which is computed first in the same arithmetic
-        (the target's own column is never counted).
-
-        reference_rows = m > 0: the last m rows are reference distributions (a model's final layer), and
-        `kl_to_final[i]` = KL(P_ref || P_i) with P_ref the distribution of reference row i mod m, accumulated
-        in the same pass: sum_j P_ref,j (z_ref,j - z_i,j) - lse(z_ref) + lse(z_i).
+        """The logit-lens reduction of many vectors, over vocabulary chunks within `reduction_budget` bytes:
+        per row top-k ids and probabilities, entropy, target probabilities and ranks of softmax(logits /
+        temperature), and with reference_rows = m > 0 (the last m rows, a final layer) `kl_to_final[i]` =
+        KL(P_ref || P_i), P_ref the distribution of reference row i mod m. This computes the logits chunk by
+        chunk; `service/lens_reduction.py` reduces them in one pass.
 
         x: (n, n_embd), or a list of consecutive row blocks (a lens's captured sites), which the lens empties
         as it copies them into the rows it multiplies.
         """
         n = sum(block.shape[0] for block in x) if isinstance(x, list) else x.shape[0]
-        k = min(top_k, self.n_vocab)
-        inverse_t = np.float32(1.0 / temperature)
-        targets = np.asarray(target_ids, dtype=np.int64)
-        top_values = np.full((n, k), -np.inf, np.float32)
-        top_ids = np.zeros((n, k), np.int64)
-        maximum = np.full(n, -np.inf)
-        total = np.zeros(n)
-        weighted = np.zeros(n)  # B: sum exp(z - M) (z - M)
         m = reference_rows
-        reference_of = np.arange(n) % m if m else None
-        reference_max, reference_total = np.full(m, -np.inf), np.zeros(m)
-        kl_sum = np.zeros(n)  # sum_j exp(z_ref,j - M_ref) (z_ref,j - z_i,j), rescaled as M_ref grows
-        target_logits = np.zeros((n, len(targets)), np.float32)
-        ranks = np.zeros((n, len(targets)), np.int64)
+        targets = np.asarray(target_ids, dtype=np.int64)
         head = self.head.multiplier(x, transform=self.final_norm if final_norm else None)
+        target_logits = np.zeros((n, len(targets)), np.float32)
         if len(targets):
             for start in range(0, n, LENS_ROWS_PER_CHUNK):
                 rows = slice(start, min(n, start + LENS_ROWS_PER_CHUNK))
                 target_logits[rows] = self._transformed(head.products_of_rows(rows, targets), targets, final_norm)
+        reduction = LensReduction(n, top_k=min(top_k, self.n_vocab), temperature=temperature, targets=targets,
+                                  target_logits=target_logits, reference_rows=m)
         logits_out = np.zeros((n, self.n_vocab), np.float32) if keep_logits else None
-        block_rows = min(n, LENS_ROWS_PER_CHUNK)
-        shifted_buffer, exps_buffer = None, None
         for start, stop in self._vocabulary_chunks(n, extra_rows=m):
-            width = stop - start
-            if shifted_buffer is None or shifted_buffer.size < block_rows * width:
-                shifted_buffer = np.empty(block_rows * width, np.float32)
-                exps_buffer = np.empty(block_rows * width, np.float32)
-            if m:  # the reference rows' own running softmax statistics, kept apart from the rows' ones
+            if m:  # the reference rows first: every row's KL term in this chunk reads their statistics
                 reference_logits = self._transformed(head.products(slice(n - m, n), start, stop), slice(start, stop),
                                                      final_norm)
-                new_reference_max = np.maximum(reference_max, reference_logits.max(axis=1) * inverse_t)
-                reference_rescale = np.exp(reference_max - new_reference_max)
-                reference_shifted = reference_logits * inverse_t - new_reference_max[:, None].astype(np.float32)
-                reference_exps = np.exp(reference_shifted)
-                reference_chunk_total = np.einsum("ij->i", reference_exps).astype(np.float64)
-                reference_total = reference_rescale * reference_total + reference_chunk_total
-                reference_self = np.einsum("ij,ij->i", reference_exps, reference_shifted).astype(np.float64)
-                reference_max = new_reference_max
+                reduction.add_reference_chunk(reference_logits)
             for row_start in range(0, n, LENS_ROWS_PER_CHUNK):
                 rows = slice(row_start, min(n, row_start + LENS_ROWS_PER_CHUNK))
                 if m and rows.start >= n - m:  # the reference rows themselves: their products are at hand
@@ -262,69 +208,8 @@ class Weights:
                     logits = self._transformed(head.products(rows, start, stop), slice(start, stop), final_norm)
                 if keep_logits:
                     logits_out[rows, start:stop] = logits
-                chunk_max = logits.max(axis=1)
-                new_max = np.maximum(maximum[rows], chunk_max * inverse_t)
-                # shifted = z - M and exps = exp(z - M) in two buffers reused over the blocks; sums by einsum,
-                # which adds in one sweep where ndarray.sum's pairwise reduction takes three times as long.
-                shifted = shifted_buffer[:logits.size].reshape(logits.shape)
-                if inverse_t != 1:
-                    np.multiply(logits, inverse_t, out=shifted)
-                    np.subtract(shifted, new_max[:, None].astype(np.float32), out=shifted)
-                else:
-                    np.subtract(logits, new_max[:, None].astype(np.float32), out=shifted)
-                exps = np.exp(shifted, out=exps_buffer[:logits.size].reshape(logits.shape))
-                scale = np.exp(maximum[rows] - new_max)  # 0 before the first chunk (M = -inf, S = B = 0)
-                old_total = total[rows]
-                gap = np.where(old_total > 0, maximum[rows] - new_max, 0.0)
-                weighted[rows] = scale * (weighted[rows] + gap * old_total)
-                weighted[rows] += np.einsum("ij,ij->i", exps, shifted)  # float32 within a chunk, float64 across
-                total[rows] = scale * old_total + np.einsum("ij->i", exps)
-                maximum[rows] = new_max
-                # Only rows whose chunk maximum beats their k-th best so far can change their top k (an equal
-                # value would rank after the one already there): after the first chunks, a fraction of them.
-                entering = np.flatnonzero(chunk_max > top_values[rows, k - 1]) if k else ()
-                if len(entering):
-                    chunk_k = min(k, stop - start)
-                    candidates = logits if len(entering) == logits.shape[0] else logits[entering]
-                    chunk_top = top_k_columns(candidates, chunk_k)
-                    changed = entering + rows.start
-                    values = np.concatenate([top_values[changed], np.take_along_axis(candidates, chunk_top, axis=1)],
-                                            axis=1)
-                    ids = np.concatenate([top_ids[changed], chunk_top + start], axis=1)
-                    order = np.argsort(-values, axis=1, kind="stable")[:, :k]
-                    top_values[changed] = np.take_along_axis(values, order, axis=1)
-                    top_ids[changed] = np.take_along_axis(ids, order, axis=1)
-                for j, target in enumerate(targets):  # one target at a time: memory (rows, chunk), not x n_targets
-                    above = (logits > target_logits[rows, j:j + 1]).sum(axis=1)
-                    if start <= target < stop:
-                        above -= logits[:, target - start] > target_logits[rows, j]
-                    ranks[rows, j] += above
-                if m:
-                    # sum_j e_ref,j (z_ref,j - z_i,j) with e_ref = exp(s_ref), s = z - M (scaled by 1 / T):
-                    # sum_j e_ref,j s_ref,j - sum_j e_ref,j s_i,j + (M_ref - M_i) sum_j e_ref,j. Every term of
-                    # the two sums is <= 0, and for a row equal to its reference they cancel to rounding.
-                    reference = reference_of[rows]
-                    if rows.start % m == 0 and (rows.stop - rows.start) % m == 0:
-                        # Whole periods of the references (a lens: every layer's block of positions): broadcast
-                        # them over the block instead of gathering a copy per row.
-                        cross = np.einsum("kpw,pw->kp", shifted.reshape(-1, m, width), reference_exps).reshape(-1)
-                    else:
-                        cross = np.einsum("ij,ij->i", reference_exps[reference], shifted)
-                    dots = (reference_self[reference] - cross
-                            + (reference_max[reference] - new_max) * reference_chunk_total[reference])
-                    kl_sum[rows] = reference_rescale[reference] * kl_sum[rows] + dots
-        log_normalizer = maximum + np.log(total)  # log sum exp(z)
-        out = {
-            "top_ids": top_ids.astype(np.int32),
-            "top_probs": np.exp(top_values * np.float64(inverse_t) - log_normalizer[:, None]).astype(np.float32),
-            "target_probs": np.exp(target_logits * np.float64(inverse_t) - log_normalizer[:, None]).astype(np.float32),
-            "target_ranks": ranks.astype(np.int32),
-            "entropy": (np.log(total) - weighted / total).astype(np.float32),
-        }
-        if m:
-            reference_normalizer = reference_max + np.log(reference_total)
-            kl = kl_sum / reference_total[reference_of] - reference_normalizer[reference_of] + log_normalizer
-            out["kl_to_final"] = np.maximum(kl, 0.0).astype(np.float32)
+                reduction.add_chunk(rows, start, logits)
+        out = reduction.result()
         if keep_logits:
             out["logits"] = logits_out
         return out
