@@ -6,28 +6,13 @@ The server maps each name onto the llama.cpp graph tensor that holds it for the 
 ``ModelInfo.capture_sites`` the names the loaded model really offers (``ModelInfo.unavailable_sites`` says
 why the others are not; docs/architectures.md has the table per family). Layer ``L`` is always the 0-based
 transformer block; ``blocks.{L}.resid_post`` is its output, which is hidden-state index ``L + 1`` (index 0
-is ``embed``). A site means the same on every family:
+is ``embed``). A site means the same on every family.
 
-| site | what it holds | shape per prompt |
-| --- | --- | --- |
-| ``embed`` | what enters block 0: the token embeddings after any scale (Gemma: x sqrt(n_embd)) | (tokens, n_embd) |
-| ``blocks.{L}.ln1`` | normed input of the attention | (tokens, n_embd) |
-| ``blocks.{L}.attn.q_normed`` / ``.k_normed`` | QK-norm families (Qwen3, Gemma 3): q / k after their per-head norm, before RoPE | (tokens, heads, head_dim) |
-| ``blocks.{L}.attn.q`` / ``.k`` | queries / keys after RoPE | (tokens, heads, head_dim) |
-| ``blocks.{L}.attn.v`` | values | (tokens, kv_heads, head_dim) |
-| ``blocks.{L}.attn.scores`` | raw ``q . k`` (not scaled by 1/sqrt(head_dim)); 0 for keys after the query (see below) | (heads, tokens, tokens) |
-| ``blocks.{L}.attn.pattern`` | attention probabilities (causal; sliding-window layers: 0 outside the window) | (heads, tokens, tokens) |
-| ``blocks.{L}.attn.z`` | per-head attention output before the output projection | (tokens, heads * head_dim) |
-| ``blocks.{L}.attn_out_pre_norm`` | Gemma: the output projection, before the attention post-norm | (tokens, n_embd) |
-| ``blocks.{L}.attn_out`` | what the attention branch adds to the stream (after any post-norm) | (tokens, n_embd) |
-| ``blocks.{L}.resid_mid`` | the residual stream between the branches: resid_pre + attn_out | (tokens, n_embd) |
-| ``blocks.{L}.ln2`` | normed input of the MLP | (tokens, n_embd) |
-| ``blocks.{L}.mlp.gate`` / ``.up`` | gate / up projections (not offered where fused or mixture-of-experts) | (tokens, n_ff) |
-| ``blocks.{L}.mlp.post`` | neuron activations act(gate) * up (SwiGLU, Gemma: GeGLU) | (tokens, n_ff) |
-| ``blocks.{L}.mlp_out_pre_norm`` | Gemma: the down projection, before the FFN post-norm | (tokens, n_embd) |
-| ``blocks.{L}.mlp_out`` | what the MLP branch adds (after any post-norm; MoE: the experts' weighted sum) | (tokens, n_embd) |
-| ``blocks.{L}.resid_post`` | the block's output: resid_mid + mlp_out | (tokens, n_embd) |
-| ``ln_final`` | final-normed residual, the input of the LM head | (tokens, n_embd) |
+Each kind of site is described once, in :data:`SITE_KINDS` (graph order): what it holds, whether it is in
+a block, its shape per prompt in the model's dimensions, and whether start-up verification checks it. The
+rest is derived from those records: :data:`BLOCK_SITES`, :data:`PATTERN_SITES` (one (query, key) matrix per
+head instead of one row per token), which sites an intervention may edit (one vector per token:
+:func:`site_editable`), and a site's shape (:func:`site_shape`).
 
 ``attn.scores``: llama.cpp scales and masks the scores inside its softmax, so its ``kq`` tensor holds neither; lmscope
 returns the causal part and 0 above the diagonal, like the pattern. With the default F16 KV cache, q and k
@@ -45,21 +30,80 @@ Filters, accepted wherever sites are selected: an exact name, a shell-style glob
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence, Union
 
 SiteFilter = Union[str, Sequence[str], Callable[[str], bool]]
 
+
+@dataclass(frozen=True)
+class SiteKind:
+    """One kind of site (``blocks.{L}.<name>`` in every block, or a name of its own outside the blocks).
+
+    `shape` is its shape per prompt, one axis name per axis: ``tokens`` (the prompt's positions; both axes of
+    an attention matrix), ``n_embd``, ``n_ff``, ``n_head``, ``n_head_kv``, ``head_dim``, or a product of them
+    (``n_head * head_dim``). `verified`: the server checks what it holds at start-up (an identity of the
+    residual stream, a norm or a probability check; docs/architectures.md)."""
+    name: str
+    holds: str
+    shape: tuple[str, ...]
+    block: bool = True
+    verified: bool = False
+
+    @property
+    def pattern(self) -> bool:
+        """One (query tokens, key tokens) matrix per head rather than one row per token."""
+        return self.shape[0] != "tokens"
+
+    @property
+    def editable(self) -> bool:
+        """One vector per token, which an intervention may add to, set or ablate."""
+        return self.shape[0] == "tokens" and len(self.shape) == 2
+
+
+_ROW, _FF = ("tokens", "n_embd"), ("tokens", "n_ff")
+_Q, _KV = ("tokens", "n_head", "head_dim"), ("tokens", "n_head_kv", "head_dim")
+_ATTENTION = ("n_head", "tokens", "tokens")
+
+#: Every kind of site, in graph order, by name.
+SITE_KINDS: dict[str, SiteKind] = {kind.name: kind for kind in (
+    SiteKind("embed", "what enters block 0: the token embeddings after any scale (Gemma: x sqrt(n_embd))", _ROW,
+             block=False, verified=True),
+    SiteKind("ln1", "normed input of the attention", _ROW, verified=True),
+    SiteKind("attn.q_normed", "QK-norm families (Qwen3, Gemma 3): q after its per-head norm, before RoPE", _Q),
+    SiteKind("attn.k_normed", "QK-norm families (Qwen3, Gemma 3): k after its per-head norm, before RoPE", _KV),
+    SiteKind("attn.q", "queries after RoPE", _Q),
+    SiteKind("attn.k", "keys after RoPE", _KV),
+    SiteKind("attn.v", "values", _KV),
+    SiteKind("attn.scores", "raw q . k (not scaled by 1/sqrt(head_dim)); 0 for keys after the query", _ATTENTION),
+    SiteKind("attn.pattern", "attention probabilities (causal; sliding-window layers: 0 outside the window)",
+             _ATTENTION, verified=True),
+    SiteKind("attn.z", "per-head attention output before the output projection", ("tokens", "n_head * head_dim")),
+    SiteKind("attn_out_pre_norm", "Gemma: the output projection, before the attention post-norm", _ROW,
+             verified=True),
+    SiteKind("attn_out", "what the attention branch adds to the stream (after any post-norm)", _ROW, verified=True),
+    SiteKind("resid_mid", "the residual stream between the branches: resid_pre + attn_out", _ROW, verified=True),
+    SiteKind("ln2", "normed input of the MLP", _ROW, verified=True),
+    SiteKind("mlp.gate", "gate projection (not offered where fused or mixture-of-experts)", _FF),
+    SiteKind("mlp.up", "up projection (not offered where fused or mixture-of-experts)", _FF),
+    SiteKind("mlp.post", "neuron activations act(gate) * up (SwiGLU, Gemma: GeGLU)", _FF),
+    SiteKind("mlp_out_pre_norm", "Gemma: the down projection, before the FFN post-norm", _ROW, verified=True),
+    SiteKind("mlp_out", "what the MLP branch adds (after any post-norm; MoE: the experts' weighted sum)", _ROW,
+             verified=True),
+    SiteKind("resid_post", "the block's output: resid_mid + mlp_out", _ROW, verified=True),
+    SiteKind("ln_final", "final-normed residual, the input of the LM head", _ROW, block=False, verified=True),
+)}
+
 # Site templates in graph order within a block; `{L}` is the layer.
-BLOCK_SITES = (
-    "ln1", "attn.q_normed", "attn.k_normed", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern",
-    "attn.z", "attn_out_pre_norm", "attn_out", "resid_mid", "ln2", "mlp.gate", "mlp.up", "mlp.post",
-    "mlp_out_pre_norm", "mlp_out", "resid_post",
-)
+BLOCK_SITES = tuple(kind.name for kind in SITE_KINDS.values() if kind.block)
 # Sites of the residual stream and what the branches add to it: their meaning is the same on every family.
 RESIDUAL_SITES = ("attn_out", "resid_mid", "mlp_out", "resid_post")
 # Sites whose tensors are (heads, query tokens, key tokens) rather than one row per token.
-PATTERN_SITES = ("attn.scores", "attn.pattern")
+PATTERN_SITES = tuple(kind.name for kind in SITE_KINDS.values() if kind.pattern)
+# Sites an intervention may edit: one vector per token.
+EDITABLE_SITES = tuple(kind.name for kind in SITE_KINDS.values() if kind.editable)
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -82,7 +126,34 @@ def site_kind(name: str) -> str:
 
 def all_site_names(n_layer: int) -> list[str]:
     """Every name of the scheme for a model of `n_layer` blocks, in graph order."""
-    return ["embed"] + [block_site(L, k) for L in range(n_layer) for k in BLOCK_SITES] + ["ln_final"]
+    names: list[str] = []
+    for kind in SITE_KINDS.values():
+        if not kind.block:
+            names.append(kind.name)
+        elif kind.name == BLOCK_SITES[0]:
+            names += [block_site(L, k) for L in range(n_layer) for k in BLOCK_SITES]
+    return names
+
+
+def is_pattern_site(name: str) -> bool:
+    """Whether the site holds one (query, key) matrix per head (``attn.scores``, ``attn.pattern``)."""
+    return site_kind(name) in PATTERN_SITES
+
+
+def site_editable(name: str) -> bool:
+    """Whether an intervention may edit the site (one vector per token); False for an unknown name."""
+    return site_kind(name) in EDITABLE_SITES
+
+
+def site_shape(name: str, dims: Mapping[str, int]) -> tuple[int, ...]:
+    """The shape of a site for one prompt, given the model's dimensions and the prompt's length in `dims`
+    (``tokens``, ``n_embd``, ``n_ff``, ``n_head``, ``n_head_kv``, ``head_dim``; only those the site uses).
+
+    >>> site_shape("blocks.0.attn.v", {"tokens": 5, "n_head_kv": 2, "head_dim": 16})
+    (5, 2, 16)
+    """
+    return tuple(math.prod(dims[factor.strip()] for factor in axis.split("*"))
+                 for axis in SITE_KINDS[site_kind(name)].shape)
 
 
 def unavailable_reason(name: str, unavailable: Mapping[str, str]) -> str | None:

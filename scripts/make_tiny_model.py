@@ -10,11 +10,7 @@ import pathlib
 import sys
 import time
 
-try:
-    from lmscope.service.testing import FAMILIES, WEIGHT_TYPES, build_tiny_model
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "service"))
-    from testing import FAMILIES, WEIGHT_TYPES, build_tiny_model
+from lmscope.service.testing import FAMILIES, WEIGHT_TYPES, build_tiny_model
 
 
 def main(argv=None) -> int:

@@ -1,13 +1,16 @@
 """What lmscope knows about each model family, in one place, keyed by GGUF `general.architecture`.
 
-Every family declares:
+Every family (`Family`) declares, once:
 
+- its name, its GGUF `general.architecture` and its short name (the tiny-model builder's `family=`, the
+  column of docs/architectures.md);
+- its graph features: q/k/v biases, QK-norm, Gemma's pre + post "sandwich" norms, the FFN's activation and
+  fusion, fused QKV, experts. The tiny-model builder (`service/testing.py`) writes files with exactly these
+  features, and the site rules follow from them where llama.cpp's naming does (`_family`);
 - where each capture site is in llama.cpp's graph (`NodeRule`: a node name, an op filter, and optionally
   consumer steps for tensors llama.cpp leaves unnamed), or why the site is not offered;
-- the embedding scale (Gemma multiplies the embedding rows by sqrt(n_embd) before block 0);
-- its norms (pre-norm only, or Gemma's pre + post "sandwich" norms), FFN activation and fusion;
-- the final norm, the LM-head tensor names and the final-logit soft-capping key;
-- the GGUF metadata keys it reads.
+- the embedding scale (Gemma multiplies the embedding rows by sqrt(n_embd) before block 0), the final norm
+  and the final-logit soft-capping key.
 
 A site *means* the same on every family (TransformerLens's convention): ``embed`` is what enters block 0
 (after any scale), ``attn_out`` what the attention branch adds to the residual stream (after any post-norm),
@@ -21,13 +24,16 @@ sdist). They are not trusted: the engine checks every residual site against the 
 its start-up probe (`service/verification.py`) and offers only what passes. An architecture not listed here
 gets the generic llama-style rules, restricted to the sites that verification can prove.
 
-This module imports nothing native: the client reads weight-tensor names from it too.
+The site kinds themselves (names, shapes, which are verified) are in `lmscope.proto.sites`. The family x
+site table of docs/architectures.md is generated from this registry (`service/site_table.py`,
+`scripts/gen_architectures_table.py`). This module imports nothing native.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
+from lmscope.proto.sites import SITE_KINDS
 from lmscope.proto.tensor_names import ATTN_OUTPUT_BIAS, FFN_DOWN, OUTPUT, TOKEN_EMBEDDING
 
 
@@ -49,17 +55,24 @@ class NodeRule:
 
 @dataclass(frozen=True)
 class Family:
-    name: str
+    """One registry entry. Build new ones with `_family`, which derives the site rules the features imply."""
+    name: str                           # the entry's name (ModelInfo.site_rules, and in refusal reasons)
+    architecture: str                   # GGUF general.architecture ("" for GENERIC)
+    label: str                          # short name: the tiny-model builder's family=, the docs' column
     sites: dict[str, NodeRule]          # site kind ("embed", "ln_final" or a block kind) -> rule
     refused: dict[str, str]             # site kind -> why it is not offered
-    norms: str                          # "pre" or "pre+post" (sandwich)
-    ffn: str                            # activation and layout of the FFN
+    # Graph features, as llama.cpp's builder for the architecture reads them from the file:
+    qkv_bias: bool = False              # q/k/v projections with biases
+    qk_norm: bool = False               # RMSNorm over each head of q and k before RoPE
+    post_norms: bool = False            # RMSNorm on each branch's output before it joins the stream (sandwich)
+    ffn: str = "swiglu"                 # "swiglu": silu(gate) * up; "geglu": gelu_tanh(gate) * up;
+    #                                     "fused_swiglu": one ffn_up holding [gate; up] (2 x n_ff rows)
+    fused_qkv: bool = False             # one attn_qkv matrix holding [q; k; v] (llama.cpp also loads separate ones)
+    moe: bool = False                   # top-k routed experts instead of one FFN
+    shared_expert: bool = False         # a sigmoid-gated shared expert beside the routed ones
     embedding_scale: str | None = None  # "sqrt_n_embd" or None
     final_norm: str = "rms"             # the final norm's kind; its weight is used as stored in the GGUF
     softcap_key: str | None = None      # GGUF key of the final logit soft-capping, `{arch}` = architecture
-    moe: bool = False
-    metadata_keys: tuple[str, ...] = ()  # GGUF keys this family's entry reads (beyond the ones every family has)
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def ffn_value_tensor(self) -> str | None:
@@ -67,11 +80,8 @@ class Family:
         return None if self.moe else FFN_DOWN
 
 
-COMMON_KEYS = ("general.architecture", "{arch}.block_count", "{arch}.embedding_length",
-               "{arch}.feed_forward_length", "{arch}.attention.layer_norm_rms_epsilon")
-
 # The attention output projection (`wo`) is the first MUL_MAT that reads `kqv_out-L` (plus its bias when the
-# model has one): llama names the result `attn_out-L`, most other families leave it unnamed.
+# model has one): llama names the result `attn_out-L`, most other families leave it unnamed (qwen2).
 _WO = (Step("MUL_MAT"), Step("ADD", if_tensor=ATTN_OUTPUT_BIAS))
 
 _LLAMA_SITES = {
@@ -97,133 +107,101 @@ _LLAMA_SITES = {
     "ln_final": NodeRule("result_norm"),
 }
 
-_MOE_REFUSED = {
-    kind: ("mixture of experts: each token runs its own top-k experts, so there is no single (tokens, n_ff) "
-           "activation; mlp_out holds the weighted sum of the experts")
-    for kind in ("mlp.gate", "mlp.up", "mlp.post")
-}
+_MOE_REASON = ("mixture of experts: each token runs its own top-k experts, so there is no single (tokens, n_ff) "
+               "activation; mlp_out holds the weighted sum of the experts")
+_SCALED_Q = "{family} scales q before q.k, so llama.cpp's kq node is not the raw score; attn.pattern is offered"
 
 
-def _with(base: dict[str, NodeRule], **changes: NodeRule | None) -> dict[str, NodeRule]:
-    sites = dict(base)
-    for kind, rule in changes.items():
-        kind = kind.replace("__", ".")
+def _family(architecture: str, *, name: str | None = None, label: str | None = None,
+            changes: dict[str, NodeRule | None] | None = None, refused: dict[str, str] | None = None,
+            **features) -> Family:
+    """A registry entry: the llama rules, what the features imply, then the family's own `changes` (a kind
+    -> its rule, or None for a site the family does not place) and `refused` reasons."""
+    name = name or architecture
+    family = Family(name=name, architecture=architecture, label=label or name, sites={}, refused={}, **features)
+    sites, reasons = dict(_LLAMA_SITES), {}
+    if family.qk_norm:
+        sites.update({"attn.q_normed": NodeRule("Qcur_normed-{L}"), "attn.k_normed": NodeRule("Kcur_normed-{L}")})
+    if family.ffn == "geglu":
+        sites["mlp.post"] = NodeRule("ffn_geglu-{L}")
+    elif family.ffn == "fused_swiglu":
+        for kind in ("mlp.gate", "mlp.up"):
+            del sites[kind]
+            reasons[kind] = (f"{name} fuses gate and up into one ffn_up tensor; mlp.post holds the activations "
+                             f"silu(gate) * up")
+    if family.fused_qkv:
+        # Used only when the probe finds no separate V (the rule stays for files with separate Q/K/V).
+        reasons["attn.v"] = (f"{name} fuses Q, K and V into one attn_qkv projection: V is a strided view of it, "
+                             f"not a tensor of its own")
+    if family.moe:
+        for kind in ("mlp.gate", "mlp.up", "mlp.post"):
+            del sites[kind]
+            reasons[kind] = _MOE_REASON
+        # build_moe_ffn's result, the experts' weighted sum, is ffn_moe_out-L (a first ffn_out-L is then the
+        # residual add); with a shared expert the FFN's output is the ADD of both, named ffn_out-L.
+        sites["mlp_out"] = NodeRule("ffn_out-{L}", "ADD") if family.shared_expert else NodeRule("ffn_moe_out-{L}")
+    for kind, rule in (changes or {}).items():
         if rule is None:
             sites.pop(kind, None)
         else:
             sites[kind] = rule
-    return sites
+    return replace(family, sites=sites, refused={**reasons, **(refused or {})})
 
 
-_QK_NORM = dict(attn__q_normed=NodeRule("Qcur_normed-{L}"), attn__k_normed=NodeRule("Kcur_normed-{L}"))
+# Llama 2/3, Mistral, SmolLM and other llama-architecture files.
+LLAMA = _family("llama")
 
-LLAMA = Family(
-    name="llama", norms="pre", ffn="SwiGLU: silu(gate) * up, then down",
-    sites=_LLAMA_SITES, refused={},
-    notes=("Llama 2/3, Mistral, SmolLM and other llama-architecture files",),
-)
+# Llama-architecture mixture of experts (Mixtral): `ffn_gate_inp` + `ffn_{gate,up,down}_exps`, softmax gating.
+LLAMA_MOE = _family("llama", name="llama (mixture of experts)", label="mixtral", moe=True)
 
-# Llama-architecture mixture of experts (Mixtral): `ffn_gate_inp` + `ffn_{gate,up,down}_exps`. The experts'
-# sum is `ffn_moe_out-L`; the first `ffn_out-L` there is the residual add (or, without a control vector,
-# there is none), so the dense rule would be wrong.
-LLAMA_MOE = Family(
-    name="llama (mixture of experts)", norms="pre", ffn="top-k SwiGLU experts (ffn_*_exps), softmax gating",
-    sites=_with(_LLAMA_SITES, mlp__gate=None, mlp__up=None, mlp__post=None, mlp_out=NodeRule("ffn_moe_out-{L}")),
-    refused=_MOE_REFUSED, moe=True,
-    metadata_keys=("{arch}.expert_count", "{arch}.expert_used_count"),
-)
+# Q/K/V have biases; llama.cpp names no attn_out node: it is found as the output projection reading kqv_out.
+QWEN2 = _family("qwen2", qkv_bias=True)
 
-QWEN2 = Family(
-    name="qwen2", norms="pre", ffn="SwiGLU", sites=_LLAMA_SITES, refused={},
-    notes=("Q/K/V have biases; llama.cpp names no attn_out node: it is found as the output projection "
-           "reading kqv_out",),
-)
+QWEN3 = _family("qwen3", qk_norm=True)
 
-QWEN3 = Family(
-    name="qwen3", norms="pre (QK-norm on q and k)", ffn="SwiGLU",
-    sites=_with(_LLAMA_SITES, **_QK_NORM), refused={},
-)
+QWEN2_MOE = _family("qwen2moe", qkv_bias=True, moe=True, shared_expert=True)
 
-QWEN2_MOE = Family(
-    name="qwen2moe", norms="pre", ffn="top-k SwiGLU experts + a gated shared expert",
-    # ffn_out-L is the experts' sum plus the gated shared expert (the residual add is left unnamed).
-    sites=_with(_LLAMA_SITES, mlp__gate=None, mlp__up=None, mlp__post=None, mlp_out=NodeRule("ffn_out-{L}", "ADD")),
-    refused=_MOE_REFUSED, moe=True,
-    metadata_keys=("{arch}.expert_count", "{arch}.expert_used_count", "{arch}.expert_shared_feed_forward_length"),
-)
+QWEN3_MOE = _family("qwen3moe", qk_norm=True, moe=True)
 
-QWEN3_MOE = Family(
-    name="qwen3moe", norms="pre (QK-norm on q and k)", ffn="top-k SwiGLU experts",
-    sites=_with(_LLAMA_SITES, mlp__gate=None, mlp__up=None, mlp__post=None, mlp_out=NodeRule("ffn_moe_out-{L}"),
-                **_QK_NORM),
-    refused=_MOE_REFUSED, moe=True,
-    metadata_keys=("{arch}.expert_count", "{arch}.expert_used_count"),
-)
-
-_SCALED_Q = "{family} scales q before q.k, so llama.cpp's kq node is not the raw score; attn.pattern is offered"
-
-PHI3 = Family(
-    name="phi3", norms="pre", ffn="SwiGLU with gate and up fused in one ffn_up tensor (2 x n_ff rows)",
-    sites=_with(
-        _LLAMA_SITES, mlp__gate=None, mlp__up=None, attn__scores=None,
-        # The stream between the branches is an unnamed ADD of the attention output and the residual.
-        resid_mid=NodeRule("kqv_out-{L}", then=_WO + (Step("ADD"),)),
-    ),
-    refused={
-        "mlp.gate": "phi3 fuses gate and up into one ffn_up tensor; mlp.post holds the activations silu(gate) * up",
-        "mlp.up": "phi3 fuses gate and up into one ffn_up tensor; mlp.post holds the activations silu(gate) * up",
-        "attn.scores": _SCALED_Q.format(family="phi3"),
-        # Used only when the probe finds no separate V (the rule stays for files with separate Q/K/V).
-        "attn.v": "phi3 fuses Q, K and V into one attn_qkv projection: V is a strided view of it, not a tensor "
-                  "of its own",
-    },
-    notes=("Q, K and V may come from one fused attn_qkv tensor: attn.v is then a strided view and is "
-           "not offered",),
+PHI3 = _family(
+    "phi3", ffn="fused_swiglu", fused_qkv=True,
+    # The stream between the branches is an unnamed ADD of the attention output and the residual.
+    changes={"attn.scores": None, "resid_mid": NodeRule("kqv_out-{L}", then=_WO + (Step("ADD"),))},
+    refused={"attn.scores": _SCALED_Q.format(family="phi3")},
 )
 
 
-def _gemma(name: str, qk_norm: bool, post_ffn_named: bool) -> Family:
+def _gemma(architecture: str, qk_norm: bool, post_ffn_named: bool) -> Family:
+    # attn_out and mlp_out are after the post-norms (what each branch adds to the stream); attn_out_pre_norm
+    # and mlp_out_pre_norm are before them.
     post_ffn = (NodeRule("ffn_post_norm-{L}") if post_ffn_named
                 # gemma2 names its FFN post-norm without the layer: follow ffn_out-L through the norm instead.
                 else NodeRule("ffn_out-{L}", then=(Step("RMS_NORM"), Step("MUL"))))
-    sites = _with(
-        _LLAMA_SITES,
-        embed=NodeRule("inp_scaled"),
-        attn_out_pre_norm=NodeRule("kqv_out-{L}", then=_WO),
-        attn_out=NodeRule("attn_post_norm-{L}"),
-        resid_mid=NodeRule("sa_out-{L}"),
-        mlp__post=NodeRule("ffn_geglu-{L}"),
-        mlp_out_pre_norm=NodeRule("ffn_out-{L}"),
-        mlp_out=post_ffn,
-        attn__scores=None,
-        **(_QK_NORM if qk_norm else {}),
-    )
-    return Family(
-        name=name, norms="pre+post (sandwich): RMSNorm before and after each branch" + (", QK-norm" if qk_norm else ""),
-        ffn="GeGLU: gelu_tanh(gate) * up, then down", sites=sites,
-        refused={"attn.scores": _SCALED_Q.format(family=name)},
+    return _family(
+        architecture, qk_norm=qk_norm, post_norms=True, ffn="geglu",
         embedding_scale="sqrt_n_embd", softcap_key="{arch}.final_logit_softcapping",
-        metadata_keys=("{arch}.final_logit_softcapping", "{arch}.attention.sliding_window"),
-        notes=("attn_out and mlp_out are after the post-norms (what each branch adds to the stream); "
-               "attn_out_pre_norm and mlp_out_pre_norm are before them",),
+        changes={"embed": NodeRule("inp_scaled"), "attn_out_pre_norm": NodeRule("kqv_out-{L}", then=_WO),
+                 "attn_out": NodeRule("attn_post_norm-{L}"), "resid_mid": NodeRule("sa_out-{L}"),
+                 "mlp_out_pre_norm": NodeRule("ffn_out-{L}"), "mlp_out": post_ffn, "attn.scores": None},
+        refused={"attn.scores": _SCALED_Q.format(family=architecture)},
     )
 
 
 GEMMA2 = _gemma("gemma2", qk_norm=False, post_ffn_named=False)
 GEMMA3 = _gemma("gemma3", qk_norm=True, post_ffn_named=True)
 
+# Every family the registry knows, in the order of the docs' table and the tiny-model builder.
+KNOWN_FAMILIES = (LLAMA, QWEN2, QWEN3, GEMMA2, GEMMA3, PHI3, LLAMA_MOE, QWEN2_MOE, QWEN3_MOE)
+
 # Keyed by general.architecture. Llama-architecture MoE files share the key "llama": `family_for` tells them
 # apart by their tensors.
-REGISTRY: dict[str, Family] = {
-    "llama": LLAMA, "qwen2": QWEN2, "qwen3": QWEN3, "qwen2moe": QWEN2_MOE, "qwen3moe": QWEN3_MOE,
-    "phi3": PHI3, "gemma2": GEMMA2, "gemma3": GEMMA3,
-}
+REGISTRY: dict[str, Family] = {family.architecture: family for family in KNOWN_FAMILIES if family is not LLAMA_MOE}
 
 # Sites verification can prove on a family it does not know (identities, norms, probabilities).
-PROVABLE_KINDS = ("embed", "ln1", "attn.pattern", "attn_out", "resid_mid", "ln2", "mlp_out", "resid_post", "ln_final")
+PROVABLE_KINDS = tuple(kind.name for kind in SITE_KINDS.values() if kind.verified)
 
 GENERIC = Family(
-    name="generic (not in the registry)", norms="unknown", ffn="unknown",
+    name="generic (not in the registry)", architecture="", label="other",
     sites={k: r for k, r in _LLAMA_SITES.items() if k in PROVABLE_KINDS},
     refused={k: "this architecture is not in lmscope's registry, and this site cannot be verified on it"
              for k in _LLAMA_SITES if k not in PROVABLE_KINDS},

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from lmscope.proto.sites import is_pattern_site
+
 from . import ggml
 from .contracts import Intervention
 from .errors import Code, RequestError
-from .graph_sites import SiteRules, is_pattern_site
+from .graph_sites import SiteRules
 
 
 def resolve_positions(positions: list[int] | None, n_tokens: int, what: str) -> list[int]:

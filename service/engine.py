@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from lmscope.proto.sites import all_site_names
+from lmscope.proto.sites import all_site_names, is_pattern_site
 from lmscope.proto.wire import lmscope_pb2 as pb
 
 from . import generation
@@ -30,7 +30,7 @@ from .batching import Cancelled, Contexts, collect_logits, stream_logits
 from .capture import CapturePass, Intervention, resolve_positions
 from .contracts import EngineConfig, LogitsMode
 from .errors import Code, RequestError
-from .graph_sites import SiteRules, is_pattern_site
+from .graph_sites import SiteRules
 from .memory import expected_memory
 from .model import Model
 from .native import llama as lc

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmscope.proto.sites import PATTERN_SITES, site_kind, site_layer
+from lmscope.proto.sites import site_kind, site_layer
 
 from . import ggml
 from .architectures import Family
@@ -111,7 +111,3 @@ class NodeMatcher:
             else:
                 del self._anchors[source]
         return hits
-
-
-def is_pattern_site(site: str) -> bool:
-    return site_kind(site) in PATTERN_SITES

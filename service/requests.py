@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from lmscope.proto import tensors
-from lmscope.proto.sites import select_sites
+from lmscope.proto.sites import select_sites, site_editable
 from lmscope.proto.wire import lmscope_pb2 as pb
 
 from .contracts import (
@@ -159,7 +159,7 @@ class RequestParser:
             positions = self.positions(message.positions, what)
             for site in sites:
                 shape = self.shapes[site]
-                if len(shape) != 1 or site.endswith(("attn.pattern", "attn.scores")):
+                if not site_editable(site):
                     _fail(Code.INVALID_ARGUMENT, f"{what}: {site} cannot be edited; edit a residual-stream, "
                                               f"attention/MLP output or MLP neuron site")
                 if vector.shape[-1] != shape[0]:

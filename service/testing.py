@@ -61,10 +61,14 @@ from typing import Optional
 
 import numpy as np
 
+from . import architectures
+
 __all__ = [
     "build_tiny_model",
     "Family",
     "FAMILIES",
+    "TINY_EXPERTS",
+    "TINY_EXPERTS_USED",
     "tiny_vocab",
     "N_MERGES",
     "SPECIAL_TOKENS",
@@ -202,27 +206,26 @@ def tiny_vocab() -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
     return tuple(tokens), tuple(types), tuple(f"{a} {b}" for a, b in merges)
 
 
+#: Routed experts of every tiny mixture of experts, and how many of them each token runs.
+TINY_EXPERTS, TINY_EXPERTS_USED = 4, 2
+
+
+def _feature(name: str, doc: str) -> property:
+    return property(lambda self: getattr(self.entry, name), doc=doc)
 
 
 @dataclass(frozen=True)
 class Family:
-    """What one tiny model family puts in its GGUF file (see :data:`FAMILIES`).
+    """A tiny model of one family of the architecture registry (see :data:`FAMILIES`).
 
-    Every flag mirrors a graph feature of llama.cpp's builder for ``architecture``
-    (``vendor/llama.cpp/src/models/<architecture>.cpp`` in the llama-cpp-python sdist).
+    ``entry`` is the family's registry record (``service/architectures.py``): its ``general.architecture``
+    and graph features (q/k/v biases, QK-norm, post-norms, FFN layout, fused QKV, experts), which the file
+    gets exactly, each mirroring a graph feature of llama.cpp's builder for the architecture
+    (``vendor/llama.cpp/src/models/<architecture>.cpp`` in the llama-cpp-python sdist). The fields below are
+    the tiny model's own sizes and values.
     """
 
-    architecture: str
-    qkv_bias: bool = False        # q/k/v projections with biases (qwen2, qwen2moe)
-    qk_norm: bool = False         # RMSNorm over each head of q and k before RoPE (qwen3, gemma3)
-    post_norms: bool = False      # RMSNorm on each branch's output before it joins the stream (gemma2/3)
-    embed_scale: bool = False     # token embeddings multiplied by sqrt(n_embd) (gemma2/3)
-    ffn: str = "swiglu"           # "swiglu": silu(gate) * up; "geglu": gelu_tanh(gate) * up;
-    #                               "fused_swiglu": one ffn_up holding [gate; up] (phi3)
-    fused_qkv: bool = False       # one attn_qkv matrix holding [q; k; v] (phi3)
-    n_expert: int = 0             # routed experts per block (0: a dense FFN)
-    n_expert_used: int = 0        # experts each token is routed to
-    shared_expert: bool = False   # a sigmoid-gated shared expert beside the routed ones (qwen2moe)
+    entry: architectures.Family
     sliding_window: int = 0       # window of the sliding-window layers, in tokens (0: none)
     sliding_window_pattern: Optional[int] = None  # written to the file; llama.cpp's default when None
     attn_softcap: float = 0.0     # attention logit soft-capping (gemma2)
@@ -233,35 +236,56 @@ class Family:
     tied: Optional[bool] = None   # the only output layout llama.cpp loads for this family, if any
     default_tied: bool = False
 
+    architecture = _feature("architecture", "the file's general.architecture")
+    qkv_bias = _feature("qkv_bias", "q/k/v projections with biases (qwen2, qwen2moe)")
+    qk_norm = _feature("qk_norm", "RMSNorm over each head of q and k before RoPE (qwen3, gemma3)")
+    post_norms = _feature("post_norms", "RMSNorm on each branch's output before it joins the stream (gemma2/3)")
+    ffn = _feature("ffn", '"swiglu", "geglu" or "fused_swiglu" (one ffn_up holding [gate; up], phi3)')
+    fused_qkv = _feature("fused_qkv", "one attn_qkv matrix holding [q; k; v] (phi3)")
+    shared_expert = _feature("shared_expert", "a sigmoid-gated shared expert beside the routed ones (qwen2moe)")
 
-#: The model families :func:`build_tiny_model` writes, by ``family=`` name.
-FAMILIES = {
+    @property
+    def embed_scale(self) -> bool:
+        """Token embeddings multiplied by sqrt(n_embd) (gemma2/3)."""
+        return self.entry.embedding_scale is not None
+
+    @property
+    def n_expert(self) -> int:
+        """Routed experts per block (0: a dense FFN)."""
+        return TINY_EXPERTS if self.entry.moe else 0
+
+    @property
+    def n_expert_used(self) -> int:
+        """Experts each token is routed to."""
+        return TINY_EXPERTS_USED if self.entry.moe else 0
+
+
+#: The model families :func:`build_tiny_model` writes, by ``family=`` name (the registry's short name).
+FAMILIES = {family.entry.label: family for family in (
     # Llama 2/3, Mistral, SmolLM: RMSNorm, normal-mode RoPE, SwiGLU.
-    "llama": Family("llama"),
+    Family(architectures.LLAMA),
     # Qwen 2 / 2.5: llama plus q/k/v biases, NeoX RoPE.
-    "qwen2": Family("qwen2", qkv_bias=True),
+    Family(architectures.QWEN2),
     # Qwen 3: QK-norm, no biases, heads wider than n_embd / n_head.
-    "qwen3": Family("qwen3", qk_norm=True, head_dim_factor=2),
+    Family(architectures.QWEN3, head_dim_factor=2),
     # Gemma 2: scaled embeddings, pre+post norms around both branches, GeGLU, attention and final logit
     # soft-capping, sliding-window attention on every other layer (0, 2, ...), tied head. The caps are far
     # lower than the real 50 / 30 so that they bend the tiny model's small logits.
-    "gemma2": Family("gemma2", post_norms=True, embed_scale=True, ffn="geglu", sliding_window=4,
-                     attn_softcap=5.0, final_softcap=10.0, tied=True, default_tied=True),
+    Family(architectures.GEMMA2, sliding_window=4, attn_softcap=5.0, final_softcap=10.0, tied=True,
+           default_tied=True),
     # Gemma 3: Gemma 2 without soft-capping, plus QK-norm, wide heads and local layers (0, 1, 3 with a
     # pattern of 3) with their own RoPE base.
-    "gemma3": Family("gemma3", post_norms=True, embed_scale=True, ffn="geglu", qk_norm=True,
-                     sliding_window=4, sliding_window_pattern=3, head_dim_factor=2, rope_base=1e6,
-                     rope_base_swa=1e4, default_tied=True),
+    Family(architectures.GEMMA3, sliding_window=4, sliding_window_pattern=3, head_dim_factor=2, rope_base=1e6,
+           rope_base_swa=1e4, default_tied=True),
     # Phi-3: fused QKV and fused gate+up matrices, NeoX RoPE.
-    "phi3": Family("phi3", fused_qkv=True, ffn="fused_swiglu"),
+    Family(architectures.PHI3),
     # Mixtral: the llama architecture with a routed mixture of SwiGLU experts (top-2 of 4, renormalised).
-    "mixtral": Family("llama", n_expert=4, n_expert_used=2),
+    Family(architectures.LLAMA_MOE),
     # Qwen 2 MoE: top-2 of 4 experts (weights not renormalised) plus a gated shared expert; untied head.
-    "qwen2moe": Family("qwen2moe", qkv_bias=True, n_expert=4, n_expert_used=2, shared_expert=True,
-                       tied=False),
+    Family(architectures.QWEN2_MOE, tied=False),
     # Qwen 3 MoE: Qwen 3's attention (QK-norm, wide heads) with top-2 of 4 renormalised experts.
-    "qwen3moe": Family("qwen3moe", qk_norm=True, head_dim_factor=2, n_expert=4, n_expert_used=2),
-}
+    Family(architectures.QWEN3_MOE, head_dim_factor=2),
+)}
 
 
 def build_tiny_model(

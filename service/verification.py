@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lmscope.proto import tensor_names
-from lmscope.proto.sites import all_site_names, site_kind, site_layer
+from lmscope.proto.sites import SITE_KINDS, all_site_names, is_pattern_site, site_kind, site_layer
 
 from . import architectures, ggml
 from .batching import Contexts, collect_logits
 from .capture import CapturePass
-from .graph_sites import SiteRules, is_pattern_site
+from .graph_sites import SiteRules
 from .model import Model
 
 if TYPE_CHECKING:
@@ -87,12 +87,10 @@ class _Recorder:
 
 
 def _shape(site: str, ne) -> tuple[int, ...]:
-    kind = site_kind(site)
-    if is_pattern_site(site):
-        return (ne[2],)                                 # heads; the rest depends on the prompt
-    if kind in ("attn.q", "attn.k", "attn.v", "attn.q_normed", "attn.k_normed"):
-        return (ne[1], ne[0])                           # (heads, head_dim): ne = [head_dim, heads, tokens]
-    return (ne[0],)
+    """The site's shape without its token axes (`SiteKind.shape`), read from its node's ggml `ne`."""
+    axes = SITE_KINDS[site_kind(site)].shape
+    dims = tuple(reversed(ne[:len(axes)]))  # ggml lists a tensor's axes innermost first
+    return tuple(int(d) for d, axis in zip(dims, axes) if axis != "tokens")
 
 
 def _rms(x: np.ndarray, weight: np.ndarray, eps: float, bias: np.ndarray | None = None) -> np.ndarray:
@@ -170,8 +168,7 @@ def verify(model: Model, contexts: Contexts, weights: "Weights", site_rules: Sit
 
         # 2. What they hold: every token an output, every provable site captured.
         contexts.reset_memory(ctx)
-        provable = [s for s in shapes if site_kind(s) in architectures.PROVABLE_KINDS
-                    or site_kind(s) in ("attn_out_pre_norm", "mlp_out_pre_norm")]
+        provable = [s for s in shapes if site_kind(s) in architectures.PROVABLE_KINDS]
         positions = list(range(len(tokens)))
         active = CapturePass(site_rules, shapes, output_rows, [tokens], provable, [positions], [])
         logits = [np.zeros((len(tokens), model.n_vocab), np.float32)]

@@ -114,6 +114,8 @@ CASES = [
     ("Run", run(interventions=[add(vector(np.zeros(N_EMBD)), op=pb.Intervention.ABLATE)]), "INVALID_ARGUMENT",
      "zero direction"),
     ("Run", run(interventions=[add(ONE, sites=["blocks.0.attn.pattern"])]), "INVALID_ARGUMENT", "cannot be edited"),
+    ("Run", run(interventions=[add(ONE, sites=["blocks.0.attn.scores"])]), "INVALID_ARGUMENT", "cannot be edited"),
+    ("Run", run(interventions=[add(ONE, sites=["blocks.0.attn.q"])]), "INVALID_ARGUMENT", "cannot be edited"),
     ("Run", run(interventions=[add(ONE, sites=["blocks.0.mlp.post"])]), "INVALID_ARGUMENT", "width"),
     ("Run", run(interventions=[add(ONE, sequences=[1])]), "OUT_OF_RANGE", "sequence index 1"),
     ("Run", run(interventions=[add(ONE, positions=[50])]), "OUT_OF_RANGE", "outside a prompt"),
