@@ -1,5 +1,5 @@
 # Everything goes through scripts/setup.sh, which is idempotent (a few seconds when all is in place).
-.PHONY: setup lint test demo bench
+.PHONY: setup lint test test-fast demo bench
 
 setup:
 	bash scripts/setup.sh
@@ -11,8 +11,12 @@ lint: setup
 test: lint
 	.venv/bin/python -m pytest -q
 
+# Tests that start no server (tests/unit): the contracts, the codec, the registry, the docs; under a minute.
+test-fast: lint
+	.venv/bin/python -m pytest -q tests/unit
+
 demo: setup
 	.venv/bin/lmscope demo
 
 bench: setup
-	.venv/bin/python scripts/bench.py
+	.venv/bin/python scripts/bench_transformers.py

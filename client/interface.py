@@ -1,10 +1,11 @@
-"""`ClientCore`: what the analysis mixins (`lens`, `projection`, `embeddings`, `inside`, `steering`) may call.
+"""`ClientCore`: what the analysis mixins (`lens`, `projection`, `embeddings`, `inside`, `steering`, `store`,
+`tuned_lens`) may call.
 
 `Client` is `CoreClient` plus one mixin per kind of analysis. A mixin builds only on the methods declared
 here, which `CoreClient` implements; nothing private of the core. A new analysis that needs a new server
 capability adds a core method and declares it here (docs/developing.md, "Adding an analysis").
-`tests/test_client_errors.py` checks both directions: `CoreClient` has every member, and every mixin uses
-only these members and its own methods.
+`tests/integration/test_client_errors.py` checks both directions: `CoreClient` has every member, and every
+mixin uses only these members and its own methods.
 
 Mixin methods annotate ``self: ClientCore`` where they call into the core, so type checkers see the
 contract too.

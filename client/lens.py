@@ -11,7 +11,7 @@ The final norm. Every layer's state is normalized with the model's final RMSNorm
 before the LM head, as in nostalgebraist's original logit lens (GPT-2's ln_f). The residual stream's norm
 grows with depth, and the head was trained on normed vectors: without the norm early layers give
 distributions whose temperature means nothing. With it, the last hidden state reproduces the model's own
-next-token distribution exactly (llama.cpp computes the same thing; see tests/test_lens.py).
+next-token distribution exactly (llama.cpp computes the same thing; see tests/integration/test_lens.py).
 
 Targets and multi-token words. A target given as text is reduced to its FIRST token, tokenized as
 written and without BOS (`CoreClient.token_id`): " Paris" and "Paris" are different tokens, and for a

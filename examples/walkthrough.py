@@ -5,7 +5,7 @@
 # 30 layers, on a CPU). Each section names the paper it reproduces and says in one line what to look for.
 #
 # This file is the single source: `python examples/walkthrough.py` runs it as a script (CI does), and
-# `python scripts/sync_walkthrough.py --execute` turns it into `walkthrough.ipynb` with its outputs.
+# `python scripts/dev_sync_walkthrough.py --execute` turns it into `walkthrough.ipynb` with its outputs.
 # It connects to the server named by `LMSCOPE_SERVER` (host:port) or starts one on the default model.
 # Pictures go to `docs/walkthrough/`.
 

@@ -9,7 +9,7 @@ A big tensor costs its size once on each side. `encoded_run_chunks` writes each 
 itself: protobuf encodes the small fields, and the data is appended to them from a memoryview of the array
 in the one copy that makes the message's bytes. Building the messages instead copies the data four times
 (the `bytes` given to protobuf, the `TensorChunk`, the `RunChunk` holding it, its serialization): 128 MiB
-took 404-429 ms that way and takes 52-58 ms now (`scripts/probe_memory.py pieces`), and the front end's CPU
+took 404-429 ms that way and takes 52-58 ms now (`scripts/diag_memory.py pieces`), and the front end's CPU
 time for a Gemma 3 `run()` with all logits fell from 500-580 to 200-210 ms (`scripts/bench_wire.py`), time
 that on a small machine is taken from llama.cpp's threads (docs/performance.md, "Fourth pass"). `Assembler`
 writes each chunk into one buffer allocated at the first chunk (`new_buffer`); no list of pieces is joined at
@@ -63,7 +63,7 @@ def new_buffer(nbytes: int) -> np.ndarray:
     On Linux its pages are faulted in by the kernel when it is mapped (MAP_POPULATE): the buffer is about to
     be written whole, and faulting its pages in one by one as they are written took half as long again
     (128 MiB mapped and filled: 99-129 ms against 64-80 ms; the copy alone, into memory already resident,
-    14-16 ms; `scripts/probe_memory.py buffers`).
+    14-16 ms; `scripts/diag_memory.py buffers`).
     """
     if nbytes < _MAPPED_BYTES:
         return np.empty(nbytes, np.uint8)

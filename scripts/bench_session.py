@@ -1,14 +1,14 @@
 """The memory benchmark of issue #13: one inspection session, lmscope against transformers fp32, same GGUF.
 
     .venv/bin/python scripts/bench_session.py --model gemma-3-270m-q4_k_m.gguf --json out.json
-    .venv/bin/python scripts/bench.py --session [--model ...]        (the same, from the main benchmark)
+    .venv/bin/python scripts/bench_transformers.py --session [--model ...]        (the same, from the main benchmark)
 
 The session: a `run()` of 128 tokens (every hidden state and every position's logits), the logit lens of
 that prompt (every layer x position, top-5 + entropy), nearest tokens of a word in the embedding table and
 in the LM head, and `unembed` of the last hidden state at every position. lmscope's figure is the sum of
 peak resident memory (VmHWM) over the server's processes (front end + workers; the front end's own is also
 given, since it holds no model); the peer's is its process's VmHWM, transformers loading the same GGUF in
-float32 (scripts/bench_peer.py does the same load). Speed is client wall time (median of --repeat).
+float32 (scripts/bench_transformers_peer.py does the same load). Speed is client wall time (median of --repeat).
 
 `--workers 2` runs the session from two clients at once on a two-worker server: the second worker's cost.
 `--alternate ROUNDS` measures speed only: `run()` and the lens, one at a time on each side in turn (see
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from bench import TEXT, load_average, median_ms, memory_mb, process_tree  # noqa: E402
+from bench_transformers import TEXT, load_average, median_ms, memory_mb, process_tree  # noqa: E402
 
 WORD = " Paris"
 

@@ -167,7 +167,7 @@ if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && [ "$
         && command -v apt-get >/dev/null 2>&1; then
     step "headless browser for the views' tests (chromium, chromium-driver)"
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } >/dev/null 2>&1 \
-        && done_step || say "  could not install them; the browser tests of tests/test_views.py will skip"
+        && done_step || say "  could not install them; the browser tests of tests/integration/test_views.py will skip"
 fi
 
 # --- 5. openssl, which the TLS tests use to make certificates ------------------------------------------------
@@ -184,7 +184,7 @@ fi
 # --- 6. default model ------------------------------------------------------------------------------------
 step "default model"
 "$VENV/bin/lmscope" pull
-"$VENV/bin/lmscope" pull gemma3-270m  # the second family's real model (tests/test_gemma.py); Gemma terms apply
+"$VENV/bin/lmscope" pull gemma3-270m  # the second family's real model (tests/integration/test_gemma.py); Gemma terms apply
 done_step
 
 say "ready in $(( $(date +%s) - T_START ))s: $VENV ($("$PY" --version), llama-cpp-python $LLAMA_CPP_VERSION)"

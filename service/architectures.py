@@ -26,7 +26,7 @@ gets the generic llama-style rules, restricted to the sites that verification ca
 
 The site kinds themselves (names, shapes, which are verified) are in `lmscope.proto.sites`. The family x
 site table of docs/architectures.md is generated from this registry (`service/site_table.py`,
-`scripts/gen_architectures_table.py`). This module imports nothing native.
+`scripts/dev_gen_architectures_table.py`). This module imports nothing native.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ computed) and reach the client as `TensorChunk`s. So reading one RPC is a straig
 `InspectorServicer.Run` -> `RequestParser.run` -> `RunJob` -> `Operations.run` -> `Engine.forward`.
 
 This module imports no native code: the front end loads it, and it must stay free of llama.cpp (the test
-`tests/test_wire_contract.py` checks the running server's memory map).
+`tests/integration/test_wire_contract.py` checks the running server's memory map).
 """
 from __future__ import annotations
 

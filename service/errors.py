@@ -18,9 +18,9 @@ import traceback
 
 
 class Code(str, enum.Enum):
-    """grpc.StatusCode's names (tests/test_internal_errors.py checks them against grpc), less OK and UNKNOWN: an
-    error is never OK, and UNKNOWN says nothing a client could act on. A `str` so that it pickles across the
-    worker pipe as itself and compares equal to its name."""
+    """grpc.StatusCode's names (tests/integration/test_internal_errors.py checks them against grpc), less OK
+    and UNKNOWN: an error is never OK, and UNKNOWN says nothing a client could act on. A `str` so that it
+    pickles across the worker pipe as itself and compares equal to its name."""
     CANCELLED = "CANCELLED"
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"

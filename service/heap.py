@@ -11,7 +11,7 @@ Two behaviours of glibc's malloc cost lmscope resident memory it no longer uses:
   goes back after it. A fixed threshold below the pieces' size had each copy mapped and faulted in afresh:
   the protobuf path of 128 MiB (before `encoded_run_chunks`) took 379-533 ms instead of 233-368 ms, and a
   Gemma 3 `unembed` of 128 vectors 1.28-1.60 s instead of 1.15-1.19 s (front-end peak +1-2 MB; the adaptive
-  threshold had the SmolLM2 session's at 82 MB, 73 at rest). Figures and commands: docs/performance.md,
+  threshold had the SmolLM2 session's at 82 MB, 73 at rest). Figures and commands: CHANGELOG.md, 2026-11-30,
   "Third pass". The trim threshold stays glibc's: a higher one was faster still, but glibc keeps that much
   free memory in every thread's arena, beyond `malloc_trim`'s reach.
 - Free pages inside the heap are not returned until the top of the heap is free. A worker calls

@@ -9,7 +9,7 @@ Accuracy is a choice, so it is never made silently: the server serves the derive
 and ModelInfo then describes that file (its own file type and fingerprint). Q8_0 re-rounds each Q4_1
 weight to an 8-bit grid whose step is about 1/17 of Q4_1's, so next-token distributions barely move; Q4_0
 rounds the weights a second time at 4 bits and costs visibly more (KL and top-1 agreement measured by
-scripts/bench.py, reported in docs/performance.md).
+scripts/bench_transformers.py, reported in docs/performance.md).
 """
 from __future__ import annotations
 

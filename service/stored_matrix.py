@@ -92,7 +92,7 @@ BLAS_MIN_ROWS = 64  # from this many rows on, chunks are dequantized and multipl
 TRANSPOSE_ROWS = 128  # rows dequantized at once by `dequantize_transposed`
 # From this many rows on, `Multiplier` lays each dequantized chunk out transposed: the copy costs 0.6-0.96 ms
 # more per head chunk and BLAS saves 0.1-0.56 ms per 128 rows multiplied by it (SmolLM2 and Gemma 3 chunks,
-# `scripts/probe_memory.py chunks`), so it pays from a few hundred to ~1,200 rows (a lens: thousands); an
+# `scripts/diag_memory.py chunks`), so it pays from a few hundred to ~1,200 rows (a lens: thousands); an
 # `unembed` of 128 vectors would pay more than it saves.
 TRANSPOSED_CHUNK_MIN_ROWS = 1024
 TRANSFORM_ROWS = 256  # rows transformed and rounded at once by `Multiplier` (row-wise: any block gives the same)

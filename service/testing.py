@@ -45,7 +45,7 @@ Example::
     >>> "output.weight" in {t.name for t in reader.tensors}
     False
 
-From a shell: ``python scripts/make_tiny_model.py /tmp/tiny.gguf --n-layer 2 --tied --weight-type q8_0``
+From a shell: ``python scripts/dev_make_tiny_model.py /tmp/tiny.gguf --n-layer 2 --tied --weight-type q8_0``
 (``--family gemma3`` for another family).
 """
 

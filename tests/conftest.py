@@ -13,7 +13,10 @@ import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
+# The shared helpers (reference.py, tolerances.py, ...) live here; a few test modules of one folder read
+# helpers of a module in the other (test_families reads test_reference's runner), so both folders too.
+TESTS = pathlib.Path(__file__).parent
+sys.path[:0] = [str(TESTS), str(TESTS / "unit"), str(TESTS / "integration")]
 
 from lmscope.client import Client  # noqa: E402
 from lmscope.service.launch import launch_server  # noqa: E402

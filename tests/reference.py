@@ -31,16 +31,16 @@ some inputs, which costs more than float32 arithmetic. Three opt-in switches rep
   indexed by ``x`` rounded to F16 (for ``|x| < 10``), so the activation carries an F16 rounding (~5e-4
   relative) on both sides.
 
-Measured against llama.cpp (tests/test_reference.py, 4-layer tiny model): F32 weights + F32 cache,
+Measured against llama.cpp (tests/unit/test_reference.py, 4-layer tiny model): F32 weights + F32 cache,
 exact math: ~5e-7 relative (max abs error / max abs value). Default F16 cache: ~1e-3 exact, 2e-5 to 4e-4
 emulated. Q8_0 weights: ~4e-2 exact, ~1e-7 emulated. F16 weights: ~1e-3 emulated. Emulation cannot undo
 roundings that land on the other side of a tie, and those compound with depth: on the 30-layer
 SmolLM2 Q4_1 the first layers agree to 1e-7, the last ones to ~1e-2. The other families' tiny models
-(tests/test_families.py, 4 layers, prompts of 16-22 tokens, logits and every block output): F32 weights
+(tests/integration/test_families.py, 4 layers, prompts of 16-22 tokens, logits and every block output): F32 weights
 and cache 5e-7 to 1.5e-6, except Gemma, whose GELU table costs 3e-5 to 1e-4 emulated (an input on the
 other side of an F16 rounding boundary) and ~3e-4 without; default F16 cache, emulated, 7e-5 to 4.5e-4.
 
-Conventions, checked against llama.cpp by ``tests/test_reference.py`` and ``tests/test_families.py``:
+Conventions, checked against llama.cpp by ``tests/unit/test_reference.py`` and ``tests/integration/test_families.py``:
 
 * Arrays are numpy row-major with tokens first: a ggml tensor with ``ne = [n_embd, n_tokens]`` is an
   ``(n_tokens, n_embd)`` array here. A weight with ggml ``ne = [n_in, n_out]`` is an ``(n_out, n_in)``

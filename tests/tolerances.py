@@ -8,7 +8,7 @@ ANY machine, whatever its BLAS, its SIMD width or its thread count. The bounds u
   ``gamma(n) * sum(|terms|)`` of the exact value, ``gamma(n) = n u / (1 - n u)``, ``u = 2**-24`` (half of
   float32's machine epsilon 1.19e-7). Two such evaluations (numpy vs llama.cpp, a (2, K) vs a (6, K)
   matrix product, which BLAS blocks differently) differ by at most twice that. This is what
-  `tests/test_lens.py::test_lensing_some_positions_gives_those_columns` once missed with ``rtol=1e-6``.
+  `tests/integration/test_lens.py::test_lensing_some_positions_gives_those_columns` once missed with ``rtol=1e-6``.
 * **A single IEEE operation** (add, multiply by a power of two, a copy) is correctly rounded: the same
   operation in numpy and in the code under test gives the same bits, so the test asserts equality.
 * **The F16 KV cache** (llama.cpp's default): K, V, and without flash attention q and the attention
@@ -21,7 +21,7 @@ ANY machine, whatever its BLAS, its SIMD width or its thread count. The bounds u
   applied by :func:`assert_close_to_scale` to the max error over an array relative to its largest
   magnitude (a flip is not an error relative to each element: a small element next to a flipped one
   can be off by many times its own size). Without the emulation every rounding counts, not just flips:
-  `tests/test_reference.py` (CASES) allows 2e-2 there.
+  `tests/unit/test_reference.py` (CASES) allows 2e-2 there.
 * **Flash attention** (the default pass) accumulates ``softmax(QK) V`` in float16 (the one-chunk CPU kernel,
   below 64 query rows): each of the n_kv additions rounds the accumulator, 2**-11 of at most ``max |v|``.
   The worst case, ``n_kv 2**-11 max|v|``, is 2e-2 for the tests' longest prompts (40 keys, |v| of order
@@ -38,7 +38,7 @@ ANY machine, whatever its BLAS, its SIMD width or its thread count. The bounds u
   input, so a float32 difference of one unit in the input can move it across a float16 rounding boundary:
   one float16 step (2**-10 relative) of that activation, which the product reading it (the FFN down
   projection) can double. :data:`GELU_TABLE` = 2**-9 of the largest value, applied by
-  :func:`assert_close_to_scale` (the same budget tests/test_families.py allows as GELU_TOL).
+  :func:`assert_close_to_scale` (the same budget tests/integration/test_families.py allows as GELU_TOL).
 * **Float16 transfer** (``dtype="float16"``): round to nearest, so at most half a float16 step,
   ``2**-11`` relative to the value (normal range), ``2**-25`` absolute in the subnormal range.
 """

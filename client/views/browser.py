@@ -1,6 +1,6 @@
 """A headless Chromium for checking and picturing views: the system's browser, driven by Selenium.
 
-Used by the browser tests (tests/test_views.py) and the docs' screenshots (scripts/view_screenshots.py).
+Used by the browser tests (tests/integration/test_views.py) and the docs' screenshots (scripts/figures_views.py).
 Nothing is downloaded: the browser and its driver are the system's (Debian: ``apt-get install chromium
 chromium-driver``, which scripts/setup.sh does as root; the two packages share one version), found on PATH
 or named by ``$LMSCOPE_CHROMIUM`` / ``$LMSCOPE_CHROMEDRIVER``. Selenium (the dev extra) gets both paths, so

@@ -1,6 +1,6 @@
 """Throughput of a hidden-state batch through one client over 1, 2, 3 ... `lmscope serve` replicas.
 
-Usage: python scripts/scaleout_bench.py [--model PATH] [--servers 1,2,3] [--threads 1] [--prompts 96]
+Usage: python scripts/bench_scaleout.py [--model PATH] [--servers 1,2,3] [--threads 1] [--prompts 96]
        [--batch-size 8] [--repeats 3] [--max-in-flight N] [--json OUT.json]
 
 Each configuration starts that many servers on loopback (one worker each, `--threads` threads per worker),

@@ -1,6 +1,6 @@
 """Screenshots of the four HTML views for the docs, and their sizes and render times at full scale.
 
-    .venv/bin/python scripts/view_screenshots.py [--server HOST:PORT] [--out DIR]
+    .venv/bin/python scripts/figures_views.py [--server HOST:PORT] [--out DIR]
 
 Starts a server on the default model (SmolLM2-135M-Instruct, 30 layers, 9 heads) unless --server is given,
 builds each view from a real result, opens it in headless chromium (lmscope.client.views.browser), hovers a

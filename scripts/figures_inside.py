@@ -1,6 +1,6 @@
 """The figures and examples of docs/inside.md, on the default model (SmolLM2-135M-Instruct Q4_1).
 
-    .venv/bin/python scripts/inside_figures.py            # writes docs/attention.png, docs/patch_sweep.png
+    .venv/bin/python scripts/figures_inside.py            # writes docs/attention.png, docs/patch_sweep.png
                                                           # and prints the examples as Markdown
 
 Starts its own server on a free port. The attention heatmap of the Chinese prompt ("兩顆青蘋果", two green

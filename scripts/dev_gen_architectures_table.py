@@ -1,6 +1,6 @@
 """Regenerate the family x site table of docs/architectures.md from the architecture registry.
 
-Usage: python scripts/gen_architectures_table.py [--check] [PAGE]   (default: docs/architectures.md)
+Usage: python scripts/dev_gen_architectures_table.py [--check] [PAGE]   (default: docs/architectures.md)
 
 The table sits between two marker comments (`lmscope.service.site_table.BEGIN` / `END`); everything else on
 the page is left alone. `--check` writes nothing and exits with status 1 when the page is stale (the test
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     new = site_table.rewrite(old)
     if args.check:
         if new != old:
-            print(f"{args.page} is stale: run python scripts/gen_architectures_table.py", file=sys.stderr)
+            print(f"{args.page} is stale: run python scripts/dev_gen_architectures_table.py", file=sys.stderr)
             return 1
         return 0
     if new != old:

@@ -1,6 +1,6 @@
 """Figures for docs/lenses.md and the README, on the default model (SmolLM2-135M-Instruct Q4_1).
 
-    python scripts/lens_figures.py [--server HOST:PORT] [--out docs] [--label "SmolLM2-135M-Instruct Q4_1"]
+    python scripts/figures_lenses.py [--server HOST:PORT] [--out docs] [--label "SmolLM2-135M-Instruct Q4_1"]
 
 - logit_lens.png: the logit lens of "The capital of France is" (every hidden state x every position;
   cells show the top-1 token, colour its probability, frames mark the prompt's real next token).

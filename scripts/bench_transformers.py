@@ -1,13 +1,13 @@
 """lmscope's benchmark: the default model through the public client and a real server, against transformers.
 
-    .venv/bin/python scripts/bench.py                 # writes docs/performance.md
-    .venv/bin/python scripts/bench.py --repeat 3 --no-peer --variants ""   # quicker, lmscope only
+    .venv/bin/python scripts/bench_transformers.py                 # writes docs/performance.md
+    .venv/bin/python scripts/bench_transformers.py --repeat 3 --no-peer --variants ""   # quicker, lmscope only
 
 Everything lmscope does here goes through `launch_server` (a real `lmscope serve` process) and `Client`
 over gRPC, so the figures include the worker pipe, serialization and transfer; server-side times come
 from the RunHeader (`decode_ms`: llama_decode with capture; `total_ms`: the whole request in the worker).
 The peer, transformers fp32 with `output_hidden_states=True` on the same GGUF file, runs in its own
-process (scripts/bench_peer.py, needs the `bench` extra: torch + transformers) on the same token ids.
+process (scripts/bench_transformers_peer.py, needs the `bench` extra: torch + transformers) on the same token ids.
 Each figure is the median of --repeat runs; the machine is described in the output, and the load average
 before and after is recorded because on a shared machine it is the first thing that moves the numbers.
 """
@@ -294,7 +294,7 @@ def run_peer(work: dict, cold_only: bool = False) -> tuple[float, dict]:
         json.dump({**work, "cold_only": cold_only}, f)
     try:
         start = time.perf_counter()
-        process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bench_peer.py"), f.name],
+        process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bench_transformers_peer.py"), f.name],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         ready, results = None, {}
         for line in process.stdout:
@@ -354,7 +354,7 @@ def ratio(ours, theirs, better_if_lower: bool = True) -> str:
     return f"{theirs / ours:.2f}x" if better_if_lower else f"{ours / theirs:.2f}x"
 
 
-BEGIN = "<!-- scripts/bench.py writes from here -->"
+BEGIN = "<!-- scripts/bench_transformers.py writes from here -->"
 END = "<!-- to here -->"
 
 
@@ -564,7 +564,7 @@ def main(argv=None) -> int:
     else:
         peer_error = "skipped (--no-peer)"
     machine["load_after"] = load_average()
-    command = "python scripts/bench.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:]))
+    command = "python scripts/bench_transformers.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:]))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "work": work, "lmscope": ours, "peer": peer,
                                                "peer_error": peer_error, "variants": variants, "command": command},

@@ -1,11 +1,11 @@
-"""The peer of scripts/bench.py: Hugging Face transformers, fp32, on the same GGUF file, in its own process.
+"""The peer of scripts/bench_transformers.py: Hugging Face transformers, fp32, on the same GGUF file, in its own process.
 
-    python scripts/bench_peer.py WORKLOAD.json     (run by bench.py; needs `pip install -e ".[bench]"`)
+    python scripts/bench_transformers_peer.py WORKLOAD.json     (run by bench_transformers.py; needs `pip install -e ".[bench]"`)
 
 transformers loads the GGUF itself (`from_pretrained(dir, gguf_file=...)`: every tensor dequantized to
 float32, llama.cpp's q/k permutation undone), so both tools run the same weights. The workload file (token
-ids chosen by bench.py, so both tools see identical inputs) says what to time; results go to stdout as
-JSON lines: {"ready": ...} as soon as the first hidden states exist (bench.py stamps the cold start when it
+ids chosen by bench_transformers.py, so both tools see identical inputs) says what to time; results go to stdout as
+JSON lines: {"ready": ...} as soon as the first hidden states exist (bench_transformers.py stamps the cold start when it
 reads that line), then {"results": ...}.
 """
 from __future__ import annotations

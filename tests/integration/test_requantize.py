@@ -45,7 +45,7 @@ def test_server_serves_the_requantized_copy_when_asked(tiny_model, client, lmsco
     assert info.file_type == "MOSTLY_Q8_0" and info.fingerprint != client.model_info().fingerprint
     # Close to the original, not equal to it: the weights were rounded to 8 bits.
     assert not np.array_equal(derived.logits, original.logits)
-    # Q8_0 weights and activations: 1/254 of a block's max per value, through 4 layers: tests/test_reference.py
+    # Q8_0 weights and activations: 1/254 of a block's max per value, through 4 layers: tests/unit/test_reference.py
     # (CASES, "q8_0-exact") bounds the max error by 0.1 of the largest value.
     np.testing.assert_allclose(derived.logits, original.logits, atol=0.1 * np.abs(original.logits).max())
     assert (derived.logits.argmax(axis=1) == original.logits.argmax(axis=1)).mean() >= 0.8

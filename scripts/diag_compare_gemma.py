@@ -1,6 +1,6 @@
 """Gemma 3 270M in lmscope against transformers fp32 on the same GGUF file: does every site mean the same?
 
-    python scripts/compare_gemma.py [--model PATH] [--threads 2] [--json out.json]
+    python scripts/diag_compare_gemma.py [--model PATH] [--threads 2] [--json out.json]
 
 `--model` may be an F32 copy of the file (llama.cpp's `llama_model_quantize` with LLAMA_FTYPE_ALL_F32: the
 same weights, exactly): llama.cpp then multiplies float32 activations, which separates the error of its

@@ -14,7 +14,7 @@ quantity asked for piece by piece: one prompt at a time with `c.run`, or recompu
   rows through ubatches of 1 and of 4 rows, both below 64 (SAME_KERNELS); greedy tokens are compared where
   the top logit leads the runner-up by more than twice that.
 * Server lenses against the float64 reference unembedding of the same states: `unembedding_error`
-  (tests/test_lens.py `lens_bounds`); attention patterns (no flash attention) against the reference's
+  (tests/integration/test_lens.py `lens_bounds`); attention patterns (no flash attention) against the reference's
   emulated F16 cache: F16_CACHE of the largest value.
 * Float16 on the wire (`collect(dtype="float16")`): half a float16 step (U16 relative, 2**-25 absolute).
 """
@@ -242,7 +242,7 @@ def test_project_pca_matches_scikit_learn_on_states_of_one_prompt_at_a_time(c):
         states = np.stack([c.run(p, layers=[layer], logits=False).resid_post(layer)[-1] for p in prompts])
         assert all(len(c.tokenize(p).token_ids) > 3 * N_BATCH for p in prompts)
         same(projection.states[layer], states, f"layer {layer}")
-        # As in tests/test_lens.py: two float32 SVDs of matrices SAME_KERNELS apart (Davis-Kahan).
+        # As in tests/integration/test_lens.py: two float32 SVDs of matrices SAME_KERNELS apart (Davis-Kahan).
         centred = states.astype(np.float64) - states.mean(axis=0)
         s = np.linalg.svd(centred, compute_uv=False)
         gap = min(min(s[i - 1] - s[i] if i else np.inf, s[i] - s[i + 1]) for i in range(2))
@@ -297,7 +297,8 @@ def test_neurons_and_top_activating_across_ubatches(c, reference):
     site = f"blocks.{layer}.mlp.post"
     neurons = c.neurons(LONG, layer)
     assert neurons.activations.shape == (len(neurons.token_ids), reference.n_ff)
-    # A flash-attention pass against the reference (tests/test_inside.py): FLASH_F16 on order-one activations.
+    # A flash-attention pass against the reference (tests/integration/test_inside.py): FLASH_F16 on order-one
+    # activations.
     np.testing.assert_allclose(neurons.activations, reference.forward(neurons.token_ids)["mlp_post"][layer],
                                atol=FLASH_F16)
     ids, values = neurons.top(position=-1, k=3)

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGES = {"proto": "lmscope.proto", "service": "lmscope.service", "client": "lmscope.client"}
 FORBIDDEN = {"proto": ("lmscope.client", "lmscope.service"), "service": ("lmscope.client",),
              "client": ("lmscope.service",)}

@@ -153,7 +153,7 @@ def test_patch_sweep_batches_are_split_with_their_own_interventions(limited):
     single = limited.patch_sweep(clean, corrupted, metric=metric, positions=[2, 4, -1], batch_size=1)
     logits = limited.run(corrupted, logits="last").logits
     # Batches of 4 prompts (48 rows) against single runs: the same kernels row by row; a logit difference is
-    # within twice SAME_KERNELS of the largest logit (as in tests/test_inside.py).
+    # within twice SAME_KERNELS of the largest logit (as in tests/integration/test_inside.py).
     same = 2 * SAME_KERNELS * (1 + float(np.abs(logits).max()))
     np.testing.assert_allclose(batched.values, single.values, rtol=0, atol=same)
     assert np.ptp(single.values) > 100 * same  # the cells differ: a mixed-up intervention would show

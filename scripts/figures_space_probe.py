@@ -1,7 +1,7 @@
 """Space probe (after Gurnee & Tegmark 2023, "Language Models Represent Space and Time"): how well a
 linear read-out of each layer's residual stream recovers a city's latitude and longitude.
 
-    python scripts/space_probe.py [--server HOST:PORT] [--template "The city of {city}"] [--out docs/space_probe.png]
+    python scripts/figures_space_probe.py [--server HOST:PORT] [--template "The city of {city}"] [--out docs/space_probe.png]
                                   [--label "SmolLM2-135M-Instruct Q4_1"] [--store DIR]
 
 Each of the 466 bundled cities (client/data/world_cities.csv) is one prompt ("The city of Paris");

@@ -1,6 +1,6 @@
 """Write a tiny deterministic random-weight GGUF model of one family (see lmscope.service.testing).
 
-Usage: python scripts/make_tiny_model.py OUT.gguf
+Usage: python scripts/dev_make_tiny_model.py OUT.gguf
        [--family llama|qwen2|qwen3|gemma2|gemma3|phi3|mixtral|qwen2moe|qwen3moe] [--n-layer 4] [--n-embd 64]
        [--n-head 4] [--n-head-kv 2] [--n-ff 128] [--seed 0] [--tied | --untied (default: the family's)]
        [--weight-type f32|f16|q8_0] [--n-ctx-train 512] [--no-chat-template]

@@ -4,11 +4,11 @@ import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_notebook_is_generated_from_the_script():
-    result = subprocess.run([sys.executable, "scripts/sync_walkthrough.py", "--check"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "scripts/dev_sync_walkthrough.py", "--check"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 PROMPT = "The capital of France is"
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

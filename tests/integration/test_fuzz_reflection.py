@@ -1,6 +1,6 @@
 """Fuzzing every RPC with requests derived from the proto by reflection, against a server with tiny ubatches.
 
-`tests/test_fuzz.py` draws requests from hand-written strategies, so a field added to the proto is fuzzed
+`tests/integration/test_fuzz.py` draws requests from hand-written strategies, so a field added to the proto is fuzzed
 only once somebody writes a strategy for it. Here the request strategy of each method of the Inspector
 service is built from its input message's descriptor, recursively: every field of every type (integers
 with their edge values, negatives for signed ones; enums with unknown numbers; bools; floats with NaN and
@@ -16,7 +16,8 @@ users' long prompts do with the default 512), with the small limits of `test_fuz
 must be a well-formed success or a status that blames the request (`REQUEST_FAULTS`) in one line without a
 traceback, never INTERNAL, UNKNOWN, UNAVAILABLE (a crashed worker) or DEADLINE_EXCEEDED; the worker must be
 the one that started. Derandomized, so CI sees the same requests each run; a longer hunt with other
-requests: LMSCOPE_FUZZ_EXAMPLES=2000 LMSCOPE_FUZZ_SEED=1 .venv/bin/python -m pytest -q tests/test_fuzz_reflection.py
+requests:
+LMSCOPE_FUZZ_EXAMPLES=2000 LMSCOPE_FUZZ_SEED=1 .venv/bin/python -m pytest -q tests/integration/test_fuzz_reflection.py
 """
 from __future__ import annotations
 

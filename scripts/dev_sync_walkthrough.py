@@ -3,9 +3,9 @@
 The walkthrough is written once, as a plain script in "percent" cell format (`# %%` starts a code cell,
 `# %% [markdown]` a markdown cell whose lines start with `# `). This tool turns it into a notebook:
 
-    python scripts/sync_walkthrough.py            # rebuild the notebook (no outputs)
-    python scripts/sync_walkthrough.py --execute  # rebuild and run it with nbclient, saving outputs
-    python scripts/sync_walkthrough.py --check    # exit 1 if the notebook's cells differ from the script
+    python scripts/dev_sync_walkthrough.py            # rebuild the notebook (no outputs)
+    python scripts/dev_sync_walkthrough.py --execute  # rebuild and run it with nbclient, saving outputs
+    python scripts/dev_sync_walkthrough.py --check    # exit 1 if the notebook's cells differ from the script
 
 The script itself runs top to bottom with `python examples/walkthrough.py` (CI does that).
 """
@@ -61,7 +61,7 @@ def main() -> int:
         same = [(c.cell_type, c.source) for c in current.cells] == [(c.cell_type, c.source) for c in fresh.cells]
         if not same:
             print(f"{NOTEBOOK.name} is out of sync with {SCRIPT.name}: "
-                  f"run python scripts/sync_walkthrough.py --execute")
+                  f"run python scripts/dev_sync_walkthrough.py --execute")
         return 0 if same else 1
     if args.execute:
         from nbclient import NotebookClient

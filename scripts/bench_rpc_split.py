@@ -1,6 +1,6 @@
 """Cost of splitting a model over llama.cpp RPC workers, against the same model on one server.
 
-Usage: python scripts/rpc_split_bench.py [--model PATH] [--workers 1] [--n-gpu-layers 99] [--threads 1]
+Usage: python scripts/bench_rpc_split.py [--model PATH] [--workers 1] [--n-gpu-layers 99] [--threads 1]
        [--repeats 5]
 
 Needs a llama.cpp built with GGML_RPC=ON (docs/deployment.md). Starts `--workers` `lmscope rpc-worker`

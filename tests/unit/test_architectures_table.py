@@ -2,7 +2,7 @@
 them is derived, and these tests keep it so.
 
 - docs/architectures.md's family x site table is `service/site_table.py`'s rendering of the registry
-  (regenerate it with `python scripts/gen_architectures_table.py`);
+  (regenerate it with `python scripts/dev_gen_architectures_table.py`);
 - the registry names only kinds of `lmscope.proto.sites.SITE_KINDS`, and the tiny-model builder has one
   model per registry family, built from that family's record;
 - the facts derived from `SITE_KINDS` are the ones the service and the client rely on.
@@ -17,7 +17,7 @@ from lmscope.proto import sites
 from lmscope.service import architectures, site_table
 from lmscope.service.testing import FAMILIES
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "architectures.md"
 
 
@@ -26,7 +26,7 @@ def test_the_family_x_site_table_in_docs_is_generated_from_the_registry():
     assert page.count(site_table.BEGIN) == 1 and page.count(site_table.END) == 1
     assert site_table.rewrite(page) == page, (
         "docs/architectures.md's family x site table differs from the registry: run "
-        "python scripts/gen_architectures_table.py")
+        "python scripts/dev_gen_architectures_table.py")
 
 
 def test_the_table_has_a_row_per_kind_and_a_column_per_family():

@@ -3,7 +3,7 @@
 Part 1 (no server): each family's tiny GGUF (``lmscope.service.testing.build_tiny_model(family=...)``)
 loads in llama.cpp, and the independent numpy reference (``tests/reference.py``) reproduces llama.cpp's own
 logits and the graph nodes that hold each site (read through a self-contained eval callback, the one in
-``tests/test_reference.py``). A second check turns each family feature off in the reference (the sliding
+``tests/unit/test_reference.py``). A second check turns each family feature off in the reference (the sliding
 window, the soft-caps, the embedding scale, ...) and asserts that the agreement is lost: the tiny models
 really exercise what they claim to.
 
