@@ -33,7 +33,7 @@ def _server_extra(name: str):
 
 
 def _pull(args) -> int:
-    models = _server_extra("models")
+    models = _server_extra("model_files")
     try:
         print(models.pull_model(args.name, force=args.force, progress=lambda m: print(m, file=sys.stderr)))
     except models.ModelError as exc:
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         server = _server_extra("server")
         return server.main(argv[1:])
     if argv and argv[0] == "rpc-worker":
-        return _server_extra("rpc").main(argv[1:])
+        return _server_extra("llama_rpc").main(argv[1:])
     args = parser.parse_args(argv)
     try:
         return args.handler(args)

@@ -20,7 +20,7 @@ import numpy as np
 
 from lmscope.client import Client
 from lmscope.service.launch import launch_server
-from lmscope.service.models import pull_default_model
+from lmscope.service.model_files import pull_default_model
 
 SETTINGS = {"default": (), "--flash-attn off": ("--flash-attn", "off"), "--batch-invariant": ("--batch-invariant",),
             "both": ("--flash-attn", "off", "--batch-invariant")}

@@ -47,7 +47,7 @@ def timed(call, repeats: int):
 def reduction(model: str | None, repeats: int) -> None:
     import numpy as np
 
-    from lmscope.service.models import pull_default_model
+    from lmscope.service.model_files import pull_default_model
     from lmscope.service.weights import Weights
 
     weights = Weights(str(model or pull_default_model(progress=None)))

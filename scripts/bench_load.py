@@ -146,7 +146,7 @@ def _model_path(name: str, folder: pathlib.Path) -> pathlib.Path:
 
         return build_tiny_model(folder / "tiny.gguf", n_layer=4, n_embd=64, n_head=4, n_head_kv=2, n_ff=128)
     if name == "default":
-        from lmscope.service.models import pull_default_model
+        from lmscope.service.model_files import pull_default_model
 
         return pull_default_model(progress=None)
     return pathlib.Path(name)

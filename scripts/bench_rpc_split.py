@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from lmscope.client import Client
-from lmscope.service import rpc
+from lmscope.service import llama_rpc
 from lmscope.service.launch import launch_server
 
 PROMPT = "The history of the river begins in the mountains, where snow melts every spring and"
@@ -66,8 +66,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="threads per rpc-worker and for the servers")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    if not rpc.supported():
-        sys.exit(f"this llama.cpp build has no RPC backend; {rpc.BUILD_HINT}")
+    if not llama_rpc.supported():
+        sys.exit(f"this llama.cpp build has no RPC backend; {llama_rpc.BUILD_HINT}")
 
     server_args = ("--threads", str(args.threads), "--n-ctx", "1024")
     with launch_server(args.model, args=server_args) as local:

@@ -230,7 +230,7 @@ def main(argv=None) -> int:
         print(json.dumps(peer(args.peer_of, args.threads, args.repeat, json.loads(args.prompt))))
         return 0
     if not args.model:
-        from lmscope.service.models import pull_default_model
+        from lmscope.service.model_files import pull_default_model
         args.model = str(pull_default_model(progress=None))
     prompt = _prompt_ids(args.model, args.tokens)
     result = {"model": args.model, "threads": args.threads, "load_before": load_average()}

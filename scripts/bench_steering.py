@@ -31,7 +31,7 @@ import llama_cpp as lc
 import numpy as np
 
 from lmscope.service.engine import Engine, EngineConfig, Intervention
-from lmscope.service.models import pull_default_model
+from lmscope.service.model_files import pull_default_model
 
 
 def main() -> None:

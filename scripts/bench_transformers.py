@@ -518,7 +518,7 @@ def main(argv=None) -> int:
                      saved["peer_error"], saved["variants"], saved["command"])
         return 0
 
-    from lmscope.service.models import resolve_model_path
+    from lmscope.service.model_files import resolve_model_path
 
     model = str(resolve_model_path(args.model))
     machine = describe_machine()

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = args.model
     if model is None:
-        from lmscope.service.models import pull_default_model
+        from lmscope.service.model_files import pull_default_model
         model = pull_default_model(progress=None)
     result = measure(model, args.tokens, args.repeat, args.dtype)
     result["model"] = str(model)

@@ -71,7 +71,7 @@ def main() -> int:
 
     from lmscope.client import Client
     from lmscope.service.launch import launch_server
-    from lmscope.service.models import pull_model
+    from lmscope.service.model_files import pull_model
 
     model = args.model or str(pull_model("gemma3-270m", progress=None))
     report: dict = {"model": os.path.basename(model), "load": os.getloadavg()}

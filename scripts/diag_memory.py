@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not args.model:
-        from lmscope.service.models import pull_default_model
+        from lmscope.service.model_files import pull_default_model
         args.model = str(pull_default_model(progress=None))
     if args.probe == "stages":
         stages(args.model)

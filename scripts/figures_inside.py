@@ -22,7 +22,7 @@ from lmscope.client import Client  # noqa: E402
 from lmscope.client.activation_patching import IDENTITY_PROMPT  # noqa: E402
 from lmscope.client.heatmap import cjk_font  # noqa: E402
 from lmscope.service.launch import launch_server  # noqa: E402
-from lmscope.service.models import pull_default_model  # noqa: E402
+from lmscope.service.model_files import pull_default_model  # noqa: E402
 
 SENTENCE = "The cat sat on the mat because it was tired, and the cat slept."
 CJK_PROMPT = "兩顆青蘋果"

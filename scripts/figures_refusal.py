@@ -138,7 +138,7 @@ def main() -> None:
         server_text = f"external ({address})"
     else:
         from lmscope.service.launch import launch_server
-        from lmscope.service.models import pull_default_model
+        from lmscope.service.model_files import pull_default_model
 
         server = launch_server(pull_default_model(), args=("--threads", str(args.threads), "--n-ctx", "2048"))
         address, server_text = server.address, f"local, {args.threads} thread(s)"

@@ -39,7 +39,7 @@ class EngineConfig:
     max_capture_bytes: int = 2 << 30
     max_generated_tokens: int = 4096
     max_batch_prompts: int = 1024
-    rpc_servers: tuple[str, ...] = ()  # ggml-rpc workers that take the n_gpu_layers layers (service/rpc.py)
+    rpc_servers: tuple[str, ...] = ()  # ggml-rpc workers that take the n_gpu_layers layers (service/llama_rpc.py)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ctypes
 
-from . import llama_log, rpc
+from . import llama_log, llama_rpc
 from .errors import Code, RequestError
 from .native import llama as lc
 
@@ -19,7 +19,7 @@ class Model:
         llama_log.install()
         lc.llama_backend_init()
         if rpc_servers:
-            rpc.add_devices(list(rpc_servers))
+            llama_rpc.add_devices(list(rpc_servers))
         params = lc.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         llama_log.clear()

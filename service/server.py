@@ -34,10 +34,10 @@ from grpc_reflection.v1alpha import reflection
 from lmscope.proto.addresses import join_host_port
 from lmscope.proto.wire import lmscope_pb2 as pb
 
-from . import heap, rpc
+from . import heap, llama_rpc
 from .contracts import EngineConfig
 from .errors import Code, RequestError
-from .models import ModelPathError, resolve_model_path, sha256_file
+from .model_files import ModelPathError, resolve_model_path, sha256_file
 from .requantize import RequantizeError, requantized
 from .wire_guard import add_inspector_service
 
@@ -87,7 +87,8 @@ class Server:
         model_path = resolve_model_path(args.model)
         if args.requantize:
             model_path = _in_child(requantized, model_path, args.requantize)
-        rpc_servers = _in_child(rpc.server_endpoints, args.rpc, args.workers, args.n_gpu_layers) if args.rpc else ()
+        rpc_servers = (_in_child(llama_rpc.server_endpoints, args.rpc, args.workers, args.n_gpu_layers)
+                       if args.rpc else ())
         self.started = time.perf_counter()
         message_bytes = args.max_message_mb << 20
         options = [("grpc.max_send_message_length", message_bytes),

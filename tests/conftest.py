@@ -57,7 +57,7 @@ def reference(tiny_model):
 
 @pytest.fixture(scope="session")
 def smol_model() -> pathlib.Path:
-    from lmscope.service.models import pull_default_model
+    from lmscope.service.model_files import pull_default_model
 
     return pull_default_model(progress=None)
 

@@ -28,7 +28,7 @@ N_EMBD = 640
 
 @pytest.fixture(scope="module")
 def gemma_client():
-    from lmscope.service.models import pull_model
+    from lmscope.service.model_files import pull_model
 
     path = pull_model("gemma3-270m", progress=None)
     with launch_server(path, args=("--threads", "2", "--n-ctx", "256")) as server:

