@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -23,6 +24,7 @@ from tolerances import SAME_KERNELS
 from lmscope.client import Client, LmscopeError
 from lmscope.client.core import ModelMismatchError
 from lmscope.client.servers import ServerSet
+from lmscope.service import procinfo
 from lmscope.service.launch import launch_server
 from lmscope.service.testing import build_tiny_model
 
@@ -56,6 +58,28 @@ def _assert_same_runs(runs, expected):
             assert np.array_equal(run.captures[site], ref.captures[site]), site
 
 
+def _kill_while_computing(server, timeout: float = 10.0) -> None:
+    """SIGKILL the server while its worker computes a request, so that a request is in flight on it: the
+    batch's later requests are already running on the three servers (the client keeps a window of them
+    going), but on a fast model they can all have finished by the time the consumer gets here, and a kill
+    then hits an idle server and tests no fail-over."""
+    workers = procinfo.worker_pids(server.process.pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(_state(pid) == "R" for pid in workers):
+            break
+    server.process.kill()
+    server.process.wait(10)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
 def test_batch_survives_a_server_killed_midway(three_servers, caplog):
     survivor, victim, third = three_servers
     with Client(survivor.address, max_in_flight=1, timeout=60) as single:
@@ -72,8 +96,7 @@ def test_batch_survives_a_server_killed_midway(three_servers, caplog):
         for i, run in enumerate(client.iter_runs(PROMPTS, **OPTIONS)):
             runs.append(run)
             if i == 100:
-                victim.process.kill()
-                victim.process.wait(10)
+                _kill_while_computing(victim)
     assert victim.process.returncode is not None and survivor.process.poll() is None and third.process.poll() is None
     _assert_same_runs(runs, expected)
     retried = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
