@@ -55,9 +55,10 @@ class Contexts:
     """
 
     def __init__(self, model_handle, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int,
-                 prompts_share_ubatches: bool = True):
+                 prompts_share_ubatches: bool = True, kv_cache_f32: bool = False):
         self.model_handle = model_handle
         self.prompts_share_ubatches = prompts_share_ubatches
+        self.kv_cache_f32 = kv_cache_f32
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.n_seq_max = n_seq_max
@@ -111,6 +112,8 @@ class Contexts:
         # Sliding-window layers (Gemma) keep a full-size cache too: attention capture maps KV cells to
         # positions in decode order, which a smaller ring-buffer SWA cache would reuse.
         params.swa_full = True
+        if self.kv_cache_f32:
+            params.type_k = params.type_v = lc.GGML_TYPE_F32
         params.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                   else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         callback = lc.ggml_backend_sched_eval_callback(self._route)

@@ -35,6 +35,7 @@ class EngineConfig:
     n_seq_max: int = 64
     flash_attn: bool = True     # for passes that do not capture attention patterns
     batch_invariant: bool = False  # decode each prompt of a request as if alone (its own ubatches and cells)
+    kv_cache_f32: bool = False  # K and V kept in float32 instead of llama.cpp's default float16 (--precise)
     max_prompt_tokens: int = 0  # 0 = n_ctx
     max_capture_bytes: int = 2 << 30
     max_generated_tokens: int = 4096

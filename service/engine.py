@@ -94,7 +94,8 @@ class Engine:
         self.contexts = Contexts(self.model.handle, n_ctx=config.n_ctx, n_batch=n_batch,
                                  n_seq_max=min(config.n_seq_max, n_batch),  # llama.cpp needs n_seq_max <= n_batch
                                  n_threads=config.n_threads or os.cpu_count() or 1,
-                                 prompts_share_ubatches=not config.batch_invariant)
+                                 prompts_share_ubatches=not config.batch_invariant,
+                                 kv_cache_f32=config.kv_cache_f32)
         self.weights = Weights(config.model_path, n_threads=self.contexts.n_threads)
         self.family = self.weights.family
         self.site_rules = SiteRules(self.family, all_site_names(self.n_layer), self.weights.tensors)
@@ -127,6 +128,7 @@ class Engine:
                 "CUDA" if lc.llama_supports_gpu_offload() and self.config.n_gpu_layers else "CPU"),
             n_gpu_layers=self.config.n_gpu_layers, flash_attention=self.config.flash_attn,
             batch_invariant=self.config.batch_invariant, ffn_value_tensor=self.family.ffn_value_tensor or "",
+            kv_cache_type="f32" if self.config.kv_cache_f32 else "f16",
             unavailable_sites=dict(self.unavailable_sites),
             embedding_scale=embedding_scale(self.family, self.n_embd),
             final_logit_softcapping=self.weights.final_logit_softcapping,

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from .model_files import _cache_lock, model_cache_dir
 
-TARGETS = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+# "f32" is the precise mode's copy (`lmscope serve --precise`): every weight dequantized exactly to float32, so
+# that no matrix product rounds its input rows to 8 bits (llama.cpp does that for quantized weights only).
+TARGETS = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "f32": "LLAMA_FTYPE_ALL_F32"}
 
 
 class RequantizeError(RuntimeError):
@@ -35,7 +37,7 @@ def _source_key(source: Path) -> str:
 
 
 def requantized(source: str | os.PathLike, target: str) -> Path:
-    """The source model converted to `target` ("q8_0" or "q4_0"), converting it first if needed."""
+    """The source model converted to `target` ("q8_0", "q4_0" or "f32"), converting it first if needed."""
     if target not in TARGETS:
         raise RequantizeError(f"cannot requantize to {target!r}; choose one of {', '.join(TARGETS)}")
     source = Path(source)

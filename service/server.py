@@ -85,8 +85,8 @@ class Server:
         credentials = _tls_credentials(args.tls_cert, args.tls_key)
         interceptors = [_TokenAuth(_read_token(args.token_file))] if args.token_file else []
         model_path = resolve_model_path(args.model)
-        if args.requantize:
-            model_path = _in_child(requantized, model_path, args.requantize)
+        if args.requantize or args.precise:
+            model_path = _in_child(requantized, model_path, "f32" if args.precise else args.requantize)
         rpc_servers = (_in_child(llama_rpc.server_endpoints, args.rpc, args.workers, args.n_gpu_layers)
                        if args.rpc else ())
         self.started = time.perf_counter()
@@ -116,7 +116,8 @@ class Server:
                                               f"not an address of this machine")
         config = EngineConfig(model_path=str(model_path), n_ctx=args.n_ctx, n_threads=worker_threads(args),
                               n_gpu_layers=args.n_gpu_layers, n_batch=args.n_batch,
-                              flash_attn=args.flash_attn == "on", batch_invariant=args.batch_invariant,
+                              flash_attn=args.flash_attn == "on" and not args.precise,
+                              batch_invariant=args.batch_invariant, kv_cache_f32=args.precise,
                               max_capture_bytes=args.max_capture_mb << 20,
                               max_generated_tokens=args.max_generated_tokens,
                               max_prompt_tokens=args.max_prompt_tokens, max_batch_prompts=args.max_batch_prompts,
@@ -208,6 +209,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="off: every request runs the plain attention kernel (the one an attention capture "
                              "needs), so a result never depends on what else is captured; slower "
                              "(docs/gotchas.md)")
+    parser.add_argument("--precise", action="store_true",
+                        help="serve a float32 copy of the model (made once, cached) with a float32 KV cache and the "
+                             "plain attention kernel: numbers as far from exact math as float32 rounding, at 4 bytes "
+                             "per weight and a slower pass (docs/fidelity.md)")
     parser.add_argument("--batch-invariant", action="store_true",
                         help="decode each prompt of a batch in ubatches of its own, as if it came alone, so its "
                              "numbers never depend on the prompts beside it; slower for batches of short prompts "
@@ -244,6 +249,8 @@ def _argument_error(args: argparse.Namespace) -> str | None:
     if not _is_loopback(args.host) and not (args.tls_cert or args.insecure):
         return (f"--host {args.host} exposes the server beyond this machine; add --tls-cert/--tls-key, "
                 f"or --insecure if the network is trusted")
+    if args.precise and args.requantize:
+        return "--precise serves a float32 copy; it cannot be combined with --requantize"
     minimums = (("--workers", args.workers, 1), ("--max-queue", args.max_queue, 0), ("--n-ctx", args.n_ctx, 1),
                 ("--n-batch", args.n_batch, 2), ("--threads", args.threads, 0), ("--port", args.port, 0),
                 ("--max-capture-mb", args.max_capture_mb, 1), ("--max-prompt-tokens", args.max_prompt_tokens, 0),

@@ -56,7 +56,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("architecture", "name", "description", "n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_vocab", "n_ctx_train", "n_ctx", "tied_embeddings", "tensor_types", "file_type", "has_chat_template", "chat_template", "bos_token_id", "eos_token_id", "capture_sites", "fingerprint", "n_params", "file_size", "limits", "backend", "n_gpu_layers", "n_workers", "unavailable_sites", "embedding_scale", "final_logit_softcapping", "site_rules", "verification", "unembed_error", "memory", "flash_attention", "batch_invariant", "ffn_value_tensor")
+    __slots__ = ("architecture", "name", "description", "n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_vocab", "n_ctx_train", "n_ctx", "tied_embeddings", "tensor_types", "file_type", "has_chat_template", "chat_template", "bos_token_id", "eos_token_id", "capture_sites", "fingerprint", "n_params", "file_size", "limits", "backend", "n_gpu_layers", "n_workers", "unavailable_sites", "embedding_scale", "final_logit_softcapping", "site_rules", "verification", "unembed_error", "memory", "flash_attention", "batch_invariant", "ffn_value_tensor", "kv_cache_type")
     class TensorTypesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class ModelInfo(_message.Message):
     FLASH_ATTENTION_FIELD_NUMBER: _ClassVar[int]
     BATCH_INVARIANT_FIELD_NUMBER: _ClassVar[int]
     FFN_VALUE_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_TYPE_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     name: str
     description: str
@@ -150,7 +151,8 @@ class ModelInfo(_message.Message):
     flash_attention: bool
     batch_invariant: bool
     ffn_value_tensor: str
-    def __init__(self, architecture: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_head: _Optional[int] = ..., n_head_kv: _Optional[int] = ..., n_ff: _Optional[int] = ..., n_vocab: _Optional[int] = ..., n_ctx_train: _Optional[int] = ..., n_ctx: _Optional[int] = ..., tied_embeddings: _Optional[bool] = ..., tensor_types: _Optional[_Mapping[str, int]] = ..., file_type: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., chat_template: _Optional[str] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., capture_sites: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ..., n_params: _Optional[int] = ..., file_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., n_gpu_layers: _Optional[int] = ..., n_workers: _Optional[int] = ..., unavailable_sites: _Optional[_Mapping[str, str]] = ..., embedding_scale: _Optional[float] = ..., final_logit_softcapping: _Optional[float] = ..., site_rules: _Optional[str] = ..., verification: _Optional[_Mapping[str, float]] = ..., unembed_error: _Optional[str] = ..., memory: _Optional[_Union[MemoryEstimate, _Mapping]] = ..., flash_attention: _Optional[bool] = ..., batch_invariant: _Optional[bool] = ..., ffn_value_tensor: _Optional[str] = ...) -> None: ...
+    kv_cache_type: str
+    def __init__(self, architecture: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_head: _Optional[int] = ..., n_head_kv: _Optional[int] = ..., n_ff: _Optional[int] = ..., n_vocab: _Optional[int] = ..., n_ctx_train: _Optional[int] = ..., n_ctx: _Optional[int] = ..., tied_embeddings: _Optional[bool] = ..., tensor_types: _Optional[_Mapping[str, int]] = ..., file_type: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., chat_template: _Optional[str] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., capture_sites: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ..., n_params: _Optional[int] = ..., file_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., n_gpu_layers: _Optional[int] = ..., n_workers: _Optional[int] = ..., unavailable_sites: _Optional[_Mapping[str, str]] = ..., embedding_scale: _Optional[float] = ..., final_logit_softcapping: _Optional[float] = ..., site_rules: _Optional[str] = ..., verification: _Optional[_Mapping[str, float]] = ..., unembed_error: _Optional[str] = ..., memory: _Optional[_Union[MemoryEstimate, _Mapping]] = ..., flash_attention: _Optional[bool] = ..., batch_invariant: _Optional[bool] = ..., ffn_value_tensor: _Optional[str] = ..., kv_cache_type: _Optional[str] = ...) -> None: ...
 
 class MemoryEstimate(_message.Message):
     __slots__ = ("mapped_weights", "kv_cache", "compute_buffer", "output_buffer", "reduction_budget", "contexts", "n_ubatch", "per_worker")

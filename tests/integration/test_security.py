@@ -131,6 +131,7 @@ def test_tls_or_insecure_lets_a_non_loopback_host_pass_the_gate():
     # the start-up probe needs two rows in one ubatch; llama.cpp would abort the worker on a longer batch
     (lambda d: ["--n-batch", "1"], "--n-batch must be at least 2"),
     (lambda d: ["--flash-attn", "maybe"], "invalid choice: 'maybe'"),
+    (lambda d: ["--precise", "--requantize", "q8_0"], "cannot be combined with --requantize"),
 ])
 def test_bad_security_arguments_stop_the_server_before_it_loads_a_model(tmp_path, certificates, make_args, words):
     cert, key = certificates["server"]
