@@ -12,7 +12,7 @@ Two ways to tell a refusal, as in arXiv 2406.11717:
 
 `load_prompts` reads the bundled requests (`client/data/refusal_prompts.json`, MIT, written for this
 project): harmful ones an aligned chat model should refuse and harmless ones it should answer, in English
-and Chinese.
+(80 each) and Chinese (16 each), with a fixed fit / validation / held-out split (`load_prompts(split=...)`).
 """
 from __future__ import annotations
 
@@ -79,6 +79,17 @@ def refusal_scores(logits: np.ndarray, refusal_ids: Sequence[int]) -> np.ndarray
     return log_p - np.log1p(-np.minimum(np.exp(log_p), 1 - 1e-12))
 
 
+def next_token_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """Per row, KL(p || q) in nats of the softmax distributions of two (n, n_vocab) logit arrays (float64)."""
+    log_p, log_q = _log_softmax(p_logits), _log_softmax(q_logits)
+    return (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    return z - _logsumexp(z)[..., None]
+
+
 def block_output_means(store, info, position: int | str, chat: bool) -> np.ndarray:
     """(n_layer, n_embd) float64 mean over a store's prompts of each block's output at `position` (or the
     token mean): the difference-in-means ingredients read from an `ActivationStore`, nothing recomputed."""
@@ -109,12 +120,27 @@ def _bundled() -> dict:
     return json.loads(text)
 
 
-def load_prompts(kind: str, languages: Sequence[str] = ("en", "zh")) -> list[str]:
-    """The bundled "harmful" or "harmless" requests in `languages` ("en", "zh"), in file order."""
+# The deterministic split of each language's list (`load_prompts(split=...)`): prompt i goes to
+# SPLIT_OF_INDEX[i % 4], so every split spreads over the whole file and adding prompts at the end never moves one.
+SPLITS = ("fit", "validation", "held_out")
+SPLIT_OF_INDEX = ("fit", "fit", "validation", "held_out")
+
+
+def load_prompts(kind: str, languages: Sequence[str] = ("en", "zh"), split: str | None = None) -> list[str]:
+    """The bundled "harmful" or "harmless" requests in `languages` ("en", "zh"), in file order.
+
+    split: None for all of them, or "fit" (half: the difference in means), "validation" (a quarter: choosing
+    the layer) or "held_out" (a quarter: the reported rates), fixed by each prompt's index in its language's
+    list (`SPLIT_OF_INDEX`), so the three never overlap and every run splits the same way."""
     data = _bundled()
     if kind not in data:
         raise invalid_argument(f"kind must be one of {sorted(data)}, not {kind!r}")
+    if isinstance(languages, str):
+        raise invalid_argument(f"languages must be a list such as [{languages!r}], not a string")
     unknown = [lang for lang in languages if lang not in data[kind]]
     if unknown:
         raise invalid_argument(f"no bundled prompts in {unknown}; available: {sorted(data[kind])}")
-    return [p for lang in languages for p in data[kind][lang]]
+    if split is not None and split not in SPLITS:
+        raise invalid_argument(f"split must be one of {SPLITS} or None, not {split!r}")
+    return [p for lang in languages for i, p in enumerate(data[kind][lang])
+            if split is None or SPLIT_OF_INDEX[i % len(SPLIT_OF_INDEX)] == split]

@@ -73,8 +73,10 @@ class GGUFHeader:
                 or alignment & (alignment - 1):
             self._fail(f"general.alignment {alignment!r} is not a power of two")
         self.alignment = alignment
+        self.metadata_end = self._offset  # where the tensor descriptions begin
         self._tensors: list[TensorInfo] | None = None
         self.data_start = 0  # set by tensor_infos()
+        self.tensor_infos_end = 0  # set by tensor_infos(): the end of the descriptions, before the padding
 
     def tensor_infos(self) -> list[TensorInfo]:
         """The tensor descriptions, in file order; sets `data_start`, where the data section begins."""
@@ -89,6 +91,7 @@ class GGUFHeader:
                 ggml_type = self._scalar("<I", f"the type of {name}")
                 offset = self._scalar("<Q", f"the data offset of {name}")
                 tensors.append(TensorInfo(name, dims, ggml_type, offset))
+            self.tensor_infos_end = self._offset
             self.data_start = -(-self._offset // self.alignment) * self.alignment
             self._tensors = tensors
         return self._tensors

