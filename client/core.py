@@ -289,7 +289,7 @@ class CoreClient:
 
     def run_request(self, prompts, *, layers=None, capture=None, positions=None, logits=True,
                     dtype="float32", steer=None, ablate=None, patch=None, interventions=None, chat=False,
-                    prepend_bos=True, lens: pb.LensSpec | None = None) -> pb.RunRequest:
+                    prepend_bos=True, lens: pb.LensSpec | None = None, fidelity: bool = False) -> pb.RunRequest:
         """The RunRequest `run` would send for these prompts (options as for `run`), for `send_run`."""
         modes = {True: pb.LOGITS_ALL, "all": pb.LOGITS_ALL, "last": pb.LOGITS_LAST,
                  False: pb.LOGITS_NONE, None: pb.LOGITS_NONE, "none": pb.LOGITS_NONE}
@@ -305,7 +305,7 @@ class CoreClient:
             positions=[int(p) for p in positions] if positions is not None else [],
             logits=mode, dtype=pb.FLOAT16 if dtype == "float16" else pb.FLOAT32,
             interventions=iv.build(self.n_layer if needs_layers else 0, steer, ablate, patch, interventions),
-            lens=lens)
+            lens=lens, fidelity=bool(fidelity))
 
     def send_run(self, request: pb.RunRequest, metadata=None) -> list[Run]:
         """Send a RunRequest (from `run_request`, possibly with a lens spec); one Run per prompt."""
@@ -323,7 +323,7 @@ class CoreClient:
     def run(self, prompt, *, layers: Sequence[int] | None = None, capture: SiteFilter | None = None,
             positions: Sequence[int] | None = None, logits: bool | str = True, dtype: str = "float32",
             steer=None, ablate=None, patch=None, interventions=None, chat: bool = False,
-            prepend_bos: bool = True) -> Run:
+            prepend_bos: bool = True, fidelity: bool = False) -> Run:
         """One forward pass. By default captures every hidden state and returns logits for every token.
 
         layers: capture only these blocks' outputs (``blocks.L.resid_post``).
@@ -336,10 +336,13 @@ class CoreClient:
             INVALID_ARGUMENT).
         prepend_bos: False leaves out the BOS token the tokenizer would add to a text prompt (token-id
             prompts are used as given).
+        fidelity: also compute the fidelity map of the run (`Run.fidelity`, `lmscope.client.fidelity`): where
+            llama.cpp's rounding of matrix-product inputs moves each block's output.
         """
         request = self.run_request([prompt], layers=layers, capture=capture, positions=positions, logits=logits,
                                    dtype=dtype, steer=steer, ablate=ablate, patch=patch,
-                                   interventions=interventions, chat=chat, prepend_bos=prepend_bos)
+                                   interventions=interventions, chat=chat, prepend_bos=prepend_bos,
+                                   fidelity=fidelity)
         return self.send_run(request)[0]
 
     def send_runs(self, requests: Iterable[pb.RunRequest], *,

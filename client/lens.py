@@ -34,6 +34,7 @@ import numpy as np
 from lmscope.proto.wire import lmscope_pb2 as pb
 
 from .errors import invalid_argument
+from .fidelity import FidelityMap
 
 Affine = Mapping[int, tuple] | Sequence[tuple | None]
 # Rows per Unembed request on the affine path: keeps each request far below the gRPC message limit.
@@ -89,6 +90,7 @@ class LogitLens:
     decode_ms: float = 0.0  # server: the forward pass with capture (llama_decode)
     total_ms: float = 0.0   # server: the whole request, the lens reduction included
     hidden_states: np.ndarray | None = None  # (n_layer + 1, n_positions, n_embd) with keep_states=True
+    fidelity: FidelityMap | None = None  # with fidelity=True: where activation rounding moves the states
     # ids -> (probs, ranks, texts) of more targets, and word -> (first token id, multi_token)
     _fetch_targets: Callable[[list[int]], tuple[np.ndarray, np.ndarray, list[str]]] | None = field(default=None,
                                                                                                   repr=False)
@@ -124,6 +126,14 @@ class LogitLens:
         return dataclasses.replace(trace, multi_token=True) if multi and not trace.multi_token else trace
 
     @property
+    def flags(self) -> np.ndarray | None:
+        """(n_layer + 1, n_positions) bool: the cells whose hidden state the fidelity map flags (the embedding
+        row never: no product precedes it), or None when the lens was run without fidelity=True."""
+        if self.fidelity is None:
+            return None
+        return np.concatenate([np.zeros((1, len(self.positions)), bool), self.fidelity.flags])
+
+    @property
     def next_token_ids(self) -> list[int | None]:
         """The token that really follows each lensed position in the prompt (None after the last one)."""
         return [self.token_ids[p + 1] if p + 1 < len(self.token_ids) else None for p in self.positions]
@@ -137,9 +147,14 @@ class LogitLens:
         head += "".join(f"  {repr(t.token)[:14]:>14} p / rank" for t in shown)
         lines = [f"position {self.positions[j]} (input {self.input_tokens[j]!r}), temperature {self.temperature:g}",
                  head]
+        flags = self.flags
+        if flags is not None:
+            lines.append(f"! = the fidelity map flags the row (activation rounding moves it by > "
+                         f"{self.fidelity.threshold:.0%})")
         for i, label in enumerate(self.layers):
             cells = [f"{repr(self.top_tokens[i][j][r])[:14]:<14} {self.top_probs[i, j, r]:7.4f}" for r in range(k)]
-            row = f"{label:>6} {self.entropy[i, j]:8.3f}  " + "  ".join(cells)
+            mark = "!" if flags is not None and flags[i, j] else " "
+            row = f"{label:>5}{mark} {self.entropy[i, j]:8.3f}  " + "  ".join(cells)
             row += "".join(f"  {t.probs[i, j]:14.4f} / {int(t.ranks[i, j]):<5}" for t in shown)
             lines.append(row)
         return "\n".join(lines)
@@ -245,7 +260,7 @@ class LensMixin:
 
     def logit_lens(self, prompt, *, top_k: int = 5, temperature: float = 1.0, targets: Sequence = (),
                    positions: Sequence[int] | None = None, affine: Affine | None = None,
-                   chat: bool = False, lens=None, keep_states: bool = False) -> LogitLens:
+                   chat: bool = False, lens=None, keep_states: bool = False, fidelity: bool = False) -> LogitLens:
         """The logit lens of every hidden state (embedding + each block's output) at every position.
 
         prompt: text or token ids. top_k: tokens kept per cell. temperature: softmax temperature.
@@ -257,6 +272,8 @@ class LensMixin:
         become `affine`.
         keep_states: also return the hidden states (before any affine map) from the lens's own forward pass
         (`LogitLens.hidden_states`), instead of running the prompt again for them.
+        fidelity: also compute the run's fidelity map (`LogitLens.fidelity`, `LogitLens.flags`; the table and
+        the view mark the flagged cells): which hidden states llama.cpp's activation rounding moves.
         """
         if not temperature > 0:
             raise invalid_argument(f"temperature must be > 0, not {temperature}")
@@ -276,10 +293,10 @@ class LensMixin:
 
         states = None
         if affine is not None:
-            raw = self.run(prompt, capture=capture, positions=positions, logits=False, chat=chat)
+            raw = self.run(prompt, capture=capture, positions=positions, logits=False, chat=chat, fidelity=fidelity)
             states = _apply_affine(raw.hidden_states, affine, info.n_embd)
 
-        def reduce(top: int, ids: list[int], keep: bool = False, kl: bool = False):
+        def reduce(top: int, ids: list[int], keep: bool = False, kl: bool = False, fidelity: bool = False):
             """(run, lens arrays) for every (hidden state, position) row: one Run request with the lens (and
             the captured states too when `keep`), or, on the affine path, Unembed requests over the
             transformed states (with `kl`, against the untranslated final states as reference rows)."""
@@ -289,10 +306,11 @@ class LensMixin:
             spec = pb.LensSpec(enabled=True, top_k=top, temperature=temperature, target_ids=ids,
                                keep_captures=keep)
             lensed = self.send_run(self.run_request([prompt], capture=capture, positions=positions, logits=False,
-                                                    chat=chat, lens=spec))[0]
-            return lensed, {name.removeprefix("lens."): array for name, array in lensed.extra.items()}
+                                                    chat=chat, lens=spec, fidelity=fidelity))[0]
+            return lensed, {name.removeprefix("lens."): array for name, array in lensed.extra.items()
+                            if name.startswith("lens.")}
 
-        run, reduced = reduce(top_k, target_ids, keep_states, kl=True)
+        run, reduced = reduce(top_k, target_ids, keep_states, kl=True, fidelity=fidelity)
 
         def fetch_targets(ids: list[int]):
             more = reduce(0, ids)[1]
@@ -308,7 +326,7 @@ class LensMixin:
             entropy=reduced["entropy"], temperature=temperature, layers=hidden_state_labels(info.n_layer),
             kl_to_final=reduced.get("kl_to_final"),
             token_pieces=piece_bytes, decode_ms=run.decode_ms, total_ms=run.total_ms,
-            hidden_states=run.hidden_states if keep_states else None,
+            hidden_states=run.hidden_states if keep_states else None, fidelity=run.fidelity,
             _fetch_targets=fetch_targets, _token_of=lambda word: first_token(self, word))
         for n, (token_id, multi) in enumerate(resolved):
             lens.targets[token_id] = TargetTrace(token_id, pieces[token_id], reduced["target_probs"][..., n],

@@ -3,7 +3,7 @@
 Usage: python scripts/dev_make_tiny_model.py OUT.gguf
        [--family llama|qwen2|qwen3|gemma2|gemma3|phi3|mixtral|qwen2moe|qwen3moe] [--n-layer 4] [--n-embd 64]
        [--n-head 4] [--n-head-kv 2] [--n-ff 128] [--seed 0] [--tied | --untied (default: the family's)]
-       [--weight-type f32|f16|q8_0] [--n-ctx-train 512] [--no-chat-template]
+       [--weight-type f32|f16|q8_0] [--n-ctx-train 512] [--no-chat-template] [--massive-activation G]
 """
 import argparse
 import pathlib
@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--weight-type", choices=WEIGHT_TYPES, default="f32")
     parser.add_argument("--n-ctx-train", type=int, default=512)
     parser.add_argument("--no-chat-template", dest="chat_template", action="store_false")
+    parser.add_argument("--massive-activation", type=float, default=0.0,
+                        help="plant a massive FFN activation at the first position (gain G, e.g. 10)")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -47,6 +49,7 @@ def main(argv=None) -> int:
             weight_type=args.weight_type,
             n_ctx_train=args.n_ctx_train,
             chat_template=args.chat_template,
+            massive_activation=args.massive_activation,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -37,6 +37,7 @@ from .contracts import (
 )
 from .engine import Engine, ForwardRequest
 from .errors import Code, RequestError
+from .fidelity import FidelityMap
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65,504
 FLOAT16_OVERFLOW = FLOAT16_MAX + 16  # half a float16 step (32) above it: from here a value rounds to infinity
@@ -62,6 +63,7 @@ class Operations:
         self.engine = engine
         self.test_hooks = test_hooks
         self.emit = emit
+        self._fidelity: FidelityMap | None = None  # built on the first run that asks for it (column norms)
         self._handlers = {TokenizeJob: self.tokenize, DetokenizeJob: self.detokenize, RunJob: self.run,
                           GenerateJob: self.generate, UnembedJob: self.unembed, WeightsJob: self.weights,
                           NearestTokensJob: self.nearest_tokens, CrashJob: self.crash}
@@ -99,11 +101,22 @@ class Operations:
                 rows = as_float16(rows, "logits") if job.float16 else rows
                 for piece in tensor_pieces("logits", sequence, shape, rows, first_row * shape[1] * rows.itemsize):
                     self.emit(piece)
-        result = self.engine.forward(ForwardRequest(prompts=token_lists, capture=job.capture, positions=job.positions,
+        fidelity = self._fidelity_map() if job.fidelity else None
+        # the map's rows are captured beside the asked sites, reduced below and never sent
+        extra = [site for site in fidelity.sites if site not in job.capture] if fidelity else []
+        result = self.engine.forward(ForwardRequest(prompts=token_lists, capture=job.capture + extra,
+                                                    positions=job.positions,
                                                     logits=job.logits, interventions=job.interventions,
                                                     lens_row_bytes=self._lens_row_bytes(job.lens),
                                                     logits_sink=sink))
         tensors: list[NamedTensor] = []
+        if fidelity is not None:
+            for s in range(len(token_lists)):
+                rows = {site: result.captures[site][s] for site in fidelity.sites}
+                tensors += [NamedTensor(f"fidelity.{name}", s, a)
+                            for name, a in fidelity.compute(rows, result.positions[s]).items()]
+            for site in extra:
+                del result.captures[site]
         if job.lens is not None:
             tensors += self._lens_of_run(job.capture, result, job.lens)
         if job.lens is None or job.lens.keep_captures:
@@ -121,6 +134,13 @@ class Operations:
                     tensors[i] = NamedTensor(tensor.name, tensor.sequence, as_float16(tensor.array, tensor.name))
         header.total_ms = (time.perf_counter() - start) * 1e3
         return RunResult(header=header, tensors=tensors)
+
+    def _fidelity_map(self) -> FidelityMap:
+        if self._fidelity is None:
+            engine = self.engine
+            self._fidelity = FidelityMap(engine.family, engine.weights.tensors, engine.site_shapes, engine.n_layer,
+                                         engine.weights.n_threads)
+        return self._fidelity
 
     def _lens_row_bytes(self, lens: Lens | None) -> int:
         """Bytes of lens results per unembedded row: top ids and probabilities, targets, entropy, logits."""

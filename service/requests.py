@@ -219,7 +219,8 @@ class RequestParser:
         return RunJob(prompts=[self.prompt(p, f"prompt {i}") for i, p in enumerate(request.prompts)],
                       capture=capture, positions=self.positions(request.positions, "capture"), logits=logits,
                       float16=self.dtype(request.dtype),
-                      interventions=self.interventions(request.interventions, len(request.prompts)), lens=lens)
+                      interventions=self.interventions(request.interventions, len(request.prompts)), lens=lens,
+                      fidelity=request.fidelity)
 
     def generate(self, request: pb.GenerateRequest) -> GenerateJob:
         limit = self.limits.max_generated_tokens

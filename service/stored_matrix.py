@@ -109,6 +109,34 @@ def _set_data(tensor: int, address: int) -> None:
         _layout_checked = True
 
 
+def vec_dot_type(ggml_type: int) -> int:
+    """The type the CPU back end converts a matrix product's float32 input rows to for weights of `ggml_type`
+    (F32 for F32 weights: no conversion)."""
+    return int(_cpu_type_traits(int(ggml_type)).contents.vec_dot_type)
+
+
+def rounded_as_vec_dot(x: np.ndarray, kind: int, what: str = "rows") -> np.ndarray:
+    """x (..., n) float32 converted to vec_dot type `kind` by ggml's own `from_float` (the function the CPU
+    matrix product calls) and back to float32 (exactly: q * d needs < 24 bits)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if kind == ggml.GGML_TYPE_F32 or x.size == 0:
+        return x
+    if kind == ggml.GGML_TYPE_F16:
+        return x.astype(np.float16).astype(np.float32)
+    if kind == GGML_TYPE_BF16:  # ggml rounds to nearest even, as below
+        bits = x.view(np.uint32).astype(np.uint64)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+        return bits.astype(np.uint32).view(np.float32)
+    block = _Q8_BLOCKS.get(kind)
+    if block is None:
+        raise NotImplementedError(f"{what}: activations of vec_dot type {kind} cannot be decoded")
+    packed = np.empty(x.size // block["qs"].shape[0], block)
+    from_float = _FROM_FLOAT(_cpu_type_traits(kind).contents.from_float)
+    from_float(x.ctypes.data, packed.ctypes.data, x.size)
+    values = packed["qs"].astype(np.float32) * packed["d"].astype(np.float32)[:, None]
+    return values.reshape(x.shape)
+
+
 class StoredMatrix:
     """A 2-D GGUF tensor (numpy rows = ggml's ne[1]) as stored, for row-chunked products and dequantization.
 
@@ -129,7 +157,7 @@ class StoredMatrix:
             raise ValueError(f"{tensor.name}: stored rows of {self.raw.shape[1] * self.raw.itemsize} bytes, "
                              f"ggml expects {self.row_bytes}")
         self.n_threads = max(1, n_threads)
-        self.vec_dot_type = _cpu_type_traits(self.ggml_type).contents.vec_dot_type
+        self.vec_dot_type = vec_dot_type(self.ggml_type)
         self.largest_dequantized = 0  # most rows ever expanded to float32 at once (tests: never the whole matrix)
         self._work = np.empty(0, np.uint8)
 
@@ -186,26 +214,8 @@ class StoredMatrix:
         return out
 
     def rounded(self, x: np.ndarray) -> np.ndarray:
-        """x (n, n_cols) as the CPU kernels see it when multiplying this matrix: converted to the weight type's
-        vec_dot_type by ggml's own `from_float` and back to float32 (exactly: q * d needs < 24 bits)."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        kind = self.vec_dot_type
-        if kind == ggml.GGML_TYPE_F32 or x.size == 0:
-            return x
-        if kind == ggml.GGML_TYPE_F16:
-            return x.astype(np.float16).astype(np.float32)
-        if kind == GGML_TYPE_BF16:  # ggml rounds to nearest even, as below
-            bits = x.view(np.uint32).astype(np.uint64)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
-            return bits.astype(np.uint32).view(np.float32)
-        block = _Q8_BLOCKS.get(kind)
-        if block is None:
-            raise NotImplementedError(f"{self.name}: activations of vec_dot type {kind} cannot be decoded")
-        packed = np.empty(x.size // block["qs"].shape[0], block)
-        from_float = _FROM_FLOAT(_cpu_type_traits(kind).contents.from_float)
-        from_float(x.ctypes.data, packed.ctypes.data, x.size)
-        values = packed["qs"].astype(np.float32) * packed["d"].astype(np.float32)[:, None]
-        return values.reshape(x.shape)
+        """x (n, n_cols) as the CPU kernels see it when multiplying this matrix (`rounded_as_vec_dot`)."""
+        return rounded_as_vec_dot(x, self.vec_dot_type, self.name)
 
     def dequantize(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as float32 (n, n_cols), by ggml's own `to_float` for the type."""
@@ -229,15 +239,21 @@ class StoredMatrix:
         return self._dequantize(self.tensor.read_rows(row_ids).reshape(-1, self.raw.shape[1]))
 
     def _dequantize(self, raw_rows: np.ndarray) -> np.ndarray:
-        out = np.empty((raw_rows.shape[0], self.n_cols), np.float32)
-        block = np.ascontiguousarray(raw_rows)
-        if self.ggml_type == ggml.GGML_TYPE_F32:
-            out[:] = block.view(np.float32).reshape(out.shape)
-        else:
-            to_float = _TO_FLOAT(_type_traits(self.ggml_type).contents.to_float)
-            to_float(block.ctypes.data, out.ctypes.data, out.size)
+        out = dequantize_raw(raw_rows, self.ggml_type, self.n_cols)
         self.largest_dequantized = max(self.largest_dequantized, len(out))
         return out
+
+
+def dequantize_raw(raw_rows: np.ndarray, ggml_type: int, n_cols: int) -> np.ndarray:
+    """Stored rows (rows, row_bytes) of `ggml_type` as float32 (rows, n_cols), by ggml's own `to_float`."""
+    out = np.empty((raw_rows.shape[0], n_cols), np.float32)
+    block = np.ascontiguousarray(raw_rows)
+    if ggml_type == ggml.GGML_TYPE_F32:
+        out[:] = block.view(np.float32).reshape(out.shape)
+    else:
+        to_float = _TO_FLOAT(_type_traits(ggml_type).contents.to_float)
+        to_float(block.ctypes.data, out.ctypes.data, out.size)
+    return out
 
 
 class Multiplier:

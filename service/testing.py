@@ -302,6 +302,7 @@ def build_tiny_model(
     weight_type: str = "f32",
     n_ctx_train: int = 512,
     chat_template: bool = True,
+    massive_activation: float = 0.0,
 ) -> Path:
     """Write a deterministic random-weight GGUF model of ``family`` to ``path`` and return it as a ``Path``.
 
@@ -310,6 +311,17 @@ def build_tiny_model(
     the family's usual layout (untied, except Gemma); Gemma 2 and Qwen 2 MoE accept only their own.
     Mixture-of-experts families give each expert ``n_ff`` (mixtral) or ``n_ff // 2`` (qwen2moe, whose
     shared expert has ``n_ff``). Existing files are overwritten; missing parent folders are created.
+
+    ``massive_activation=g > 0`` plants a massive activation at the first position (BOS), the way attention
+    sinks of real models have one: BOS's embedding row is ``4 e_0`` (its other components 0) and every other
+    row's component 0 is negative; no branch writes stream component 0 (row 0 of every output and down
+    projection is 0), so it stays as embedded; in every block FFN neuron 0 (of every expert) reads component
+    0 with gate and up weights ``g`` and writes nothing (column 0 of down is 0). At BOS, neuron 0 is then about
+    (8 g)^2 (g = 10: thousands) beside neurons of order one; elsewhere act(gate) of a negative input is about
+    0. The values do not read component 0 (as an attention sink's value is small, Sun et al. 2024, "Massive
+    activations in large language models"). The 8-bit rounding of the FFN's activations before the down
+    projection wipes out BOS's other neurons in neuron 0's block, which is what the fidelity map must flag
+    (tests/integration/test_fidelity.py).
     """
     import gguf  # the server extra; imported here so that importing this module stays cheap
 
@@ -329,6 +341,8 @@ def build_tiny_model(
     n_ff_exp = n_ff // 2 if fam.shared_expert else n_ff
     if weight_type == "q8_0" and (n_embd % 32 or n_ff % 32 or n_ff_exp % 32):
         raise ValueError("q8_0 needs n_embd and n_ff (and n_ff // 2 for qwen2moe) to be multiples of 32")
+    if not massive_activation >= 0:
+        raise ValueError(f"massive_activation must be >= 0, not {massive_activation!r}")
     if tied is None:
         tied = fam.default_tied
     if fam.tied is not None and tied != fam.tied:
@@ -414,6 +428,8 @@ def build_tiny_model(
     def add_matrix(name, array):
         # numpy (rows, cols) = ggml ne [cols, rows]: a (n_out, n_in) array is the ggml {n_in, n_out}
         # weight that llama.cpp multiplies activations with; a leading expert axis becomes ne[2].
+        if massive_activation:
+            array = _plant(name, array, massive_activation, n_ff_exp if "_exps" in name else n_ff, n_embd_kv)
         if qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(name, array)
         elif qtype == gguf.GGMLQuantizationType.F16:
@@ -433,7 +449,12 @@ def build_tiny_model(
     # state use 1/sqrt(fan_in), with q and k a little larger so that attention is not uniform (QK-norm
     # weights of about 1.5 do the same after the norm). Routers are sharper still, so that no token sits
     # near a tie between its k-th and (k+1)-th expert.
-    add_matrix("token_embd.weight", normal((n_vocab, n_embd), 4.0 / np.sqrt(n_embd)))
+    embedding = normal((n_vocab, n_embd), 4.0 / np.sqrt(n_embd))
+    if massive_activation:
+        embedding[:, 0] = -np.abs(embedding[:, 0])
+        embedding[BOS_ID] = 0.0
+        embedding[BOS_ID, 0] = 4.0
+    add_matrix("token_embd.weight", embedding)
     for il in range(n_layer):
         blk = f"blk.{il}"
         writer.add_tensor(f"{blk}.attn_norm.weight", norm_weight())
@@ -480,3 +501,24 @@ def build_tiny_model(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _plant(name: str, array: np.ndarray, gain: float, n_ff: int, n_embd_kv: int) -> np.ndarray:
+    """A weight matrix of `build_tiny_model` with the massive activation planted (see its docstring)."""
+    kind = name.split(".")[-2]
+    array = array.copy()
+    if kind == "attn_v":
+        array[:, 0] = 0.0                   # a sink's value: not made of its massive component
+    if kind == "attn_qkv":
+        array[-n_embd_kv:, 0] = 0.0
+    if kind in ("attn_output", "ffn_down", "ffn_down_exps", "ffn_down_shexp"):
+        array[..., 0, :] = 0.0              # no branch writes stream component 0
+    if kind in ("ffn_down", "ffn_down_exps", "ffn_down_shexp"):
+        array[..., :, 0] = 0.0              # neuron 0 writes nothing
+    if kind in ("ffn_gate", "ffn_up", "ffn_gate_exps", "ffn_up_exps", "ffn_gate_shexp", "ffn_up_shexp"):
+        array[..., 0, :] = 0.0
+        array[..., 0, 0] = gain             # neuron 0 reads component 0 only
+        if kind == "ffn_up" and array.shape[-2] == 2 * n_ff:  # phi3's fused [gate; up]
+            array[..., n_ff, :] = 0.0
+            array[..., n_ff, 0] = gain
+    return array
