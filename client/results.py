@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .fidelity import FidelityMap
+
 
 def _python(value, field):
     """A proto field's value as plain Python: dict for a map or a message, list for a repeated field."""
@@ -54,7 +56,7 @@ class ModelInfo:
                 f"+ {self.n_workers} worker(s) x {mib('per_worker')}, plus each process's runtime",
                 f"  per context (x{m['contexts']}): KV cache up to {mib('kv_cache')} (it grows with the requests), "
                 f"compute buffer {mib('compute_buffer')} (n_ubatch {m['n_ubatch']}), output buffer "
-                f"{mib('output_buffer')}",
+                f"{mib('output_buffer')} (at most {m.get('n_outputs_max', m['n_ubatch'])} output rows per ubatch)",
                 f"  per request: reduction budget {mib('reduction_budget')}"]
 
 
@@ -109,6 +111,13 @@ class Run:
 
     def resid_post(self, layer: int) -> np.ndarray:
         return self.captures[f"blocks.{layer}.resid_post"]
+
+    @property
+    def fidelity(self) -> FidelityMap | None:
+        """The run's `FidelityMap` (`lmscope.client.fidelity`), or None unless it was run with fidelity=True."""
+        if "fidelity.estimate" not in self.extra:
+            return None
+        return FidelityMap.from_arrays(self.extra, self.positions)
 
     def __repr__(self) -> str:
         sites = list(self.captures)

@@ -54,14 +54,15 @@ class Contexts:
     4096 cells (clearing the cache), against 50-70 ms for decoding 8 tokens.
     """
 
-    def __init__(self, model_handle, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int,
+    def __init__(self, model_handle, n_ctx: int, n_batch: int, n_outputs_max: int, n_seq_max: int, n_threads: int,
                  prompts_share_ubatches: bool = True, kv_cache_f32: bool = False):
         self.model_handle = model_handle
         self.prompts_share_ubatches = prompts_share_ubatches
         self.kv_cache_f32 = kv_cache_f32
         self.n_ctx = n_ctx
-        self.n_batch = n_batch
-        self.n_seq_max = n_seq_max
+        self.n_batch = n_batch              # tokens per llama_decode call (one ubatch)
+        self.n_outputs_max = min(n_outputs_max, n_batch)  # output rows per call: what llama.cpp reserves logits for
+        self.n_seq_max = min(n_seq_max, self.n_outputs_max)  # llama.cpp reserves n_seq_max output rows at least
         self.n_threads = n_threads
         self._held: tuple[bool, int, int, object] | None = None  # (flash_attn, n_cells, ctx, callback)
         self._active: Pass | None = None
@@ -105,7 +106,8 @@ class Contexts:
         params.n_ctx = n_ctx
         params.n_batch = min(self.n_batch, params.n_ctx)
         params.n_ubatch = params.n_batch
-        params.n_seq_max = min(self.n_seq_max, params.n_batch)
+        params.n_outputs_max = min(self.n_outputs_max, params.n_batch)
+        params.n_seq_max = min(self.n_seq_max, params.n_outputs_max)
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads
         params.kv_unified = True  # prompts of one batch share the whole context, and rows keep batch order
@@ -204,8 +206,8 @@ class Contexts:
         cost quadratic in the group's size, for nothing, since prompts never see each other.
 
         Without `prompts_share_ubatches` every prompt is a group of its own: its ubatches and KV cells are
-        those of the prompt sent alone, so kernels whose rounding depends on a row's neighbours in the
-        ubatch (repacked weights, the plain attention's sums over cells) give it the same numbers.
+        those of the prompt sent alone (`ubatches`), so kernels whose rounding depends on a row's neighbours
+        in the ubatch (repacked weights, the plain attention's sums over cells) give it the same numbers.
         """
         group, tokens = [], 0
         for i, prompt in enumerate(prompts):
@@ -220,14 +222,26 @@ class Contexts:
 
     def ubatches(self, group: list[int], prompts: list[list[int]],
                  output_sets: list[set[int]]) -> Iterator[list[Row]]:
-        """The group's tokens in order, cut into ubatches of at most n_batch rows."""
+        """The group's tokens in order, cut into ubatches of at most n_batch rows and n_outputs_max output
+        rows (llama.cpp aborts on a call with more outputs than the context reserved): a request that wants
+        few outputs decodes in long ubatches, one that wants every row's logits in short ones.
+
+        Without `prompts_share_ubatches` the cut is every n_outputs_max tokens whatever the outputs, so that
+        a prompt's ubatches depend on the prompt alone, not on what the request asks of it: the kernels
+        whose rounding depends on a ubatch's length (flash attention's tiled kernel from 64 query rows on,
+        repacked weights) then give every request shape the same numbers."""
+        fixed = not self.prompts_share_ubatches
+        longest = self.n_outputs_max if fixed else self.n_batch
         current: list[Row] = []
+        outputs = 0
         for s in group:
             for p, token in enumerate(prompts[s]):
-                current.append((token, p, s, p in output_sets[s]))
-                if len(current) == self.n_batch:
+                out = p in output_sets[s]
+                if current and (len(current) == longest or (out and outputs == self.n_outputs_max)):
                     yield current
-                    current = []
+                    current, outputs = [], 0
+                current.append((token, p, s, out))
+                outputs += out
         if current:
             yield current
 

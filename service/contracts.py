@@ -29,7 +29,8 @@ class EngineConfig:
     """What a worker needs to load its model (chosen once, when the server starts)."""
     model_path: str
     n_ctx: int = 4096
-    n_batch: int = 512
+    n_batch: int = 60           # tokens per ubatch: see service/engine.py
+    n_outputs: int = 0          # output rows per ubatch; 0 = engine.output_rows_per_ubatch(n_vocab)
     n_threads: int = 0          # 0 = all cores
     n_gpu_layers: int = 0
     n_seq_max: int = 64
@@ -97,6 +98,7 @@ class RunJob:
     float16: bool
     interventions: list[Intervention] = field(default_factory=list)
     lens: Lens | None = None
+    fidelity: bool = False             # also return the fidelity map (service/fidelity.py)
 
 
 @dataclass

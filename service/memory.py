@@ -13,15 +13,13 @@ them on the CPU backend (its log lines "KV buffer size", "compute buffer size", 
   The worker holds one context at a time, sized to the requests so far (`service/batching.py`): 256 cells at
   start (SmolLM2 5.6 MiB, Gemma 3 270M 4.5 MiB), doubling up to n_ctx as longer requests come; the estimate
   is the cache at n_ctx, the most it grows to.
-- compute buffer: reserved for the worst ubatch, every token an output, so n_ubatch x n_vocab float32 logits
-  dominate it; the rest is activations, estimated as n_ubatch x n_ff floats, and without flash attention
-  the attention scores, n_ubatch x n_head x n_ctx floats (an upper bound: llama.cpp reuses the logits'
-  memory for part of them). Measured at n_ubatch 42 (SmolLM2) / 16 (Gemma 3 270M): SmolLM2 8.06 MiB with
-  and without flash attention at 256 cells (at n_ubatch 85: 16.4, 17.2, and 21.6 MiB without flash at 4096
-  cells); Gemma 3 270M 16.1 MiB in all four cases. Resident as far as requests use it: an all-logits ubatch
-  touches the logits part.
+- compute buffer: reserved for the worst ubatch: n_ubatch tokens, n_outputs_max of them outputs (llama.cpp's
+  `n_outputs_max` context parameter), so n_outputs_max x n_vocab float32 logits and the activations of
+  n_ubatch tokens, estimated as n_ubatch x n_ff floats, and without flash attention the attention scores,
+  n_ubatch x n_head x n_ctx floats (an upper bound: llama.cpp reuses memory between them). Resident as far
+  as requests use it: an all-logits ubatch touches the logits part.
 - output buffer: the logits rows llama.cpp hands back, n_seq_max rows at first (cleared, so resident),
-  growing to the most output rows of one ubatch (never shrinking).
+  growing to the most output rows of one ubatch, n_outputs_max at most (never shrinking).
 - reduction budget, per request: `weights.REDUCTION_BUDGET_BYTES`.
 
 Not counted: llama.cpp's repacked copies of some weight types for faster CPU kernels (its log's "CPU_REPACK
@@ -55,13 +53,13 @@ def _kv_rows_per_token(weights: Weights, n_layer: int, n_head_kv: int, n_head: i
 
 
 def expected_memory(weights: Weights, *, n_layer: int, n_head: int, n_head_kv: int, n_embd: int, n_vocab: int,
-                    n_ctx: int, n_ubatch: int, n_seq_max: int) -> pb.MemoryEstimate:
+                    n_ctx: int, n_ubatch: int, n_outputs_max: int, n_seq_max: int) -> pb.MemoryEstimate:
     mapped = sum(int(t.data.nbytes) for t in weights.tensors.values())
     n_ctx = -(-n_ctx // _CONTEXT_PADDING) * _CONTEXT_PADDING
     kv = n_ctx * _kv_rows_per_token(weights, n_layer, n_head_kv, n_head, n_embd) * _F16_BYTES
-    compute = n_ubatch * (n_vocab + weights.n_ff + n_head * n_ctx) * _F32_BYTES
-    output = max(n_seq_max, n_ubatch) * n_vocab * _F32_BYTES
+    compute = (n_outputs_max * n_vocab + n_ubatch * (weights.n_ff + n_head * n_ctx)) * _F32_BYTES
+    output = max(n_seq_max, n_outputs_max) * n_vocab * _F32_BYTES
     return pb.MemoryEstimate(mapped_weights=mapped, kv_cache=kv, compute_buffer=compute, output_buffer=output,
                              reduction_budget=REDUCTION_BUDGET_BYTES, contexts=CONTEXTS_PER_WORKER,
-                             n_ubatch=n_ubatch,
+                             n_ubatch=n_ubatch, n_outputs_max=n_outputs_max,
                              per_worker=CONTEXTS_PER_WORKER * (kv + compute + output) + REDUCTION_BUDGET_BYTES)

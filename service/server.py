@@ -115,7 +115,7 @@ class Server:
             raise RequestError(Code.UNAVAILABLE, f"cannot listen on {address}: the port is in use, or the host is "
                                               f"not an address of this machine")
         config = EngineConfig(model_path=str(model_path), n_ctx=args.n_ctx, n_threads=worker_threads(args),
-                              n_gpu_layers=args.n_gpu_layers, n_batch=args.n_batch,
+                              n_gpu_layers=args.n_gpu_layers, n_batch=args.n_batch, n_outputs=args.n_outputs,
                               flash_attn=args.flash_attn == "on" and not args.precise,
                               batch_invariant=args.batch_invariant, kv_cache_f32=args.precise,
                               max_capture_bytes=args.max_capture_mb << 20,
@@ -203,8 +203,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     parser.add_argument("--port", type=int, default=50051, help="port (0 = any free port)")
     parser.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens per worker")
-    parser.add_argument("--n-batch", type=int, default=512,
-                        help="tokens per llama.cpp batch (ubatch; capped so a ubatch's logits stay within 8 MiB)")
+    parser.add_argument("--n-batch", type=int, default=60,
+                        help="tokens per llama.cpp ubatch; from 64 on, flash attention's tiled kernel makes a row's "
+                             "numbers depend on the ubatch's length, so one request shape no longer equals another "
+                             "bit for bit (docs/performance.md)")
+    parser.add_argument("--n-outputs", type=int, default=0,
+                        help="output rows (logits, the last block's sites) per ubatch; 0 = as many as 32 MiB of "
+                             "logits hold, a multiple of 4, at least 16 (docs/performance.md)")
     parser.add_argument("--flash-attn", choices=["on", "off"], default="on",
                         help="off: every request runs the plain attention kernel (the one an attention capture "
                              "needs), so a result never depends on what else is captured; slower "
@@ -252,7 +257,8 @@ def _argument_error(args: argparse.Namespace) -> str | None:
     if args.precise and args.requantize:
         return "--precise serves a float32 copy; it cannot be combined with --requantize"
     minimums = (("--workers", args.workers, 1), ("--max-queue", args.max_queue, 0), ("--n-ctx", args.n_ctx, 1),
-                ("--n-batch", args.n_batch, 2), ("--threads", args.threads, 0), ("--port", args.port, 0),
+                ("--n-batch", args.n_batch, 2), ("--n-outputs", args.n_outputs or 2, 2), ("--threads", args.threads, 0),
+                ("--port", args.port, 0),
                 ("--max-capture-mb", args.max_capture_mb, 1), ("--max-prompt-tokens", args.max_prompt_tokens, 0),
                 ("--max-generated-tokens", args.max_generated_tokens, 1),
                 ("--max-batch-prompts", args.max_batch_prompts, 1),

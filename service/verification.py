@@ -137,9 +137,10 @@ def verify(model: Model, contexts: Contexts, weights: "Weights", site_rules: Sit
         if site not in site_rules:
             unavailable[site] = family.refused.get(site_kind(site)) or f"{family.name} has no such tensor"
 
-    # One ubatch holds the whole probe (llama.cpp aborts on a batch longer than n_batch), so that the last
-    # block's output-rows-only sites show as one row among several.
-    tokens = model.tokenize(PROBE_TEXT, add_special=True)[:min(PROBE_TOKENS, contexts.n_batch)]
+    # One ubatch holds the whole probe, every row an output in step 2 (llama.cpp aborts on a call longer than
+    # n_batch or with more outputs than n_outputs_max), so that the last block's output-rows-only sites show
+    # as one row among several in step 1.
+    tokens = model.tokenize(PROBE_TEXT, add_special=True)[:min(PROBE_TOKENS, contexts.n_batch, contexts.n_outputs_max)]
     if len(tokens) < 2:
         tokens = (tokens + [0, 1])[:2]
     ctx = contexts.get(flash_attn=False, n_cells=len(tokens))  # the smallest context, kept for the first request

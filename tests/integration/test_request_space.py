@@ -7,6 +7,9 @@ the run of its prompt. Hypothesis draws the requests (seeded: CI sees the same e
 tiny model of every family, served with ubatches of 4 tokens (`--n-batch 4`): prompts of 1-23 tokens then
 cover one to six ubatches, ubatches without output rows, and prompts split across ubatches, the shapes that
 answered INTERNAL before (a ubatch with no output row reached a reshape of zero rows in service/capture.py).
+A request for every row's outputs is cut at `--n-outputs` rows per ubatch while one for a few decodes in whole
+ubatches: `test_a_request_cut_at_its_output_rows_is_the_uncut_one` compares the two; on the real models,
+ubatches of 60 and of 16 rows give the same bits.
 The same properties then run on SmolLM2 and Gemma 3 270M with prompts past two of their ubatches.
 
 Tolerances (tests/tolerances.py), from what the two requests compute:
@@ -72,7 +75,8 @@ def family_client(family, tmp_path_factory):
     path = build_tiny_model(tmp_path_factory.mktemp("space") / f"{family}.gguf", family=family)
     args = SERVER_ARGS + (("--batch-invariant",) if routed(family) else ())
     with launch_server(path, args=args) as server, Client(server.address) as client:
-        assert client.model_info().memory["n_ubatch"] == UBATCH
+        memory = client.model_info().memory
+        assert memory["n_ubatch"] == memory["n_outputs_max"] == UBATCH
         yield client
 
 
@@ -300,9 +304,12 @@ REAL_TEXT = ("The history of the old harbour town begins in Roman times, when a 
 
 
 def _check_real_model(c: Client) -> None:
-    ubatch = c.model_info().memory["n_ubatch"]
+    info = c.model_info()
+    memory = info.memory
+    assert (memory["n_ubatch"], memory["n_outputs_max"]) == REAL_UBATCH
+    ubatch = memory["n_outputs_max"]
     ids = c.tokenize(REAL_TEXT + " " + REAL_TEXT).token_ids  # past two ubatches of either model
-    assert len(ids) > 2 * ubatch, (len(ids), ubatch)
+    assert len(ids) > 2 * memory["n_ubatch"], (len(ids), memory)
     full = c.run(ids)
     n = full.hidden_states.shape[0]
     for positions in ([-1], [0, -1], [ubatch, ubatch - 1, 3]):
@@ -310,17 +317,19 @@ def _check_real_model(c: Client) -> None:
         for logits in (True, "last"):
             part = c.run(ids, positions=positions, logits=logits)
             assert part.positions == chosen
-            # Every block but the last computes the same rows in the same ubatches: the same bits.
+            want = full.logits[chosen] if logits is True else full.logits[-1:]
+            # Every block but the last computes the same rows, in ubatches of other lengths (60 and 16 rows), all
+            # below the 64 query rows where flash attention switches kernels: the same bits.
             np.testing.assert_array_equal(part.hidden_states[:n - 1], full.hidden_states[:n - 1, chosen])
             expected = full.hidden_states[n - 1, chosen]
             scale = np.abs(expected).max(axis=1, keepdims=True)
             assert_within(part.hidden_states[n - 1], expected, Q8_STEP_LAST_BLOCK * scale, f"last block {positions}")
-            want = full.logits[chosen] if logits is True else full.logits[-1:]
             # the logits are the final norm and head of those states; the same budget, of the logits' scale
             assert_within(part.logits, want, Q8_STEP_LAST_BLOCK * np.abs(want).max(axis=1, keepdims=True),
                           f"logits {positions} {logits}")
     # Prompts longer than a ubatch are decoded in groups of their own: the same bits as alone.
-    prompts = [ids[:2 * ubatch + 3], ids, ids[:ubatch + 1]]
+    longest = memory["n_ubatch"]
+    prompts = [ids[:longest + 3], ids, ids[:longest + 1]]
     for p, batched in zip(prompts, c.run_batch(prompts, layers=[0, c.n_layer // 2, c.n_layer - 1])):
         alone = c.run(p, layers=[0, c.n_layer // 2, c.n_layer - 1])
         for site in alone.captures:
@@ -345,21 +354,47 @@ def _check_real_model(c: Client) -> None:
     assert np.isfinite(ablated.logits).all()
 
 
-def test_the_request_space_on_smollm2(smol_client):
-    _check_real_model(smol_client)
+# Ubatches of 60 tokens, at most 16 of them outputs: a request for a few positions decodes in 60-row ubatches,
+# one for every position's logits in 16-row ones.
+REAL_UBATCH = (60, 16)
+REAL_ARGS = ("--threads", "2", "--n-ctx", "512", "--n-batch", str(REAL_UBATCH[0]), "--n-outputs", str(REAL_UBATCH[1]))
 
 
-def test_the_request_space_on_gemma3(gemma_space_client):
-    _check_real_model(gemma_space_client)
-
-
-@pytest.fixture(scope="module")
-def gemma_space_client():
+@pytest.mark.parametrize("name", ["smollm2", "gemma3-270m"])
+def test_the_request_space_on_real_models(name):
     from lmscope.service.model_files import pull_model
 
-    path = pull_model("gemma3-270m", progress=None)
-    with launch_server(path, args=("--threads", "2", "--n-ctx", "512")) as server, Client(server.address) as c:
-        yield c
+    path = pull_model(name, progress=None)
+    with launch_server(path, args=REAL_ARGS) as server, Client(server.address) as c:
+        _check_real_model(c)
+
+
+# ----- requests cut at their output rows ---------------------------------------------------------------------
+
+def test_a_request_cut_at_its_output_rows_is_the_uncut_one(tiny_model):
+    """`--n-batch 8 --n-outputs 3`: every-position logits (or the last block at every position) decode in
+    ubatches of 3 rows, a few positions in ubatches of 8. The same rows in ubatches of other lengths: float32
+    sums blocked otherwise, which can flip an F16 cache entry (F16_CACHE of the scale, as for a batch)."""
+    args = ("--threads", "1", "--n-ctx", "512", "--n-batch", "8", "--n-outputs", "3")
+    prompts = [list(range(4, 4 + n)) for n in (1, 3, 7, 8, 9, 17, 25)]
+    with launch_server(tiny_model, args=args) as server, Client(server.address) as c:
+        memory = c.model_info().memory
+        assert (memory["n_ubatch"], memory["n_outputs_max"]) == (8, 3)
+        last = c.n_layer - 1
+        sites = ["embed", "blocks.*.resid_post", f"blocks.{last}.ln2"]
+        full = c.run_batch(prompts, capture=sites)  # every row an output: cut at 3 rows
+        cut = {len(p): run for p, run in zip(prompts, full)}
+        for positions in ([-1], [0, -1], [2, 0]):
+            usable = [p for p in prompts if len(p) >= 3]  # no position named twice
+            for ids, part in zip(usable, c.run_batch(usable, capture=sites, positions=positions)):
+                chosen = absolute(positions, len(ids))
+                whole = cut[len(ids)]
+                for site in part.captures:
+                    assert_close_to_scale(part.captures[site], whole.captures[site][chosen], F16_CACHE,
+                                          f"{site} at {chosen} of a {len(ids)}-token prompt")
+                assert_close_to_scale(part.logits, whole.logits[chosen], F16_CACHE, f"logits at {chosen}")
+            for ids, last_only in zip(usable, c.run_batch(usable, capture=[], logits="last")):
+                assert_close_to_scale(last_only.logits, cut[len(ids)].logits[-1:], F16_CACHE, "last logits")
 
 
 # ----- the options that remove what observing and batching change --------------------------------------------

@@ -216,19 +216,21 @@ def test_model_info_reports_memory_by_part(client, reference):
     assert memory["kv_cache"] == info.n_ctx * kv_rows * 2  # one context, grown to n_ctx at most
     assert memory["contexts"] == 1
     assert memory["mapped_weights"] <= info.file_size
-    assert memory["compute_buffer"] >= 4 * memory["n_ubatch"] * info.n_vocab
+    assert memory["compute_buffer"] >= 4 * memory["n_outputs_max"] * info.n_vocab
+    assert memory["n_outputs_max"] <= memory["n_ubatch"]
     assert memory["per_worker"] == (memory["kv_cache"] + memory["compute_buffer"] + memory["output_buffer"]
                                     + memory["reduction_budget"])
     assert "expected memory" in info.memory_lines()[0]
 
 
-def test_a_big_vocabulary_gets_a_smaller_ubatch():
-    """llama.cpp reserves n_ubatch x n_vocab float32 logits (compute buffer, and the output buffer grows to
-    them): the engine takes the most tokens per ubatch whose logits fit LOGITS_RESERVE_BYTES, at least
-    MIN_UBATCH."""
-    from lmscope.service.engine import LOGITS_RESERVE_BYTES, MIN_UBATCH, logits_rows_per_ubatch
+def test_a_big_vocabulary_gets_fewer_output_rows_per_ubatch():
+    """llama.cpp reserves n_outputs_max x n_vocab float32 logits (compute buffer, and the output buffer grows
+    to them): the engine allows the most output rows per ubatch whose logits fit LOGITS_RESERVE_BYTES, at
+    least MIN_OUTPUT_ROWS, a multiple of 4 (the repacked kernels' groups of rows)."""
+    from lmscope.service.engine import LOGITS_RESERVE_BYTES, MIN_OUTPUT_ROWS, output_rows_per_ubatch
     for n_vocab in (32_000, 49_152, 128_256, 262_144, 10**8):
-        rows = logits_rows_per_ubatch(n_vocab)
-        assert rows >= MIN_UBATCH
-        assert rows == MIN_UBATCH or rows * 4 * n_vocab <= LOGITS_RESERVE_BYTES < (rows + 1) * 4 * n_vocab
-    assert logits_rows_per_ubatch(262_144) == 16  # Gemma 3: the floor, 16 MiB of logits per ubatch
+        rows = output_rows_per_ubatch(n_vocab)
+        assert rows >= MIN_OUTPUT_ROWS
+        assert rows % 4 == 0
+        assert rows == MIN_OUTPUT_ROWS or rows * 4 * n_vocab <= LOGITS_RESERVE_BYTES < (rows + 4) * 4 * n_vocab
+    assert output_rows_per_ubatch(262_144) == 32  # Gemma 3: 32 MiB of logits per ubatch

@@ -1,0 +1,77 @@
+"""How the decode loop cuts a request into llama.cpp calls (`Contexts.groups`, `Contexts.ubatches`).
+
+llama.cpp aborts the whole process on a call with more tokens than n_batch or more output rows than the
+context's n_outputs_max, so these limits are checked here on every shape hypothesis draws, without a model:
+the cutting is pure Python over (token, position, prompt, output) rows. The ubatches are also the longest the
+limits allow (a ubatch ends only where the next row would break one), which is what makes a request that
+wants few output rows decode in whole ubatches.
+"""
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmscope.service.batching import Contexts
+
+
+def contexts(n_batch: int, n_outputs_max: int, n_seq_max: int, share: bool = True) -> Contexts:
+    return Contexts(None, n_ctx=4096, n_batch=n_batch, n_outputs_max=n_outputs_max, n_seq_max=n_seq_max,
+                    n_threads=1, prompts_share_ubatches=share)
+
+
+@st.composite
+def requests(draw):
+    n_batch = draw(st.integers(2, 12))
+    n_outputs_max = draw(st.integers(2, n_batch + 3))
+    n_seq_max = draw(st.integers(1, 8))
+    lengths = draw(st.lists(st.integers(1, 30), min_size=1, max_size=6))
+    prompts = [[100 + 7 * s + p for p in range(n)] for s, n in enumerate(lengths)]
+    outputs = [set(draw(st.lists(st.integers(0, n - 1), max_size=n))) | {n - 1} for n in lengths]
+    share = draw(st.booleans())
+    return contexts(n_batch, n_outputs_max, n_seq_max, share), prompts, outputs
+
+
+@given(requests())
+@settings(max_examples=200, deadline=None, derandomize=True)
+def test_ubatches_keep_order_and_both_limits_and_are_as_long_as_they_allow(request):
+    ctx, prompts, outputs = request
+    n_out_max = ctx.n_outputs_max
+    assert ctx.n_seq_max <= n_out_max <= ctx.n_batch  # llama.cpp reserves n_seq_max output rows at least
+    longest = ctx.n_batch if ctx.prompts_share_ubatches else n_out_max
+    seen = []
+    for group in ctx.groups(prompts):
+        assert len(group) <= ctx.n_seq_max
+        ubatches = list(ctx.ubatches(group, prompts, outputs))
+        for k, ubatch in enumerate(ubatches):
+            n_out = sum(out for *_, out in ubatch)
+            assert 0 < len(ubatch) <= longest and n_out <= n_out_max
+            if k + 1 < len(ubatches):  # cut only where the next row would break a limit
+                next_out = ubatches[k + 1][0][3]
+                assert len(ubatch) == longest or (next_out and n_out == n_out_max)
+        rows = [row for ubatch in ubatches for row in ubatch]
+        assert rows == [(token, p, s, p in outputs[s]) for s in group for p, token in enumerate(prompts[s])]
+        seen += group
+    assert seen == list(range(len(prompts)))
+
+
+def test_few_outputs_decode_in_whole_ubatches_and_every_row_an_output_in_output_sized_ones():
+    ctx = contexts(n_batch=64, n_outputs_max=16, n_seq_max=16)
+    prompt = list(range(150))
+    last_only = [len(u) for u in ctx.ubatches([0], [prompt], [{149}])]
+    every_row = [len(u) for u in ctx.ubatches([0], [prompt], [set(range(150))])]
+    assert last_only == [64, 64, 22]
+    assert every_row == [16] * 9 + [6]
+
+
+def test_batch_invariant_ubatches_depend_on_the_prompt_alone():
+    """--batch-invariant: the same cut whatever the request wants of the prompt (kernels whose rounding
+    depends on a ubatch's length then give every request shape the same numbers)."""
+    ctx = contexts(n_batch=64, n_outputs_max=16, n_seq_max=16, share=False)
+    prompt = list(range(150))
+    for outputs in ({149}, set(range(150)), {3, 70, 149}):
+        assert [len(u) for u in ctx.ubatches([0], [prompt], [outputs])] == [16] * 9 + [6]
+
+
+def test_the_output_limit_caps_the_sequences_of_a_context():
+    assert contexts(n_batch=512, n_outputs_max=16, n_seq_max=64).n_seq_max == 16
+    assert contexts(n_batch=8, n_outputs_max=64, n_seq_max=64).n_outputs_max == 8
