@@ -288,6 +288,8 @@ def _prompt_ids(model: str, n_tokens: int) -> list[int]:
     """The session prompt's token ids, from llama.cpp's tokenizer (the peer gets identical inputs)."""
     import llama_cpp
 
+    from lmscope.service import native  # noqa: F401  (loads the wheel's CPU back end variant: docs/building.md)
+
     llm = llama_cpp.Llama(model, vocab_only=True, verbose=False)
     return llm.tokenize(TEXT.encode(), add_bos=True)[:n_tokens]
 

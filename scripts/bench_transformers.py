@@ -94,6 +94,8 @@ def describe_machine() -> dict:
 
     import llama_cpp
 
+    from lmscope.service import native  # noqa: F401  (loads the wheel's CPU back end variant: docs/building.md)
+
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True,
@@ -242,6 +244,8 @@ def raw_llama_decode_ms(model: str, threads: int, prompt_ids: list[int], repeat:
     """llama.cpp alone: the same 128-token decode (last logits) without lmscope's eval callback or server."""
     import llama_cpp as lc
     from llama_cpp._logger import set_verbose
+
+    from lmscope.service import native  # noqa: F401  (loads the wheel's CPU back end variant: docs/building.md)
 
     set_verbose(False)
     lc.llama_backend_init()

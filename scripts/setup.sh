@@ -11,9 +11,8 @@
 # 4. The default model (SmolLM2-135M-Instruct Q4_1, ~98 MB) into ~/.cache/lmscope/models ($LMSCOPE_HOME).
 #
 # Environment:
-#   LMSCOPE_WHEEL_CACHE   folder of prebuilt llama-cpp-python wheels
-#   LMSCOPE_CMAKE_ARGS    replaces the portable CMake flags below (e.g. "-DGGML_CUDA=on"); a wheel built
-#                         with other flags is cached in a subfolder of its own
+#   LMSCOPE_WHEEL_CACHE   folder of prebuilt llama-cpp-python wheels (a subfolder per build: flags + patches)
+#   LMSCOPE_CMAKE_ARGS    replaces the portable CMake flags below (e.g. "-DGGML_CUDA=on")
 #   LMSCOPE_HOME          where models are cached (default ~/.cache/lmscope)
 #   PYTHON                interpreter used to create .venv (default python3)
 set -euo pipefail
@@ -21,17 +20,29 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 LLAMA_CPP_VERSION=0.3.36
 export HOME="${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}"  # CI may run with a bare environment
-# The one place the llama.cpp build flags are written. GGML_NATIVE=OFF: a -march=native build segfaults on
-# AMX-capable Xeons (this machine) on the first decode of a Q4_0/Q4_1/Q8_0 model; the portable build runs
-# everywhere. LLAVA_BUILD=OFF skips the multimodal library lmscope does not use. GGML_RPC=ON adds llama.cpp's
-# RPC backend (a few hundred KB, nothing at run time unless `lmscope serve --rpc` is used), so the model-split
-# test runs in CI like every other test.
+# The one place the llama.cpp build flags are written (docs/building.md says why each). GGML_NATIVE=OFF: the
+# wheel is cached and shared, so it must not be built for the building machine's CPU alone. LLAVA_BUILD=OFF
+# skips the multimodal library lmscope does not use. GGML_RPC=ON adds llama.cpp's RPC backend (a few hundred
+# KB, nothing at run time unless `lmscope serve --rpc` is used), so the model-split test runs in CI like every
+# other test.
 PORTABLE_CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DGGML_RPC=ON"
-CMAKE_FLAGS="${LMSCOPE_CMAKE_ARGS:-$PORTABLE_CMAKE_ARGS}"
-WHEEL_CACHE="${LMSCOPE_WHEEL_CACHE:-$HOME/.cache/lmscope/wheels}"
-if [ "$CMAKE_FLAGS" != "$PORTABLE_CMAKE_ARGS" ]; then
-    WHEEL_CACHE="$WHEEL_CACHE/cmake-$(printf '%s' "$CMAKE_FLAGS" | sha256sum | cut -c1-12)"
+# On x86-64, ggml's CPU back end is built once per instruction-set level, as modules installed beside the other
+# libraries (CMAKE_INSTALL_BINDIR), and service/native.py loads the best one this CPU runs: haswell (AVX2, FMA,
+# F16C: what the single portable build had) and icelake (AVX-512 with VBMI and VNNI: Ice Lake and later Xeons,
+# AMD Zen 4 and later). GGML_CPU_VARIANT_LIST comes from patches/ (upstream compiles the back end for 14 levels).
+# Each variant is one more compile of the back end; on an AMX Xeon add sapphirerapids (docs/building.md).
+CPU_VARIANTS="haswell,icelake"
+if [ "$(uname -m)" = x86_64 ]; then
+    PORTABLE_CMAKE_ARGS="$PORTABLE_CMAKE_ARGS -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON \
+-DGGML_CPU_VARIANT_LIST=$CPU_VARIANTS -DCMAKE_INSTALL_BINDIR=llama_cpp/lib"
 fi
+CMAKE_FLAGS="${LMSCOPE_CMAKE_ARGS:-$PORTABLE_CMAKE_ARGS}"
+# Changes to llama.cpp applied to the sdist before it is built (a Q4_1 matrix kernel, the variant list).
+PATCH_DIR="patches/llama-cpp-python-$LLAMA_CPP_VERSION"
+# What identifies a build: its flags and its patches. Each build's wheel is cached in a folder of its own, so a
+# wheel built from other flags or other patches is never reused.
+BUILD_ID="$CMAKE_FLAGS; patches $(cat "$PATCH_DIR"/*.patch 2>/dev/null | sha256sum | cut -c1-12)"
+WHEEL_CACHE="${LMSCOPE_WHEEL_CACHE:-$HOME/.cache/lmscope/wheels}/build-$(printf '%s' "$BUILD_ID" | sha256sum | cut -c1-12)"
 VENV=.venv
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
@@ -60,15 +71,26 @@ make_venv() {
 }
 
 # --- 2. llama-cpp-python ---------------------------------------------------------------------------------
-LLAMA_MARK="$VENV/.llama-cpp-cmake-args"  # the flags the installed llama-cpp-python was built with
+LLAMA_MARK="$VENV/.llama-cpp-cmake-args"  # the build (flags, patches) the installed llama-cpp-python came from
 llama_ok() {
     [ "$("$PY" -c "import importlib.metadata as m; print(m.version('llama-cpp-python'))" 2>/dev/null)" \
-        = "$LLAMA_CPP_VERSION" ] && [ -f "$LLAMA_MARK" ] && [ "$(cat "$LLAMA_MARK")" = "$CMAKE_FLAGS" ]
+        = "$LLAMA_CPP_VERSION" ] && [ -f "$LLAMA_MARK" ] && [ "$(cat "$LLAMA_MARK")" = "$BUILD_ID" ]
 }
 install_cached_llama() {
     # --no-index: the cached wheel or nothing; this never falls back to building the sdist.
     "${PIP[@]}" install -q --force-reinstall --no-index --no-deps --find-links "$WHEEL_CACHE" \
-        "llama-cpp-python==$LLAMA_CPP_VERSION" >/dev/null 2>&1 && printf '%s\n' "$CMAKE_FLAGS" >"$LLAMA_MARK"
+        "llama-cpp-python==$LLAMA_CPP_VERSION" >/dev/null 2>&1 && printf '%s\n' "$BUILD_ID" >"$LLAMA_MARK"
+}
+# The sdist (pip's HTTP cache applies), unpacked into $1 and patched.
+patched_sdist() {
+    local patch
+    "${PIP[@]}" download -q --no-deps --no-binary llama-cpp-python -d "$1" "llama-cpp-python==$LLAMA_CPP_VERSION" \
+        && tar -xzf "$1/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz" -C "$1" || return 1
+    for patch in "$PATCH_DIR"/*.patch; do
+        [ -e "$patch" ] || continue
+        echo "applying $patch"
+        patch -d "$1/llama_cpp_python-$LLAMA_CPP_VERSION" -p1 --batch --forward <"$patch" || return 1
+    done
 }
 build_llama_wheel() {
     if ! command -v c++ >/dev/null 2>&1; then
@@ -86,9 +108,9 @@ build_llama_wheel() {
     step "building the llama-cpp-python $LLAMA_CPP_VERSION wheel, CMAKE_ARGS=\"$CMAKE_FLAGS\", $(nproc) jobs (5-10 min; log: $log)"
     # --no-cache-dir: pip's own wheel cache is keyed by the sdist, not by CMAKE_ARGS, so it could hand back a
     # wheel built earlier with other flags (a native or CUDA one) instead of building.
-    if ! CMAKE_ARGS="$CMAKE_FLAGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-            "${PIP[@]}" wheel --no-cache-dir --no-deps -w "$build_dir" "llama-cpp-python==$LLAMA_CPP_VERSION" \
-            >"$log" 2>&1; then
+    if ! { patched_sdist "$build_dir" && CMAKE_ARGS="$CMAKE_FLAGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+            "${PIP[@]}" wheel --no-cache-dir --no-deps -w "$build_dir" "$build_dir/llama_cpp_python-$LLAMA_CPP_VERSION"
+         } >"$log" 2>&1; then
         tail -n 30 "$log" >&2
         rm -rf "$build_dir"
         say "building llama-cpp-python failed; full log: $log" >&2
@@ -141,7 +163,7 @@ flock 8
 make_venv
 # Steps 2-3 are skipped when nothing they depend on changed since the last successful run.
 STAMP="$VENV/.lmscope-setup"
-stamp_value() { { cat pyproject.toml; echo "$LLAMA_CPP_VERSION $CMAKE_FLAGS"; } | sha256sum | cut -c1-16; }
+stamp_value() { { cat pyproject.toml; echo "$LLAMA_CPP_VERSION $BUILD_ID"; } | sha256sum | cut -c1-16; }
 if [ -z "${LMSCOPE_SETUP_FORCE:-}" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_value)" ] && llama_ok
 then
     say "$VENV is up to date with pyproject.toml (LMSCOPE_SETUP_FORCE=1 reinstalls)"
@@ -185,6 +207,7 @@ fi
 step "default model"
 "$VENV/bin/lmscope" pull
 "$VENV/bin/lmscope" pull gemma3-270m  # the second family's real model (tests/integration/test_gemma.py); Gemma terms apply
+"$VENV/bin/lmscope" pull qwen2.5-coder-1.5b-instruct  # the model that refuses (tests/integration/test_refusal_qwen.py)
 done_step
 
 say "ready in $(( $(date +%s) - T_START ))s: $VENV ($("$PY" --version), llama-cpp-python $LLAMA_CPP_VERSION)"

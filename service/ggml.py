@@ -30,8 +30,12 @@ GGML_TYPE_F16 = 1
 
 
 def load_library(stem: str) -> ctypes.CDLL:
-    """`libggml-base`, `libggml-cpu`, ...: the copy llama.cpp itself links against (the `.so.0` soname first)."""
+    """`libggml-base`, `libggml-cpu`, ...: the copy llama.cpp itself links against (the `.so.0` soname first), or for
+    `ggml-cpu` in a build with CPU variants, the variant llama.cpp loaded."""
+    from .native import CPU_LIBRARY
     from .native import LIBRARY_DIR as lib_dir
+    if stem == "ggml-cpu" and CPU_LIBRARY is not None:
+        return ctypes.CDLL(str(CPU_LIBRARY))
     for name in (f"lib{stem}.so.0", f"lib{stem}.so", f"lib{stem}.dylib", f"{stem}.dll"):
         path = lib_dir / name
         if path.exists():

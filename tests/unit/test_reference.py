@@ -22,6 +22,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from reference import ReferenceModel  # noqa: E402
 
+from lmscope.service import native  # noqa: E402, F401  (loads the wheel's CPU back end variant: docs/building.md)
 from lmscope.service.testing import (  # noqa: E402
     BOS_ID,
     IM_END_ID,
