@@ -17,8 +17,9 @@ _EXPORTS = {
     "Client": ".client", "ControlVector": ".control_vector", "LmscopeError": ".errors",
     "Intervention": ".interventions", "Patch": ".interventions", "Generation": ".results",
     "ModelInfo": ".results", "Run": ".results", "Tokens": ".results", "TopK": ".results",
-    "LayerScore": ".steering", "RefusalDirection": ".steering", "ActivationStore": ".store",
-    "TunedLens": ".tuned_lens",
+    "LayerScore": ".steering", "RefusalDirection": ".steering",
+    "RefusalEvaluation": ".steering", "RefusalMeasure": ".steering", "ActivationStore": ".store",
+    "TunedLens": ".tuned_lens", "SparseAutoencoder": ".sae",
 }
 __all__ = list(_EXPORTS)
 

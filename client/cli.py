@@ -1,11 +1,12 @@
 """The `lmscope` command.
 
-    lmscope pull [NAME]          fetch and verify the default model (or gemma3-270m), print its path
+    lmscope pull [NAME]          fetch and verify the default model (or a named one), print its path
     lmscope serve [--model P]    serve a model (needs the server extra: pip install "lmscope[server]")
     lmscope rpc-worker [--port]  lend this host's CPU to a server that splits a model with --rpc
     lmscope info [--server A]    describe the model a server holds
     lmscope lens "PROMPT"        the logit lens of the prompt's last token, one line per layer
     lmscope collect FILE DIR     activations of many prompts into an activation store (resumable)
+    lmscope abliterate --model P --direction D --out F   a copy of the model with a direction projected out
     lmscope demo                 start a server on the default model and show what lmscope does
 
 Commands that talk to a server take `--server HOST:PORT` (default `$LMSCOPE_SERVER`) or `--model PATH`;
@@ -42,10 +43,59 @@ def _pull(args) -> int:
     return 0
 
 
+def _abliterate(args) -> int:
+    """`lmscope abliterate`: a local file job (no server): read the direction, project it out of the model."""
+    import time
+
+    models = _server_extra("model_files")
+    ablation = _server_extra("abliterate")
+    try:
+        source = models.resolve_model_path(args.model)
+        direction, layer, fingerprint = _read_direction(args.direction, args.layer)
+        report = ablation.abliterate(source, direction, args.out, layer=layer, threads=args.threads,
+                                     expected_sha256=fingerprint, progress=lambda m: print(m, file=sys.stderr))
+    except (models.ModelError, ablation.AbliterationError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    if args.report:
+        for edit in report.edits:
+            print(f"{edit.name:28s} {edit.type_name:5s} moved {edit.change:.3e}  re-quantization error "
+                  f"{edit.requantize_error:.3e}  direction's write surviving {edit.surviving_write:.3e}")
+    if args.check_load:
+        from llama_cpp import Llama
+
+        start = time.perf_counter()
+        model = Llama(str(report.path), n_ctx=256, verbose=False)
+        print(f"plain llama.cpp (llama_cpp.Llama) loaded it in {time.perf_counter() - start:.1f} s "
+              f"({model.n_vocab()} tokens)")
+        model.close()
+    return 0
+
+
+def _read_direction(path: str, layer: int | None):
+    """(unit vector, layer, model fingerprint) from a `RefusalDirection.save` .npz (its chosen layer, or
+    `layer`) or a .npy vector (layer -1 unless given)."""
+    import numpy as np
+
+    if path.endswith(".npz"):
+        from .steering import RefusalDirection
+
+        direction = RefusalDirection.load(path)
+        chosen = direction._layer(layer)
+        return direction.vector(chosen), chosen, direction.model_fingerprint
+    vector = np.load(path, allow_pickle=False)
+    if vector.ndim != 1:
+        raise ValueError(f"{path}: a direction is one vector (n_embd,), not an array of shape {vector.shape}")
+    return vector, -1 if layer is None else layer, ""
+
+
 def _info(args) -> int:
     with connected(args.server, args.model) as client:
         info = client.model_info()
         print(info)
+        if info.cpu_variant:  # empty from a server older than the field
+            print(f"llama.cpp back end: {info.backend}, CPU kernels: {info.cpu_variant}")
         print("\n".join(info.memory_lines()))
     return 0
 
@@ -99,9 +149,23 @@ def main(argv: list[str] | None = None) -> int:
 
     pull = commands.add_parser("pull", help="fetch and verify the default model, or a named one")
     pull.add_argument("name", nargs="?", default=None,
-                      help="a named model: smollm2 (the default) or gemma3-270m (Gemma terms apply)")
+                      help="a named model: smollm2 (the default), gemma3-270m (Gemma terms apply) or "
+                           "qwen2.5-coder-1.5b-instruct (1.1 GB, refuses harmful requests)")
     pull.add_argument("--force", action="store_true", help="download again even if cached")
     pull.set_defaults(handler=_pull)
+
+    abliterate = commands.add_parser("abliterate", help="a copy of a model with a direction projected out of "
+                                                        "its weights (docs/steering.md)")
+    abliterate.add_argument("--model", required=True, help="the source GGUF file or a model name")
+    abliterate.add_argument("--direction", required=True,
+                            help="a RefusalDirection.save .npz (its chosen layer unless --layer) or an .npy vector")
+    abliterate.add_argument("--layer", type=int, default=None, help="the layer of the .npz to use")
+    abliterate.add_argument("--out", required=True, help="the GGUF file to write")
+    abliterate.add_argument("--threads", type=int, default=None, help="quantization threads (default: all cores)")
+    abliterate.add_argument("--report", action="store_true", help="print every tensor's edit and error")
+    abliterate.add_argument("--check-load", action="store_true",
+                            help="load the result with plain llama.cpp (llama_cpp.Llama) and print the time")
+    abliterate.set_defaults(handler=_abliterate)
 
     serve = commands.add_parser("serve", help="serve a GGUF model over gRPC")
     serve.set_defaults(handler=None)

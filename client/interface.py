@@ -1,5 +1,5 @@
 """`ClientCore`: what the analysis mixins (`lens`, `projection`, `embeddings`, `inside`, `steering`, `store`,
-`tuned_lens`) may call.
+`tuned_lens`, `sae_analysis`) may call.
 
 `Client` is `CoreClient` plus one mixin per kind of analysis. A mixin builds only on the methods declared
 here, which `CoreClient` implements; nothing private of the core. A new analysis that needs a new server

@@ -169,10 +169,9 @@ save(probe.plot(), "probe_cities")
 # %%
 from lmscope.client import refusal
 
-harmful = refusal.load_prompts("harmful", ["en"])
-harmless = refusal.load_prompts("harmless", ["en"])
-train_harmful, test_harmful = harmful[: len(harmful) // 2], harmful[len(harmful) // 2:]
-train_harmless, test_harmless = harmless[: len(harmless) // 2], harmless[len(harmless) // 2:]
+# The bundled prompts come with a fixed fit / validation / held-out split; a slice keeps this section quick.
+train_harmful, test_harmful = (refusal.load_prompts("harmful", ["en"], split=s)[:14] for s in ("fit", "held_out"))
+train_harmless, test_harmless = (refusal.load_prompts("harmless", ["en"], split=s)[:14] for s in ("fit", "held_out"))
 rd = c.refusal_direction(train_harmful, train_harmless, chat=True, layers=[6, 10, 14, 18], progress=False)
 print(rd)
 print(f"{'layer':>5} {'induce':>8} {'bypass':>8} {'KL':>7}")
@@ -189,6 +188,36 @@ for prompt in test_harmful[:3]:
     plain = c.generate(prompt, chat=True, max_tokens=24)
     ablated = c.generate(prompt, chat=True, max_tokens=24, ablate=v)
     print(f"harmful  {prompt!r}\n   plain:   {plain.text!r}\n   ablated: {ablated.text!r}")
+
+# %% [markdown]
+# The same experiment on a model that does refuse, Qwen2.5-Coder-1.5B-Instruct, when it has been pulled
+# (`lmscope pull qwen2.5-coder-1.5b-instruct`; set-up does): a small slice here, the full run with its
+# figures in docs/steering.md (`scripts/bench_refusal.py`). Look for: the held-out harmful requests refused
+# at baseline and answered with the direction ablated, and harmless ones refused with it added.
+
+# %%
+try:
+    from lmscope.service.model_files import QWEN25_CODER_15B, model_cache_dir
+
+    qwen_path = model_cache_dir() / QWEN25_CODER_15B.filename
+except ImportError:  # a client-only installation cannot start a server
+    qwen_path = None
+if qwen_path is not None and qwen_path.exists():
+    from lmscope.service.launch import launch_server
+
+    with launch_server(qwen_path, args=("--n-ctx", "2048")) as qwen_server, Client(qwen_server.address) as q:
+        fit = [refusal.load_prompts(kind, ["en"], split="fit")[:8] for kind in ("harmful", "harmless")]
+        val = [refusal.load_prompts(kind, ["en"], split="validation")[:4] for kind in ("harmful", "harmless")]
+        held = [refusal.load_prompts(kind, ["en"], split="held_out")[:4] for kind in ("harmful", "harmless")]
+        qwen_rd = q.refusal_direction(*fit, layers=[12, 18], val_harmful=val[0], val_harmless=val[1],
+                                      progress=False)
+        print(qwen_rd)
+        evaluation = q.evaluate_refusal(qwen_rd, *held, max_tokens=12, progress=False)
+        print(evaluation.table())
+        for name in ("harmful", "harmful ablated", "harmless induced"):
+            print(f"{name:>16}: {evaluation.measures[name].generations[0]!r}")
+else:
+    print("Qwen2.5-Coder-1.5B-Instruct is not in the model cache: `lmscope pull qwen2.5-coder-1.5b-instruct`")
 
 
 # %% [markdown]
@@ -280,3 +309,46 @@ memory = c.neuron_activations(["The capital of France is Paris", "Berlin is the 
 memory.to_html(VIEWS / "neurons.html")
 print(f"wrote {VIEWS / 'neurons.html'}")
 memory
+
+
+# %% [markdown]
+# ## 10. Features, not neurons: a sparse autoencoder (arXiv 2406.04093)
+# A neuron often fires for unrelated things; a sparse autoencoder (SAE) rewrites the residual stream as a
+# sparse sum of many more directions ("features") that are easier to name. Here a small TopK SAE is fitted
+# in seconds on the CPU from the activations of 24 passages of the Python reference (shipped with Python),
+# then two features are explained and one steers generation. Look for: the top contexts name a feature (here
+# the word "exception" being raised); at this middle layer the tokens its direction promotes say less. The
+# fit in docs/sae.md is the full-size one (4,608 features on 105,000 tokens).
+
+# %%
+from lmscope.client.corpus import python_reference
+
+SAE_SITE = "blocks.15.resid_post"
+passages = python_reference(max_chars=400)[:24]
+sae_store = c.collect(passages, pathlib.Path(tempfile.mkdtemp()) / "store", sites=[SAE_SITE], positions=None,
+                      progress=False)
+sae = c.fit_sae(sae_store, SAE_SITE, n_features=1152, k=16, epochs=8, batch_size=256, lr=2e-3, threads=1,
+                progress=False)
+print(sae, "on", sae_store.n_tokens, "tokens")
+print(c.sae_loss_recovered(sae, python_reference(max_chars=400)[24:26], progress=False))
+
+# %%
+run = c.run("If the condition is false, an exception is raised", capture=[SAE_SITE], logits=False)
+codes = sae.encode(run.captures[SAE_SITE])
+where = c.token_labels(run.token_ids).index(" exception")
+on_exception = int(np.argmax(codes[where]))      # the feature most active on " exception"
+busiest = int(np.argmax((codes > 0).sum(axis=0)))  # the feature active on most tokens of this prompt
+features = c.sae_features(sae, sae_store, [on_exception, busiest], contexts=4, window=6)
+print(features)
+features.to_html(VIEWS / "sae_features.html")
+print(f"wrote {VIEWS / 'sae_features.html'}")
+
+# %% [markdown]
+# Steering with a feature adds its decoder direction to the residual stream at every position, in units of
+# the feature's activation. Look for: at once and three times its largest activation in the store the
+# continuation drifts; far beyond that (the residual norm is ~170 here) the text breaks down.
+
+# %%
+for times in (0, 1, 3):
+    edit = [sae.steering(on_exception, times * features[on_exception].max_activation)] if times else []
+    print(f"x{times}:", repr(c.generate("My favourite food is", max_tokens=16, interventions=edit).text))

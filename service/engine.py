@@ -33,6 +33,7 @@ from .errors import Code, RequestError
 from .graph_sites import SiteRules
 from .memory import expected_memory
 from .model import Model
+from .native import CPU_VARIANT
 from .native import llama as lc
 from .verification import verify
 from .weights import Weights
@@ -40,22 +41,29 @@ from .weights import Weights
 __all__ = ["Cancelled", "Engine", "EngineConfig", "ForwardRequest", "ForwardResult", "Intervention"]
 
 
-# llama.cpp reserves each context's compute buffer for the worst ubatch, every token an output: n_ubatch x
-# n_vocab float32 logits (Gemma 3's 262,144-token vocabulary at 512 tokens: 512 MiB of a 514 MiB buffer), and
-# its output buffer grows to the output rows of one ubatch. Tokens per ubatch are capped so that each stays
-# within LOGITS_RESERVE_BYTES; a longer prompt is decoded in several ubatches, as it already is past n_batch.
-# 8 MiB: Gemma 3 16 tokens (the floor), SmolLM2 42, Llama 3 8B 16. A 64 MiB cap held 112 MiB more per worker
-# (compute + output buffers) for no measurable speed: Engine.forward of 128 tokens, every hidden state and all
-# logits, 2 threads, wall median of 8 interleaved at load 1.4: Gemma 3 at 16 / 32 / 64 tokens 1.22 / 1.26 /
-# 1.23 s, SmolLM2 at 85 / 170 / 341 tokens 0.67 / 0.72 / 0.70 s; SmolLM2 at 42 tokens 0.85 s against 0.79 s at
-# 85 (median of 6 interleaved, load 0.9), the price of 16 MB less per worker. Below 16 tokens it slows: Gemma 3
-# at 8 tokens took 1.3x the CPU time of 16 (load 2-3).
-LOGITS_RESERVE_BYTES = 8 << 20
-MIN_UBATCH = 16
+# llama.cpp reserves each context's compute buffer for its worst ubatch and grows its output buffer to the most
+# output rows of one call, n_vocab float32 logits per output row (Gemma 3's 262,144-token vocabulary: 1 MiB a
+# row). Its `n_outputs_max` context parameter bounds the output rows of one call apart from the ubatch's
+# tokens, so the two limits are separate: ubatches of n_batch tokens (`--n-batch`), of which at most
+# `output_rows_per_ubatch` are outputs, keeping the logits within LOGITS_RESERVE_BYTES per buffer. A request
+# that wants few output rows (a position subset, last-token logits, an intermediate layer, a generation's
+# prompt) decodes in ubatches of n_batch tokens; one that wants every row's logits, or the last block's sites
+# at every position (llama.cpp computes the last block for output rows only), in ubatches cut at that many
+# output rows (`Contexts.ubatches`). The default n_batch, 60, is the longest multiple of 4 below the 64 query
+# rows at which llama.cpp's CPU flash attention switches to its tiled kernel: below it, and with ubatch lengths
+# that keep each row's place in the repacked kernels' groups of four, a row's numbers do not depend on the
+# length of the ubatch it is decoded in, so a position subset is the full run indexed, bit for bit, though the
+# two decode in ubatches of other lengths. The curve these are chosen from is in
+# docs/performance.md (scripts/bench_ubatch.py).
+LOGITS_RESERVE_BYTES = 32 << 20
+MIN_OUTPUT_ROWS = 16
 
 
-def logits_rows_per_ubatch(n_vocab: int) -> int:
-    return max(MIN_UBATCH, LOGITS_RESERVE_BYTES // (4 * n_vocab))
+def output_rows_per_ubatch(n_vocab: int) -> int:
+    """A multiple of 4: llama.cpp's repacked kernels multiply activation rows four at a time (the rest one by
+    one), so ubatch lengths that are multiples of 4 keep every row's place in its group of four."""
+    rows = max(MIN_OUTPUT_ROWS, LOGITS_RESERVE_BYTES // (4 * n_vocab))
+    return rows - rows % 4
 
 
 @dataclass
@@ -90,9 +98,9 @@ class Engine:
         self.n_head_kv = self.model.n_head_kv
         self.n_vocab = self.model.n_vocab
         self.n_ctx = config.n_ctx
-        n_batch = min(config.n_batch, config.n_ctx, logits_rows_per_ubatch(self.n_vocab))
-        self.contexts = Contexts(self.model.handle, n_ctx=config.n_ctx, n_batch=n_batch,
-                                 n_seq_max=min(config.n_seq_max, n_batch),  # llama.cpp needs n_seq_max <= n_batch
+        self.contexts = Contexts(self.model.handle, n_ctx=config.n_ctx, n_batch=min(config.n_batch, config.n_ctx),
+                                 n_outputs_max=config.n_outputs or output_rows_per_ubatch(self.n_vocab),
+                                 n_seq_max=config.n_seq_max,
                                  n_threads=config.n_threads or os.cpu_count() or 1,
                                  prompts_share_ubatches=not config.batch_invariant,
                                  kv_cache_f32=config.kv_cache_f32)
@@ -128,7 +136,7 @@ class Engine:
                 "CUDA" if lc.llama_supports_gpu_offload() and self.config.n_gpu_layers else "CPU"),
             n_gpu_layers=self.config.n_gpu_layers, flash_attention=self.config.flash_attn,
             batch_invariant=self.config.batch_invariant, ffn_value_tensor=self.family.ffn_value_tensor or "",
-            kv_cache_type="f32" if self.config.kv_cache_f32 else "f16",
+            kv_cache_type="f32" if self.config.kv_cache_f32 else "f16", cpu_variant=CPU_VARIANT,
             unavailable_sites=dict(self.unavailable_sites),
             embedding_scale=embedding_scale(self.family, self.n_embd),
             final_logit_softcapping=self.weights.final_logit_softcapping,
@@ -137,7 +145,8 @@ class Engine:
             unembed_error=self.unembed_error or "",
             memory=expected_memory(self.weights, n_layer=self.n_layer, n_head=self.n_head, n_head_kv=self.n_head_kv,
                                    n_embd=self.n_embd, n_vocab=self.n_vocab, n_ctx=self.n_ctx,
-                                   n_ubatch=self.contexts.n_batch, n_seq_max=self.contexts.n_seq_max),
+                                   n_ubatch=self.contexts.n_batch, n_outputs_max=self.contexts.n_outputs_max,
+                                   n_seq_max=self.contexts.n_seq_max),
         )
 
     def limits(self) -> pb.Limits:

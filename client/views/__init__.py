@@ -12,6 +12,8 @@ data inline; see `page`). The functions here build the fragment from a result:
 - `neurons_html(activations)`: prompts with each token shaded by a neuron's activation, beside the
   tokens the neuron's value vector promotes and suppresses.
 - `patch_html(sweep)`: the layer x position effect grid of activation patching, raw or normalized.
+- `sae_html(features)`: SAE features (pick one): its top-activating contexts shaded by its activation,
+  the tokens its decoder direction promotes and suppresses, and the histogram of its activations.
 
 Tokens are shown as text: byte pieces of one character joined (`token_labels`), whitespace visible
 (a space in a grid label as "␣", a newline as "↵"), CJK as is (the browser's fonts draw it).
@@ -23,7 +25,7 @@ import numpy as np
 from ..token_labels import token_labels
 from .page import fragment, integers, numbers, write
 
-__all__ = ["lens_html", "attention_html", "neurons_html", "patch_html", "write"]
+__all__ = ["lens_html", "attention_html", "neurons_html", "patch_html", "sae_html", "write"]
 
 # Attention probabilities travel as integers in units of 1/ATTENTION_SCALE: 4 decimals, what a hover shows.
 ATTENTION_SCALE = 10_000
@@ -70,6 +72,10 @@ def lens_html(lens, color: str | int = "prob") -> str:
         "targets": [{"token": label(t.token_id), "id": t.token_id, "multi": bool(t.multi_token),
                      "probs": numbers(t.probs), "ranks": integers(t.ranks)} for t in targets],
         "color": initial if initial in ("prob", "entropy") else [t.token_id for t in targets].index(initial),
+        "fidelity": None if lens.fidelity is None else {
+            "threshold": lens.fidelity.threshold,
+            # one row per hidden state, like the grid: the embedding row first (nothing rounds before it)
+            "estimate": numbers(np.concatenate([np.zeros((1, len(lens.positions))), lens.fidelity.estimate]))},
     }
     return fragment("lens", data, f"logit lens · {len(lens.layers)} hidden states × {len(lens.positions)} positions")
 
@@ -115,3 +121,22 @@ def patch_html(sweep, normalized: bool = False) -> str:
             "normalized": bool(normalized and span != 0)}
     return fragment("patch", data, f"activation patching of {sweep.site} · {len(sweep.layers)} layers × "
                                    f"{len(sweep.positions)} positions")
+
+
+def sae_html(result, feature: int | None = None) -> str:
+    """The feature view of an `SaeFeatures` result: one feature at a time (pick it), its top-activating
+    contexts with every token shaded by its activation, its promoted / suppressed tokens and its histogram."""
+    indices = [f.index for f in result.features]
+    data = {"site": result.site, "dSae": int(result.d_sae), "nTokens": int(result.n_tokens),
+            "features": [{"index": int(f.index), "frequency": float(f"{f.frequency:.4g}"),
+                          "max": float(f"{f.max_activation:.4g}"), "mean": float(f"{f.mean_activation:.4g}"),
+                          "hist": integers(f.histogram), "edges": numbers(f.bin_edges),
+                          "promoted": [[t, float(f"{v:.4g}")] for t, v in f.promoted],
+                          "suppressed": [[t, float(f"{v:.4g}")] for t, v in f.suppressed],
+                          "contexts": [{"prompt": c.prompt, "position": c.position, "center": c.center,
+                                        "tokens": list(c.tokens), "acts": numbers(c.activations)}
+                                       for c in f.contexts]}
+                         for f in result.features],
+            "feature": indices.index(feature) if feature is not None else 0}
+    return fragment("sae", data, f"SAE features of {result.site} · {len(indices)} of {result.d_sae} · "
+                                 f"{result.n_tokens} tokens")

@@ -120,7 +120,8 @@ function lmscopeView(kind, root) {
       add(bar, select("colour:", modes.map((m) => [m.key, m.name]), mode.key, (v) => { mode = modes.find((m) => m.key === v); draw(); }),
           checkbox("top-1 token in cells", words, (v) => { words = v; draw(); }),
           legend(mode.ramp, num(mode.lo), num(mode.hi), mode.name),
-          el("span", "note", "framed: the top-1 token is the real next token · hover a cell for the top-" + K));
+          el("span", "note", "framed: the top-1 token is the real next token · hover a cell for the top-" + K
+             + (d.fidelity ? ` · red corner: activation rounding moves the state by > ${num(100 * d.fidelity.threshold)} % (fidelity map)` : "")));
     }
     function draw() {
       controls();
@@ -144,6 +145,7 @@ function lmscopeView(kind, root) {
           const v = mode.value(i, j);
           paint(c, mode.ramp, (v - mode.lo) / (mode.hi - mode.lo));
           if (d.nextIndex[j] >= 0 && top === d.nextIndex[j]) c.classList.add("hit");
+          if (d.fidelity && d.fidelity.estimate[at(i, j)] > d.fidelity.threshold) c.classList.add("flag");
           g.appendChild(c);
           cells[at(i, j)] = c;
         }
@@ -169,6 +171,11 @@ function lmscopeView(kind, root) {
                       "topk" + (isNext ? " next" : "")));
       }
       add(panel, h, io, el("div", "note", `entropy ${fmt(d.entropy[at(i, j)])} nats`), table(["#", "token", "p", ""], rows));
+      if (d.fidelity) {
+        const e = d.fidelity.estimate[at(i, j)];
+        panel.appendChild(el("div", e > d.fidelity.threshold ? "note flagged" : "note",
+                             `fidelity: activation rounding moves this state by about ${fmt(100 * e)} %`));
+      }
       if (d.nextIndex[j] >= 0 && !rows.some((r) => r.classList.contains("next"))) {
         panel.appendChild(el("div", "note", `next token ${shown(d.next[j])} is not in the top-${K}`));
       }
@@ -406,5 +413,65 @@ function lmscopeView(kind, root) {
     draw();
   }
 
-  ({ lens, attention, neurons, patch })[kind]();
+  // ----- SAE features ----------------------------------------------------------------------------
+  function sae() {
+    let fi = d.feature;
+    const bar = el("div", "bar-row"), main = el("div", "main");
+    const contexts = el("div", "prompts"), side = el("div", "side"), panel = el("div", "panel");
+    add(root, bar, main);
+    add(main, contexts, side);
+    let spans = [];
+    function draw() {
+      const f = d.features[fi];
+      const scale = Math.max(1e-9, f.max);
+      bar.textContent = "";
+      add(bar, select("feature", d.features.map((x, n) => [n, String(x.index)]), fi, (v) => { fi = +v; draw(); }),
+          legend("oranges", "0", num(scale), "activation"),
+          el("span", "note", `active on ${(100 * f.frequency).toPrecision(3)}% of ${d.nTokens} tokens · ` +
+                             `max ${fmt(f.max)} · mean when active ${fmt(f.mean)} · hover a token`));
+      contexts.textContent = "";
+      spans = [];
+      f.contexts.forEach((c, n) => {
+        const box = el("div", "prompt strip");
+        box.appendChild(el("span", "pn", `#${n} · prompt ${c.prompt}`));
+        c.tokens.forEach((t, i) => {
+          const s = textToken(t);
+          s.dataset.c = n; s.dataset.i = i;
+          paint(s, "oranges", c.acts[i] / scale);
+          if (i === c.center) s.classList.add("top");
+          box.appendChild(s);
+          if (breaks(t)) box.appendChild(el("br"));
+          spans.push(s);
+        });
+        contexts.appendChild(box);
+      });
+      if (!f.contexts.length) contexts.appendChild(el("div", "note", "this feature is active on none of the tokens"));
+      hover(contexts, ".s", (s) => show(+s.dataset.c, +s.dataset.i));
+      side.textContent = "";
+      const list = (items) => table(null, items.map(([t, v]) => row([["t tok", shown(t)], ["v", fmt(v)]])));
+      const hist = el("div", "hist");
+      const top = Math.max(1, ...f.hist);
+      f.hist.forEach((count, b) => {
+        const h = el("div", "hb");
+        h.style.height = `${Math.max(count ? 1 : 0, Math.round(60 * count / top))}px`;
+        h.title = `${fmt(f.edges[b])} – ${fmt(f.edges[b + 1])}: ${count} tokens`;
+        hist.appendChild(h);
+      });
+      add(side, panel, el("h4", null, `feature ${f.index}: decoder direction through the LM head`),
+          el("div", "note", "promotes"), list(f.promoted), el("div", "note", "suppresses"), list(f.suppressed),
+          el("div", "note", `activations when active (0 – ${fmt(f.max)})`), hist);
+      if (f.contexts.length) show(0, f.contexts[0].center);
+    }
+    function show(n, i) {
+      const c = d.features[fi].contexts[n];
+      light(spans.find((x) => +x.dataset.c === n && +x.dataset.i === i));
+      panel.textContent = "";
+      add(panel, el("h4", null, `prompt ${c.prompt} · position ${c.position - c.center + i}`),
+          add(el("div"), document.createTextNode("token "), tok(c.tokens[i])),
+          table(null, [row([["n", "activation"], ["v act", fmt(c.acts[i])]])]));
+    }
+    draw();
+  }
+
+  ({ lens, attention, neurons, patch, sae })[kind]();
 }

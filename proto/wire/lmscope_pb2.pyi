@@ -56,7 +56,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("architecture", "name", "description", "n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_vocab", "n_ctx_train", "n_ctx", "tied_embeddings", "tensor_types", "file_type", "has_chat_template", "chat_template", "bos_token_id", "eos_token_id", "capture_sites", "fingerprint", "n_params", "file_size", "limits", "backend", "n_gpu_layers", "n_workers", "unavailable_sites", "embedding_scale", "final_logit_softcapping", "site_rules", "verification", "unembed_error", "memory", "flash_attention", "batch_invariant", "ffn_value_tensor", "kv_cache_type")
+    __slots__ = ("architecture", "name", "description", "n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_vocab", "n_ctx_train", "n_ctx", "tied_embeddings", "tensor_types", "file_type", "has_chat_template", "chat_template", "bos_token_id", "eos_token_id", "capture_sites", "fingerprint", "n_params", "file_size", "limits", "backend", "n_gpu_layers", "n_workers", "unavailable_sites", "embedding_scale", "final_logit_softcapping", "site_rules", "verification", "unembed_error", "memory", "flash_attention", "batch_invariant", "ffn_value_tensor", "kv_cache_type", "cpu_variant")
     class TensorTypesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class ModelInfo(_message.Message):
     BATCH_INVARIANT_FIELD_NUMBER: _ClassVar[int]
     FFN_VALUE_TENSOR_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CPU_VARIANT_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     name: str
     description: str
@@ -152,10 +153,11 @@ class ModelInfo(_message.Message):
     batch_invariant: bool
     ffn_value_tensor: str
     kv_cache_type: str
-    def __init__(self, architecture: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_head: _Optional[int] = ..., n_head_kv: _Optional[int] = ..., n_ff: _Optional[int] = ..., n_vocab: _Optional[int] = ..., n_ctx_train: _Optional[int] = ..., n_ctx: _Optional[int] = ..., tied_embeddings: _Optional[bool] = ..., tensor_types: _Optional[_Mapping[str, int]] = ..., file_type: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., chat_template: _Optional[str] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., capture_sites: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ..., n_params: _Optional[int] = ..., file_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., n_gpu_layers: _Optional[int] = ..., n_workers: _Optional[int] = ..., unavailable_sites: _Optional[_Mapping[str, str]] = ..., embedding_scale: _Optional[float] = ..., final_logit_softcapping: _Optional[float] = ..., site_rules: _Optional[str] = ..., verification: _Optional[_Mapping[str, float]] = ..., unembed_error: _Optional[str] = ..., memory: _Optional[_Union[MemoryEstimate, _Mapping]] = ..., flash_attention: _Optional[bool] = ..., batch_invariant: _Optional[bool] = ..., ffn_value_tensor: _Optional[str] = ..., kv_cache_type: _Optional[str] = ...) -> None: ...
+    cpu_variant: str
+    def __init__(self, architecture: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_head: _Optional[int] = ..., n_head_kv: _Optional[int] = ..., n_ff: _Optional[int] = ..., n_vocab: _Optional[int] = ..., n_ctx_train: _Optional[int] = ..., n_ctx: _Optional[int] = ..., tied_embeddings: _Optional[bool] = ..., tensor_types: _Optional[_Mapping[str, int]] = ..., file_type: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., chat_template: _Optional[str] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., capture_sites: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ..., n_params: _Optional[int] = ..., file_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., n_gpu_layers: _Optional[int] = ..., n_workers: _Optional[int] = ..., unavailable_sites: _Optional[_Mapping[str, str]] = ..., embedding_scale: _Optional[float] = ..., final_logit_softcapping: _Optional[float] = ..., site_rules: _Optional[str] = ..., verification: _Optional[_Mapping[str, float]] = ..., unembed_error: _Optional[str] = ..., memory: _Optional[_Union[MemoryEstimate, _Mapping]] = ..., flash_attention: _Optional[bool] = ..., batch_invariant: _Optional[bool] = ..., ffn_value_tensor: _Optional[str] = ..., kv_cache_type: _Optional[str] = ..., cpu_variant: _Optional[str] = ...) -> None: ...
 
 class MemoryEstimate(_message.Message):
-    __slots__ = ("mapped_weights", "kv_cache", "compute_buffer", "output_buffer", "reduction_budget", "contexts", "n_ubatch", "per_worker")
+    __slots__ = ("mapped_weights", "kv_cache", "compute_buffer", "output_buffer", "reduction_budget", "contexts", "n_ubatch", "per_worker", "n_outputs_max")
     MAPPED_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_BUFFER_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +166,7 @@ class MemoryEstimate(_message.Message):
     CONTEXTS_FIELD_NUMBER: _ClassVar[int]
     N_UBATCH_FIELD_NUMBER: _ClassVar[int]
     PER_WORKER_FIELD_NUMBER: _ClassVar[int]
+    N_OUTPUTS_MAX_FIELD_NUMBER: _ClassVar[int]
     mapped_weights: int
     kv_cache: int
     compute_buffer: int
@@ -172,7 +175,8 @@ class MemoryEstimate(_message.Message):
     contexts: int
     n_ubatch: int
     per_worker: int
-    def __init__(self, mapped_weights: _Optional[int] = ..., kv_cache: _Optional[int] = ..., compute_buffer: _Optional[int] = ..., output_buffer: _Optional[int] = ..., reduction_budget: _Optional[int] = ..., contexts: _Optional[int] = ..., n_ubatch: _Optional[int] = ..., per_worker: _Optional[int] = ...) -> None: ...
+    n_outputs_max: int
+    def __init__(self, mapped_weights: _Optional[int] = ..., kv_cache: _Optional[int] = ..., compute_buffer: _Optional[int] = ..., output_buffer: _Optional[int] = ..., reduction_budget: _Optional[int] = ..., contexts: _Optional[int] = ..., n_ubatch: _Optional[int] = ..., per_worker: _Optional[int] = ..., n_outputs_max: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_prompt_tokens", "max_capture_bytes", "max_generated_tokens", "max_batch_prompts", "max_message_bytes")
@@ -259,7 +263,7 @@ class Intervention(_message.Message):
     def __init__(self, op: _Optional[_Union[Intervention.Op, str]] = ..., sites: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ..., vector: _Optional[_Union[Tensor, _Mapping]] = ..., sequences: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RunRequest(_message.Message):
-    __slots__ = ("prompts", "capture", "positions", "logits", "dtype", "interventions", "lens")
+    __slots__ = ("prompts", "capture", "positions", "logits", "dtype", "interventions", "lens", "fidelity")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +271,7 @@ class RunRequest(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
     LENS_FIELD_NUMBER: _ClassVar[int]
+    FIDELITY_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedCompositeFieldContainer[Prompt]
     capture: _containers.RepeatedScalarFieldContainer[str]
     positions: _containers.RepeatedScalarFieldContainer[int]
@@ -274,7 +279,8 @@ class RunRequest(_message.Message):
     dtype: DType
     interventions: _containers.RepeatedCompositeFieldContainer[Intervention]
     lens: LensSpec
-    def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., capture: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ..., logits: _Optional[_Union[LogitsMode, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., lens: _Optional[_Union[LensSpec, _Mapping]] = ...) -> None: ...
+    fidelity: bool
+    def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., capture: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ..., logits: _Optional[_Union[LogitsMode, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., lens: _Optional[_Union[LensSpec, _Mapping]] = ..., fidelity: _Optional[bool] = ...) -> None: ...
 
 class LensSpec(_message.Message):
     __slots__ = ("enabled", "top_k", "temperature", "target_ids", "skip_final_norm", "return_logits", "keep_captures", "kl_reference_rows")
