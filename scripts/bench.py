@@ -86,13 +86,14 @@ def measure_lmscope(model: str, sizes: list[int], lens_sizes: set[int], repeat: 
         out["cpu"] = getattr(info, "cpu_variant", "") or "portable"
         base = c.tokenize(TEXT).token_ids
         ids = (base * (max(sizes) // len(base) + 1))[:max(sizes)]
-        chat_ids = c.tokenize(CHAT, chat=True).token_ids
+        chat_ids = c.tokenize(CHAT, chat=info.has_chat_template).token_ids
         for n in sizes:
             prompt = ids[:n]
             c.run(prompt, logits=False)  # warm-up: the context grows to this size once
-            out["sizes"][n] = {
-                "states": median_ms(lambda p=prompt: c.run(p, logits=False), repeat),
-                "states+logits": median_ms(lambda p=prompt: c.run(p), repeat)}
+            out["sizes"][n] = {"states": median_ms(lambda p=prompt: c.run(p, logits=False), repeat)}
+            answer = n * 4 * (info.n_vocab + (info.n_layer + 1) * info.n_embd)
+            if answer <= info.limits["max_capture_bytes"]:  # all logits of 2,000 tokens of a 262k vocabulary: not
+                out["sizes"][n]["states+logits"] = median_ms(lambda p=prompt: c.run(p), repeat)
             if n in lens_sizes:
                 out["sizes"][n]["lens"] = median_ms(lambda p=prompt: c.logit_lens(p, top_k=10), repeat)
             print(f"  lmscope {n} tokens: {out['sizes'][n]}", flush=True)
