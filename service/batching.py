@@ -21,6 +21,13 @@ from .native import llama as lc
 
 # (token id, position, prompt index in the request, whether llama.cpp computes this row's output)
 Row = tuple[int, int, int, bool]
+# Activation rows the repacked weight kernels (ggml-cpu/repack.cpp) multiply together; ubatches are cut on
+# multiples of it (`Contexts.ubatches`).
+ROW_GROUP = 4
+# The fewest rows from which every CPU kernel computes a row as in a long ubatch: llama.cpp's tiled K-quant
+# matmul (ggml-cpu/tiled, Q6_K and other unrepacked k-quants) takes ubatches from 8 rows, the vec_dot kernel
+# shorter ones, and flash attention (patched) has one kernel for 2 rows and more (`Contexts.ubatches`).
+MIN_UBATCH_ROWS = 8
 
 
 class Cancelled(Exception):
@@ -226,24 +233,51 @@ class Contexts:
         rows (llama.cpp aborts on a call with more outputs than the context reserved): a request that wants
         few outputs decodes in long ubatches, one that wants every row's logits in short ones.
 
-        Without `prompts_share_ubatches` the cut is every n_outputs_max tokens whatever the outputs, so that
-        a prompt's ubatches depend on the prompt alone, not on what the request asks of it: the kernels
-        whose rounding depends on a ubatch's length (flash attention's tiled kernel from 64 query rows on,
-        repacked weights) then give every request shape the same numbers."""
-        fixed = not self.prompts_share_ubatches
-        longest = self.n_outputs_max if fixed else self.n_batch
-        current: list[Row] = []
-        outputs = 0
-        for s in group:
-            for p, token in enumerate(prompts[s]):
-                out = p in output_sets[s]
-                if current and (len(current) == longest or (out and outputs == self.n_outputs_max)):
-                    yield current
-                    current, outputs = [], 0
-                current.append((token, p, s, out))
-                outputs += out
-        if current:
-            yield current
+        Where the cuts fall is chosen so that a row comes out the same bits whatever the request asks of the
+        other rows (docs/fidelity.md, "batch composition"). The CPU kernels compute each row on its own, with
+        exceptions that depend on the ubatch's length: the repacked weight kernels multiply activation rows
+        `ROW_GROUP` at a time and the ubatch's last few rows one by one; the tiled k-quant matmul takes
+        ubatches of 8 rows and more, another kernel shorter ones; a ubatch of one row takes the one-row
+        attention kernel (float16 accumulation; patches/ gives every longer ubatch the tiled float32 kernel).
+        So every cut falls on a multiple of `ROW_GROUP` rows from the group's start, and the group's last
+        ubatch takes rows from the one before until it has `MIN_UBATCH_ROWS`, or else at least two, where the
+        limits allow it: a row then sits in the same group of four, in a ubatch that every kernel treats as
+        long, whatever the cut. Each ubatch is otherwise the longest the limits allow. Beyond reach of the
+        cuts: prompts that share ubatches (short prompts of a batch) sit at other offsets among the row groups,
+        and their cache cells elsewhere among flash attention's key tiles, than alone (`--batch-invariant`).
+
+        Without `prompts_share_ubatches` the cut is every n_outputs_max tokens whatever the outputs: a prompt's
+        ubatches depend on the prompt alone (its promise covers request shapes too)."""
+        rows = [(token, p, s, p in output_sets[s]) for s in group for p, token in enumerate(prompts[s])]
+        longest = self.n_batch if self.prompts_share_ubatches else self.n_outputs_max
+        start = 0
+        while start < len(rows):
+            end = self._ubatch_end(rows, start, longest)
+            yield rows[start:end]
+            start = end
+
+    def _ubatch_end(self, rows: list[Row], start: int, longest: int) -> int:
+        end, outputs = start, 0
+        while end < len(rows) and end - start < longest and outputs + rows[end][3] <= self.n_outputs_max:
+            outputs += rows[end][3]
+            end += 1
+        if end == len(rows):
+            return end
+        aligned = end - end % ROW_GROUP
+        if aligned - start >= ROW_GROUP:  # with n_outputs_max below ROW_GROUP (tiny settings) groups are moot
+            end = aligned
+        # The group's last ubatch would be short: it takes rows from this one, whole row groups where this one
+        # ends on one, if the limits allow, up to MIN_UBATCH_ROWS or else two (one row: another attention kernel).
+        granule = ROW_GROUP if end % ROW_GROUP == 0 and end - start >= ROW_GROUP else 1
+        for wanted in (MIN_UBATCH_ROWS, 2):
+            short = wanted - (len(rows) - end)
+            if short <= 0:
+                break
+            shorter = end - -(-short // granule) * granule
+            if (shorter - start >= wanted and len(rows) - shorter <= longest
+                    and sum(row[3] for row in rows[shorter:]) <= self.n_outputs_max):
+                return shorter
+        return end
 
 
 def _wanted_rows(ctx, ubatch: list[Row], n_vocab: int,

@@ -29,7 +29,7 @@ class EngineConfig:
     """What a worker needs to load its model (chosen once, when the server starts)."""
     model_path: str
     n_ctx: int = 4096
-    n_batch: int = 60           # tokens per ubatch: see service/engine.py
+    n_batch: int = 512          # tokens per ubatch: see service/engine.py
     n_outputs: int = 0          # output rows per ubatch; 0 = engine.output_rows_per_ubatch(n_vocab)
     n_threads: int = 0          # 0 = all cores
     n_gpu_layers: int = 0

@@ -49,11 +49,10 @@ __all__ = ["Cancelled", "Engine", "EngineConfig", "ForwardRequest", "ForwardResu
 # that wants few output rows (a position subset, last-token logits, an intermediate layer, a generation's
 # prompt) decodes in ubatches of n_batch tokens; one that wants every row's logits, or the last block's sites
 # at every position (llama.cpp computes the last block for output rows only), in ubatches cut at that many
-# output rows (`Contexts.ubatches`). The default n_batch, 60, is the longest multiple of 4 below the 64 query
-# rows at which llama.cpp's CPU flash attention switches to its tiled kernel: below it, and with ubatch lengths
-# that keep each row's place in the repacked kernels' groups of four, a row's numbers do not depend on the
-# length of the ubatch it is decoded in, so a position subset is the full run indexed, bit for bit, though the
-# two decode in ubatches of other lengths. The curve these are chosen from is in
+# output rows (`Contexts.ubatches`). Where the cuts fall keeps a row's numbers independent of the ubatch it is
+# decoded in (`Contexts.ubatches` says how; patches/ gives flash attention one kernel for every ubatch of two
+# rows or more), so a position subset is the full run indexed, bit for bit, though the two decode in ubatches
+# of other lengths, and n_batch can be as long as speed wants. The curve these are chosen from is in
 # docs/performance.md (scripts/bench_ubatch.py).
 LOGITS_RESERVE_BYTES = 32 << 20
 MIN_OUTPUT_ROWS = 16

