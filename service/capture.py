@@ -86,13 +86,30 @@ class CapturePass:
         self.output_rows: list[tuple[int, int]] = []   # the same for rows marked as outputs
         self.cells: list[list[int]] = [[] for _ in prompts]  # KV cell of each decoded token, per prompt
         self._pending: list[str] = []
+        self._row_copies: list = []     # `_copy_plan` of self.rows, of self.output_rows
+        self._output_copies: list = []
 
     def begin_ubatch(self, rows: list[tuple[int, int]], outputs: list[bool], first_cell: int) -> None:
         self.rows = rows
         self.output_rows = [r for r, o in zip(rows, outputs) if o]
         for k, (s, _) in enumerate(rows):
             self.cells[s].append(first_cell + k)
+        self._row_copies, self._output_copies = self._copy_plan(self.rows), self._copy_plan(self.output_rows)
         self.matcher.begin_ubatch()
+
+    def _copy_plan(self, rows: list[tuple[int, int]]) -> list[tuple[int, slice | np.ndarray, slice | np.ndarray]]:
+        """Per prompt with captured rows in this ubatch: (prompt, ubatch rows, output slots), as slices where
+        both run consecutively (the usual case: one copy per prompt and site instead of one per row)."""
+        plan = []
+        for s in sorted({s for s, _ in rows}):
+            pairs = [(r, self.slot[s][p]) for r, (t, p) in enumerate(rows) if t == s and p in self.slot[s]]
+            if not pairs:
+                continue
+            picked, slots = (np.array(a, np.intp) for a in zip(*pairs))
+            if (np.diff(picked) == 1).all() and (np.diff(slots) == 1).all():
+                picked, slots = slice(int(picked[0]), int(picked[-1]) + 1), slice(int(slots[0]), int(slots[-1]) + 1)
+            plan.append((s, picked, slots))
+        return plan
 
     def callback(self, tensor: int, ask: bool, _user_data) -> bool:
         try:
@@ -115,7 +132,8 @@ class CapturePass:
         if is_pattern_site(site):
             self._capture_pattern(site, tensor, ne)
             return
-        rows = self.output_rows if site in self.output_rows_sites else self.rows
+        late = site in self.output_rows_sites
+        rows = self.output_rows if late else self.rows
         size = int(np.prod(ne))
         if size != len(rows) * self.row_size[site]:
             raise RequestError(Code.INTERNAL, f"site {site} holds {size} values in a ubatch of {len(rows)} rows of "
@@ -130,10 +148,8 @@ class CapturePass:
             ggml.write(tensor, data)
         if site in self.out:
             out = self.out[site]
-            for r, (s, p) in enumerate(rows):
-                k = self.slot[s].get(p)
-                if k is not None:
-                    out[s][k] = data[r].reshape(out[s].shape[1:])
+            for s, picked, slots in self._output_copies if late else self._row_copies:
+                out[s].reshape(len(out[s]), -1)[slots] = data[picked]
 
     def _intervene(self, site: str, data: np.ndarray, rows: list[tuple[int, int]]) -> bool:
         changed = False
