@@ -12,9 +12,9 @@ Reading it: ``estimate[L, j]`` is the estimated relative deviation of block L's 
 position from a run of the same weights in float32 (where no rounding happens); a cell is flagged when it
 exceeds `THRESHOLD` (5 %, the deviation that docs/fidelity.md validates against). ``rounding[L, j, k]`` is
 the exact relative rounding error of the input of product k (`PRODUCTS`) and ``effect[L, j, k]`` what it is
-estimated to change in block L's output at that row. The map follows each row's own products and the
-residual stream; a row's change that reaches *later* rows through attention is not in it (docs/fidelity.md
-says when that matters, with the validation figures).
+estimated to change in block L's output at that row. The map follows each row's own products, the
+residual stream, and a row's change that reaches later rows through their attention to it (not the attention
+weights' own response to it; docs/fidelity.md has what it leaves out and the validation figures).
 """
 from __future__ import annotations
 

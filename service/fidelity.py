@@ -5,7 +5,8 @@ weight type's `vec_dot_type` first: Q8_0 blocks of 32 values with one float16 sc
 Q8_0 weights), Q8_1 (the same values plus a block sum, Q4_1/Q5_1), Q8_K blocks of 256 with a float32 scale
 (k-quants, IQ types), float16 (F16 weights); float32 weights take the rows as they are. A row whose block
 holds one massive value (an attention-sink token) loses the small components of that block, and the
-block's output there can point elsewhere. Nothing else in a run shows where that happened.
+block's output there can point elsewhere; through attention, every later row that reads it moves too.
+Nothing else in a run shows where that happened.
 
 What. For every block L and returned position p, and each of the block's four products with a weight matrix
 
@@ -19,34 +20,50 @@ the map holds
 * ``rounding``: ||round(x) - x|| / ||x|| for the product's input row x, exact: round() is ggml's own
   `from_float` for the weight's vec_dot type (`stored_matrix.rounded_as_vec_dot`), the very conversion the
   kernel makes (where one input feeds matrices of different vec_dot types, the largest of their errors);
-* ``effect``: the estimated change of the block's output that the rounding causes, over the norm of the
-  block's output ||resid_post||. The rounding error e = round(x) - x has components of zero mean that are
-  uncorrelated with each other and with the weights, so for y = W x, E||W e||^2 = sum_j e_j^2 ||W[:, j]||^2:
-  per-column norms of each matrix (computed once per worker) make it one weighted sum per row. The output
-  projections (attn_out, ffn_down) use it as it is. Through a post-norm (Gemma), RMSNorm(y) * s changes by
-  s * dy / rms(y): the column norms are then taken of s * W. The inputs go one step further: attn_in through v
-  (each row's v changes by sigma_j per component; z_p = sum_j a_pj v_j changes by sum_j a_pj^2 sigma_j^2 per
-  component, sum_j a_pj^2 estimated by ||z_p||^2 / mean ||v_j||^2, which is exact at the first position) and
-  the output projection (||W_o||_F^2); ffn_in through gate and up (sigma_g, sigma_u per neuron), the
-  activation (a neuron n = act(g) u changes by n (du / u + dg / g), g act'(g) / act(g) taken as 1, with the
-  captured n, g and u) and the down projection's columns. The few neurons that dominate a row's change
-  (`TOP_NEURONS`) are added coherently, the rest in quadrature: where a row's FFN output is a few massive
-  neurons writing one direction (cancelling an attention sink's residual), their changes do not average out
-  (on Qwen2.5-Coder-1.5B's first token in block 26, quadrature alone gave 1/15 of the exact change).
-  Where a model lacks what a step needs (a fused qkv or gate+up, experts), the relative change of the
-  product's input stands in for that of the branch's output;
-* ``estimate``: the estimated relative deviation of the block's output: the changes of this block and of
-  every block before it, added in quadrature (the residual stream carries each block's change on), over
-  ||resid_post||. A row is flagged when it exceeds the threshold (`lmscope.client.fidelity`).
+* ``effect``: the estimated change of block L's output at p that this block's rounding of that product
+  causes, over ||resid_post||;
+* ``estimate``: the estimated relative deviation of block L's output at p from the same weights' exact
+  products, everything the map follows included. A row is flagged when it exceeds the threshold
+  (`lmscope.client.fidelity`).
 
-What it leaves out: a row's change reaching *later* rows through attention (their keys and values move with
-it), the softmax's response to rounded q and k, the float16 rounding of Q8_1 block sums (~2^-11 of a block's
-sum, ~40x below the values' rounding), the KV cache and flash attention (docs/fidelity.md). MoE blocks have
-no ffn_down entry (each expert's activations are not a site). With a subset of positions, the attention term
-averages over the returned rows only.
+How, and what it assumes. A perturbation e of a product's input y = W x, with components of zero mean that
+are uncorrelated with each other and with W, changes y by E||W e||^2 = sum_j e_j^2 ||W[:, j]||^2: per-column
+norms of each matrix (computed once per worker) make it one weighted sum per row. Per row:
 
-Cost: the input and output rows of the products are captured in the worker and reduced there (no extra
-bytes on the wire); scripts/bench_fidelity.py measures it.
+* attention: row j's value changes by S_jg = sum_i e_ji^2 ||W_v,g[:, i]||^2 in kv head g; the heads' output at
+  p is z_ph = sum_j a_pj v_jg, which changes by sum_j a_pj^2 S_jg (independent changes of different rows). The
+  weights a are computed from the captured post-RoPE q and k rows (the family's scale 1/sqrt(head_dim),
+  soft-capping, causal mask and sliding window, grouped kv heads). The output projection carries head h's
+  change spread over its head_dim inputs: ||W_o[:, h]||_F^2 / head_dim. What moves the weights themselves
+  (changes of q and k) is left out: first order in the scores, it moves z_p by sum_j da_pj v_j, small next to
+  the value changes wherever the attended rows' values differ little, which is what a sink makes of them (it
+  would need v, a site more);
+* FFN: gate and up change by sigma_g, sigma_u per neuron (the row's summed variance over the neurons); a
+  neuron n = act(g) u then changes by act'(g) u dg + act(g) du; the down projection's columns carry each
+  neuron's change. The few neurons that dominate a row's change (`TOP_NEURONS`) are added coherently, the
+  rest in quadrature: where a row's FFN output is a few massive neurons writing one direction (cancelling an
+  attention sink's residual, Qwen2.5's first token in its last blocks), their changes do not average out;
+* the output projections' inputs (`attn.z`, `mlp.post`) add their own rounding; through a post-norm
+  (Gemma), RMSNorm(y) s changes by s dy / rms(y): the column norms are then of s W, divided by rms(y);
+* the stream carries the squared deviation D^2 from block to block, and each block adds to it, in
+  quadrature, its own products' changes and what reaches the row from other rows through attention: row j's
+  deviation D_j moves its normed input by the same fraction D_j / ||stream_j|| (RMSNorm divides the scale
+  out), taken as isotropic (D_j's direction is unknown: each component's variance (D_j / ||stream_j||)^2
+  ||x_j||^2 / n), hence its value, which row p reads with weight a_pj^2. So a deviation at an attention sink
+  reaches every row that attends to it. The row's own D passes its own branches unchanged: a branch's
+  response J D is not independent of D; for an isotropic D its squared size D^2 ||J||_F^2 / n comes with a
+  cross term 2 D . J D = D^2 2 tr(J) / n that cancels most of it (docs/fidelity.md has the figures), and
+  carrying either term without an exact J compounds over the blocks.
+
+Where a model lacks what a step needs (experts, a fused gate+up), the relative rounding of the product's
+input stands in for that of the branch's output: mixture-of-experts blocks get no `ffn_down` entry (each
+expert's activations are not a site), so a massive activation inside an expert is missed. With a subset of
+positions, attention reads the returned rows only. Also left out: the float16 rounding of Q8_1 block sums
+(~2^-11 of a block's sum, ~40x below the values' rounding), the KV cache and flash attention
+(docs/fidelity.md).
+
+Cost: the rows are captured in the worker beside the request's own sites and reduced there (no extra bytes
+on the wire); scripts/bench_fidelity.py measures it.
 """
 from __future__ import annotations
 
@@ -55,211 +72,337 @@ from dataclasses import dataclass
 
 import numpy as np
 from gguf.quants import dequantize
+from threadpoolctl import ThreadpoolController
 
 from lmscope.proto.sites import block_site
 from lmscope.proto.tensor_names import POST_ATTN_NORM, POST_FFN_NORM
 
-from .architectures import Family
 from .stored_matrix import StoredMatrix, rounded_as_vec_dot, vec_dot_type
 
 PRODUCTS = ("attn_in", "attn_out", "ffn_in", "ffn_down")
-# Per row, the FFN neurons whose changes are added coherently (the rest in quadrature): see ffn_in above.
+# Per row, the FFN neurons whose changes are added coherently (the rest in quadrature): see the FFN above.
 TOP_NEURONS = 4
+_GELU_C = math.sqrt(2 / math.pi)
+# Sliding-window attention as llama.cpp's builders set it, per architecture: the default layer period (layer
+# L is local unless L % n == n - 1), the default window (0: only when the file names one), and the default
+# attention soft-cap (0: none).
+_SLIDING = {"gemma2": (2, 4096, 50.0), "gemma3": (6, 0, 0.0)}
 
 
 @dataclass(frozen=True)
-class _Product:
-    """One product of a block: its input site, the matrices it multiplies, the sites and weights its change
-    is propagated with (`propagated`: False where the model lacks them), the branch's output before any
-    post-norm (`pre_norm_site`) and after it (`branch_site`, what the branch adds to the stream)."""
-    name: str
-    input_site: str
-    matrices: tuple[str, ...]
-    weights: dict[str, str]   # role ("v", "o", "gate", "up", "down") -> tensor name
-    sites: dict[str, str]     # role ("v", "z", "gate", "up", "post") -> site name
-    propagated: bool
-    pre_norm_site: str
-    branch_site: str
-    post_norm: str | None     # the branch's post-norm weight (Gemma), None without one
+class _Block:
+    """What the map reads for one block: sites (None where the model does not offer them) and tensors."""
+    ln1: str | None
+    q: str | None
+    k: str | None
+    z: str | None
+    ln2: str | None
+    gate: str | None
+    up: str | None
+    post: str | None
+    resid_post: str
+    attn_matrices: tuple[str, ...]   # what ln1 multiplies (vec_dot types)
+    value: tuple[str, int] | None     # (tensor, first row) of W_v inside it
+    output: str | None               # W_o
+    ffn_matrices: tuple[str, ...]    # what ln2 multiplies
+    down: str | None                 # W_down of a dense FFN whose activations (`mlp.post`) are offered
+    neurons: bool                    # gate and up offered beside them: the FFN's change is followed per neuron
+    attn_branch: str | None          # what the attention adds to the stream (the stand-in's size)
+    ffn_branch: str | None           # what the FFN adds to the stream (the stand-in's size)
+    attn_pre_norm: str | None        # the branch's output before a post-norm (Gemma)
+    ffn_pre_norm: str | None
+    attn_post_norm: str | None       # the post-norm weights
+    ffn_post_norm: str | None
+    sliding_window: int              # 0: full causal attention
 
 
-def _products(layer: int, family: Family, offered: set[str], tensors) -> list[_Product]:
-    def site(kind: str) -> str:
-        return block_site(layer, kind)
+def _block(layer: int, family, offered: set[str], tensors, window: int) -> _Block:
+    def site(kind: str) -> str | None:
+        name = block_site(layer, kind)
+        return name if name in offered else None
 
-    def weight(kind: str) -> str:
-        return f"blk.{layer}.{kind}.weight"
+    def weights(*kinds: str) -> tuple[str, ...]:
+        return tuple(n for n in (f"blk.{layer}.{k}.weight" for k in kinds) if n in tensors)
 
-    def present(*kinds: str) -> tuple[str, ...]:
-        return tuple(weight(k) for k in kinds if weight(k) in tensors)
-
-    def product(name, input_kind, matrices, weights, sites, branch):
-        weights = {role: weight(kind) for role, kind in weights.items()}
-        sites = {role: site(kind) for role, kind in sites.items()}
-        propagated = all(w in tensors for w in weights.values()) and all(s in offered for s in sites.values())
-        pre_norm = f"{branch}_pre_norm" if family.post_norms else branch
-        post_norm = (POST_ATTN_NORM if branch == "attn_out" else POST_FFN_NORM).format(L=layer)
-        return _Product(name, site(input_kind), present(*matrices), weights, sites, propagated, site(pre_norm),
-                        site(branch), post_norm if family.post_norms and post_norm in tensors else None)
-
-    products = [
-        product("attn_in", "ln1", ("attn_q", "attn_k", "attn_v", "attn_qkv"),
-                {"v": "attn_v", "o": "attn_output"}, {"v": "attn.v", "z": "attn.z"}, "attn_out"),
-        product("attn_out", "attn.z", ("attn_output",), {"o": "attn_output"}, {}, "attn_out"),
-        product("ffn_in", "ln2", ("ffn_gate", "ffn_up", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
-                                  "ffn_gate_shexp", "ffn_up_shexp"),
-                {"gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"},
-                {"gate": "mlp.gate", "up": "mlp.up", "post": "mlp.post"},
-                "mlp_out"),
-    ]
-    if not family.moe:
-        products.append(product("ffn_down", "mlp.post", ("ffn_down",), {"down": "ffn_down"}, {}, "mlp_out"))
-    return [p for p in products
-            if p.matrices and {p.input_site, p.pre_norm_site, p.branch_site} <= offered]
+    value = None
+    if weights("attn_v"):
+        value = (weights("attn_v")[0], 0)
+    elif weights("attn_qkv"):  # [q; k; v]: v is the last n_head_kv * head_dim rows
+        qkv = tensors[weights("attn_qkv")[0]]
+        q_rows = int(tensors[weights("attn_output")[0]].shape[0]) if weights("attn_output") else 0  # W_o's inputs
+        v_rows = (int(qkv.shape[1]) - q_rows) // 2
+        value = (weights("attn_qkv")[0], int(qkv.shape[1]) - v_rows)
+    post_norms = family.post_norms
+    attn_post = POST_ATTN_NORM.format(L=layer) if post_norms and POST_ATTN_NORM.format(L=layer) in tensors else None
+    ffn_post = POST_FFN_NORM.format(L=layer) if post_norms and POST_FFN_NORM.format(L=layer) in tensors else None
+    gate, up, post = site("mlp.gate"), site("mlp.up"), site("mlp.post")
+    down = weights("ffn_down")[0] if not family.moe and post and weights("ffn_down") else None
+    neurons = bool(down and gate and up and len(weights("ffn_gate", "ffn_up")) == 2)
+    return _Block(
+        ln1=site("ln1"), q=site("attn.q"), k=site("attn.k"), z=site("attn.z"), ln2=site("ln2"),
+        gate=gate if neurons else None, up=up if neurons else None, post=post if down else None,
+        resid_post=block_site(layer, "resid_post"),
+        attn_matrices=weights("attn_q", "attn_k", "attn_v", "attn_qkv"), value=value,
+        output=(weights("attn_output") or (None,))[0],
+        ffn_matrices=weights("ffn_gate", "ffn_up", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
+                             "ffn_gate_shexp", "ffn_up_shexp"),
+        down=down, neurons=neurons,
+        attn_branch=site("attn_out"), ffn_branch=site("mlp_out"),
+        attn_pre_norm=site("attn_out_pre_norm") if attn_post else None,
+        ffn_pre_norm=site("mlp_out_pre_norm") if ffn_post else None,
+        attn_post_norm=attn_post, ffn_post_norm=ffn_post, sliding_window=window)
 
 
 class FidelityMap:
     """The products of every block of one model, and the reduction of a run's captured rows to the map."""
 
-    def __init__(self, family: Family, tensors, site_shapes: dict[str, tuple[int, ...]], n_layer: int,
-                 n_threads: int = 1):
-        self.tensors = tensors
+    def __init__(self, weights, site_shapes: dict[str, tuple[int, ...]], n_layer: int, n_head: int,
+                 n_head_kv: int):
+        self.tensors = weights.tensors
         self.n_layer = n_layer
-        self.n_threads = n_threads
+        self.n_threads = weights.n_threads
+        self.rms_eps = weights.rms_eps
+        self.n_head, self.n_head_kv = n_head, n_head_kv
+        family = weights.family
+        self.gelu = family.ffn == "geglu"
+        arch = weights.architecture
+        period, default_window, default_cap = _SLIDING.get(arch, (0, 0, 0.0))
+        window = int(weights.field(f"{arch}.attention.sliding_window") or default_window) if period else 0
+        period = int(weights.field(f"{arch}.attention.sliding_window_pattern") or period)
+        # llama.cpp soft-caps the scores of the families that have a default cap only (gemma2)
+        self.softcap = float(weights.field(f"{arch}.attn_logit_softcapping") or default_cap) if default_cap else 0.0
         offered = set(site_shapes)
-        self.blocks = [_products(L, family, offered, tensors) for L in range(n_layer)]
-        needed = {block_site(L, "resid_post") for L in range(n_layer)}
-        for block in self.blocks:
-            for p in block:  # each site costs a pause of the graph: only what the estimate reads
-                needed.update((p.input_site, p.pre_norm_site))
-                needed.update(p.sites.values() if p.propagated else (p.branch_site,))
+        self.blocks = [_block(L, family, offered, self.tensors,
+                              window if window and (period == 0 or L % period < period - 1) else 0)
+                       for L in range(n_layer)]
+        needed = set()
+        for b in self.blocks:  # each site costs a pause of the graph: only what the estimate reads
+            needed.update((b.ln1, b.q, b.k, b.z, b.ln2, b.gate, b.up, b.post, b.resid_post,
+                           b.attn_pre_norm, b.ffn_pre_norm))
+            if b.value is None or b.output is None:
+                needed.add(b.attn_branch)
+            if not b.neurons:
+                needed.add(b.ffn_branch)
         # in graph order, as the engine captures them
         self.sites = [name for name in site_shapes if name in needed]
-        self._column_norms: dict[tuple[str, str | None], np.ndarray] = {}
-        self.vec_dot_types = {name: vec_dot_type(tensors[name].tensor_type)
-                              for block in self.blocks for p in block for name in p.matrices + tuple(p.weights.values())
-                              if name in tensors}
+        self._column_norms: dict[tuple, np.ndarray] = {}
+        self._blas = ThreadpoolController()
+        self.vec_dot_types = {name: vec_dot_type(self.tensors[name].tensor_type)
+                              for b in self.blocks for name in b.attn_matrices + b.ffn_matrices
+                              + tuple(n for n in (b.output, b.down) if n)}
 
-    def squared_column_norms(self, name: str, scale: str | None = None) -> np.ndarray:
-        """||s * W[:, j]||^2 for every input j of matrix `name`, each output i scaled by s_i, the vector `scale`
-        (a post-norm's weight; None: 1), computed once (in float64, a row chunk at a time)."""
-        norms = self._column_norms.get((name, scale))
+    def squared_column_norms(self, name: str, scale: str | None = None, rows: tuple[int, int] | None = None,
+                             groups: int | None = None) -> np.ndarray:
+        """||s * W[r, j]||^2 summed over the output rows r of each of `groups` equal groups of rows
+        `rows` (default: all) of matrix `name`, per input j: (n_cols,) without groups, else (n_cols, groups).
+        Each output row i is scaled by s_i, the vector `scale` (a post-norm's weight; None: 1). Computed once,
+        in float64, a row chunk at a time."""
+        key = (name, scale, rows, groups)
+        norms = self._column_norms.get(key)
         if norms is None:
             matrix = StoredMatrix(self.tensors[name], self.n_threads)
+            first, last = rows or (0, matrix.n_rows)
             factor = None if scale is None else _vector(self.tensors[scale]).astype(np.float64)
-            squares = np.zeros(matrix.n_cols, np.float64)
+            size = (last - first) // (groups or 1)
+            squares = np.zeros((groups or 1, matrix.n_cols), np.float64)
             step = max(1, (16 << 20) // (4 * matrix.n_cols))
-            for start in range(0, matrix.n_rows, step):
-                stop = min(matrix.n_rows, start + step)
-                chunk = matrix.dequantize(start, stop).astype(np.float64)
-                if factor is not None:
-                    chunk *= factor[start:stop, None]
-                squares += np.einsum("ij,ij->j", chunk, chunk)
-            norms = self._column_norms[(name, scale)] = squares.astype(np.float32)
+            for g in range(groups or 1):
+                for start in range(first + g * size, first + (g + 1) * size, step):
+                    stop = min(first + (g + 1) * size, start + step)
+                    chunk = matrix.dequantize(start, stop).astype(np.float64)
+                    if factor is not None:
+                        chunk *= factor[start:stop, None]
+                    squares[g] += np.einsum("ij,ij->j", chunk, chunk)
+            norms = squares[0] if groups is None else squares.T
+            norms = self._column_norms[key] = np.ascontiguousarray(norms, np.float32)
         return norms
-
-    def _change(self, p: _Product, errors: dict[int, np.ndarray], rows: dict[str, np.ndarray],
-                order: np.ndarray) -> np.ndarray:
-        """The estimated norm of the change of the branch's output before any post-norm, per row: for a product
-        y = W x with rounding error e of independent components, E||W e||^2 = sum_j e_j^2 ||W[:, j]||^2."""
-        def spread(role: str, scale: str | None = None) -> np.ndarray:  # E||s * W e||^2 of the matrix in `role`
-            name = p.weights[role]
-            return errors[self.vec_dot_types[name]] @ self.squared_column_norms(name, scale)
-
-        def outputs(role: str) -> int:
-            return self.tensors[p.weights[role]].shape[1]
-
-        if p.name in ("attn_out", "ffn_down"):
-            return np.sqrt(spread("o" if p.name == "attn_out" else "down", p.post_norm))
-        if p.name == "attn_in":
-            # Each row's v changes by sigma_j per component; z_p = sum_j a_pj v_j changes by sum_j a_pj^2 sigma_j^2
-            # per component, and the output projection carries it: E||W_o dz||^2 = that x ||W_o||_F^2. Without
-            # the attention weights: sum_j a_pj^2 ~ ||z_p||^2 / mean ||v_j||^2 for values of independent
-            # directions (at most 1, and exactly 1 at the first position, which attends to itself only).
-            v = rows[p.sites["v"]].reshape(len(order), -1)
-            copies = rows[p.sites["z"]][0].size / v.shape[1]
-            concentration = np.minimum(1.0, _ratio(_norms(rows[p.sites["z"]]) ** 2,
-                                                   copies * _running_mean(_norms(v) ** 2, order)))
-            per_component = _running_mean(spread("v") / outputs("v"), order)
-            return np.sqrt(concentration * per_component
-                           * float(self.squared_column_norms(p.weights["o"], p.post_norm).sum()))
-        # ffn_in: gate and up change by sigma_g, sigma_u per neuron; a neuron n = act(g) u then changes by
-        # act(g) du + act'(g) u dg = n (du / u + (g act'(g) / act(g)) dg / g), and g act'(g) / act(g) is 1 for
-        # the large positive g of the neurons that dominate (SiLU and GELU alike; it is taken as 1: less
-        # than 1.3x off from g = 1 on); the down projection carries each neuron's change through its column
-        neurons, down = rows[p.sites["post"]], self.squared_column_norms(p.weights["down"], p.post_norm)
-        per_neuron = np.zeros_like(neurons)
-        for role in ("up", "gate"):
-            factor = rows[p.sites[role]]
-            ratio = np.divide(neurons, factor, out=np.zeros_like(neurons), where=factor != 0)
-            per_neuron += (spread(role) / outputs(role)).astype(np.float32)[:, None] * np.square(ratio)
-        per_neuron *= down
-        top = np.partition(per_neuron, -TOP_NEURONS, axis=1)[:, -TOP_NEURONS:].astype(np.float64)
-        rest = per_neuron.sum(axis=1, dtype=np.float64) - top.sum(axis=1)
-        return np.sqrt(np.square(np.sqrt(top).sum(axis=1)) + np.maximum(rest, 0.0))
 
     def compute(self, rows: dict[str, np.ndarray], positions: list[int]) -> dict[str, np.ndarray]:
         """The map of one prompt from its captured rows (site -> (n_positions, ...)) at `positions`:
         ``rounding`` and ``effect`` (n_layer, n_positions, 4), in `PRODUCTS` order (NaN where a block lacks
         the product), and ``estimate`` (n_layer, n_positions)."""
-        order = np.argsort(positions, kind="stable")
-        blocks = [self._block(layer, rows, order) for layer in range(self.n_layer)]
-        rounding = np.stack([b[0] for b in blocks])
-        effect = np.stack([b[1] for b in blocks])
-        # the residual stream carries each block's change on: squared changes add up over the blocks
-        carried = np.sqrt(np.cumsum([b[2] for b in blocks], axis=0))
-        estimate = np.stack([_ratio(c, b[3]) for c, b in zip(carried, blocks)]).astype(np.float32)
-        return {"rounding": rounding, "effect": effect, "estimate": estimate}
-
-    def _block(self, layer: int, rows: dict[str, np.ndarray], order: np.ndarray):
-        """(rounding, effect) (n_positions, 4), the squared change the block adds to the stream and the norm
-        of its output, per row."""
-        n_positions = len(order)
-        rounding = np.full((n_positions, len(PRODUCTS)), np.nan, np.float32)
+        order = np.argsort(positions, kind="stable")  # attention runs in position order
+        ordered = np.asarray(positions)[order]
+        n = len(order)
+        in_order = bool((order == np.arange(n)).all())  # the usual case: the captured rows as they are
+        rounding = np.full((self.n_layer, n, len(PRODUCTS)), np.nan, np.float32)
         effect = np.full_like(rounding, np.nan)
-        added = np.zeros(n_positions, np.float64)
-        norms: dict[str, np.ndarray] = {}
+        estimate = np.zeros((self.n_layer, n), np.float32)
+        carried = np.zeros(n)  # D^2: the squared deviation the stream carries into the block
+        stream = None          # ||stream|| entering the block (None before block 0: nothing carried yet)
+        # the map's matrix products are small: OpenBLAS's extra threads would not speed them up, and they
+        # spin after each call, taking the cores from everything else (twice the map's CPU time on 2 cores)
+        with self._blas.limit(limits=1, user_api="blas"):
+            for layer, b in enumerate(self.blocks):
+                def row(site: str) -> np.ndarray:
+                    captured = rows[site] if in_order else rows[site][order]
+                    return captured.reshape(n, -1)
 
-        def norm(site: str) -> np.ndarray:
-            if site not in norms:
-                norms[site] = _norms(rows[site])
-            return norms[site]
+                out_norm = _norms(row(b.resid_post))
+                carried = carried + self._block(b, row, ordered, carried, stream, out_norm, rounding[layer],
+                                                effect[layer])
+                estimate[layer] = _ratio(np.sqrt(carried), out_norm)
+                stream = out_norm
+        back = np.argsort(order)
+        return {"rounding": rounding[:, back], "effect": effect[:, back], "estimate": estimate[:, back]}
 
-        out_norm = norm(block_site(layer, "resid_post"))
-        for p in self.blocks[layer]:
-            k = PRODUCTS.index(p.name)
-            x = rows[p.input_site].reshape(n_positions, -1)
-            errors = {}  # per vec_dot type: (round(x) - x)^2, exact in float32 (close float32 values)
-            for name in p.matrices:
-                kind = self.vec_dot_types[name]
-                if kind not in errors:
-                    rounded = rounded_as_vec_dot(x, kind, name)  # float32 weights: x itself, never to be written
-                    error = np.subtract(rounded, x, out=None if np.shares_memory(rounded, x) else rounded)
-                    errors[kind] = np.square(error, out=error)
-            relative = np.max([_ratio(np.sqrt(e.sum(axis=1, dtype=np.float64)), norm(p.input_site))
-                               for e in errors.values()], axis=0)
-            rounding[:, k] = relative
-            if p.propagated and p.post_norm:  # RMSNorm(y) * s: s * dy / rms(y), s already in the estimate
-                rms = norm(p.pre_norm_site) / math.sqrt(rows[p.pre_norm_site][0].size)
-                change = _ratio(self._change(p, errors, rows, order), rms)
-            elif p.propagated:
-                change = self._change(p, errors, rows, order)
-            else:  # the input's relative change stands in for the branch's
-                change = relative * norm(p.branch_site)
-            effect[:, k] = _ratio(change, out_norm)
-            added += change ** 2
-        return rounding, effect, added, out_norm
+    def _block(self, b: _Block, row, positions, carried, stream, out_norm, rounding, effect) -> np.ndarray:
+        """Fills this block's `rounding` and `effect` (n, 4); returns what the block adds to D^2."""
+        n = len(positions)
+        added = np.zeros(n)
+        # --- attention ---
+        if b.ln1 and b.attn_matrices:
+            x = row(b.ln1)
+            errors, relative, x_norm = self._rounding(x, b.attn_matrices)
+            rounding[:, 0] = relative
+            rms = self._rms(row, b.attn_pre_norm)
+            if b.value is not None and b.output is not None:
+                name, first = b.value
+                n_rows = int(self.tensors[name].shape[1]) - first
+                value_norms = self.squared_column_norms(name, rows=(first, first + n_rows), groups=self.n_head_kv)
+                own = errors[self.vec_dot_types[name]] @ value_norms           # (n, n_kv): rounding
+                more = _spread(carried, stream, x_norm, x.shape[1])[:, None] * value_norms.sum(axis=0)  # carried
+                head_norms = self.squared_column_norms(b.output, b.attn_post_norm)
+                per_head = head_norms.reshape(self.n_head, -1).sum(axis=1) / (head_norms.size / self.n_head)
+                attn_own, attn_more = np.zeros(n), np.zeros(n)
+                for h, g, weights in self._attention(b, row, positions):
+                    attn_own += per_head[h] * (weights @ own[:, g])
+                    # other rows' deviations, through their values; the row's own is in the stream already
+                    attn_more += per_head[h] * (weights @ more[:, g] - np.diagonal(weights) * more[:, g])
+                attn_more = np.maximum(attn_more, 0.0)  # the difference of two sums: a rounding below 0
+                if rms is not None:
+                    attn_own, attn_more = attn_own / rms ** 2, attn_more / rms ** 2
+                added += attn_more
+            elif b.attn_branch:
+                attn_own = relative ** 2 * np.square(_norms(row(b.attn_branch)))
+            else:
+                attn_own = np.zeros(n)
+            effect[:, 0] = _ratio(np.sqrt(attn_own), out_norm)
+            added += attn_own
+        if b.z and b.output:
+            z = row(b.z)
+            errors, relative, _ = self._rounding(z, (b.output,))
+            rounding[:, 1] = relative
+            z_own = errors[self.vec_dot_types[b.output]] @ self.squared_column_norms(b.output, b.attn_post_norm)
+            rms = self._rms(row, b.attn_pre_norm)
+            if rms is not None:
+                z_own = z_own / rms ** 2
+            effect[:, 1] = _ratio(np.sqrt(z_own), out_norm)
+            added += z_own
+        # --- FFN ---
+        if b.ln2 and b.ffn_matrices:
+            x = row(b.ln2)
+            errors, relative, _ = self._rounding(x, b.ffn_matrices)
+            rounding[:, 2] = relative
+            if b.neurons:
+                ffn_own = self._neurons(b, row, errors)
+                rms = self._rms(row, b.ffn_pre_norm)
+                if rms is not None:
+                    ffn_own = ffn_own / rms ** 2
+            elif b.ffn_branch:
+                ffn_own = relative ** 2 * np.square(_norms(row(b.ffn_branch)))
+            else:
+                ffn_own = np.zeros(n)
+            effect[:, 2] = _ratio(np.sqrt(ffn_own), out_norm)
+            added += ffn_own
+        if b.post and b.down is not None:
+            post = row(b.post)
+            errors, relative, _ = self._rounding(post, (b.down,))
+            rounding[:, 3] = relative
+            down_own = errors[self.vec_dot_types[b.down]] @ self.squared_column_norms(b.down, b.ffn_post_norm)
+            rms = self._rms(row, b.ffn_pre_norm)
+            if rms is not None:
+                down_own = down_own / rms ** 2
+            effect[:, 3] = _ratio(np.sqrt(down_own), out_norm)
+            added += down_own
+        return added
+
+    def _neurons(self, b: _Block, row, errors) -> np.ndarray:
+        """The squared change of the FFN's output, per row, that the rounding of its input causes through gate,
+        up, the activation and the down projection."""
+        gate, up = row(b.gate), row(b.up)
+        n_ff = gate.shape[1]
+        # each neuron's gate and up change by the row's mean variance over the neurons
+        variance = {role: errors[self.vec_dot_types[name]] @ self.squared_column_norms(name) / n_ff
+                    for role, name in (("gate", b.down.replace("ffn_down", "ffn_gate")),
+                                       ("up", b.down.replace("ffn_down", "ffn_up")))}
+        # n = act(g) u moves by act'(g) u dg + act(g) du
+        value, slope = _activation(gate, self.gelu)
+        slope *= up
+        np.square(slope, out=slope)
+        slope *= variance["gate"].astype(np.float32)[:, None]
+        per_neuron = np.square(value, out=value)
+        per_neuron *= variance["up"].astype(np.float32)[:, None]
+        per_neuron += slope
+        per_neuron *= self.squared_column_norms(b.down, b.ffn_post_norm)
+        top = np.partition(per_neuron, -TOP_NEURONS, axis=1)[:, -TOP_NEURONS:].astype(np.float64)
+        rest = per_neuron.sum(axis=1, dtype=np.float64) - top.sum(axis=1)
+        return np.square(np.sqrt(top).sum(axis=1)) + np.maximum(rest, 0.0)
+
+    def _attention(self, b: _Block, row, positions: np.ndarray):
+        """Per head h: h, its kv head and the squared attention weights a_pj^2 (n, n) of the returned rows,
+        from the captured q and k (uniform over the visible rows where they are not offered); a head at a
+        time, so a long prompt needs n^2 floats, not n_head n^2."""
+        n = len(positions)
+        offset = positions[:, None] - positions[None, :]
+        visible = offset >= 0
+        if b.sliding_window:
+            visible &= offset < b.sliding_window
+        group = self.n_head // self.n_head_kv
+        if b.q is None or b.k is None:
+            weights = np.square(visible / visible.sum(axis=1, keepdims=True))
+            for h in range(self.n_head):
+                yield h, h // group, weights
+            return
+        q = row(b.q).reshape(n, self.n_head, -1)
+        k = row(b.k).reshape(n, self.n_head_kv, -1)
+        scale = np.float32(1 / math.sqrt(q.shape[2]))
+        for h in range(self.n_head):
+            scores = q[:, h] @ k[:, h // group].T
+            scores *= scale
+            if self.softcap:
+                scores = self.softcap * np.tanh(scores / self.softcap)
+            scores[~visible] = -np.inf
+            scores -= scores.max(axis=1, keepdims=True)
+            weights = np.exp(scores, out=scores)
+            weights /= weights.sum(axis=1, keepdims=True)
+            yield h, h // group, np.square(weights, out=weights)
+
+    def _rounding(self, x: np.ndarray, matrices) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
+        """Per vec_dot type of `matrices`: (round(x) - x)^2 (exact in float32: close float32 values); the
+        relative rounding error of each row (the largest over the types) and the row norms."""
+        errors = {}
+        for name in matrices:
+            kind = self.vec_dot_types[name]
+            if kind not in errors:
+                rounded = rounded_as_vec_dot(x, kind, name)  # float32 weights: x itself, never to be written
+                error = np.subtract(rounded, x, out=None if np.shares_memory(rounded, x) else rounded)
+                errors[kind] = np.square(error, out=error)
+        x_norm = _norms(x)
+        relative = np.max([_ratio(np.sqrt(e.sum(axis=1, dtype=np.float64)), x_norm) for e in errors.values()],
+                          axis=0)
+        return errors, relative, x_norm
+
+    def _rms(self, row, site: str | None) -> np.ndarray | None:
+        """The post-norm's divisor sqrt(mean(y^2) + eps) of the branch's output y (None without a post-norm):
+        with eps, a branch that outputs zeros at a row (a sink's value) is moved by s dy / sqrt(eps)."""
+        if site is None:
+            return None
+        y = row(site)
+        return np.sqrt(np.square(_norms(y)) / y.shape[1] + self.rms_eps)
+
+
+def _spread(carried: np.ndarray, stream: np.ndarray | None, x_norm: np.ndarray, width: int) -> np.ndarray:
+    """Per component variance of a normed row x (n, width) whose stream deviates by sqrt(carried) / ||stream||:
+    the norm divides the stream's scale out, so x moves by the same fraction, taken as isotropic (the
+    deviation's direction is not known)."""
+    if stream is None:
+        return np.zeros_like(x_norm)
+    return _ratio(carried, np.square(stream)) * np.square(x_norm) / width
 
 
 def _vector(tensor) -> np.ndarray:
     return np.asarray(dequantize(tensor.read(), tensor.tensor_type), np.float32).reshape(-1)
-
-
-def _running_mean(values: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """For each row, the mean of `values` over the rows at its position and before (in `order`)."""
-    out = np.empty_like(values, dtype=np.float64)
-    out[order] = np.cumsum(values[order]) / np.arange(1, len(order) + 1)
-    return out
 
 
 def _norms(x: np.ndarray) -> np.ndarray:
@@ -272,3 +415,25 @@ def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a / b (float64), 0 where a is 0: an all-zero row is not moved."""
     a = np.asarray(a, np.float64)
     return np.divide(a, b, out=np.zeros_like(a), where=a != 0)
+
+
+def _activation(g: np.ndarray, gelu: bool) -> tuple[np.ndarray, np.ndarray]:
+    """act(g) and act'(g) of the FFN's activation: GELU (tanh form, as ggml) for GeGLU, else SiLU."""
+    if gelu:  # products, not g ** 3: numpy's float32 power is many times slower
+        square = g * g
+        t = np.tanh(_GELU_C * g * (1 + 0.044715 * square))
+        half = 0.5 * (1 + t)
+        slope = _GELU_C * (1 + 3 * 0.044715 * square)
+        slope *= g
+        slope *= 1 - t * t
+        slope *= 0.5
+        slope += half
+        return g * half, slope
+    sigmoid = np.tanh(0.5 * g)  # sigmoid(g) = (1 + tanh(g / 2)) / 2, without exp's overflow
+    sigmoid *= 0.5
+    sigmoid += 0.5
+    slope = 1 - sigmoid
+    slope *= g
+    slope += 1
+    slope *= sigmoid
+    return g * sigmoid, slope

@@ -138,8 +138,8 @@ class Operations:
     def _fidelity_map(self) -> FidelityMap:
         if self._fidelity is None:
             engine = self.engine
-            self._fidelity = FidelityMap(engine.family, engine.weights.tensors, engine.site_shapes, engine.n_layer,
-                                         engine.weights.n_threads)
+            self._fidelity = FidelityMap(engine.weights, engine.site_shapes, engine.n_layer, engine.n_head,
+                                         engine.n_head_kv)
         return self._fidelity
 
     def _lens_row_bytes(self, lens: Lens | None) -> int:
