@@ -131,8 +131,9 @@ def assert_close_to_scale(actual, expected, budget: float, what: str = "") -> No
 
 
 def assert_same_as_alone(batched, alone) -> None:
-    """A prompt's Run from a batch against the same prompt run alone: one ubatch of < 64 rows either way, so
-    the same kernels row by row (SAME_KERNELS)."""
+    """A short prompt's Run from a batch against the same prompt run alone: the same kernels row by row, but
+    its cache cells fall elsewhere among flash attention's key tiles, so float32 sums round otherwise and can
+    flip an F16 cache entry (F16_CACHE of the scale, see above)."""
     assert batched.token_ids == alone.token_ids
-    np.testing.assert_allclose(batched.hidden_states, alone.hidden_states, rtol=SAME_KERNELS, atol=SAME_KERNELS)
-    np.testing.assert_allclose(batched.logits, alone.logits, rtol=SAME_KERNELS, atol=SAME_KERNELS)
+    assert_close_to_scale(batched.hidden_states, alone.hidden_states, F16_CACHE, "hidden states, batched against alone")
+    assert_close_to_scale(batched.logits, alone.logits, F16_CACHE, "logits, batched against alone")
