@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench.py [--models smollm2,gemma3-270m,qwen2.5-coder-1.5b-instruct]
                                       [--sizes 16,128,512,2000] [--repeat 3] [--no-peer]
+                                      [--serve "--n-batch 60"]                    # the measured configuration
                                       [--compare "--n-batch 16 --n-outputs 16"]   # a second configuration
 
 For each model (a name `lmscope pull` knows, or a path) and prompt size, through a real `lmscope serve` and
@@ -194,6 +195,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-peer", action="store_true", help="lmscope only")
+    parser.add_argument("--serve", default="",
+                        help="server arguments of the measured configuration (default: lmscope serve's defaults), "
+                             "e.g. '--n-batch 60'; LLAMA_CPP_LIB_PATH picks another build of llama.cpp")
     parser.add_argument("--compare", default="",
                         help="server arguments of a second lmscope configuration measured in the same run, "
                              "e.g. '--n-batch 16 --n-outputs 16' (the ubatches before issue #24)")
@@ -210,7 +214,7 @@ def main() -> None:
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
         print(f"[{time.strftime('%H:%M:%S')}] {name}: lmscope", flush=True)
         lens_sizes = {int(s) for s in args.lens_sizes.split(",") if s}
-        ours, work = measure_lmscope(model, sizes, lens_sizes, args.repeat, args.threads)
+        ours, work = measure_lmscope(model, sizes, lens_sizes, args.repeat, args.threads, tuple(args.serve.split()))
         theirs = None
         if not args.no_peer:
             print(f"[{time.strftime('%H:%M:%S')}] {name}: transformers", flush=True)
