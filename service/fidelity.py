@@ -280,15 +280,8 @@ class FidelityMap:
             effect[:, 0] = _ratio(np.sqrt(attn_own), out_norm)
             added += attn_own
         if b.z and b.output:
-            z = row(b.z)
-            errors, relative, _ = self._rounding(z, (b.output,))
-            rounding[:, 1] = relative
-            z_own = errors[self.vec_dot_types[b.output]] @ self.squared_column_norms(b.output, b.attn_post_norm)
-            rms = self._rms(row, b.attn_pre_norm)
-            if rms is not None:
-                z_own = z_own / rms ** 2
-            effect[:, 1] = _ratio(np.sqrt(z_own), out_norm)
-            added += z_own
+            added += self._output_projection(row, b.z, b.output, b.attn_post_norm, b.attn_pre_norm, out_norm,
+                                             rounding[:, 1], effect[:, 1])
         # --- FFN ---
         if b.ln2 and b.ffn_matrices:
             x = row(b.ln2)
@@ -306,16 +299,22 @@ class FidelityMap:
             effect[:, 2] = _ratio(np.sqrt(ffn_own), out_norm)
             added += ffn_own
         if b.post and b.down is not None:
-            post = row(b.post)
-            errors, relative, _ = self._rounding(post, (b.down,))
-            rounding[:, 3] = relative
-            down_own = errors[self.vec_dot_types[b.down]] @ self.squared_column_norms(b.down, b.ffn_post_norm)
-            rms = self._rms(row, b.ffn_pre_norm)
-            if rms is not None:
-                down_own = down_own / rms ** 2
-            effect[:, 3] = _ratio(np.sqrt(down_own), out_norm)
-            added += down_own
+            added += self._output_projection(row, b.post, b.down, b.ffn_post_norm, b.ffn_pre_norm, out_norm,
+                                             rounding[:, 3], effect[:, 3])
         return added
+
+    def _output_projection(self, row, site: str, matrix: str, post_norm: str | None, pre_norm_site: str | None,
+                           out_norm, rounding: np.ndarray, effect: np.ndarray) -> np.ndarray:
+        """A branch's last product (`attn.z` times W_o, `mlp.post` times W_down): fills its column of `rounding`
+        and `effect`; returns the squared change of the block's output it causes, per row."""
+        errors, relative, _ = self._rounding(row(site), (matrix,))
+        rounding[:] = relative
+        own = errors[self.vec_dot_types[matrix]] @ self.squared_column_norms(matrix, post_norm)
+        rms = self._rms(row, pre_norm_site)
+        if rms is not None:
+            own = own / rms ** 2
+        effect[:] = _ratio(np.sqrt(own), out_norm)
+        return own
 
     def _neurons(self, b: _Block, row, errors) -> np.ndarray:
         """The squared change of the FFN's output, per row, that the rounding of its input causes through gate,
