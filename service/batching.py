@@ -233,8 +233,9 @@ class Contexts:
         rows (llama.cpp aborts on a call with more outputs than the context reserved): a request that wants
         few outputs decodes in long ubatches, one that wants every row's logits in short ones.
 
-        Where the cuts fall is chosen so that a row comes out the same bits whatever the request asks of the
-        other rows (docs/fidelity.md, "batch composition"). The CPU kernels compute each row on its own, with
+        Where the cuts fall is chosen so that a row comes out of every block but the last (which llama.cpp
+        computes for the output rows only) the same bits whatever the request asks of the other rows
+        (docs/fidelity.md, "batch composition"). The CPU kernels compute each row on its own, with
         exceptions that depend on the ubatch's length: the repacked weight kernels multiply activation rows
         `ROW_GROUP` at a time and the ubatch's last few rows one by one; the tiled k-quant matmul takes
         ubatches of 8 rows and more, another kernel shorter ones; a ubatch of one row takes the one-row
