@@ -250,12 +250,12 @@ class FidelityMap:
         """Fills this block's `rounding` and `effect` (n, 4); returns what the block adds to D^2."""
         n = len(positions)
         added = np.zeros(n)
+        attn_rms, ffn_rms = self._rms(row, b.attn_pre_norm), self._rms(row, b.ffn_pre_norm)
         # --- attention ---
         if b.ln1 and b.attn_matrices:
             x = row(b.ln1)
             errors, relative, x_norm = self._rounding(x, b.attn_matrices)
             rounding[:, 0] = relative
-            rms = self._rms(row, b.attn_pre_norm)
             if b.value is not None and b.output is not None:
                 name, first = b.value
                 n_rows = int(self.tensors[name].shape[1]) - first
@@ -270,17 +270,14 @@ class FidelityMap:
                     # other rows' deviations, through their values; the row's own is in the stream already
                     attn_more += per_head[h] * (weights @ more[:, g] - np.diagonal(weights) * more[:, g])
                 attn_more = np.maximum(attn_more, 0.0)  # the difference of two sums: a rounding below 0
-                if rms is not None:
-                    attn_own, attn_more = attn_own / rms ** 2, attn_more / rms ** 2
-                added += attn_more
-            elif b.attn_branch:
-                attn_own = relative ** 2 * np.square(_norms(row(b.attn_branch)))
+                attn_own = _through_post_norm(attn_own, attn_rms)
+                added += _through_post_norm(attn_more, attn_rms)
             else:
-                attn_own = np.zeros(n)
+                attn_own = _stand_in(relative, row, b.attn_branch)
             effect[:, 0] = _ratio(np.sqrt(attn_own), out_norm)
             added += attn_own
         if b.z and b.output:
-            added += self._output_projection(row, b.z, b.output, b.attn_post_norm, b.attn_pre_norm, out_norm,
+            added += self._output_projection(row, b.z, b.output, b.attn_post_norm, attn_rms, out_norm,
                                              rounding[:, 1], effect[:, 1])
         # --- FFN ---
         if b.ln2 and b.ffn_matrices:
@@ -288,31 +285,24 @@ class FidelityMap:
             errors, relative, _ = self._rounding(x, b.ffn_matrices)
             rounding[:, 2] = relative
             if b.neurons:
-                ffn_own = self._neurons(b, row, errors)
-                rms = self._rms(row, b.ffn_pre_norm)
-                if rms is not None:
-                    ffn_own = ffn_own / rms ** 2
-            elif b.ffn_branch:
-                ffn_own = relative ** 2 * np.square(_norms(row(b.ffn_branch)))
+                ffn_own = _through_post_norm(self._neurons(b, row, errors), ffn_rms)
             else:
-                ffn_own = np.zeros(n)
+                ffn_own = _stand_in(relative, row, b.ffn_branch)
             effect[:, 2] = _ratio(np.sqrt(ffn_own), out_norm)
             added += ffn_own
         if b.post and b.down is not None:
-            added += self._output_projection(row, b.post, b.down, b.ffn_post_norm, b.ffn_pre_norm, out_norm,
+            added += self._output_projection(row, b.post, b.down, b.ffn_post_norm, ffn_rms, out_norm,
                                              rounding[:, 3], effect[:, 3])
         return added
 
-    def _output_projection(self, row, site: str, matrix: str, post_norm: str | None, pre_norm_site: str | None,
+    def _output_projection(self, row, site: str, matrix: str, post_norm: str | None, rms: np.ndarray | None,
                            out_norm, rounding: np.ndarray, effect: np.ndarray) -> np.ndarray:
         """A branch's last product (`attn.z` times W_o, `mlp.post` times W_down): fills its column of `rounding`
         and `effect`; returns the squared change of the block's output it causes, per row."""
         errors, relative, _ = self._rounding(row(site), (matrix,))
         rounding[:] = relative
-        own = errors[self.vec_dot_types[matrix]] @ self.squared_column_norms(matrix, post_norm)
-        rms = self._rms(row, pre_norm_site)
-        if rms is not None:
-            own = own / rms ** 2
+        own = _through_post_norm(errors[self.vec_dot_types[matrix]] @ self.squared_column_norms(matrix, post_norm),
+                                 rms)
         effect[:] = _ratio(np.sqrt(own), out_norm)
         return own
 
@@ -402,6 +392,18 @@ def _spread(carried: np.ndarray, stream: np.ndarray | None, x_norm: np.ndarray, 
 
 def _vector(tensor) -> np.ndarray:
     return np.asarray(dequantize(tensor.read(), tensor.tensor_type), np.float32).reshape(-1)
+
+
+def _through_post_norm(squared: np.ndarray, rms: np.ndarray | None) -> np.ndarray:
+    """A branch's squared change after its post-norm (Gemma): RMSNorm(y) s moves by s dy / rms(y), the s in the
+    column norms; without a post-norm (rms None) unchanged."""
+    return squared if rms is None else squared / rms ** 2
+
+
+def _stand_in(relative: np.ndarray, row, branch: str | None) -> np.ndarray:
+    """Where the model lacks what a branch's own step needs: the relative rounding of the branch's input stands
+    in for that of its output (squared change; nothing without the branch's output site)."""
+    return relative ** 2 * np.square(_norms(row(branch))) if branch else np.zeros(len(relative))
 
 
 def _norms(x: np.ndarray) -> np.ndarray:
