@@ -73,6 +73,13 @@ class Family:
     embedding_scale: str | None = None  # "sqrt_n_embd" or None
     final_norm: str = "rms"             # the final norm's kind; its weight is used as stored in the GGUF
     softcap_key: str | None = None      # GGUF key of the final logit soft-capping, `{arch}` = architecture
+    # Attention as llama.cpp's builder sets it where the file is silent: the sliding-window layer period (layer L
+    # is local unless L % n == n - 1; 0: no sliding window; `{arch}.attention.sliding_window_pattern` overrides
+    # it), the window (0: only where the file names one) and the attention scores' soft-cap (0: none, and the
+    # file's `{arch}.attn_logit_softcapping` is then not read either).
+    sliding_window_period: int = 0
+    sliding_window_default: int = 0
+    attn_softcap_default: float = 0.0
 
     @property
     def ffn_value_tensor(self) -> str | None:
@@ -171,7 +178,7 @@ PHI3 = _family(
 )
 
 
-def _gemma(architecture: str, qk_norm: bool, post_ffn_named: bool) -> Family:
+def _gemma(architecture: str, qk_norm: bool, post_ffn_named: bool, **attention) -> Family:
     # attn_out and mlp_out are after the post-norms (what each branch adds to the stream); attn_out_pre_norm
     # and mlp_out_pre_norm are before them.
     post_ffn = (NodeRule("ffn_post_norm-{L}") if post_ffn_named
@@ -179,7 +186,7 @@ def _gemma(architecture: str, qk_norm: bool, post_ffn_named: bool) -> Family:
                 else NodeRule("ffn_out-{L}", then=(Step("RMS_NORM"), Step("MUL"))))
     return _family(
         architecture, qk_norm=qk_norm, post_norms=True, ffn="geglu",
-        embedding_scale="sqrt_n_embd", softcap_key="{arch}.final_logit_softcapping",
+        embedding_scale="sqrt_n_embd", softcap_key="{arch}.final_logit_softcapping", **attention,
         changes={"embed": NodeRule("inp_scaled"), "attn_out_pre_norm": NodeRule("kqv_out-{L}", then=_WO),
                  "attn_out": NodeRule("attn_post_norm-{L}"), "resid_mid": NodeRule("sa_out-{L}"),
                  "mlp_out_pre_norm": NodeRule("ffn_out-{L}"), "mlp_out": post_ffn, "attn.scores": None},
@@ -187,8 +194,9 @@ def _gemma(architecture: str, qk_norm: bool, post_ffn_named: bool) -> Family:
     )
 
 
-GEMMA2 = _gemma("gemma2", qk_norm=False, post_ffn_named=False)
-GEMMA3 = _gemma("gemma3", qk_norm=True, post_ffn_named=True)
+GEMMA2 = _gemma("gemma2", qk_norm=False, post_ffn_named=False, sliding_window_period=2, sliding_window_default=4096,
+               attn_softcap_default=50.0)
+GEMMA3 = _gemma("gemma3", qk_norm=True, post_ffn_named=True, sliding_window_period=6)
 
 # Every family the registry knows, in the order of the docs' table and the tiny-model builder.
 KNOWN_FAMILIES = (LLAMA, QWEN2, QWEN3, GEMMA2, GEMMA3, PHI3, LLAMA_MOE, QWEN2_MOE, QWEN3_MOE)

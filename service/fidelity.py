@@ -83,10 +83,6 @@ PRODUCTS = ("attn_in", "attn_out", "ffn_in", "ffn_down")
 # Per row, the FFN neurons whose changes are added coherently (the rest in quadrature): see the FFN above.
 TOP_NEURONS = 4
 _GELU_C = math.sqrt(2 / math.pi)
-# Sliding-window attention as llama.cpp's builders set it, per architecture: the default layer period (layer
-# L is local unless L % n == n - 1), the default window (0: only when the file names one), and the default
-# attention soft-cap (0: none).
-_SLIDING = {"gemma2": (2, 4096, 50.0), "gemma3": (6, 0, 0.0)}
 
 
 @dataclass(frozen=True)
@@ -166,11 +162,11 @@ class FidelityMap:
         family = weights.family
         self.gelu = family.ffn == "geglu"
         arch = weights.architecture
-        period, default_window, default_cap = _SLIDING.get(arch, (0, 0, 0.0))
+        period, default_window = family.sliding_window_period, family.sliding_window_default
         window = int(weights.field(f"{arch}.attention.sliding_window") or default_window) if period else 0
         period = int(weights.field(f"{arch}.attention.sliding_window_pattern") or period)
-        # llama.cpp soft-caps the scores of the families that have a default cap only (gemma2)
-        self.softcap = float(weights.field(f"{arch}.attn_logit_softcapping") or default_cap) if default_cap else 0.0
+        cap = family.attn_softcap_default  # llama.cpp soft-caps the scores of the families with a default only
+        self.softcap = float(weights.field(f"{arch}.attn_logit_softcapping") or cap) if cap else 0.0
         offered = set(site_shapes)
         self.blocks = [_block(L, family, offered, self.tensors,
                               window if window and (period == 0 or L % period < period - 1) else 0)
