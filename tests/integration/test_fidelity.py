@@ -166,9 +166,8 @@ def test_without_a_massive_activation_nothing_is_flagged(home, tmp_path):
     path = build_tiny_model(tmp_path / "plain.gguf", weight_type="q8_0")
     runs = _runs(path)
     for run, exact in zip(runs["file"], runs["f32"]):
-        # Every product's 8-bit rounding through 4 random blocks moves rows by a few per cent, about the
-        # threshold at the most (the map estimates 0.3-1.2x of it here), where the planted value moves the first
-        # row by tens of per cent: below twice the threshold, not a row the map must flag.
+        # Unflagged rows (estimate <= DEVIATION) deviate less than twice the threshold: the map's estimate within
+        # a factor of 2 of the deviation, the same bound the flagged rows of the planted models are held to.
         assert _deviations(run.hidden_states[1:], exact.hidden_states[1:]).max() < 2 * DEVIATION
         assert not run.fidelity.flags.any(), run.fidelity.estimate.max()
         assert run.fidelity.estimate.max() > 0  # the rounding is there, only small
