@@ -317,7 +317,8 @@ class CoreClient:
                      if seq_index == s and name not in captures and name != "logits"}
             runs.append(Run(token_ids=list(seq.token_ids), positions=list(seq.positions),
                             logits=arrays.get(("logits", s)), captures=captures, extra=extra,
-                            decode_ms=header.decode_ms, total_ms=header.total_ms, n_layer=self.n_layer))
+                            decode_ms=header.decode_ms, total_ms=header.total_ms, n_ubatches=header.n_ubatches,
+                            n_layer=self.n_layer))
         return runs
 
     def run(self, prompt, *, layers: Sequence[int] | None = None, capture: SiteFilter | None = None,

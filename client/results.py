@@ -96,6 +96,7 @@ class Run:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     decode_ms: float = 0.0
     total_ms: float = 0.0
+    n_ubatches: int = 0  # llama.cpp calls the request's prompts were decoded in (the whole request's)
 
     @property
     def hidden_states(self) -> np.ndarray:

@@ -71,7 +71,9 @@ class Contexts:
         self.n_outputs_max = min(n_outputs_max, n_batch)  # output rows per call: what llama.cpp reserves logits for
         self.n_seq_max = min(n_seq_max, self.n_outputs_max)  # llama.cpp reserves n_seq_max output rows at least
         self.n_threads = n_threads
-        self._held: tuple[bool, int, int, object] | None = None  # (flash_attn, n_cells, ctx, callback)
+        # patches/ gives llama.cpp contexts without the LM head (`no_logits`); a plain llama-cpp-python has none
+        self.can_skip_head = any(name == "no_logits" for name, *_ in lc.llama_context_params._fields_)
+        self._held: tuple[bool, bool, int, object, object] | None = None  # (flash_attn, head, n_cells, ctx, callback)
         self._active: Pass | None = None
         self.cancelled: Callable[[], bool] = lambda: False
 
@@ -85,36 +87,53 @@ class Contexts:
     @property
     def n_cells(self) -> int:
         """Cells of the context held now (0: none)."""
-        return self._held[1] if self._held else 0
+        return self._held[2] if self._held else 0
 
-    def get(self, flash_attn: bool, n_cells: int):
+    @property
+    def outputs_per_ubatch(self) -> int:
+        """Output rows one ubatch of the context held now may have: n_outputs_max where it computes logits,
+        a whole ubatch where it has no LM head."""
+        return self.n_outputs_max if self._held is None or self._held[1] else self.n_batch
+
+    def get(self, flash_attn: bool, n_cells: int, logits: bool = True, n_outputs: int = 0):
         """The context to decode with: with flash attention for speed, without it when attention is captured,
         holding at least `n_cells` KV cells (a forward pass: its largest group's tokens, `cells_needed`;
-        generation: prompt + new tokens). The context it replaces, if any, is freed first."""
+        generation: prompt + new tokens). The context it replaces, if any, is freed first.
+
+        A request that wants no `logits` is decoded without the LM head where it has more output rows
+        (`n_outputs`: the last block's sites at that many positions) than a context with logits takes in one
+        ubatch: llama.cpp reserves n_vocab logits per output row of a ubatch, so with the head, such a request
+        decodes in ubatches of n_outputs_max rows; without it, in ubatches of n_batch. A context without the
+        head is kept for later requests that want no logits, and replaced by one with it for the first that
+        wants some; the rows a context computes are the same bits with or without the head."""
         if n_cells > self.n_ctx:
             raise RequestError(Code.OUT_OF_RANGE,
                                f"the request needs {n_cells} KV cells; the context holds {self.n_ctx}")
+        head = logits or n_outputs <= self.n_outputs_max or not self.can_skip_head
         held = self._held
-        if held is not None and held[0] == flash_attn and held[1] >= n_cells:
-            return held[2]
+        if (held is not None and held[0] == flash_attn and held[2] >= n_cells
+                and (held[1] == head or not (held[1] or logits))):
+            return held[3]
         self.close()
         size = self.cells_for(n_cells)
-        ctx, callback = self._new(flash_attn, size)
-        self._held = (flash_attn, size, ctx, callback)
+        ctx, callback = self._new(flash_attn, head, size)
+        self._held = (flash_attn, head, size, ctx, callback)
         return ctx
 
     def cells_needed(self, prompts: list[list[int]]) -> int:
         """KV cells a forward pass over `prompts` uses: the memory is emptied between `groups`."""
         return max(sum(len(prompts[i]) for i in group) for group in self.groups(prompts))
 
-    def _new(self, flash_attn: bool, n_ctx: int):
+    def _new(self, flash_attn: bool, head: bool, n_ctx: int):
         """A fresh context (and the callback object that must outlive it), its eval callback routed here."""
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = min(self.n_batch, params.n_ctx)
         params.n_ubatch = params.n_batch
-        params.n_outputs_max = min(self.n_outputs_max, params.n_batch)
-        params.n_seq_max = min(self.n_seq_max, params.n_outputs_max)
+        params.n_outputs_max = min(self.n_outputs_max if head else self.n_batch, params.n_batch)
+        params.n_seq_max = min(self.n_seq_max, params.n_batch)
+        if not head:
+            params.no_logits = True
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads
         params.kv_unified = True  # prompts of one batch share the whole context, and rows keep batch order
@@ -142,7 +161,7 @@ class Contexts:
     def close(self) -> None:
         """Free the context held, if any."""
         if self._held is not None:
-            lc.llama_free(self._held[2])
+            lc.llama_free(self._held[3])
             self._held = None
 
     # ----- the decode loop -------------------------------------------------------------------------
@@ -253,13 +272,14 @@ class Contexts:
         longest = self.n_batch if self.prompts_share_ubatches else self.n_outputs_max
         start = 0
         while start < len(rows):
-            end = self._ubatch_end(rows, start, longest)
+            end = self._ubatch_end(rows, start, longest, self.outputs_per_ubatch)
             yield rows[start:end]
             start = end
 
-    def _ubatch_end(self, rows: list[Row], start: int, longest: int) -> int:
+    @staticmethod
+    def _ubatch_end(rows: list[Row], start: int, longest: int, most_outputs: int) -> int:
         end, outputs = start, 0
-        while end < len(rows) and end - start < longest and outputs + rows[end][3] <= self.n_outputs_max:
+        while end < len(rows) and end - start < longest and outputs + rows[end][3] <= most_outputs:
             outputs += rows[end][3]
             end += 1
         if end == len(rows):
@@ -276,7 +296,7 @@ class Contexts:
                 break
             shorter = end - -(-short // granule) * granule
             if (shorter - start >= wanted and len(rows) - shorter <= longest
-                    and sum(row[3] for row in rows[shorter:]) <= self.n_outputs_max):
+                    and sum(row[3] for row in rows[shorter:]) <= most_outputs):
                 return shorter
         return end
 

@@ -48,8 +48,10 @@ __all__ = ["Cancelled", "Engine", "EngineConfig", "ForwardRequest", "ForwardResu
 # `output_rows_per_ubatch` are outputs, keeping the logits within LOGITS_RESERVE_BYTES per buffer. A request
 # that wants few output rows (a position subset, last-token logits, an intermediate layer, a generation's
 # prompt) decodes in ubatches of n_batch tokens; one that wants every row's logits, or the last block's sites
-# at every position (llama.cpp computes the last block for output rows only), in ubatches cut at that many
-# output rows (`Contexts.ubatches`). Where the cuts fall keeps a row's numbers independent of the ubatch it is
+# at every position (llama.cpp computes the last block for output rows only) with some logits, in ubatches
+# cut at that many output rows (`Contexts.ubatches`). The last block's sites at every position without
+# logits decode in ubatches of n_batch tokens, through a context without the LM head (patches/,
+# `Contexts.get`). Where the cuts fall keeps a row's numbers independent of the ubatch it is
 # decoded in (`Contexts.ubatches` says how; patches/ gives flash attention one kernel for every ubatch of two
 # rows or more), so a position subset is the full run indexed, bit for bit, though the two decode in ubatches
 # of other lengths, and n_batch can be as long as speed wants. The curve these are chosen from is in
@@ -85,6 +87,7 @@ class ForwardResult:
     captures: dict[str, list[np.ndarray]]               # site -> per prompt array
     logits: list[np.ndarray] | None                     # per prompt (n_positions, n_vocab), or (1, n_vocab) for "last"
     decode_ms: float
+    n_ubatches: int                                     # llama_decode calls
 
 
 class Engine:
@@ -181,9 +184,10 @@ class Engine:
         capture_positions = [resolve_positions(request.positions, len(t), "capture") for t in prompts]
         self._check_capture_size(request, prompts, capture_positions)
         need_pattern = any(is_pattern_site(s) for s in request.capture)
-        ctx = self.contexts.get(flash_attn=self.config.flash_attn and not need_pattern,
-                                n_cells=self.contexts.cells_needed(prompts))
         output_sets = self._outputs(request, prompts, capture_positions)
+        ctx = self.contexts.get(flash_attn=self.config.flash_attn and not need_pattern,
+                                n_cells=self.contexts.cells_needed(prompts), logits=request.logits != "none",
+                                n_outputs=sum(map(len, output_sets)))
         active = CapturePass(self.site_rules, self.site_shapes, self.output_rows_sites, prompts, request.capture,
                              capture_positions, request.interventions, stop_when_done=request.logits == "none")
         logits: list[np.ndarray] | None = None
@@ -205,15 +209,17 @@ class Engine:
                 def on_decoded(ubatch):
                     collect_logits(ctx, ubatch, self.n_vocab, logits, logit_slot)
         start = time.perf_counter()
+        n_ubatches = 0
         try:
             for group in self.contexts.groups(prompts):
                 self.contexts.reset_memory(ctx)
-                self.contexts.decode(ctx, active, self.contexts.ubatches(group, prompts, output_sets),
-                                     on_decoded=on_decoded)
+                ubatches = list(self.contexts.ubatches(group, prompts, output_sets))
+                n_ubatches += len(ubatches)
+                self.contexts.decode(ctx, active, ubatches, on_decoded=on_decoded)
         finally:
             self.contexts.reset_memory(ctx)
         return ForwardResult(positions=capture_positions, captures=active.out, logits=logits,
-                             decode_ms=(time.perf_counter() - start) * 1e3)
+                             decode_ms=(time.perf_counter() - start) * 1e3, n_ubatches=n_ubatches)
 
     def _check_capture_size(self, request, prompts, capture_positions) -> None:
         total = 0

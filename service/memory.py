@@ -17,7 +17,9 @@ them on the CPU backend (its log lines "KV buffer size", "compute buffer size", 
   `n_outputs_max` context parameter), so n_outputs_max x n_vocab float32 logits and the activations of
   n_ubatch tokens, estimated as n_ubatch x n_ff floats, and without flash attention the attention scores,
   n_ubatch x n_head x n_ctx floats (an upper bound: llama.cpp reuses memory between them). Resident as far
-  as requests use it: an all-logits ubatch touches the logits part.
+  as requests use it: an all-logits ubatch touches the logits part. A request without logits for the last
+  block at every position is decoded by a context without the LM head (patches/0006): no logits part, no
+  output buffer, the same activations, so the context with the head bounds both.
 - output buffer: the logits rows llama.cpp hands back, n_seq_max rows at first (cleared, so resident),
   growing to the most output rows of one ubatch, n_outputs_max at most (never shrinking).
 - reduction budget, per request: `weights.REDUCTION_BUDGET_BYTES`.

@@ -126,7 +126,8 @@ class Operations:
             tensors += [NamedTensor("logits", s, a) for s, a in enumerate(result.logits)]
         header = pb.RunHeader(sequences=[pb.RunHeader.Sequence(token_ids=t, positions=p)
                                          for t, p in zip(token_lists, result.positions)],
-                              sites=job.capture, decode_ms=result.decode_ms)
+                              sites=job.capture, decode_ms=result.decode_ms,
+                              n_ubatches=result.n_ubatches)
         del result  # `tensors` now owns the arrays: converting one frees its float32 original at once
         if job.float16:
             for i, tensor in enumerate(tensors):

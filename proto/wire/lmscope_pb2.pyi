@@ -303,7 +303,7 @@ class LensSpec(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., target_ids: _Optional[_Iterable[int]] = ..., skip_final_norm: _Optional[bool] = ..., return_logits: _Optional[bool] = ..., keep_captures: _Optional[bool] = ..., kl_reference_rows: _Optional[int] = ...) -> None: ...
 
 class RunHeader(_message.Message):
-    __slots__ = ("sequences", "sites", "decode_ms", "total_ms")
+    __slots__ = ("sequences", "sites", "decode_ms", "total_ms", "n_ubatches")
     class Sequence(_message.Message):
         __slots__ = ("token_ids", "positions")
         TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -315,11 +315,13 @@ class RunHeader(_message.Message):
     SITES_FIELD_NUMBER: _ClassVar[int]
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    N_UBATCHES_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[RunHeader.Sequence]
     sites: _containers.RepeatedScalarFieldContainer[str]
     decode_ms: float
     total_ms: float
-    def __init__(self, sequences: _Optional[_Iterable[_Union[RunHeader.Sequence, _Mapping]]] = ..., sites: _Optional[_Iterable[str]] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    n_ubatches: int
+    def __init__(self, sequences: _Optional[_Iterable[_Union[RunHeader.Sequence, _Mapping]]] = ..., sites: _Optional[_Iterable[str]] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., n_ubatches: _Optional[int] = ...) -> None: ...
 
 class RunChunk(_message.Message):
     __slots__ = ("header", "tensor")

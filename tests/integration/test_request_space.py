@@ -313,6 +313,12 @@ def _check_real_model(c: Client) -> None:
     assert len(ids) > 2 * memory["n_ubatch"], (len(ids), memory)
     full = c.run(ids)
     n = full.hidden_states.shape[0]
+    # Every position's logits: ubatches of n_outputs_max rows. Every hidden state without logits: a context
+    # without the LM head (patches/0006) decodes them in ubatches of n_batch rows, the same bits.
+    assert full.n_ubatches == -(-len(ids) // ubatch)
+    bare = c.run(ids, logits=False)
+    assert bare.logits is None and bare.n_ubatches == -(-len(ids) // memory["n_ubatch"])
+    np.testing.assert_array_equal(bare.hidden_states, full.hidden_states)
     for positions in ([-1], [0, -1], [ubatch, ubatch - 1, 3]):
         chosen = absolute(positions, len(ids))
         for logits in (True, "last"):
@@ -373,8 +379,8 @@ def test_the_request_space_on_real_models(name):
 # ----- requests cut at their output rows ---------------------------------------------------------------------
 
 def test_a_request_cut_at_its_output_rows_is_the_uncut_one(tiny_model):
-    """`--n-batch 8 --n-outputs 3`: every-position logits (or the last block at every position) decode in
-    ubatches of 3 rows, a few positions in ubatches of 8. The same rows in ubatches of other lengths: float32
+    """`--n-batch 8 --n-outputs 3`: every-position logits (or the last block at every position with logits)
+    decode in ubatches of 3 rows, a few positions, or every position without logits, in ubatches of 8. The same rows in ubatches of other lengths: float32
     sums blocked otherwise, which can flip an F16 cache entry (F16_CACHE of the scale, as for a batch)."""
     args = ("--threads", "1", "--n-ctx", "512", "--n-batch", "8", "--n-outputs", "3")
     prompts = [list(range(4, 4 + n)) for n in (1, 3, 7, 8, 9, 17, 25)]
@@ -396,6 +402,13 @@ def test_a_request_cut_at_its_output_rows_is_the_uncut_one(tiny_model):
                 assert_close_to_scale(part.logits, whole.logits[chosen], F16_CACHE, f"logits at {chosen}")
             for ids, last_only in zip(usable, c.run_batch(usable, capture=[], logits="last")):
                 assert_close_to_scale(last_only.logits, cut[len(ids)].logits[-1:], F16_CACHE, "last logits")
+        # every row an output without logits: a context without the LM head, ubatches of 8 rows
+        bare = c.run_batch(prompts, capture=sites, logits=False)
+        assert bare[0].n_ubatches < full[0].n_ubatches
+        for ids, run in zip(prompts, bare):
+            for site in run.captures:
+                assert_close_to_scale(run.captures[site], cut[len(ids)].captures[site], F16_CACHE,
+                                      f"{site} of a {len(ids)}-token prompt without logits")
 
 
 # ----- the options that remove what observing and batching change --------------------------------------------
