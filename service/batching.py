@@ -109,7 +109,8 @@ class Contexts:
         if n_cells > self.n_ctx:
             raise RequestError(Code.OUT_OF_RANGE,
                                f"the request needs {n_cells} KV cells; the context holds {self.n_ctx}")
-        head = logits or n_outputs <= self.n_outputs_max or not self.can_skip_head
+        head = (logits or n_outputs <= self.n_outputs_max or self.n_outputs_max >= self.n_batch
+                or not self.can_skip_head)
         held = self._held
         if (held is not None and held[0] == flash_attn and held[2] >= n_cells
                 and (held[1] == head or not (held[1] or logits))):

@@ -411,6 +411,38 @@ def test_a_request_cut_at_its_output_rows_is_the_uncut_one(tiny_model):
                                       f"{site} of a {len(ids)}-token prompt without logits")
 
 
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_without_logits_decodes_without_the_head(name, tmp_path):
+    """`--n-batch 8 --n-outputs 4`: the last block at every position without logits goes through a context
+    without the LM head (patches/0006: its graph rebuilt up to the final norm), in ubatches of 8 rows instead
+    of 4: the same sites, the final norm included, within F16_CACHE of the scale (rows in ubatches of other
+    lengths, as above). A mixture decodes each prompt in ubatches of 4 rows either way (--batch-invariant, so
+    that no float32 difference moves a token to another expert): the same bits."""
+    moe = FAMILIES[name].n_expert > 0
+    args = ("--threads", "1", "--n-ctx", "512", "--n-batch", "8", "--n-outputs", "4") + (
+        ("--batch-invariant",) if moe else ())
+    path = build_tiny_model(tmp_path / f"{name}.gguf", family=name)
+    with launch_server(path, args=args) as server, Client(server.address) as c:
+        ids = list(range(FIRST_CONTROL_FREE_ID, FIRST_CONTROL_FREE_ID + 13))
+        sites = ["embed", "blocks.*.resid_post", "blocks.*.mlp_out", "ln_final"]
+        with_head = c.run(ids, capture=sites, logits="last")
+        bare = c.run(ids, capture=sites, logits=False)
+        assert set(bare.captures) == set(with_head.captures) and "ln_final" in bare.captures
+        if moe:
+            assert bare.n_ubatches == with_head.n_ubatches == 4
+        else:
+            assert (bare.n_ubatches, with_head.n_ubatches) == (2, 4)
+        for site, expected in with_head.captures.items():
+            if moe:
+                np.testing.assert_array_equal(bare.captures[site], expected, err_msg=site)
+            else:
+                assert_close_to_scale(bare.captures[site], expected, F16_CACHE, site)
+        # the first request again, through a context with the head again: the same bits
+        again = c.run(ids, capture=sites, logits="last")
+        np.testing.assert_array_equal(again.logits, with_head.logits)
+        np.testing.assert_array_equal(again.hidden_states, with_head.hidden_states)
+
+
 # ----- the options that remove what observing and batching change --------------------------------------------
 
 def test_with_plain_attention_and_batch_invariance_observing_and_batching_change_no_bit(tiny_model):
