@@ -380,8 +380,9 @@ def test_the_request_space_on_real_models(name):
 
 def test_a_request_cut_at_its_output_rows_is_the_uncut_one(tiny_model):
     """`--n-batch 8 --n-outputs 3`: every-position logits (or the last block at every position with logits)
-    decode in ubatches of 3 rows, a few positions, or every position without logits, in ubatches of 8. The same rows in ubatches of other lengths: float32
-    sums blocked otherwise, which can flip an F16 cache entry (F16_CACHE of the scale, as for a batch)."""
+    decode in ubatches of 3 rows, a few positions, or every position without logits, in ubatches of 8. The
+    same rows in ubatches of other lengths: float32 sums blocked otherwise, which can flip an F16 cache entry
+    (F16_CACHE of the scale, as for a batch)."""
     args = ("--threads", "1", "--n-ctx", "512", "--n-batch", "8", "--n-outputs", "3")
     prompts = [list(range(4, 4 + n)) for n in (1, 3, 7, 8, 9, 17, 25)]
     with launch_server(tiny_model, args=args) as server, Client(server.address) as c:
