@@ -113,7 +113,7 @@ class Contexts:
                 or not self.can_skip_head)
         held = self._held
         if (held is not None and held[0] == flash_attn and held[2] >= n_cells
-                and (held[1] == head or not (held[1] or logits))):
+                and (held[1] == head or (not held[1] and not logits))):
             return held[3]
         self.close()
         size = self.cells_for(n_cells)
