@@ -10,6 +10,9 @@ passes recorded in CHANGELOG.md, 2026-11-30).
     .venv/bin/python scripts/diag_memory.py norms   --model M   # peak memory of the embedding's row norms
     .venv/bin/python scripts/diag_memory.py chunks  --model M   # one head chunk of a lens: the transposed
                                                                 # layout's copy against what BLAS gains on it
+    .venv/bin/python scripts/diag_memory.py head    --model M   # a lens's head products over the vocabulary
+                                                                # ((n_layer + 1) x 128 rows): BLAS on dequantized
+                                                                # chunks (the lens) / ggml's own kernels
     MALLOC_MMAP_THRESHOLD_=N .venv/bin/python scripts/diag_memory.py pieces --model M
                                                                 # the front end's wire encoding of a
                                                                 # (128, n_vocab) answer in PIECE_BYTES pieces:
@@ -162,6 +165,32 @@ def chunks(model: str, repeat: int) -> None:
           f"{_best_ms(lambda: rows @ transposed, repeat)}")
 
 
+def head(model: str, repeat: int) -> None:
+    import numpy as np
+
+    from lmscope.service.weights import Weights
+
+    weights = Weights(model, n_threads=2)
+    matrix = weights.head
+    n_layer = int(weights.field(f"{weights.architecture}.block_count"))
+    n_rows = (n_layer + 1) * 128  # a lens of every hidden state at 128 positions
+    rows = np.random.default_rng(0).standard_normal((n_rows, matrix.n_cols)).astype(np.float32)
+    chunk = 16384
+    spans = [(start, min(matrix.n_rows, start + chunk)) for start in range(0, matrix.n_rows, chunk)]
+
+    def by_blas() -> None:
+        multiplier = matrix.multiplier(rows)
+        for start, stop in spans:
+            multiplier.products(slice(0, n_rows), start, stop)
+
+    def by_ggml() -> None:
+        for start, stop in spans:
+            matrix.products(rows, start, stop)
+
+    print(f"{n_rows} rows x {matrix.name} ({matrix.n_rows} x {matrix.n_cols}), best of {repeat} s: "
+          f"BLAS {_best_ms(by_blas, repeat) / 1e3:.2f}, ggml {_best_ms(by_ggml, repeat) / 1e3:.2f}")
+
+
 def pieces(model: str, repeat: int) -> None:
     import numpy as np
 
@@ -218,7 +247,8 @@ def buffers(model: str, repeat: int) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("probe", choices=["stages", "forward", "lens", "norms", "chunks", "pieces", "buffers"])
+    parser.add_argument("probe", choices=["stages", "forward", "lens", "norms", "chunks", "head", "pieces",
+                                                       "buffers"])
     parser.add_argument("--model", help="GGUF file (default: the default model)")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
@@ -234,6 +264,8 @@ def main(argv=None) -> int:
         lens(args.model, args.repeat)
     elif args.probe == "chunks":
         chunks(args.model, args.repeat)
+    elif args.probe == "head":
+        head(args.model, args.repeat)
     elif args.probe == "pieces":
         pieces(args.model, args.repeat)
     elif args.probe == "buffers":
