@@ -9,6 +9,8 @@ For each model (a name `lmscope pull` knows, or a path) and prompt size, through
 the public client over gRPC:
 
 - `states`: every block's output at every position, no logits (`run(ids, logits=False)`);
+- `states+last`: the same with the last position's logits (`run(ids, logits="last")`), what transformers'
+  `states` figure computes (its `logits_to_keep=1`), so both are held against that one;
 - `states+logits`: the same with every position's logits (`run(ids)`);
 - `lens`: the fused logit lens, top-10 of every block's output at every position (`logit_lens`), for the
   sizes of --lens-sizes (the whole vocabulary for every layer x position: minutes at 2,000 tokens);
@@ -91,7 +93,8 @@ def measure_lmscope(model: str, sizes: list[int], lens_sizes: set[int], repeat: 
         for n in sizes:
             prompt = ids[:n]
             c.run(prompt, logits=False)  # warm-up: the context grows to this size once
-            out["sizes"][n] = {"states": median_ms(lambda p=prompt: c.run(p, logits=False), repeat)}
+            out["sizes"][n] = {"states": median_ms(lambda p=prompt: c.run(p, logits=False), repeat),
+                               "states+last": median_ms(lambda p=prompt: c.run(p, logits="last"), repeat)}
             answer = n * 4 * (info.n_vocab + (info.n_layer + 1) * info.n_embd)
             if answer <= info.limits["max_capture_bytes"]:  # all logits of 2,000 tokens of a 262k vocabulary: not
                 out["sizes"][n]["states+logits"] = median_ms(lambda p=prompt: c.run(p), repeat)
@@ -165,15 +168,16 @@ def run_peer(work: dict) -> dict:
 
 def report(ours: dict, theirs: dict | None, load: str) -> None:
     print(f"\n### {ours['model']} (ubatch: {ours['ubatch']}; CPU kernels: {ours['cpu']}; load {load})\n")
-    print("| tokens | states | states+logits | lens (top-10, every layer x position) |")
-    print("| --- | --- | --- | --- |")
+    print("| tokens | states | states+last | states+logits | lens (top-10, every layer x position) |")
+    print("| --- | --- | --- | --- | --- |")
+    peer_key = {"states": "states", "states+last": "states", "states+logits": "states+logits", "lens": "lens"}
     for n, mine in ours["sizes"].items():
         cells = []
-        for key in ("states", "states+logits", "lens"):
+        for key in peer_key:
             if key not in mine:
                 cells.append("-")
             elif theirs:
-                other = theirs["sizes"][str(n)][key]
+                other = theirs["sizes"][str(n)][peer_key[key]]
                 cells.append(f"{mine[key]:,.0f} vs {other:,.0f} ms ({other / mine[key]:.2f}x)")
             else:
                 cells.append(f"{mine[key]:,.0f} ms")

@@ -12,15 +12,23 @@ processes, each with its own engine (`service/worker.py`).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 
 from .errors import Code, RequestError
 from .native import llama as lc
 
-# (token id, position, prompt index in the request, whether llama.cpp computes this row's output)
-Row = tuple[int, int, int, bool]
+
+class Row(NamedTuple):
+    """One token of a ubatch."""
+    token: int
+    position: int
+    prompt: int        # index in the request
+    output: bool       # llama.cpp computes the row's last block (and its logits where the call has the head)
+    logits: bool       # the request wants the row's logits: the call that decodes it computes the LM head
+
+
 # Activation rows the repacked weight kernels (ggml-cpu/repack.cpp) multiply together; ubatches are cut on
 # multiples of it (`Contexts.ubatches`).
 ROW_GROUP = 4
@@ -28,6 +36,11 @@ ROW_GROUP = 4
 # matmul (ggml-cpu/tiled, Q6_K and other unrepacked k-quants) takes ubatches from 8 rows, the vec_dot kernel
 # shorter ones, and flash attention (patched) has one kernel for 2 rows and more (`Contexts.ubatches`).
 MIN_UBATCH_ROWS = 8
+# Output rows whose logits are not wanted that a call with the LM head may carry (`Contexts.ubatches`): each
+# costs a row of the head (Gemma 3: 2.5 ms on 2 cores), so beyond a few another call is cheaper. A short last
+# ubatch with the head borrows up to MIN_UBATCH_ROWS rows in whole row groups and holds up to ROW_GROUP - 1
+# rows of the group its first wanted row is in: fewer spare rows would leave it short.
+HEAD_SPARE_ROWS = MIN_UBATCH_ROWS + ROW_GROUP
 
 
 class Cancelled(Exception):
@@ -68,12 +81,14 @@ class Contexts:
         self.kv_cache_f32 = kv_cache_f32
         self.n_ctx = n_ctx
         self.n_batch = n_batch              # tokens per llama_decode call (one ubatch)
-        self.n_outputs_max = min(n_outputs_max, n_batch)  # output rows per call: what llama.cpp reserves logits for
+        self.n_outputs_max = min(n_outputs_max, n_batch)  # output rows of a call with logits: what their buffer holds
         self.n_seq_max = min(n_seq_max, self.n_outputs_max)  # llama.cpp reserves n_seq_max output rows at least
         self.n_threads = n_threads
-        # patches/ gives llama.cpp contexts without the LM head (`no_logits`); a plain llama-cpp-python has none
-        self.can_skip_head = any(name == "no_logits" for name, *_ in lc.llama_context_params._fields_)
-        self._held: tuple[bool, bool, int, object, object] | None = None  # (flash_attn, head, n_cells, ctx, callback)
+        # patches/ lets a context compute the LM head for some calls only (`llama_set_no_logits`); a plain
+        # llama-cpp-python computes it on every call, so every call's output rows are bounded by n_outputs_max
+        self.can_skip_head = hasattr(lc, "llama_set_no_logits")
+        self._held: tuple[bool, int, object, object] | None = None  # (flash_attn, n_cells, ctx, callback)
+        self._head: bool | None = None  # whether the held context computes the LM head on its next call
         self._active: Pass | None = None
         self.cancelled: Callable[[], bool] = lambda: False
 
@@ -87,53 +102,47 @@ class Contexts:
     @property
     def n_cells(self) -> int:
         """Cells of the context held now (0: none)."""
-        return self._held[2] if self._held else 0
+        return self._held[1] if self._held else 0
 
-    @property
-    def outputs_per_ubatch(self) -> int:
-        """Output rows one ubatch of the context held now may have: n_outputs_max where it computes logits,
-        a whole ubatch where it has no LM head."""
-        return self.n_outputs_max if self._held is None or self._held[1] else self.n_batch
+    def most_outputs(self, logits: bool) -> int:
+        """Output rows one call may have: n_outputs_max where it computes logits (llama.cpp's logits buffer
+        holds n_vocab floats per output row of a call), a whole ubatch where it skips the LM head."""
+        return self.n_outputs_max if logits or not self.can_skip_head else self.n_batch
 
-    def get(self, flash_attn: bool, n_cells: int, logits: bool = True, n_outputs: int = 0):
+    def get(self, flash_attn: bool, n_cells: int):
         """The context to decode with: with flash attention for speed, without it when attention is captured,
         holding at least `n_cells` KV cells (a forward pass: its largest group's tokens, `cells_needed`;
-        generation: prompt + new tokens). The context it replaces, if any, is freed first.
-
-        A request that wants no `logits` is decoded without the LM head where it has more output rows
-        (`n_outputs`: the last block's sites at that many positions) than a context with logits takes in one
-        ubatch: llama.cpp reserves n_vocab logits per output row of a ubatch, so with the head, such a request
-        decodes in ubatches of n_outputs_max rows; without it, in ubatches of n_batch. A context without the
-        head is kept for later requests that want no logits, and replaced by one with it for the first that
-        wants some; the rows a context computes are the same bits with or without the head."""
+        generation: prompt + new tokens). The context it replaces, if any, is freed first."""
         if n_cells > self.n_ctx:
             raise RequestError(Code.OUT_OF_RANGE,
                                f"the request needs {n_cells} KV cells; the context holds {self.n_ctx}")
-        head = (logits or n_outputs <= self.n_outputs_max or self.n_outputs_max >= self.n_batch
-                or not self.can_skip_head)
         held = self._held
-        if (held is not None and held[0] == flash_attn and held[2] >= n_cells
-                and (held[1] == head or (not held[1] and not logits))):
-            return held[3]
+        if held is not None and held[0] == flash_attn and held[1] >= n_cells:
+            return held[2]
         self.close()
         size = self.cells_for(n_cells)
-        ctx, callback = self._new(flash_attn, head, size)
-        self._held = (flash_attn, head, size, ctx, callback)
+        ctx, callback = self._new(flash_attn, size)
+        self._held = (flash_attn, size, ctx, callback)
+        self._head = not self.can_skip_head
         return ctx
 
     def cells_needed(self, prompts: list[list[int]]) -> int:
         """KV cells a forward pass over `prompts` uses: the memory is emptied between `groups`."""
         return max(sum(len(prompts[i]) for i in group) for group in self.groups(prompts))
 
-    def _new(self, flash_attn: bool, head: bool, n_ctx: int):
-        """A fresh context (and the callback object that must outlive it), its eval callback routed here."""
+    def _new(self, flash_attn: bool, n_ctx: int):
+        """A fresh context (and the callback object that must outlive it), its eval callback routed here.
+
+        With patches/, the context starts without the LM head, so llama.cpp reserves its compute buffer for a
+        whole ubatch of output rows without logits; a call with logits (`decode`) switches the head on, and its
+        graph (n_outputs_max rows of logits) grows that buffer where it needs more."""
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = min(self.n_batch, params.n_ctx)
         params.n_ubatch = params.n_batch
-        params.n_outputs_max = min(self.n_outputs_max if head else self.n_batch, params.n_batch)
+        params.n_outputs_max = min(self.most_outputs(logits=False), params.n_batch)
         params.n_seq_max = min(self.n_seq_max, params.n_batch)
-        if not head:
+        if self.can_skip_head:
             params.no_logits = True
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads
@@ -162,7 +171,7 @@ class Contexts:
     def close(self) -> None:
         """Free the context held, if any."""
         if self._held is not None:
-            lc.llama_free(self._held[3])
+            lc.llama_free(self._held[2])
             self._held = None
 
     # ----- the decode loop -------------------------------------------------------------------------
@@ -180,7 +189,12 @@ class Contexts:
             for ubatch in ubatches:
                 if self.cancelled():
                     raise Cancelled()
-                active.begin_ubatch([(s, p) for _, p, s, _ in ubatch], [o for *_, o in ubatch], cell)
+                active.begin_ubatch([(row.prompt, row.position) for row in ubatch], [row.output for row in ubatch],
+                                    cell)
+                head = any(row.logits for row in ubatch) or not self.can_skip_head
+                if head != self._head:
+                    lc.llama_set_no_logits(ctx, not head)
+                    self._head = head
                 status = self._decode_one(ctx, ubatch)
                 if active.error is not None:  # what the callback caught, rather than the abort it caused
                     raise active.error
@@ -204,12 +218,12 @@ class Contexts:
         batch = lc.llama_batch_init(n, 0, 1)
         try:
             batch.n_tokens = n
-            for i, (token, pos, seq, out) in enumerate(rows):
-                batch.token[i] = token
-                batch.pos[i] = pos
+            for i, row in enumerate(rows):
+                batch.token[i] = row.token
+                batch.pos[i] = row.position
                 batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq % n_seq_max
-                batch.logits[i] = out
+                batch.seq_id[i][0] = row.prompt % n_seq_max
+                batch.logits[i] = row.output
             return lc.llama_decode(ctx, batch)
         finally:
             lc.llama_batch_free(batch)
@@ -247,11 +261,16 @@ class Contexts:
         if group:
             yield group
 
-    def ubatches(self, group: list[int], prompts: list[list[int]],
-                 output_sets: list[set[int]]) -> Iterator[list[Row]]:
-        """The group's tokens in order, cut into ubatches of at most n_batch rows and n_outputs_max output
-        rows (llama.cpp aborts on a call with more outputs than the context reserved): a request that wants
-        few outputs decodes in long ubatches, one that wants every row's logits in short ones.
+    def ubatches(self, group: list[int], prompts: list[list[int]], output_sets: list[set[int]],
+                 logit_sets: list[set[int]]) -> Iterator[list[Row]]:
+        """The group's tokens in order, cut into ubatches of at most n_batch rows, of which at most
+        n_outputs_max are output rows in a ubatch that holds a row whose logits are wanted (`logit_sets`, a
+        subset of `output_sets`; llama.cpp aborts on a call with more outputs than its logits buffer holds),
+        and any number in one that holds none (decoded without the LM head, `most_outputs`); a ubatch with the
+        head carries at most `HEAD_SPARE_ROWS` output rows whose logits are not wanted. So a request that
+        wants few outputs, or none of their logits, decodes in long ubatches, one that wants every row's
+        logits in short ones, and one that wants every row's last block and the last row's logits in long
+        ubatches without the head and a short last one with it.
 
         Where the cuts fall is chosen so that a row comes out of every block but the last (which llama.cpp
         computes for the output rows only) the same bits whatever the request asks of the other rows
@@ -269,19 +288,36 @@ class Contexts:
 
         Without `prompts_share_ubatches` the cut is every n_outputs_max tokens whatever the outputs: a prompt's
         ubatches depend on the prompt alone (its promise covers request shapes too)."""
-        rows = [(token, p, s, p in output_sets[s]) for s in group for p, token in enumerate(prompts[s])]
+        rows = [Row(token, p, s, p in output_sets[s] or p in logit_sets[s], p in logit_sets[s])
+                for s in group for p, token in enumerate(prompts[s])]
         longest = self.n_batch if self.prompts_share_ubatches else self.n_outputs_max
         start = 0
         while start < len(rows):
-            end = self._ubatch_end(rows, start, longest, self.outputs_per_ubatch)
+            end = self._ubatch_end(rows, start, longest)
             yield rows[start:end]
             start = end
 
-    @staticmethod
-    def _ubatch_end(rows: list[Row], start: int, longest: int, most_outputs: int) -> int:
-        end, outputs = start, 0
-        while end < len(rows) and end - start < longest and outputs + rows[end][3] <= most_outputs:
-            outputs += rows[end][3]
+    def fits(self, rows: list[Row]) -> bool:
+        """Whether one call may decode `rows` as far as its output rows go."""
+        return self._allows(sum(row.output for row in rows), sum(row.output and not row.logits for row in rows),
+                            any(row.logits for row in rows))
+
+    def _allows(self, outputs: int, spare: int, logits: bool) -> bool:
+        """The limits on one call's output rows, `spare` of them without their logits wanted. Prompts that
+        do not share ubatches are cut by their length alone (`ubatches`), so the spare rows do not count."""
+        if outputs > self.most_outputs(logits):
+            return False
+        return not (logits and self.can_skip_head and self.prompts_share_ubatches and spare > HEAD_SPARE_ROWS)
+
+    def _ubatch_end(self, rows: list[Row], start: int, longest: int) -> int:
+        end, outputs, spare, logits = start, 0, 0, False
+        while end < len(rows) and end - start < longest:
+            row = rows[end]
+            if not self._allows(outputs + row.output, spare + (row.output and not row.logits), logits or row.logits):
+                break
+            outputs += row.output
+            spare += row.output and not row.logits
+            logits = logits or row.logits
             end += 1
         if end == len(rows):
             return end
@@ -296,8 +332,7 @@ class Contexts:
             if short <= 0:
                 break
             shorter = end - -(-short // granule) * granule
-            if (shorter - start >= wanted and len(rows) - shorter <= longest
-                    and sum(row[3] for row in rows[shorter:]) <= most_outputs):
+            if shorter - start >= wanted and len(rows) - shorter <= longest and self.fits(rows[shorter:]):
                 return shorter
         return end
 
@@ -306,17 +341,17 @@ def _wanted_rows(ctx, ubatch: list[Row], n_vocab: int,
                  logit_slot: list[dict[int, int]]) -> tuple[np.ndarray | None, list[tuple[int, int, int]]]:
     """llama.cpp's logits of the ubatch just decoded (a view of its output buffer) and the (row, prompt,
     slot) of each output row the request wants, in row order."""
-    n_out = sum(1 for *_, o in ubatch if o)
-    if n_out == 0:
+    if not any(row.logits for row in ubatch):  # decoded without the LM head: no logits buffer
         return None, []
+    n_out = sum(row.output for row in ubatch)
     table = np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(n_out, n_vocab))
     wanted, row = [], 0
-    for _, p, s, out in ubatch:
-        if not out:
+    for token in ubatch:
+        if not token.output:
             continue
-        k = logit_slot[s].get(p)
+        k = logit_slot[token.prompt].get(token.position)
         if k is not None:
-            wanted.append((row, s, k))
+            wanted.append((row, token.prompt, k))
         row += 1
     return table, wanted
 

@@ -47,15 +47,15 @@ __all__ = ["Cancelled", "Engine", "EngineConfig", "ForwardRequest", "ForwardResu
 # tokens, so the two limits are separate: ubatches of n_batch tokens (`--n-batch`), of which at most
 # `output_rows_per_ubatch` are outputs, keeping the logits within LOGITS_RESERVE_BYTES per buffer. A request
 # that wants few output rows (a position subset, last-token logits, an intermediate layer, a generation's
-# prompt) decodes in ubatches of n_batch tokens; one that wants every row's logits, or the last block's sites
-# at every position (llama.cpp computes the last block for output rows only) with some logits, in ubatches
-# cut at that many output rows (`Contexts.ubatches`). The last block's sites at every position without
-# logits decode in ubatches of n_batch tokens, through a context without the LM head (patches/,
-# `Contexts.get`). Where the cuts fall keeps a row's numbers independent of the ubatch it is
-# decoded in (`Contexts.ubatches` says how; patches/ gives flash attention one kernel for every ubatch of two
-# rows or more), so a position subset is the full run indexed, bit for bit, though the two decode in ubatches
-# of other lengths, and n_batch can be as long as speed wants. The curve these are chosen from is in
-# docs/performance.md (scripts/bench_ubatch.py).
+# prompt) decodes in ubatches of n_batch tokens; one that wants every row's logits in ubatches cut at that
+# many output rows (`Contexts.ubatches`). A ubatch none of whose rows' logits are wanted is decoded without
+# the LM head (patches/ switch it per call), so the last block's sites at every position (llama.cpp computes
+# the last block for output rows only) decode in ubatches of n_batch tokens, and with last-token logits, the
+# prompt's last rows in a short ubatch with the head. Where the cuts fall keeps a row's numbers independent
+# of the ubatch it is decoded in (`Contexts.ubatches` says how; patches/ gives flash attention one kernel for
+# every ubatch of two rows or more), so a position subset is the full run indexed, bit for bit, though the
+# two decode in ubatches of other lengths, and n_batch can be as long as speed wants. The curve these are
+# chosen from is in docs/performance.md (scripts/bench_ubatch.py).
 LOGITS_RESERVE_BYTES = 32 << 20
 MIN_OUTPUT_ROWS = 16
 
@@ -185,9 +185,10 @@ class Engine:
         self._check_capture_size(request, prompts, capture_positions)
         need_pattern = any(is_pattern_site(s) for s in request.capture)
         output_sets = self._outputs(request, prompts, capture_positions)
+        logit_sets = [set() if request.logits == "none" else set(pos) if request.logits == "all" else {len(t) - 1}
+                      for pos, t in zip(capture_positions, prompts)]
         ctx = self.contexts.get(flash_attn=self.config.flash_attn and not need_pattern,
-                                n_cells=self.contexts.cells_needed(prompts), logits=request.logits != "none",
-                                n_outputs=sum(map(len, output_sets)))
+                                n_cells=self.contexts.cells_needed(prompts))
         active = CapturePass(self.site_rules, self.site_shapes, self.output_rows_sites, prompts, request.capture,
                              capture_positions, request.interventions, stop_when_done=request.logits == "none")
         logits: list[np.ndarray] | None = None
@@ -213,7 +214,7 @@ class Engine:
         try:
             for group in self.contexts.groups(prompts):
                 self.contexts.reset_memory(ctx)
-                ubatches = list(self.contexts.ubatches(group, prompts, output_sets))
+                ubatches = list(self.contexts.ubatches(group, prompts, output_sets, logit_sets))
                 n_ubatches += len(ubatches)
                 self.contexts.decode(ctx, active, ubatches, on_decoded=on_decoded)
         finally:

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from lmscope.proto.wire import lmscope_pb2 as pb
 
-from .batching import Cancelled, Contexts
+from .batching import Cancelled, Contexts, Row
 from .capture import CapturePass
 from .model import Model
 from .native import llama as lc
@@ -43,7 +43,8 @@ def generate(model: Model, contexts: Contexts, ctx, active: CapturePass, prompt:
     start = time.perf_counter()
     try:
         contexts.reset_memory(ctx)
-        cell = contexts.decode(ctx, active, contexts.ubatches([0], [prompt], [{len(prompt) - 1}]))
+        last = {len(prompt) - 1}  # the prompt's last row and its logits: the first token's distribution
+        cell = contexts.decode(ctx, active, contexts.ubatches([0], [prompt], [last], [last]))
         prompt_ms = (time.perf_counter() - start) * 1e3
         position = len(prompt)
         while n_generated < max_tokens:
@@ -66,7 +67,7 @@ def generate(model: Model, contexts: Contexts, ctx, active: CapturePass, prompt:
             yield _token(token, piece, new_text)
             if n_generated == max_tokens:
                 break
-            cell = contexts.decode(ctx, active, [[(token, position, 0, True)]], first_cell=cell)
+            cell = contexts.decode(ctx, active, [[Row(token, position, 0, True, True)]], first_cell=cell)
             position += 1
     finally:
         lc.llama_sampler_free(sampler)

@@ -13,15 +13,15 @@ them on the CPU backend (its log lines "KV buffer size", "compute buffer size", 
   The worker holds one context at a time, sized to the requests so far (`service/batching.py`): 256 cells at
   start (SmolLM2 5.6 MiB, Gemma 3 270M 4.5 MiB), doubling up to n_ctx as longer requests come; the estimate
   is the cache at n_ctx, the most it grows to.
-- compute buffer: reserved for the worst ubatch: n_ubatch tokens, n_outputs_max of them outputs (llama.cpp's
-  `n_outputs_max` context parameter), so n_outputs_max x n_vocab float32 logits and the activations of
-  n_ubatch tokens, estimated as n_ubatch x n_ff floats, and without flash attention the attention scores,
-  n_ubatch x n_head x n_ctx floats (an upper bound: llama.cpp reuses memory between them). Resident as far
-  as requests use it: an all-logits ubatch touches the logits part. A request without logits for the last
-  block at every position is decoded by a context without the LM head (patches/0006): no logits part, no
-  output buffer, the same activations, so the context with the head bounds both.
-- output buffer: the logits rows llama.cpp hands back, n_seq_max rows at first (cleared, so resident),
-  growing to the most output rows of one ubatch, n_outputs_max at most (never shrinking).
+- compute buffer: grown to the worst ubatch: n_ubatch tokens, and in a call with the LM head at most
+  n_outputs_max output rows (`Contexts.ubatches`), so n_outputs_max x n_vocab float32 logits and the
+  activations of n_ubatch tokens, estimated as n_ubatch x n_ff floats, and without flash attention the
+  attention scores, n_ubatch x n_head x n_ctx floats (an upper bound: llama.cpp reuses memory between them).
+  Resident as far as requests use it: an all-logits ubatch touches the logits part. A call whose rows' logits
+  are not wanted runs without the head (patches/0006-0007): more output rows, no logits part, the same
+  activations.
+- output buffer: the logits rows llama.cpp hands back, growing to the most output rows of one call with the
+  head, n_outputs_max at most (never shrinking); nothing before the first such call.
 - reduction budget, per request: `weights.REDUCTION_BUDGET_BYTES`.
 
 Not counted: llama.cpp's repacked copies of some weight types for faster CPU kernels (its log's "CPU_REPACK

@@ -33,7 +33,7 @@ from lmscope.proto import tensor_names
 from lmscope.proto.sites import SITE_KINDS, all_site_names, is_pattern_site, site_kind, site_layer
 
 from . import architectures, ggml
-from .batching import Contexts, collect_logits
+from .batching import Contexts, Row, collect_logits
 from .capture import CapturePass
 from .graph_sites import SiteRules
 from .model import Model
@@ -147,7 +147,7 @@ def verify(model: Model, contexts: Contexts, weights: "Weights", site_rules: Sit
     try:
         # 1. Where the sites are: the last token alone is an output, as in most requests.
         recorder = _Recorder(site_rules.matcher(list(site_rules.rules)))
-        rows = [(t, p, 0, p == len(tokens) - 1) for p, t in enumerate(tokens)]
+        rows = [Row(t, p, 0, p == len(tokens) - 1, p == len(tokens) - 1) for p, t in enumerate(tokens)]
         contexts.decode(ctx, recorder, [rows])
         shapes, output_rows = {}, set()
         for site in site_rules.rules:
@@ -174,7 +174,7 @@ def verify(model: Model, contexts: Contexts, weights: "Weights", site_rules: Sit
         active = CapturePass(site_rules, shapes, output_rows, [tokens], provable, [positions], [])
         logits = [np.zeros((len(tokens), model.n_vocab), np.float32)]
         slots = [{p: p for p in positions}]
-        contexts.decode(ctx, active, [[(t, p, 0, True) for p, t in enumerate(tokens)]],
+        contexts.decode(ctx, active, [[Row(t, p, 0, True, True) for p, t in enumerate(tokens)]],
                         on_decoded=lambda ubatch: collect_logits(ctx, ubatch, model.n_vocab, logits, slots))
     finally:
         contexts.reset_memory(ctx)

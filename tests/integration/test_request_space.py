@@ -313,12 +313,17 @@ def _check_real_model(c: Client) -> None:
     assert len(ids) > 2 * memory["n_ubatch"], (len(ids), memory)
     full = c.run(ids)
     n = full.hidden_states.shape[0]
-    # Every position's logits: ubatches of n_outputs_max rows. Every hidden state without logits: a context
-    # without the LM head (patches/0006) decodes them in ubatches of n_batch rows, the same bits.
+    # Every position's logits: ubatches of n_outputs_max rows. Every hidden state without logits: ubatches of
+    # n_batch rows decoded without the LM head (patches/0007), the same bits; with the last token's logits, the
+    # same up to a last ubatch of 8-11 rows that has the head (where one would do, two).
     assert full.n_ubatches == -(-len(ids) // ubatch)
     bare = c.run(ids, logits=False)
     assert bare.logits is None and bare.n_ubatches == -(-len(ids) // memory["n_ubatch"])
     np.testing.assert_array_equal(bare.hidden_states, full.hidden_states)
+    last = c.run(ids, logits="last")
+    assert last.n_ubatches in (bare.n_ubatches, bare.n_ubatches + 1), (last.n_ubatches, bare.n_ubatches)
+    np.testing.assert_array_equal(last.hidden_states, full.hidden_states)
+    np.testing.assert_array_equal(last.logits, full.logits[-1:])
     for positions in ([-1], [0, -1], [ubatch, ubatch - 1, 3]):
         chosen = absolute(positions, len(ids))
         for logits in (True, "last"):
@@ -403,7 +408,7 @@ def test_a_request_cut_at_its_output_rows_is_the_uncut_one(tiny_model):
                 assert_close_to_scale(part.logits, whole.logits[chosen], F16_CACHE, f"logits at {chosen}")
             for ids, last_only in zip(usable, c.run_batch(usable, capture=[], logits="last")):
                 assert_close_to_scale(last_only.logits, cut[len(ids)].logits[-1:], F16_CACHE, "last logits")
-        # every row an output without logits: a context without the LM head, ubatches of 8 rows
+        # every row an output without logits: ubatches of 8 rows without the LM head
         bare = c.run_batch(prompts, capture=sites, logits=False)
         assert bare[0].n_ubatches < full[0].n_ubatches
         for ids, run in zip(prompts, bare):
@@ -413,12 +418,13 @@ def test_a_request_cut_at_its_output_rows_is_the_uncut_one(tiny_model):
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_every_family_without_logits_decodes_without_the_head(name, tmp_path):
-    """`--n-batch 8 --n-outputs 4`: the last block at every position without logits goes through a context
-    without the LM head (patches/0006: its graph rebuilt up to the final norm), in ubatches of 8 rows instead
-    of 4: the same sites, the final norm included, within F16_CACHE of the scale (rows in ubatches of other
-    lengths, as above). A mixture decodes each prompt in ubatches of 4 rows either way (--batch-invariant, so
-    that no float32 difference moves a token to another expert): the same bits."""
+def test_every_family_computes_the_head_only_where_logits_are_wanted(name, tmp_path):
+    """`--n-batch 8 --n-outputs 4`: the last block at every position decodes in ubatches of 8 rows where no
+    row's logits are wanted, without the LM head (patches/0006-0007: the graph ends at the final norm), in
+    ubatches of 4 where each row's are, and with the last row's, in one of 8 and short ones to the end: the same
+    sites, the final norm included, within F16_CACHE of the scale (rows in ubatches of other lengths, as
+    above). A mixture decodes each prompt in ubatches of 4 rows whatever it asks (--batch-invariant, so that no
+    float32 difference moves a token to another expert): the same bits."""
     moe = FAMILIES[name].n_expert > 0
     args = ("--threads", "1", "--n-ctx", "512", "--n-batch", "8", "--n-outputs", "4") + (
         ("--batch-invariant",) if moe else ())
@@ -426,22 +432,36 @@ def test_every_family_without_logits_decodes_without_the_head(name, tmp_path):
     with launch_server(path, args=args) as server, Client(server.address) as c:
         ids = list(range(FIRST_CONTROL_FREE_ID, FIRST_CONTROL_FREE_ID + 13))
         sites = ["embed", "blocks.*.resid_post", "blocks.*.mlp_out", "ln_final"]
-        with_head = c.run(ids, capture=sites, logits="last")
-        bare = c.run(ids, capture=sites, logits=False)
-        assert set(bare.captures) == set(with_head.captures) and "ln_final" in bare.captures
+        every = c.run(ids, capture=sites, logits=True)
+        runs = {"last": c.run(ids, capture=sites, logits="last"), "none": c.run(ids, capture=sites, logits=False)}
+        assert runs["none"].logits is None and "ln_final" in runs["none"].captures
+        calls = {logits: run.n_ubatches for logits, run in runs.items()}
+        assert (every.n_ubatches, calls) == ((4, {"last": 4, "none": 4}) if moe else (4, {"last": 3, "none": 2}))
+        for logits, run in runs.items():
+            assert set(run.captures) == set(every.captures)
+            for site, expected in every.captures.items():
+                if moe:
+                    np.testing.assert_array_equal(run.captures[site], expected, err_msg=f"{site} ({logits})")
+                else:
+                    assert_close_to_scale(run.captures[site], expected, F16_CACHE, f"{site} ({logits})")
+        last = runs["last"].logits
         if moe:
-            assert bare.n_ubatches == with_head.n_ubatches == 4
+            np.testing.assert_array_equal(last, every.logits[-1:])
         else:
-            assert (bare.n_ubatches, with_head.n_ubatches) == (2, 4)
-        for site, expected in with_head.captures.items():
-            if moe:
-                np.testing.assert_array_equal(bare.captures[site], expected, err_msg=site)
-            else:
-                assert_close_to_scale(bare.captures[site], expected, F16_CACHE, site)
-        # the first request again, through a context with the head again: the same bits
-        again = c.run(ids, capture=sites, logits="last")
-        np.testing.assert_array_equal(again.logits, with_head.logits)
-        np.testing.assert_array_equal(again.hidden_states, with_head.hidden_states)
+            assert_close_to_scale(last, every.logits[-1:], F16_CACHE, "the last row's logits")
+        # A call with the head right after one without, of the same shape (4 rows, all outputs), builds its own
+        # graph: llama.cpp reuses a graph only where the head is switched alike (patches/0007), else it would
+        # leave the logits of the call before. The same rows in a 5-token prompt are the reference.
+        short = ids[:4]
+        c.run(short, capture=sites, logits=False)
+        after = c.run(short, capture=sites, logits=True)
+        reference = c.run(ids[:5], capture=sites, positions=[0, 1, 2, 3], logits=True)
+        tolerance = 0 if moe else F16_CACHE
+        assert_close_to_scale(after.logits, reference.logits, tolerance, "logits after a call without the head")
+        # the first request again: the same bits
+        again = c.run(ids, capture=sites, logits=True)
+        np.testing.assert_array_equal(again.logits, every.logits)
+        np.testing.assert_array_equal(again.hidden_states, every.hidden_states)
 
 
 # ----- the options that remove what observing and batching change --------------------------------------------

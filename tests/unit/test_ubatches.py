@@ -1,8 +1,8 @@
 """How the decode loop cuts a request into llama.cpp calls (`Contexts.groups`, `Contexts.ubatches`).
 
-llama.cpp aborts the whole process on a call with more tokens than n_batch or more output rows than the
-context's n_outputs_max, so these limits are checked here on every shape hypothesis draws, without a model:
-the cutting is pure Python over (token, position, prompt, output) rows. The cuts also carry the rules that
+llama.cpp aborts the whole process on a call with more tokens than n_batch or more output rows than its
+logits buffer holds (n_outputs_max in a call with the LM head), so these limits are checked here on every
+shape hypothesis draws, without a model: the cutting is pure Python over `Row`s. The cuts also carry the rules that
 make a row's numbers independent of the request's shape: every cut on a multiple of `ROW_GROUP` rows from
 the group's start, a group's last ubatch at least `MIN_UBATCH_ROWS` long (or else two rows) where the limits
 allow, and otherwise the longest ubatches the limits allow (what makes a request that wants few output rows
@@ -15,12 +15,16 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmscope.service.batching import MIN_UBATCH_ROWS, ROW_GROUP, Contexts
+from lmscope.service.batching import HEAD_SPARE_ROWS, MIN_UBATCH_ROWS, ROW_GROUP, Contexts, Row
 
 
-def contexts(n_batch: int, n_outputs_max: int, n_seq_max: int, share: bool = True) -> Contexts:
-    return Contexts(None, n_ctx=4096, n_batch=n_batch, n_outputs_max=n_outputs_max, n_seq_max=n_seq_max,
+def contexts(n_batch: int, n_outputs_max: int, n_seq_max: int, share: bool = True,
+             skip_head: bool = True) -> Contexts:
+    """`skip_head`: whether llama.cpp can leave the LM head out of a call (patches/; a plain build cannot)."""
+    made = Contexts(None, n_ctx=4096, n_batch=n_batch, n_outputs_max=n_outputs_max, n_seq_max=n_seq_max,
                     n_threads=1, prompts_share_ubatches=share)
+    made.can_skip_head = skip_head
+    return made
 
 
 @st.composite
@@ -31,27 +35,38 @@ def requests(draw):
     lengths = draw(st.lists(st.integers(1, 30), min_size=1, max_size=6))
     prompts = [[100 + 7 * s + p for p in range(n)] for s, n in enumerate(lengths)]
     outputs = [set(draw(st.lists(st.integers(0, n - 1), max_size=n))) | {n - 1} for n in lengths]
-    share = draw(st.booleans())
-    return contexts(n_batch, n_outputs_max, n_seq_max, share), prompts, outputs
+    logits = [set(draw(st.lists(st.sampled_from(sorted(out)), max_size=len(out)))) for out in outputs]
+    share, skip_head = draw(st.booleans()), draw(st.booleans())
+    return contexts(n_batch, n_outputs_max, n_seq_max, share, skip_head), prompts, outputs, logits
 
 
 @given(requests())
 @settings(max_examples=300, deadline=None, derandomize=True)
 def test_ubatches_keep_order_and_both_limits_cut_on_row_groups_and_are_as_long_as_they_allow(request):
-    ctx, prompts, outputs = request
+    ctx, prompts, outputs, logits = request
     n_out_max = ctx.n_outputs_max
     assert ctx.n_seq_max <= n_out_max <= ctx.n_batch  # llama.cpp reserves n_seq_max output rows at least
     longest = ctx.n_batch if ctx.prompts_share_ubatches else n_out_max
     seen = []
     for group in ctx.groups(prompts):
         assert len(group) <= ctx.n_seq_max
-        ubatches = list(ctx.ubatches(group, prompts, outputs))
+        ubatches = list(ctx.ubatches(group, prompts, outputs, logits))
         rows = [row for ubatch in ubatches for row in ubatch]
-        assert rows == [(token, p, s, p in outputs[s]) for s in group for p, token in enumerate(prompts[s])]
-        flags = [out for *_, out in rows]
+        assert rows == [Row(token, p, s, p in outputs[s], p in logits[s])
+                        for s in group for p, token in enumerate(prompts[s])]
 
         def fits(a: int, b: int) -> bool:
-            return b - a <= longest and sum(flags[a:b]) <= n_out_max
+            """A call with the head (a row's logits wanted, or a build that cannot leave it out) holds at
+            most n_outputs_max output rows, and where the head can be left out at most HEAD_SPARE_ROWS of
+            them without their logits wanted (prompts cut by their length alone aside); one without, a whole
+            ubatch."""
+            wanted = any(row.logits for row in rows[a:b])
+            head = wanted or not ctx.can_skip_head
+            outputs = sum(row.output for row in rows[a:b])
+            spare = sum(row.output and not row.logits for row in rows[a:b])
+            if wanted and ctx.can_skip_head and ctx.prompts_share_ubatches and spare > HEAD_SPARE_ROWS:
+                return False
+            return b - a <= longest and outputs <= (n_out_max if head else ctx.n_batch)
 
         ends = list(itertools.accumulate(len(u) for u in ubatches))
         starts = [0] + ends[:-1]
@@ -80,14 +95,31 @@ def test_ubatches_keep_order_and_both_limits_cut_on_row_groups_and_are_as_long_a
 def test_few_outputs_decode_in_whole_ubatches_and_every_row_an_output_in_output_sized_ones():
     ctx = contexts(n_batch=64, n_outputs_max=16, n_seq_max=16)
     prompt = list(range(150))
-    last_only = [len(u) for u in ctx.ubatches([0], [prompt], [{149}])]
-    every_row = [len(u) for u in ctx.ubatches([0], [prompt], [set(range(150))])]
+    every = set(range(150))
+    last_only = [len(u) for u in ctx.ubatches([0], [prompt], [{149}], [{149}])]
+    every_row = [len(u) for u in ctx.ubatches([0], [prompt], [every], [every])]
     assert last_only == [64, 64, 22]
     assert every_row == [16] * 8 + [12, 10]  # the last ubatch takes a row group from the one before
-    assert [len(u) for u in ctx.ubatches([0], [prompt[:131]], [{130}])] == [64, 56, 11]
+    assert [len(u) for u in ctx.ubatches([0], [prompt[:131]], [{130}], [{130}])] == [64, 56, 11]
     small = contexts(n_batch=8, n_outputs_max=3, n_seq_max=1)  # limits too short for 8 rows: at least two
-    assert [len(u) for u in small.ubatches([0], [prompt[:25]], [{24}])] == [8, 8, 4, 5]
-    assert [len(u) for u in small.ubatches([0], [prompt[:25]], [set(range(25))])] == [3] * 7 + [2, 2]
+    assert [len(u) for u in small.ubatches([0], [prompt[:25]], [{24}], [{24}])] == [8, 8, 4, 5]
+    assert [len(u) for u in small.ubatches([0], [prompt[:25]], [set(range(25))], [set(range(25))])] == [3] * 7 + [2, 2]
+
+
+def test_every_rows_last_block_decodes_in_whole_ubatches_and_the_head_only_where_logits_are_wanted():
+    """Every row an output (the last block's sites at every position): without logits, whole ubatches
+    without the LM head; with the last row's logits, whole ubatches up to a short last one that has the head;
+    a build that cannot leave the head out decodes both in output-sized ubatches."""
+    ctx = contexts(n_batch=64, n_outputs_max=16, n_seq_max=16)
+    prompt = list(range(150))
+    every = set(range(150))
+    assert [len(u) for u in ctx.ubatches([0], [prompt], [every], [set()])] == [64, 64, 22]
+    ubatches = list(ctx.ubatches([0], [prompt], [every], [{149}]))
+    assert [len(u) for u in ubatches] == [64, 64, 12, 10]
+    assert [any(row.logits for row in u) for u in ubatches] == [False, False, False, True]
+    plain = contexts(n_batch=64, n_outputs_max=16, n_seq_max=16, skip_head=False)
+    for logits in (set(), {149}):
+        assert [len(u) for u in plain.ubatches([0], [prompt], [every], [logits])] == [16] * 8 + [12, 10]
 
 
 def test_batch_invariant_ubatches_depend_on_the_prompt_alone():
@@ -96,7 +128,8 @@ def test_batch_invariant_ubatches_depend_on_the_prompt_alone():
     ctx = contexts(n_batch=64, n_outputs_max=16, n_seq_max=16, share=False)
     prompt = list(range(150))
     for outputs in ({149}, set(range(150)), {3, 70, 149}):
-        assert [len(u) for u in ctx.ubatches([0], [prompt], [outputs])] == [16] * 8 + [12, 10]
+        for logits in (set(), {149}, outputs):
+            assert [len(u) for u in ctx.ubatches([0], [prompt], [outputs], [logits])] == [16] * 8 + [12, 10]
 
 
 def test_the_output_limit_caps_the_sequences_of_a_context():
