@@ -43,14 +43,18 @@ class SiteKind:
     """One kind of site (``blocks.{L}.<name>`` in every block, or a name of its own outside the blocks).
 
     `shape` is its shape per prompt, one axis name per axis: ``tokens`` (the prompt's positions; both axes of
-    an attention matrix), ``n_embd``, ``n_ff``, ``n_head``, ``n_head_kv``, ``head_dim``, or a product of them
+    an attention matrix), ``n_embd``, ``n_ff``, ``n_head``, ``n_head_kv``, ``head_dim``, ``n_expert`` (routed
+    experts), ``n_expert_used`` (those each token runs), ``n_ff_exp`` (an expert's width), or a product of them
     (``n_head * head_dim``). `verified`: the server checks what it holds at start-up (an identity of the
-    residual stream, a norm or a probability check; docs/architectures.md)."""
+    residual stream, a norm or a probability check; docs/architectures.md). `edits`: interventions may edit
+    it where it has one vector per token (False: a row that is not a vector space's point, like
+    probabilities)."""
     name: str
     holds: str
     shape: tuple[str, ...]
     block: bool = True
     verified: bool = False
+    edits: bool = True
 
     @property
     def pattern(self) -> bool:
@@ -60,7 +64,7 @@ class SiteKind:
     @property
     def editable(self) -> bool:
         """One vector per token, which an intervention may add to, set or ablate."""
-        return self.shape[0] == "tokens" and len(self.shape) == 2
+        return self.edits and self.shape[0] == "tokens" and len(self.shape) == 2
 
 
 _ROW, _FF = ("tokens", "n_embd"), ("tokens", "n_ff")
@@ -89,6 +93,10 @@ SITE_KINDS: dict[str, SiteKind] = {kind.name: kind for kind in (
     SiteKind("mlp.gate", "gate projection (not offered where fused or mixture-of-experts)", _FF),
     SiteKind("mlp.up", "up projection (not offered where fused or mixture-of-experts)", _FF),
     SiteKind("mlp.post", "neuron activations act(gate) * up (SwiGLU, Gemma: GeGLU)", _FF),
+    SiteKind("mlp.router", "mixture of experts: the router's probabilities over the routed experts (each token "
+             "runs the n_expert_used most probable)", ("tokens", "n_expert"), edits=False),
+    SiteKind("mlp.experts.post", "mixture of experts: the neuron activations act(gate) * up of each token's "
+             "experts, most probable first", ("tokens", "n_expert_used", "n_ff_exp")),
     SiteKind("mlp_out_pre_norm", "Gemma: the down projection, before the FFN post-norm", _ROW, verified=True),
     SiteKind("mlp_out", "what the MLP branch adds (after any post-norm; MoE: the experts' weighted sum)", _ROW,
              verified=True),

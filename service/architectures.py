@@ -70,6 +70,7 @@ class Family:
     fused_qkv: bool = False             # one attn_qkv matrix holding [q; k; v] (llama.cpp also loads separate ones)
     moe: bool = False                   # top-k routed experts instead of one FFN
     shared_expert: bool = False         # a sigmoid-gated shared expert beside the routed ones
+    expert_weights_norm: bool = False   # the chosen experts' probabilities renormalised to sum 1 (llama.cpp's norm_w)
     embedding_scale: str | None = None  # "sqrt_n_embd" or None
     final_norm: str = "rms"             # the final norm's kind; its weight is used as stored in the GGUF
     softcap_key: str | None = None      # GGUF key of the final logit soft-capping, `{arch}` = architecture
@@ -115,7 +116,7 @@ _LLAMA_SITES = {
 }
 
 _MOE_REASON = ("mixture of experts: each token runs its own top-k experts, so there is no single (tokens, n_ff) "
-               "activation; mlp_out holds the weighted sum of the experts")
+               "activation; mlp.experts.post holds each token's experts' activations, mlp_out their weighted sum")
 _SCALED_Q = "{family} scales q before q.k, so llama.cpp's kq node is not the raw score; attn.pattern is offered"
 
 
@@ -147,6 +148,10 @@ def _family(architecture: str, *, name: str | None = None, label: str | None = N
         # build_moe_ffn's result, the experts' weighted sum, is ffn_moe_out-L (a first ffn_out-L is then the
         # residual add); with a shared expert the FFN's output is the ADD of both, named ffn_out-L.
         sites["mlp_out"] = NodeRule("ffn_out-{L}", "ADD") if family.shared_expert else NodeRule("ffn_moe_out-{L}")
+        # the softmax over the router's logits (the experts are chosen from it), and the routed experts'
+        # activations, (n_ff_exp, n_expert_used, tokens) in the order of the choice
+        sites["mlp.router"] = NodeRule("ffn_moe_probs-{L}", "SOFT_MAX")
+        sites["mlp.experts.post"] = NodeRule("ffn_moe_swiglu-{L}")
     for kind, rule in (changes or {}).items():
         if rule is None:
             sites.pop(kind, None)
@@ -159,7 +164,7 @@ def _family(architecture: str, *, name: str | None = None, label: str | None = N
 LLAMA = _family("llama")
 
 # Llama-architecture mixture of experts (Mixtral): `ffn_gate_inp` + `ffn_{gate,up,down}_exps`, softmax gating.
-LLAMA_MOE = _family("llama", name="llama (mixture of experts)", label="mixtral", moe=True)
+LLAMA_MOE = _family("llama", name="llama (mixture of experts)", label="mixtral", moe=True, expert_weights_norm=True)
 
 # Q/K/V have biases; llama.cpp names no attn_out node: it is found as the output projection reading kqv_out.
 QWEN2 = _family("qwen2", qkv_bias=True)
@@ -168,7 +173,7 @@ QWEN3 = _family("qwen3", qk_norm=True)
 
 QWEN2_MOE = _family("qwen2moe", qkv_bias=True, moe=True, shared_expert=True)
 
-QWEN3_MOE = _family("qwen3moe", qk_norm=True, moe=True)
+QWEN3_MOE = _family("qwen3moe", qk_norm=True, moe=True, expert_weights_norm=True)
 
 PHI3 = _family(
     "phi3", ffn="fused_swiglu", fused_qkv=True,

@@ -434,16 +434,21 @@ class ReferenceModel:
         if self._arch.moe_renormalise:
             weights = weights / np.maximum(weights.sum(axis=-1, keepdims=True), 6.103515625e-5)
         out = np.zeros((T, self.n_embd), self.dtype)
+        expert_post = None
         for t in range(T):
             for slot in range(k):
                 e = int(chosen[t, slot])
                 x = h[t:t + 1]
                 gate = self._expert_mm(x, f"{prefix}.ffn_gate_exps.weight", e)
                 up = self._expert_mm(x, f"{prefix}.ffn_up_exps.weight", e)
-                y = self._expert_mm(self._activation(gate) * up, f"{prefix}.ffn_down_exps.weight", e)
+                post = self._activation(gate) * up
+                if expert_post is None:
+                    expert_post = np.zeros((T, k, post.shape[1]), self.dtype)
+                expert_post[t, slot] = post[0]
+                y = self._expert_mm(post, f"{prefix}.ffn_down_exps.weight", e)
                 out[t] += weights[t, slot] * y[0]
         result = {"router_logits": router_logits, "router_probs": probs, "experts": chosen,
-                  "expert_weights": weights, "routed_out": out.copy()}
+                  "expert_weights": weights, "expert_post": expert_post, "routed_out": out.copy()}
         if self.has(f"{prefix}.ffn_gate_inp_shexp.weight"):
             gate_logit = self._mm(h, f"{prefix}.ffn_gate_inp_shexp.weight")  # (T,)
             _, shared = self._dense_ffn(h, prefix, "_shexp")
@@ -500,7 +505,8 @@ class ReferenceModel:
         * ``mlp_out`` (L, T, n_embd): what the FFN adds to the stream (after any post-norm)
         * ``resid_post`` (L, T, n_embd): residual after the block (``l_out-l``)
         * ``router_logits`` / ``router_probs`` (L, T, E), ``experts`` (L, T, k) ids most probable
-          first, ``expert_weights`` (L, T, k), ``routed_out`` (L, T, n_embd), and ``shared_out``
+          first, ``expert_weights`` (L, T, k), ``expert_post`` (L, T, k, n_ff_exp) their activations,
+          ``routed_out`` (L, T, n_embd), and ``shared_out``
           (L, T, n_embd) with a shared expert: mixture-of-experts models only
         * ``ln_final`` (T, n_embd): after the final norm (``result_norm``)
         * ``logits`` (T, n_vocab) (``result_output``, after any soft-capping)
@@ -537,7 +543,8 @@ class ReferenceModel:
         if self.n_expert:
             k = self.n_expert_used
             per_layer.update(router_logits=(T, self.n_expert), router_probs=(T, self.n_expert),
-                             experts=(T, k), expert_weights=(T, k), routed_out=(T, E))
+                             experts=(T, k), expert_weights=(T, k), routed_out=(T, E),
+                             expert_post=(T, k, self.weight("blk.0.ffn_gate_exps.weight").shape[1]))
             if self.has("blk.0.ffn_gate_inp_shexp.weight"):
                 per_layer["shared_out"] = (T, E)
         else:

@@ -72,25 +72,29 @@ def test_site_facts_derived_from_the_kinds():
     assert sites.BLOCK_SITES == (
         "ln1", "attn.q_normed", "attn.k_normed", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern",
         "attn.z", "attn_out_pre_norm", "attn_out", "resid_mid", "ln2", "mlp.gate", "mlp.up", "mlp.post",
-        "mlp_out_pre_norm", "mlp_out", "resid_post")
+        "mlp.router", "mlp.experts.post", "mlp_out_pre_norm", "mlp_out", "resid_post")
     assert sites.PATTERN_SITES == ("attn.scores", "attn.pattern")
     assert sites.all_site_names(2)[:2] == ["embed", "blocks.0.ln1"]
     assert sites.all_site_names(2)[-2:] == ["blocks.1.resid_post", "ln_final"]
     assert len(sites.all_site_names(2)) == 2 + 2 * len(sites.BLOCK_SITES)
-    not_editable = {"attn.q_normed", "attn.k_normed", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern"}
+    not_editable = {"attn.q_normed", "attn.k_normed", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern",
+                    "mlp.router", "mlp.experts.post"}
     assert {k for k in sites.SITE_KINDS if not sites.site_editable(f"blocks.3.{k}")} == not_editable
     assert sites.site_editable("embed") and sites.site_editable("ln_final")
     assert sites.is_pattern_site("blocks.0.attn.pattern") and not sites.is_pattern_site("blocks.0.attn.z")
     assert set(architectures.PROVABLE_KINDS) == {
         "embed", "ln1", "attn.pattern", "attn_out_pre_norm", "attn_out", "resid_mid", "ln2", "mlp_out_pre_norm",
         "mlp_out", "resid_post", "ln_final"}
-    dims = {"tokens": 5, "n_embd": 64, "n_ff": 128, "n_head": 4, "n_head_kv": 2, "head_dim": 16}
+    dims = {"tokens": 5, "n_embd": 64, "n_ff": 128, "n_head": 4, "n_head_kv": 2, "head_dim": 16, "n_expert": 4,
+            "n_expert_used": 2, "n_ff_exp": 32}
     assert sites.site_shape("blocks.0.attn.q", dims) == (5, 4, 16)
     assert sites.site_shape("blocks.0.attn.k", dims) == (5, 2, 16)
     assert sites.site_shape("blocks.0.attn.z", dims) == (5, 64)
     assert sites.site_shape("blocks.0.attn.scores", dims) == (4, 5, 5)
     assert sites.site_shape("blocks.0.mlp.post", dims) == (5, 128)
     assert sites.site_shape("embed", dims) == (5, 64)
+    assert sites.site_shape("blocks.0.mlp.router", dims) == (5, 4)
+    assert sites.site_shape("blocks.0.mlp.experts.post", dims) == (5, 2, 32)
 
 
 def test_verification_reads_a_sites_shape_from_its_node_by_the_kinds_rule():
@@ -104,3 +108,6 @@ def test_verification_reads_a_sites_shape_from_its_node_by_the_kinds_rule():
     assert _shape("blocks.0.attn.z", (64, 7, 1, 1)) == (64,)
     assert _shape("blocks.0.resid_post", (64, 1, 1, 1)) == (64,)
     assert _shape("ln_final", (64, 7, 1, 1)) == (64,)
+    assert _shape("blocks.0.mlp.router", (4, 7, 1, 1)) == (4,)
+    assert _shape("blocks.0.mlp.experts.post", (32, 2, 7, 1)) == (2, 32)
+    assert _shape("blocks.1.mlp.experts.post", (32, 2, 1, 1)) == (2, 32)  # the last block: one output row
