@@ -55,10 +55,14 @@ norms of each matrix (computed once per worker) make it one weighted sum per row
   cross term 2 D . J D = D^2 2 tr(J) / n that cancels most of it (docs/fidelity.md has the figures), and
   carrying either term without an exact J compounds over the blocks.
 
-Where a model lacks what a step needs (experts, a fused gate+up), the relative rounding of the product's
-input stands in for that of the branch's output: mixture-of-experts blocks get no `ffn_down` entry (each
-expert's activations are not a site), so a massive activation inside an expert is missed. With a subset of
-positions, attention reads the returned rows only. Also left out: the float16 rounding of Q8_1 block sums
+Mixture-of-experts blocks: the `ffn_down` entry is the experts' down products, from each token's experts'
+activations (`mlp.experts.post`) and the router's probabilities (`mlp.router`): the chosen experts are the
+n_expert_used most probable (llama.cpp's top-k), their weights those probabilities (renormalised where the
+family does), and the block's output moves by sum_slot w_slot^2 sum_j e_j^2 ||W_down,expert[:, j]||^2 (column
+norms per expert); a shared expert's own down product is left out (its activations are not a site). Where a
+model lacks what a step needs (the experts' gate and up, a fused gate+up), the relative rounding of the
+product's input stands in for that of the branch's output. With a subset of positions, attention reads the
+returned rows only. Also left out: the float16 rounding of Q8_1 block sums
 (~2^-11 of a block's sum, ~40x below the values' rounding), the KV cache and flash attention
 (docs/fidelity.md).
 
@@ -103,6 +107,9 @@ class _Block:
     ffn_matrices: tuple[str, ...]    # what ln2 multiplies
     down: str | None                 # W_down of a dense FFN whose activations (`mlp.post`) are offered
     neurons: bool                    # gate and up offered beside them: the FFN's change is followed per neuron
+    router: str | None               # mixture of experts: the router's probabilities,
+    experts: str | None              # the chosen experts' activations,
+    down_experts: str | None         # and the stack of the experts' down projections
     attn_branch: str | None          # what the attention adds to the stream (the stand-in's size)
     ffn_branch: str | None           # what the FFN adds to the stream (the stand-in's size)
     attn_pre_norm: str | None        # the branch's output before a post-norm (Gemma)
@@ -134,6 +141,9 @@ def _block(layer: int, family, offered: set[str], tensors, window: int) -> _Bloc
     gate, up, post = site("mlp.gate"), site("mlp.up"), site("mlp.post")
     down = weights("ffn_down")[0] if not family.moe and post and weights("ffn_down") else None
     neurons = bool(down and gate and up and len(weights("ffn_gate", "ffn_up")) == 2)
+    router, experts = site("mlp.router"), site("mlp.experts.post")
+    down_experts = weights("ffn_down_exps")[0] if family.moe and router and experts and weights("ffn_down_exps") \
+        else None
     return _Block(
         ln1=site("ln1"), q=site("attn.q"), k=site("attn.k"), z=site("attn.z"), ln2=site("ln2"),
         gate=gate if neurons else None, up=up if neurons else None, post=post if down else None,
@@ -142,7 +152,8 @@ def _block(layer: int, family, offered: set[str], tensors, window: int) -> _Bloc
         output=(weights("attn_output") or (None,))[0],
         ffn_matrices=weights("ffn_gate", "ffn_up", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
                              "ffn_gate_shexp", "ffn_up_shexp"),
-        down=down, neurons=neurons,
+        down=down, neurons=neurons, router=router if down_experts else None,
+        experts=experts if down_experts else None, down_experts=down_experts,
         attn_branch=site("attn_out"), ffn_branch=site("mlp_out"),
         attn_pre_norm=site("attn_out_pre_norm") if attn_post else None,
         ffn_pre_norm=site("mlp_out_pre_norm") if ffn_post else None,
@@ -161,6 +172,8 @@ class FidelityMap:
         self.n_head, self.n_head_kv = n_head, n_head_kv
         family = weights.family
         self.gelu = family.ffn == "geglu"
+        self.expert_weights_norm = family.expert_weights_norm
+        self.site_shapes = site_shapes
         arch = weights.architecture
         period, default_window = family.sliding_window_period, family.sliding_window_default
         window = int(weights.field(f"{arch}.attention.sliding_window") or default_window) if period else 0
@@ -174,7 +187,7 @@ class FidelityMap:
         needed = set()
         for b in self.blocks:  # each site costs a pause of the graph: only what the estimate reads
             needed.update((b.ln1, b.q, b.k, b.z, b.ln2, b.gate, b.up, b.post, b.resid_post,
-                           b.attn_pre_norm, b.ffn_pre_norm))
+                           b.attn_pre_norm, b.ffn_pre_norm, b.router, b.experts))
             if b.value is None or b.output is None:
                 needed.add(b.attn_branch)
             if not b.neurons:
@@ -185,7 +198,7 @@ class FidelityMap:
         self._blas = ThreadpoolController()
         self.vec_dot_types = {name: vec_dot_type(self.tensors[name].tensor_type)
                               for b in self.blocks for name in b.attn_matrices + b.ffn_matrices
-                              + tuple(n for n in (b.output, b.down) if n)}
+                              + tuple(n for n in (b.output, b.down, b.down_experts) if n)}
 
     def squared_column_norms(self, name: str, scale: str | None = None, rows: tuple[int, int] | None = None,
                              groups: int | None = None) -> np.ndarray:
@@ -289,7 +302,30 @@ class FidelityMap:
         if b.post and b.down is not None:
             added += self._output_projection(row, b.post, b.down, b.ffn_post_norm, ffn_rms, out_norm,
                                              rounding[:, 3], effect[:, 3])
+        if b.down_experts is not None:
+            added += self._experts(b, row, ffn_rms, out_norm, rounding[:, 3], effect[:, 3])
         return added
+
+    def _experts(self, b: _Block, row, rms: np.ndarray | None, out_norm, rounding: np.ndarray,
+                 effect: np.ndarray) -> np.ndarray:
+        """A mixture's down products (`mlp.experts.post` times each chosen expert's W_down, weighted): fills the
+        `ffn_down` columns (the rounding: the largest over a token's experts); returns the squared change of
+        the block's output, per row."""
+        probs = row(b.router)
+        n, n_expert = probs.shape
+        used, width = self.site_shapes[b.experts]
+        chosen = np.argsort(-probs, axis=1, kind="stable")[:, :used]  # llama.cpp's top-k, most probable first
+        weights = np.take_along_axis(probs, chosen, axis=1).astype(np.float64)
+        if self.expert_weights_norm:  # as llama.cpp: the sum clamped to float16's smallest normal
+            weights /= np.maximum(weights.sum(axis=1, keepdims=True), 6.103515625e-5)
+        errors, relative, _ = self._rounding(row(b.experts).reshape(n * used, width), (b.down_experts,))
+        rounding[:] = relative.reshape(n, used).max(axis=1)
+        norms = self.squared_column_norms(b.down_experts, groups=n_expert).T  # (n_expert, width)
+        per_slot = np.einsum("tsj,tsj->ts", errors[self.vec_dot_types[b.down_experts]].reshape(n, used, width),
+                             norms[chosen])
+        own = _through_post_norm((np.square(weights) * per_slot).sum(axis=1), rms)
+        effect[:] = _ratio(np.sqrt(own), out_norm)
+        return own
 
     def _output_projection(self, row, site: str, matrix: str, post_norm: str | None, rms: np.ndarray | None,
                            out_norm, rounding: np.ndarray, effect: np.ndarray) -> np.ndarray:

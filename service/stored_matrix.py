@@ -138,19 +138,21 @@ def rounded_as_vec_dot(x: np.ndarray, kind: int, what: str = "rows") -> np.ndarr
 
 
 class StoredMatrix:
-    """A 2-D GGUF tensor (numpy rows = ggml's ne[1]) as stored, for row-chunked products and dequantization.
+    """A GGUF tensor of 2 or more axes as stored, its rows ggml's ne[0]-long rows (numpy rows: ne[1], then
+    ne[2] ...: a stack of expert matrices is one matrix of their rows, expert after expert), for row-chunked
+    products and dequantization.
 
     products(x, start, stop): x (n, n_cols) float32 -> x @ W[start:stop].T as (n, stop - start) float32.
     `largest_dequantized`: the most rows ever expanded to float32 at once (a test checks it stays a chunk).
     """
 
     def __init__(self, tensor: IndexedTensor, n_threads: int):
-        if len(tensor.shape) != 2:
+        if len(tensor.shape) < 2:
             raise ValueError(f"{tensor.name} is not a matrix")
         self.name = tensor.name
         self.tensor = tensor
         self.ggml_type = int(tensor.tensor_type)
-        self.n_cols, self.n_rows = (int(d) for d in tensor.shape)
+        self.n_cols, self.n_rows = int(tensor.shape[0]), int(np.prod(tensor.shape[1:]))
         self.row_bytes = _row_size(self.ggml_type, self.n_cols)
         self.raw = tensor.data.reshape(self.n_rows, -1)  # a view of the mapping: one stored row per numpy row
         if self.raw.shape[1] * self.raw.itemsize != self.row_bytes:

@@ -6,7 +6,9 @@
 - Its estimate of a product's change, sqrt(sum_j e_j^2 ||W[:, j]||^2), against the exact ||W e|| computed
   from the file's weights: for the tiny model's random matrices ||W e||^2 is a sum of n_out = 64 terms
   whose spread is that of a chi-square with 64 degrees of freedom (relative sd sqrt(2/64) = 0.18 of the
-  square), so 4 sd put the norm within [0.5, 1.5] of the estimate.
+  square), so 4 sd put the norm within [0.5, 1.5] of the estimate. The same holds for a mixture's down
+  products, sum_slot w_slot W_expert e_slot: each output is still a sum of independent terms whose expected
+  square the map adds up.
 - Its flags against a float32 copy of the same weights (made at test time, `requantize`), served with the
   same settings, on tiny q8_0 models with a massive activation planted at the first position
   (`build_tiny_model(massive_activation=...)`): at the first position, which no earlier row reaches through
@@ -149,7 +151,36 @@ def test_the_estimated_change_of_an_output_projection_bounds_the_exact_one(plant
                 assert 0.5 <= ratio.min() and ratio.max() <= 1.5, (product, layer, ratio)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "phi3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2moe", "qwen3moe"])
+def test_the_estimated_change_of_the_experts_down_products_bounds_the_exact_one(home, tmp_path, family):
+    """The experts a token runs are the router's n_expert_used most probable, weighted by their
+    probabilities (renormalised for mixtral and qwen3moe): the exact change of the routed experts' output that
+    the rounding of their activations causes, from the file's weights, against the map's `ffn_down` effect."""
+    path = build_tiny_model(tmp_path / f"{family}.gguf", family=family, weight_type="q8_0", massive_activation=10.0)
+    reference = ReferenceModel(path, dtype=np.float64)
+    capture = ["blocks.*.resid_post", "blocks.*.mlp.router", "blocks.*.mlp.experts.post"]
+    with launch_server(path, args=SERVER_ARGS) as server, Client(server.address) as c:
+        runs = [c.run(p, logits=False, fidelity=True, capture=capture) for p in PROMPTS]
+    for run in runs:
+        for layer in range(run.n_layer):
+            probs = run.captures[f"blocks.{layer}.mlp.router"].astype(np.float64)
+            post = run.captures[f"blocks.{layer}.mlp.experts.post"].astype(np.float32)
+            n, used, width = post.shape
+            chosen = np.argsort(-probs, axis=1, kind="stable")[:, :used]
+            weights = np.take_along_axis(probs, chosen, axis=1)
+            if family != "qwen2moe":
+                weights /= weights.sum(axis=1, keepdims=True)
+            error = _round_q8(post.reshape(n * used, width), 32, True).astype(np.float64).reshape(post.shape) - post
+            down = reference.weight(f"blk.{layer}.ffn_down_exps.weight").astype(np.float64)  # (experts, out, in)
+            exact = np.linalg.norm(np.einsum("ts,tsj,tsij->ti", weights, error, down[chosen]), axis=-1)
+            out_norm = np.linalg.norm(run.captures[f"blocks.{layer}.resid_post"].astype(np.float64), axis=-1)
+            estimate = run.fidelity.effect[layer, :, PRODUCTS.index("ffn_down")] * out_norm
+            moved = exact > 0
+            ratio = exact[moved] / estimate[moved]
+            assert moved.any() and 0.5 <= ratio.min() and ratio.max() <= 1.5, (layer, ratio)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "phi3", "mixtral", "qwen2moe", "qwen3moe"])
 def test_the_flags_are_the_rows_that_deviate_from_the_float32_copy(home, tmp_path, family):
     path = build_tiny_model(tmp_path / f"{family}.gguf", family=family, weight_type="q8_0", massive_activation=10.0)
     runs = _runs(path)
