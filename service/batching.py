@@ -36,11 +36,22 @@ ROW_GROUP = 4
 # matmul (ggml-cpu/tiled, Q6_K and other unrepacked k-quants) takes ubatches from 8 rows, the vec_dot kernel
 # shorter ones, and flash attention (patched) has one kernel for 2 rows and more (`Contexts.ubatches`).
 MIN_UBATCH_ROWS = 8
-# Output rows whose logits are not wanted that a call with the LM head may carry (`Contexts.ubatches`): each
-# costs a row of the head (Gemma 3: 2.5 ms on 2 cores), so beyond a few another call is cheaper. A short last
-# ubatch with the head borrows up to MIN_UBATCH_ROWS rows in whole row groups and holds up to ROW_GROUP - 1
-# rows of the group its first wanted row is in: fewer spare rows would leave it short.
+# The fewest output rows whose logits are not wanted that a call with the LM head may carry
+# (`Contexts.head_spare_rows`): a short last ubatch with the head borrows up to MIN_UBATCH_ROWS rows in whole
+# row groups and holds up to ROW_GROUP - 1 rows of the group its first wanted row is in.
 HEAD_SPARE_ROWS = MIN_UBATCH_ROWS + ROW_GROUP
+# What one more llama_decode call costs, in rows of the blocks: each call streams every weight once and pauses
+# for every captured site. SmolLM2, 128 tokens: the last 8 rows took 45-52 ms in a call of their own against
+# 15-25 ms inside a long one, about 16 rows' worth (docs/performance.md).
+CALL_COST_ROWS = 16
+
+
+def head_spare_rows(block_params: int, head_params: int) -> int:
+    """Output rows without wanted logits a call with the head may carry: HEAD_SPARE_ROWS, which the call that
+    takes over the wanted rows carries anyway, plus as many as cost what another call costs (a row of the
+    head is head_params multiply-adds, a row of the blocks about block_params). Gemma 3 270M: 22;
+    SmolLM2-135M: 72; Qwen2.5-1.5B: 101."""
+    return HEAD_SPARE_ROWS + round(CALL_COST_ROWS * block_params / max(head_params, 1))
 
 
 class Cancelled(Exception):
@@ -75,7 +86,8 @@ class Contexts:
     """
 
     def __init__(self, model_handle, n_ctx: int, n_batch: int, n_outputs_max: int, n_seq_max: int, n_threads: int,
-                 prompts_share_ubatches: bool = True, kv_cache_f32: bool = False):
+                 prompts_share_ubatches: bool = True, kv_cache_f32: bool = False,
+                 head_spare_rows: int = HEAD_SPARE_ROWS):
         self.model_handle = model_handle
         self.prompts_share_ubatches = prompts_share_ubatches
         self.kv_cache_f32 = kv_cache_f32
@@ -84,6 +96,7 @@ class Contexts:
         self.n_outputs_max = min(n_outputs_max, n_batch)  # output rows of a call with logits: what their buffer holds
         self.n_seq_max = min(n_seq_max, self.n_outputs_max)  # llama.cpp reserves n_seq_max output rows at least
         self.n_threads = n_threads
+        self.head_spare_rows = max(head_spare_rows, HEAD_SPARE_ROWS)
         # patches/ lets a context compute the LM head for some calls only (`llama_set_no_logits`); a plain
         # llama-cpp-python computes it on every call, so every call's output rows are bounded by n_outputs_max
         self.can_skip_head = hasattr(lc, "llama_set_no_logits")
@@ -267,7 +280,7 @@ class Contexts:
         n_outputs_max are output rows in a ubatch that holds a row whose logits are wanted (`logit_sets`, a
         subset of `output_sets`; llama.cpp aborts on a call with more outputs than its logits buffer holds),
         and any number in one that holds none (decoded without the LM head, `most_outputs`); a ubatch with the
-        head carries at most `HEAD_SPARE_ROWS` output rows whose logits are not wanted. So a request that
+        head carries at most `head_spare_rows` output rows whose logits are not wanted. So a request that
         wants few outputs, or none of their logits, decodes in long ubatches, one that wants every row's
         logits in short ones, and one that wants every row's last block and the last row's logits in long
         ubatches without the head and a short last one with it.
@@ -307,7 +320,7 @@ class Contexts:
         do not share ubatches are cut by their length alone (`ubatches`), so the spare rows do not count."""
         if outputs > self.most_outputs(logits):
             return False
-        return not (logits and self.can_skip_head and self.prompts_share_ubatches and spare > HEAD_SPARE_ROWS)
+        return not (logits and self.can_skip_head and self.prompts_share_ubatches and spare > self.head_spare_rows)
 
     def _ubatch_end(self, rows: list[Row], start: int, longest: int) -> int:
         end, outputs, spare, logits = start, 0, 0, False

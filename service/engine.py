@@ -26,7 +26,7 @@ from lmscope.proto.wire import lmscope_pb2 as pb
 
 from . import generation
 from .architectures import embedding_scale
-from .batching import Cancelled, Contexts, collect_logits, stream_logits
+from .batching import Cancelled, Contexts, collect_logits, head_spare_rows, stream_logits
 from .capture import CapturePass, Intervention, resolve_positions
 from .contracts import EngineConfig, LogitsMode
 from .errors import Code, RequestError
@@ -100,13 +100,16 @@ class Engine:
         self.n_head_kv = self.model.n_head_kv
         self.n_vocab = self.model.n_vocab
         self.n_ctx = config.n_ctx
+        n_threads = config.n_threads or os.cpu_count() or 1
+        self.weights = Weights(config.model_path, n_threads=n_threads)
+        head = self.n_vocab * self.n_embd
         self.contexts = Contexts(self.model.handle, n_ctx=config.n_ctx, n_batch=min(config.n_batch, config.n_ctx),
                                  n_outputs_max=config.n_outputs or output_rows_per_ubatch(self.n_vocab),
-                                 n_seq_max=config.n_seq_max,
-                                 n_threads=config.n_threads or os.cpu_count() or 1,
+                                 n_seq_max=config.n_seq_max, n_threads=n_threads,
                                  prompts_share_ubatches=not config.batch_invariant,
-                                 kv_cache_f32=config.kv_cache_f32)
-        self.weights = Weights(config.model_path, n_threads=self.contexts.n_threads)
+                                 kv_cache_f32=config.kv_cache_f32,
+                                 head_spare_rows=head_spare_rows(
+                                     self.model.n_params - head * (1 if self.weights.tied else 2), head))
         self.family = self.weights.family
         self.site_rules = SiteRules(self.family, all_site_names(self.n_layer), self.weights.tensors)
         verified = verify(self.model, self.contexts, self.weights, self.site_rules)

@@ -15,14 +15,14 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmscope.service.batching import HEAD_SPARE_ROWS, MIN_UBATCH_ROWS, ROW_GROUP, Contexts, Row
+from lmscope.service.batching import HEAD_SPARE_ROWS, MIN_UBATCH_ROWS, ROW_GROUP, Contexts, Row, head_spare_rows
 
 
 def contexts(n_batch: int, n_outputs_max: int, n_seq_max: int, share: bool = True,
-             skip_head: bool = True) -> Contexts:
+             skip_head: bool = True, spare: int = HEAD_SPARE_ROWS) -> Contexts:
     """`skip_head`: whether llama.cpp can leave the LM head out of a call (patches/; a plain build cannot)."""
     made = Contexts(None, n_ctx=4096, n_batch=n_batch, n_outputs_max=n_outputs_max, n_seq_max=n_seq_max,
-                    n_threads=1, prompts_share_ubatches=share)
+                    n_threads=1, prompts_share_ubatches=share, head_spare_rows=spare)
     made.can_skip_head = skip_head
     return made
 
@@ -37,7 +37,8 @@ def requests(draw):
     outputs = [set(draw(st.lists(st.integers(0, n - 1), max_size=n))) | {n - 1} for n in lengths]
     logits = [set(draw(st.lists(st.sampled_from(sorted(out)), max_size=len(out)))) for out in outputs]
     share, skip_head = draw(st.booleans()), draw(st.booleans())
-    return contexts(n_batch, n_outputs_max, n_seq_max, share, skip_head), prompts, outputs, logits
+    spare = draw(st.integers(HEAD_SPARE_ROWS, HEAD_SPARE_ROWS + 20))
+    return contexts(n_batch, n_outputs_max, n_seq_max, share, skip_head, spare), prompts, outputs, logits
 
 
 @given(requests())
@@ -64,7 +65,7 @@ def test_ubatches_keep_order_and_both_limits_cut_on_row_groups_and_are_as_long_a
             head = wanted or not ctx.can_skip_head
             outputs = sum(row.output for row in rows[a:b])
             spare = sum(row.output and not row.logits for row in rows[a:b])
-            if wanted and ctx.can_skip_head and ctx.prompts_share_ubatches and spare > HEAD_SPARE_ROWS:
+            if wanted and ctx.can_skip_head and ctx.prompts_share_ubatches and spare > ctx.head_spare_rows:
                 return False
             return b - a <= longest and outputs <= (n_out_max if head else ctx.n_batch)
 
@@ -120,6 +121,17 @@ def test_every_rows_last_block_decodes_in_whole_ubatches_and_the_head_only_where
     plain = contexts(n_batch=64, n_outputs_max=16, n_seq_max=16, skip_head=False)
     for logits in (set(), {149}):
         assert [len(u) for u in plain.ubatches([0], [prompt], [every], [logits])] == [16] * 8 + [12, 10]
+    # Where a call costs more than the head's rows (a small vocabulary), a short prompt stays in one call.
+    cheap_head = contexts(n_batch=64, n_outputs_max=32, n_seq_max=16, spare=40)
+    assert [len(u) for u in cheap_head.ubatches([0], [prompt[:30]], [set(range(30))], [{29}])] == [30]
+    assert [len(u) for u in ctx.ubatches([0], [prompt[:30]], [set(range(30))], [{29}])] == [20, 10]
+
+
+def test_a_call_with_the_head_carries_spare_rows_while_they_cost_less_than_another_call():
+    """Rows of the head against rows of the blocks: the real models' parameter counts."""
+    assert head_spare_rows(block_params=100_000_000, head_params=262_144 * 640) == 22  # Gemma 3
+    assert head_spare_rows(block_params=106_000_000, head_params=49_152 * 576) == 72  # SmolLM2
+    assert head_spare_rows(block_params=0, head_params=0) == HEAD_SPARE_ROWS
 
 
 def test_batch_invariant_ubatches_depend_on_the_prompt_alone():
