@@ -424,14 +424,16 @@ def test_every_family_computes_the_head_only_where_logits_are_wanted(name, tmp_p
     ubatches of 4 where each row's are, and with the last row's, in one of 8 and short ones to the end: the same
     sites, the final norm included, within F16_CACHE of the scale (rows in ubatches of other lengths, as
     above). A mixture decodes each prompt in ubatches of 4 rows whatever it asks (--batch-invariant, so that no
-    float32 difference moves a token to another expert): the same bits."""
+    float32 difference moves a token to another expert): the same bits, for the experts' sites too, and a
+    mixture's position subset and batch of mixed lengths are the full run indexed and the prompts alone."""
     moe = FAMILIES[name].n_expert > 0
     args = ("--threads", "1", "--n-ctx", "512", "--n-batch", "8", "--n-outputs", "4") + (
         ("--batch-invariant",) if moe else ())
     path = build_tiny_model(tmp_path / f"{name}.gguf", family=name)
     with launch_server(path, args=args) as server, Client(server.address) as c:
         ids = list(range(FIRST_CONTROL_FREE_ID, FIRST_CONTROL_FREE_ID + 13))
-        sites = ["embed", "blocks.*.resid_post", "blocks.*.mlp_out", "ln_final"]
+        sites = ["embed", "blocks.*.resid_post", "blocks.*.mlp_out", "ln_final"] + (
+            ["blocks.*.mlp.router", "blocks.*.mlp.experts.post"] if moe else [])
         every = c.run(ids, capture=sites, logits=True)
         runs = {"last": c.run(ids, capture=sites, logits="last"), "none": c.run(ids, capture=sites, logits=False)}
         assert runs["none"].logits is None and "ln_final" in runs["none"].captures
@@ -462,6 +464,23 @@ def test_every_family_computes_the_head_only_where_logits_are_wanted(name, tmp_p
         again = c.run(ids, capture=sites, logits=True)
         np.testing.assert_array_equal(again.logits, every.logits)
         np.testing.assert_array_equal(again.hidden_states, every.hidden_states)
+        if moe:
+            # A subset: the same cuts, and every block but the last the same bits; llama.cpp computes the last
+            # block for the output rows only, 3 rows here against 13, whose products round otherwise.
+            part = c.run(ids, capture=sites, positions=[0, 5, -1], logits=True)
+            last_block = f"blocks.{c.n_layer - 1}."
+            for site, expected in every.captures.items():
+                if site.startswith(last_block) or site == "ln_final":
+                    assert_close_to_scale(part.captures[site], expected[[0, 5, -1]], F16_CACHE, f"{site} subset")
+                else:
+                    np.testing.assert_array_equal(part.captures[site], expected[[0, 5, -1]], err_msg=f"{site} subset")
+            assert_close_to_scale(part.logits, every.logits[[0, 5, -1]], F16_CACHE, "logits of a subset")
+            prompts = [ids[:3], ids, ids[2:9]]
+            for prompt, batched in zip(prompts, c.run_batch(prompts, capture=sites, logits="last")):
+                alone = c.run(prompt, capture=sites, logits="last")
+                for site, expected in alone.captures.items():
+                    np.testing.assert_array_equal(batched.captures[site], expected, err_msg=f"{site} in a batch")
+                np.testing.assert_array_equal(batched.logits, alone.logits)
 
 
 # ----- the options that remove what observing and batching change --------------------------------------------
