@@ -95,6 +95,10 @@ SITE_KINDS: dict[str, SiteKind] = {kind.name: kind for kind in (
     SiteKind("mlp.post", "neuron activations act(gate) * up (SwiGLU, Gemma: GeGLU)", _FF),
     SiteKind("mlp.router", "mixture of experts: the router's probabilities over the routed experts (each token "
              "runs the n_expert_used most probable)", ("tokens", "n_expert"), edits=False),
+    SiteKind("mlp.experts.gate", "mixture of experts: the gate projection of each token's experts, most probable "
+             "first", ("tokens", "n_expert_used", "n_ff_exp")),
+    SiteKind("mlp.experts.up", "mixture of experts: the up projection of each token's experts, most probable first",
+             ("tokens", "n_expert_used", "n_ff_exp")),
     SiteKind("mlp.experts.post", "mixture of experts: the neuron activations act(gate) * up of each token's "
              "experts, most probable first", ("tokens", "n_expert_used", "n_ff_exp")),
     SiteKind("mlp_out_pre_norm", "Gemma: the down projection, before the FFN post-norm", _ROW, verified=True),

@@ -151,6 +151,8 @@ def _family(architecture: str, *, name: str | None = None, label: str | None = N
         # the softmax over the router's logits (the experts are chosen from it), and the routed experts'
         # activations, (n_ff_exp, n_expert_used, tokens) in the order of the choice
         sites["mlp.router"] = NodeRule("ffn_moe_probs-{L}", "SOFT_MAX")
+        sites["mlp.experts.gate"] = NodeRule("ffn_moe_gate-{L}")
+        sites["mlp.experts.up"] = NodeRule("ffn_moe_up-{L}")
         sites["mlp.experts.post"] = NodeRule("ffn_moe_swiglu-{L}")
     for kind, rule in (changes or {}).items():
         if rule is None:

@@ -59,9 +59,10 @@ Mixture-of-experts blocks: the `ffn_down` entry is the experts' down products, f
 activations (`mlp.experts.post`) and the router's probabilities (`mlp.router`): the chosen experts are the
 n_expert_used most probable (llama.cpp's top-k), their weights those probabilities (renormalised where the
 family does), and the block's output moves by sum_slot w_slot^2 sum_j e_j^2 ||W_down,expert[:, j]||^2 (column
-norms per expert); a shared expert's own down product is left out (its activations are not a site). Where a
-model lacks what a step needs (the experts' gate and up, a fused gate+up), the relative rounding of the
-product's input stands in for that of the branch's output. With a subset of positions, attention reads the
+norms per expert), and the FFN's input is followed through each chosen expert's gate, up and activation as a
+dense FFN's (`mlp.experts.gate`, `.up`), its neurons' changes scaled by the expert's weight; a shared
+expert's own products are left out (its activations are not a site). Where a model lacks what a step needs
+(a fused gate+up), the relative rounding of the product's input stands in for that of the branch's output. With a subset of positions, attention reads the
 returned rows only. Also left out: the float16 rounding of Q8_1 block sums
 (~2^-11 of a block's sum, ~40x below the values' rounding), the KV cache and flash attention
 (docs/fidelity.md).
@@ -109,7 +110,9 @@ class _Block:
     neurons: bool                    # gate and up offered beside them: the FFN's change is followed per neuron
     router: str | None               # mixture of experts: the router's probabilities,
     experts: str | None              # the chosen experts' activations,
-    down_experts: str | None         # and the stack of the experts' down projections
+    down_experts: str | None         # and the stack of the experts' down projections;
+    expert_gate: str | None          # the chosen experts' gate and up, offered beside them: the FFN's change
+    expert_up: str | None            # is followed per neuron of each chosen expert
     attn_branch: str | None          # what the attention adds to the stream (the stand-in's size)
     ffn_branch: str | None           # what the FFN adds to the stream (the stand-in's size)
     attn_pre_norm: str | None        # the branch's output before a post-norm (Gemma)
@@ -144,6 +147,9 @@ def _block(layer: int, family, offered: set[str], tensors, window: int) -> _Bloc
     router, experts = site("mlp.router"), site("mlp.experts.post")
     down_experts = weights("ffn_down_exps")[0] if family.moe and router and experts and weights("ffn_down_exps") \
         else None
+    expert_gate, expert_up = site("mlp.experts.gate"), site("mlp.experts.up")
+    expert_neurons = bool(down_experts and expert_gate and expert_up
+                          and len(weights("ffn_gate_exps", "ffn_up_exps")) == 2)
     return _Block(
         ln1=site("ln1"), q=site("attn.q"), k=site("attn.k"), z=site("attn.z"), ln2=site("ln2"),
         gate=gate if neurons else None, up=up if neurons else None, post=post if down else None,
@@ -154,6 +160,7 @@ def _block(layer: int, family, offered: set[str], tensors, window: int) -> _Bloc
                              "ffn_gate_shexp", "ffn_up_shexp"),
         down=down, neurons=neurons, router=router if down_experts else None,
         experts=experts if down_experts else None, down_experts=down_experts,
+        expert_gate=expert_gate if expert_neurons else None, expert_up=expert_up if expert_neurons else None,
         attn_branch=site("attn_out"), ffn_branch=site("mlp_out"),
         attn_pre_norm=site("attn_out_pre_norm") if attn_post else None,
         ffn_pre_norm=site("mlp_out_pre_norm") if ffn_post else None,
@@ -187,10 +194,10 @@ class FidelityMap:
         needed = set()
         for b in self.blocks:  # each site costs a pause of the graph: only what the estimate reads
             needed.update((b.ln1, b.q, b.k, b.z, b.ln2, b.gate, b.up, b.post, b.resid_post,
-                           b.attn_pre_norm, b.ffn_pre_norm, b.router, b.experts))
+                           b.attn_pre_norm, b.ffn_pre_norm, b.router, b.experts, b.expert_gate, b.expert_up))
             if b.value is None or b.output is None:
                 needed.add(b.attn_branch)
-            if not b.neurons:
+            if not (b.neurons or b.expert_gate):
                 needed.add(b.ffn_branch)
         # in graph order, as the engine captures them
         self.sites = [name for name in site_shapes if name in needed]
@@ -295,6 +302,8 @@ class FidelityMap:
             rounding[:, 2] = relative
             if b.neurons:
                 ffn_own = _through_post_norm(self._neurons(b, row, errors), ffn_rms)
+            elif b.expert_gate:
+                ffn_own = _through_post_norm(self._expert_neurons(b, row, errors), ffn_rms)
             else:
                 ffn_own = _stand_in(relative, row, b.ffn_branch)
             effect[:, 2] = _ratio(np.sqrt(ffn_own), out_norm)
@@ -311,13 +320,7 @@ class FidelityMap:
         """A mixture's down products (`mlp.experts.post` times each chosen expert's W_down, weighted): fills the
         `ffn_down` columns (the rounding: the largest over a token's experts); returns the squared change of
         the block's output, per row."""
-        probs = row(b.router)
-        n, n_expert = probs.shape
-        used, width = self.site_shapes[b.experts]
-        chosen = np.argsort(-probs, axis=1, kind="stable")[:, :used]  # llama.cpp's top-k, most probable first
-        weights = np.take_along_axis(probs, chosen, axis=1).astype(np.float64)
-        if self.expert_weights_norm:  # as llama.cpp: the sum clamped to float16's smallest normal
-            weights /= np.maximum(weights.sum(axis=1, keepdims=True), 6.103515625e-5)
+        n, n_expert, used, width, chosen, weights = self._routing(b, row)
         errors, relative, _ = self._rounding(row(b.experts).reshape(n * used, width), (b.down_experts,))
         rounding[:] = relative.reshape(n, used).max(axis=1)
         norms = self.squared_column_norms(b.down_experts, groups=n_expert).T  # (n_expert, width)
@@ -338,6 +341,40 @@ class FidelityMap:
         effect[:] = _ratio(np.sqrt(own), out_norm)
         return own
 
+    def _routing(self, b: _Block, row):
+        """A mixture's rows: n, n_expert, n_expert_used, the experts' width, the chosen experts (n, used) and
+        their weights (n, used), as llama.cpp chooses and weights them."""
+        probs = row(b.router)
+        n, n_expert = probs.shape
+        used, width = self.site_shapes[b.experts]
+        chosen = np.argsort(-probs, axis=1, kind="stable")[:, :used]  # llama.cpp's top-k, most probable first
+        weights = np.take_along_axis(probs, chosen, axis=1).astype(np.float64)
+        if self.expert_weights_norm:  # as llama.cpp: the sum clamped to float16's smallest normal
+            weights /= np.maximum(weights.sum(axis=1, keepdims=True), 6.103515625e-5)
+        return n, n_expert, used, width, chosen, weights
+
+    def _expert_neurons(self, b: _Block, row, errors) -> np.ndarray:
+        """`_neurons` for a mixture: each chosen expert's neurons, their changes carried by that expert's down
+        columns and scaled by its weight, combined over all of a token's experts' neurons."""
+        n, n_expert, used, width, chosen, weights = self._routing(b, row)
+        gate = row(b.expert_gate).reshape(n, used, width)
+        up = row(b.expert_up).reshape(n, used, width)
+        variance = {}
+        for role, name in (("gate", b.down_experts.replace("ffn_down_exps", "ffn_gate_exps")),
+                           ("up", b.down_experts.replace("ffn_down_exps", "ffn_up_exps"))):
+            per_expert = errors[self.vec_dot_types[name]] @ self.squared_column_norms(name, groups=n_expert) / width
+            variance[role] = np.take_along_axis(per_expert, chosen, axis=1).astype(np.float32)[:, :, None]
+        value, slope = _activation(gate, self.gelu)
+        slope *= up
+        np.square(slope, out=slope)
+        slope *= variance["gate"]
+        per_neuron = np.square(value, out=value)
+        per_neuron *= variance["up"]
+        per_neuron += slope
+        per_neuron *= self.squared_column_norms(b.down_experts, groups=n_expert).T[chosen]
+        per_neuron *= np.square(weights).astype(np.float32)[:, :, None]
+        return _coherent_top(per_neuron.reshape(n, used * width))
+
     def _neurons(self, b: _Block, row, errors) -> np.ndarray:
         """The squared change of the FFN's output, per row, that the rounding of its input causes through gate,
         up, the activation and the down projection."""
@@ -356,9 +393,7 @@ class FidelityMap:
         per_neuron *= variance["up"].astype(np.float32)[:, None]
         per_neuron += slope
         per_neuron *= self.squared_column_norms(b.down, b.ffn_post_norm)
-        top = np.partition(per_neuron, -TOP_NEURONS, axis=1)[:, -TOP_NEURONS:].astype(np.float64)
-        rest = per_neuron.sum(axis=1, dtype=np.float64) - top.sum(axis=1)
-        return np.square(np.sqrt(top).sum(axis=1)) + np.maximum(rest, 0.0)
+        return _coherent_top(per_neuron)
 
     def _attention(self, b: _Block, row, positions: np.ndarray):
         """Per head h: h, its kv head and the squared attention weights a_pj^2 (n, n) of the returned rows,
@@ -411,6 +446,14 @@ class FidelityMap:
             return None
         y = row(site)
         return np.sqrt(np.square(_norms(y)) / y.shape[1] + self.rms_eps)
+
+
+def _coherent_top(per_neuron: np.ndarray) -> np.ndarray:
+    """Per row of squared neuron changes (n, neurons): the `TOP_NEURONS` largest added coherently, the rest in
+    quadrature (the FFN step of the module docstring)."""
+    top = np.partition(per_neuron, -TOP_NEURONS, axis=1)[:, -TOP_NEURONS:].astype(np.float64)
+    rest = per_neuron.sum(axis=1, dtype=np.float64) - top.sum(axis=1)
+    return np.square(np.sqrt(top).sum(axis=1)) + np.maximum(rest, 0.0)
 
 
 def _spread(carried: np.ndarray, stream: np.ndarray | None, x_norm: np.ndarray, width: int) -> np.ndarray:

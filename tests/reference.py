@@ -443,12 +443,14 @@ class ReferenceModel:
                 up = self._expert_mm(x, f"{prefix}.ffn_up_exps.weight", e)
                 post = self._activation(gate) * up
                 if expert_post is None:
-                    expert_post = np.zeros((T, k, post.shape[1]), self.dtype)
-                expert_post[t, slot] = post[0]
+                    expert_post, expert_gate, expert_up = (np.zeros((T, k, post.shape[1]), self.dtype)
+                                                           for _ in range(3))
+                expert_post[t, slot], expert_gate[t, slot], expert_up[t, slot] = post[0], gate[0], up[0]
                 y = self._expert_mm(post, f"{prefix}.ffn_down_exps.weight", e)
                 out[t] += weights[t, slot] * y[0]
         result = {"router_logits": router_logits, "router_probs": probs, "experts": chosen,
-                  "expert_weights": weights, "expert_post": expert_post, "routed_out": out.copy()}
+                  "expert_weights": weights, "expert_post": expert_post, "expert_gate": expert_gate,
+                  "expert_up": expert_up, "routed_out": out.copy()}
         if self.has(f"{prefix}.ffn_gate_inp_shexp.weight"):
             gate_logit = self._mm(h, f"{prefix}.ffn_gate_inp_shexp.weight")  # (T,)
             _, shared = self._dense_ffn(h, prefix, "_shexp")
@@ -505,7 +507,8 @@ class ReferenceModel:
         * ``mlp_out`` (L, T, n_embd): what the FFN adds to the stream (after any post-norm)
         * ``resid_post`` (L, T, n_embd): residual after the block (``l_out-l``)
         * ``router_logits`` / ``router_probs`` (L, T, E), ``experts`` (L, T, k) ids most probable
-          first, ``expert_weights`` (L, T, k), ``expert_post`` (L, T, k, n_ff_exp) their activations,
+          first, ``expert_weights`` (L, T, k), ``expert_gate`` / ``expert_up`` / ``expert_post``
+          (L, T, k, n_ff_exp) their gate and up projections and activations,
           ``routed_out`` (L, T, n_embd), and ``shared_out``
           (L, T, n_embd) with a shared expert: mixture-of-experts models only
         * ``ln_final`` (T, n_embd): after the final norm (``result_norm``)
@@ -544,7 +547,8 @@ class ReferenceModel:
             k = self.n_expert_used
             per_layer.update(router_logits=(T, self.n_expert), router_probs=(T, self.n_expert),
                              experts=(T, k), expert_weights=(T, k), routed_out=(T, E),
-                             expert_post=(T, k, self.weight("blk.0.ffn_gate_exps.weight").shape[1]))
+                             **{f"expert_{part}": (T, k, self.weight("blk.0.ffn_gate_exps.weight").shape[1])
+                                for part in ("gate", "up", "post")})
             if self.has("blk.0.ffn_gate_inp_shexp.weight"):
                 per_layer["shared_out"] = (T, E)
         else:

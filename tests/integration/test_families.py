@@ -259,7 +259,7 @@ NO_FLASH = "blocks.0.attn.pattern"  # capturing it turns flash attention off for
 # Sites every family must offer, by block kind; plus the family's own (QK-norm, Gemma's pre-norm outputs).
 BLOCK_KINDS = ("ln1", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern", "attn.z", "attn_out",
                "resid_mid", "ln2", "mlp.gate", "mlp.up", "mlp.post", "mlp_out", "resid_post")
-_EXPERTS = ("mlp.router", "mlp.experts.post")
+_EXPERTS = ("mlp.router", "mlp.experts.gate", "mlp.experts.up", "mlp.experts.post")
 EXTRA_KINDS = {
     "qwen3": ("attn.q_normed", "attn.k_normed"),
     "mixtral": _EXPERTS,
@@ -348,6 +348,7 @@ def _expected_site(ref: ReferenceModel, acts: dict, kind: str, L: int) -> np.nda
         return acts["z"][L].reshape(T, -1)
     key = {"attn.q": "q", "attn.k": "k", "attn.v": "v", "attn.pattern": "pattern", "mlp.post": "mlp_post",
            "attn.q_normed": "q_normed", "attn.k_normed": "k_normed", "mlp.router": "router_probs",
+           "mlp.experts.gate": "expert_gate", "mlp.experts.up": "expert_up",
            "mlp.experts.post": "expert_post"}.get(kind, kind)
     return acts[key][L]
 

@@ -433,7 +433,7 @@ def test_every_family_computes_the_head_only_where_logits_are_wanted(name, tmp_p
     with launch_server(path, args=args) as server, Client(server.address) as c:
         ids = list(range(FIRST_CONTROL_FREE_ID, FIRST_CONTROL_FREE_ID + 13))
         sites = ["embed", "blocks.*.resid_post", "blocks.*.mlp_out", "ln_final"] + (
-            ["blocks.*.mlp.router", "blocks.*.mlp.experts.post"] if moe else [])
+            ["blocks.*.mlp.router", "blocks.*.mlp.experts.*"] if moe else [])
         every = c.run(ids, capture=sites, logits=True)
         runs = {"last": c.run(ids, capture=sites, logits="last"), "none": c.run(ids, capture=sites, logits=False)}
         assert runs["none"].logits is None and "ln_final" in runs["none"].captures

@@ -72,13 +72,14 @@ def test_site_facts_derived_from_the_kinds():
     assert sites.BLOCK_SITES == (
         "ln1", "attn.q_normed", "attn.k_normed", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern",
         "attn.z", "attn_out_pre_norm", "attn_out", "resid_mid", "ln2", "mlp.gate", "mlp.up", "mlp.post",
-        "mlp.router", "mlp.experts.post", "mlp_out_pre_norm", "mlp_out", "resid_post")
+        "mlp.router", "mlp.experts.gate", "mlp.experts.up", "mlp.experts.post", "mlp_out_pre_norm", "mlp_out",
+        "resid_post")
     assert sites.PATTERN_SITES == ("attn.scores", "attn.pattern")
     assert sites.all_site_names(2)[:2] == ["embed", "blocks.0.ln1"]
     assert sites.all_site_names(2)[-2:] == ["blocks.1.resid_post", "ln_final"]
     assert len(sites.all_site_names(2)) == 2 + 2 * len(sites.BLOCK_SITES)
     not_editable = {"attn.q_normed", "attn.k_normed", "attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern",
-                    "mlp.router", "mlp.experts.post"}
+                    "mlp.router", "mlp.experts.gate", "mlp.experts.up", "mlp.experts.post"}
     assert {k for k in sites.SITE_KINDS if not sites.site_editable(f"blocks.3.{k}")} == not_editable
     assert sites.site_editable("embed") and sites.site_editable("ln_final")
     assert sites.is_pattern_site("blocks.0.attn.pattern") and not sites.is_pattern_site("blocks.0.attn.z")
