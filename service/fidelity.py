@@ -62,9 +62,9 @@ family does), and the block's output moves by sum_slot w_slot^2 sum_j e_j^2 ||W_
 norms per expert), and the FFN's input is followed through each chosen expert's gate, up and activation as a
 dense FFN's (`mlp.experts.gate`, `.up`), its neurons' changes scaled by the expert's weight; a shared
 expert's own products are left out (its activations are not a site). Where a model lacks what a step needs
-(a fused gate+up), the relative rounding of the product's input stands in for that of the branch's output. With a subset of positions, attention reads the
-returned rows only. Also left out: the float16 rounding of Q8_1 block sums
-(~2^-11 of a block's sum, ~40x below the values' rounding), the KV cache and flash attention
+(a fused gate+up), the relative rounding of the product's input stands in for that of the branch's output.
+With a subset of positions, attention reads the returned rows only. Also left out: the float16 rounding of
+Q8_1 block sums (~2^-11 of a block's sum, ~40x below the values' rounding), the KV cache and flash attention
 (docs/fidelity.md).
 
 Cost: the rows are captured in the worker beside the request's own sites and reduced there (no extra bytes
