@@ -267,6 +267,7 @@ class FidelityMap:
         n = len(positions)
         added = np.zeros(n)
         attn_rms, ffn_rms = self._rms(row, b.attn_pre_norm), self._rms(row, b.ffn_pre_norm)
+        routing = self._routing(b, row) if b.down_experts is not None else None  # a mixture's chosen experts
         # --- attention ---
         if b.ln1 and b.attn_matrices:
             x = row(b.ln1)
@@ -303,7 +304,7 @@ class FidelityMap:
             if b.neurons:
                 ffn_own = _through_post_norm(self._neurons(b, row, errors), ffn_rms)
             elif b.expert_gate:
-                ffn_own = _through_post_norm(self._expert_neurons(b, row, errors), ffn_rms)
+                ffn_own = _through_post_norm(self._expert_neurons(b, row, errors, routing), ffn_rms)
             else:
                 ffn_own = _stand_in(relative, row, b.ffn_branch)
             effect[:, 2] = _ratio(np.sqrt(ffn_own), out_norm)
@@ -312,15 +313,15 @@ class FidelityMap:
             added += self._output_projection(row, b.post, b.down, b.ffn_post_norm, ffn_rms, out_norm,
                                              rounding[:, 3], effect[:, 3])
         if b.down_experts is not None:
-            added += self._experts(b, row, ffn_rms, out_norm, rounding[:, 3], effect[:, 3])
+            added += self._experts(b, row, routing, ffn_rms, out_norm, rounding[:, 3], effect[:, 3])
         return added
 
-    def _experts(self, b: _Block, row, rms: np.ndarray | None, out_norm, rounding: np.ndarray,
+    def _experts(self, b: _Block, row, routing, rms: np.ndarray | None, out_norm, rounding: np.ndarray,
                  effect: np.ndarray) -> np.ndarray:
         """A mixture's down products (`mlp.experts.post` times each chosen expert's W_down, weighted): fills the
         `ffn_down` columns (the rounding: the largest over a token's experts); returns the squared change of
         the block's output, per row."""
-        n, n_expert, used, width, chosen, weights = self._routing(b, row)
+        n, n_expert, used, width, chosen, weights = routing
         errors, relative, _ = self._rounding(row(b.experts).reshape(n * used, width), (b.down_experts,))
         rounding[:] = relative.reshape(n, used).max(axis=1)
         norms = self.squared_column_norms(b.down_experts, groups=n_expert).T  # (n_expert, width)
@@ -353,10 +354,10 @@ class FidelityMap:
             weights /= np.maximum(weights.sum(axis=1, keepdims=True), 6.103515625e-5)
         return n, n_expert, used, width, chosen, weights
 
-    def _expert_neurons(self, b: _Block, row, errors) -> np.ndarray:
+    def _expert_neurons(self, b: _Block, row, errors, routing) -> np.ndarray:
         """`_neurons` for a mixture: each chosen expert's neurons, their changes carried by that expert's down
         columns and scaled by its weight, combined over all of a token's experts' neurons."""
-        n, n_expert, used, width, chosen, weights = self._routing(b, row)
+        n, n_expert, used, width, chosen, weights = routing
         gate = row(b.expert_gate).reshape(n, used, width)
         up = row(b.expert_up).reshape(n, used, width)
         variance = {}

@@ -415,6 +415,14 @@ def test_a_request_cut_at_its_output_rows_is_the_uncut_one(tiny_model):
             for site in run.captures:
                 assert_close_to_scale(run.captures[site], cut[len(ids)].captures[site], F16_CACHE,
                                       f"{site} of a {len(ids)}-token prompt without logits")
+        # every row an output, each prompt's last logits: the prompts share ubatches, and a ubatch that holds a
+        # prompt's last row computes the head (at most 3 outputs and the spare rows' limit), the others do not
+        last = c.run_batch(prompts, capture=sites, logits="last")
+        for ids, run in zip(prompts, last):
+            assert_close_to_scale(run.logits, cut[len(ids)].logits[-1:], F16_CACHE, f"last logits of {len(ids)}")
+            for site in run.captures:
+                assert_close_to_scale(run.captures[site], cut[len(ids)].captures[site], F16_CACHE,
+                                      f"{site} of a {len(ids)}-token prompt with its last logits")
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
