@@ -188,8 +188,9 @@ class Engine:
         self._check_capture_size(request, prompts, capture_positions)
         need_pattern = any(is_pattern_site(s) for s in request.capture)
         output_sets = self._outputs(request, prompts, capture_positions)
-        logit_sets = [set() if request.logits == "none" else set(pos) if request.logits == "all" else {len(t) - 1}
-                      for pos, t in zip(capture_positions, prompts)]
+        # the slot of each position whose logits the request wants, per prompt
+        logit_slot = [{} if request.logits == "none" else {p: k for k, p in enumerate(pos)}
+                      if request.logits == "all" else {len(t) - 1: 0} for pos, t in zip(capture_positions, prompts)]
         ctx = self.contexts.get(flash_attn=self.config.flash_attn and not need_pattern,
                                 n_cells=self.contexts.cells_needed(prompts))
         active = CapturePass(self.site_rules, self.site_shapes, self.output_rows_sites, prompts, request.capture,
@@ -197,8 +198,6 @@ class Engine:
         logits: list[np.ndarray] | None = None
         on_decoded = None
         if request.logits != "none":
-            logit_slot = [({p: k for k, p in enumerate(pos)} if request.logits == "all" else {len(t) - 1: 0})
-                          for pos, t in zip(capture_positions, prompts)]
             sink = request.logits_sink
             if sink is not None and request.logits == "all" and all(pos == sorted(pos) for pos in capture_positions):
                 shapes = [(len(pos), self.n_vocab) for pos in capture_positions]
@@ -217,7 +216,7 @@ class Engine:
         try:
             for group in self.contexts.groups(prompts):
                 self.contexts.reset_memory(ctx)
-                ubatches = list(self.contexts.ubatches(group, prompts, output_sets, logit_sets))
+                ubatches = list(self.contexts.ubatches(group, prompts, output_sets, [set(s) for s in logit_slot]))
                 n_ubatches += len(ubatches)
                 self.contexts.decode(ctx, active, ubatches, on_decoded=on_decoded)
         finally:

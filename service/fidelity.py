@@ -365,13 +365,7 @@ class FidelityMap:
                            ("up", b.down_experts.replace("ffn_down_exps", "ffn_up_exps"))):
             per_expert = errors[self.vec_dot_types[name]] @ self.squared_column_norms(name, groups=n_expert) / width
             variance[role] = np.take_along_axis(per_expert, chosen, axis=1).astype(np.float32)[:, :, None]
-        value, slope = _activation(gate, self.gelu)
-        slope *= up
-        np.square(slope, out=slope)
-        slope *= variance["gate"]
-        per_neuron = np.square(value, out=value)
-        per_neuron *= variance["up"]
-        per_neuron += slope
+        per_neuron = self._neuron_changes(gate, up, variance["gate"], variance["up"])
         per_neuron *= self.squared_column_norms(b.down_experts, groups=n_expert).T[chosen]
         per_neuron *= np.square(weights).astype(np.float32)[:, :, None]
         return _coherent_top(per_neuron.reshape(n, used * width))
@@ -385,16 +379,22 @@ class FidelityMap:
         variance = {role: errors[self.vec_dot_types[name]] @ self.squared_column_norms(name) / n_ff
                     for role, name in (("gate", b.down.replace("ffn_down", "ffn_gate")),
                                        ("up", b.down.replace("ffn_down", "ffn_up")))}
-        # n = act(g) u moves by act'(g) u dg + act(g) du
+        per_neuron = self._neuron_changes(gate, up, variance["gate"].astype(np.float32)[:, None],
+                                          variance["up"].astype(np.float32)[:, None])
+        per_neuron *= self.squared_column_norms(b.down, b.ffn_post_norm)
+        return _coherent_top(per_neuron)
+
+    def _neuron_changes(self, gate: np.ndarray, up: np.ndarray, gate_variance, up_variance) -> np.ndarray:
+        """Each neuron's squared change: n = act(g) u moves by act'(g) u dg + act(g) du, with dg and du of the
+        variances given (broadcast over the neurons)."""
         value, slope = _activation(gate, self.gelu)
         slope *= up
         np.square(slope, out=slope)
-        slope *= variance["gate"].astype(np.float32)[:, None]
+        slope *= gate_variance
         per_neuron = np.square(value, out=value)
-        per_neuron *= variance["up"].astype(np.float32)[:, None]
+        per_neuron *= up_variance
         per_neuron += slope
-        per_neuron *= self.squared_column_norms(b.down, b.ffn_post_norm)
-        return _coherent_top(per_neuron)
+        return per_neuron
 
     def _attention(self, b: _Block, row, positions: np.ndarray):
         """Per head h: h, its kv head and the squared attention weights a_pj^2 (n, n) of the returned rows,
