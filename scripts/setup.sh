@@ -37,8 +37,9 @@ if [ "$(uname -m)" = x86_64 ]; then
 -DGGML_CPU_VARIANT_LIST=$CPU_VARIANTS -DCMAKE_INSTALL_BINDIR=llama_cpp/lib"
 fi
 CMAKE_FLAGS="${LMSCOPE_CMAKE_ARGS:-$PORTABLE_CMAKE_ARGS}"
-# Changes to llama.cpp applied to the sdist before it is built (the variant list, a Q4_1 matrix kernel, AMX fixes,
-# one flash-attention kernel for every multi-row ubatch): docs/building.md says what each does.
+# Changes to llama.cpp applied to the sdist before it is built (the variant list, matrix kernels for Q4_1 and, with
+# VNNI, Q5_0 and Q8_0, AMX fixes, one flash-attention kernel for every multi-row ubatch, a context without the LM
+# head): docs/building.md says what each does.
 PATCH_DIR="patches/llama-cpp-python-$LLAMA_CPP_VERSION"
 # What identifies a build: its flags and its patches. Each build's wheel is cached in a folder of its own, so a
 # wheel built from other flags or other patches is never reused.

@@ -1,9 +1,11 @@
-"""Derived copies of a model in a faster weight format (`lmscope serve --requantize q8_0`).
+"""Derived copies of a model in another weight format (`lmscope serve --requantize q8_0`, `--precise`).
 
-The default model ships as Q4_1, a format llama.cpp's CPU back end has no fast matrix kernel for (no
-repacked layout, no tinyBLAS path): a 128-token prompt costs ~1.7x what the same weights cost as Q8_0 and
-~2x as Q4_0 (docs/performance.md). `llama_model_quantize` (llama.cpp's C API) converts a file once; the
-copy is kept beside the model cache and reused while the source file is unchanged.
+Which format decodes fastest depends on the CPU's kernels for it: with AVX512-VNNI (the `icelake` variant,
+patches/0008) the shipped Q4_1 and a Q8_0 copy take the same time for a 128-token prompt and a Q4_0 copy
+(ggml's repacked layout) 1.5x longer; on AVX2 machines each format has another kernel
+(`scripts/diag_ops.py --requantize q4_0,q8_0,f32` measures them; docs/performance.md). `llama_model_quantize`
+(llama.cpp's C API) converts a file once; the copy is kept beside the model cache and reused while the source
+file is unchanged.
 
 Accuracy is a choice, so it is never made silently: the server serves the derived file only when asked,
 and ModelInfo then describes that file (its own file type and fingerprint). Q8_0 re-rounds each Q4_1
