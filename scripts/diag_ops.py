@@ -34,6 +34,7 @@ from lmscope.service.native import llama as lc  # noqa: E402
 from lmscope.service.requantize import requantized  # noqa: E402
 
 MUL_MAT = ggml.OP_CODES["MUL_MAT"]
+OP_NAMES = {code: name for name, code in ggml.OP_CODES.items()}
 
 
 class Profile:
@@ -49,7 +50,8 @@ class Profile:
         self.callback = lc.ggml_backend_sched_eval_callback(self._node_done)
         params = lc.llama_context_default_params()
         params.n_ctx = max(1024, n_tokens)
-        params.n_batch = params.n_ubatch = 512
+        params.n_batch = max(512, n_tokens)  # one llama_decode call, in ubatches of 512 tokens as the server's
+        params.n_ubatch = 512
         params.n_threads = params.n_threads_batch = n_threads
         params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.no_logits = True
@@ -66,6 +68,8 @@ class Profile:
         now = time.perf_counter()
         stem = ggml.name_of(tensor).decode().rsplit("-", 1)[0]
         op = ggml.op_of(tensor)
+        if stem.startswith("node_"):  # unnamed (ggml numbers it): known by its op
+            stem = OP_NAMES[op]
         kind = "MUL_MAT " + ggml.type_name(ggml.type_of(ggml.sources_of(tensor)[0])) if op == MUL_MAT else ""
         self.times[(stem, kind)] += now - self.last
         self.last = time.perf_counter()
