@@ -24,6 +24,7 @@ import numpy as np
 
 from . import ggml
 from .gguf_index import IndexedTensor, release_pages
+from .native import CPU_VARIANT
 
 _base = ggml.load_library("ggml-base")
 _cpu = ggml.load_library("ggml-cpu")
@@ -89,6 +90,11 @@ _graph_plan = _bind(_cpu, "ggml_graph_plan", [_void_p, ctypes.c_int, _void_p], _
 _graph_compute = _bind(_cpu, "ggml_graph_compute", [_void_p, ctypes.POINTER(_ComputePlan)], ctypes.c_int)
 
 BLAS_MIN_ROWS = 64  # from this many rows on, chunks are dequantized and multiplied by BLAS (`Multiplier`)
+# Weight types that the CPU variants built with AVX512-VNNI (VL, BW) multiply with patches/0008's kernel, which
+# is faster on many rows than BLAS on dequantized chunks: Gemma 3's Q8_0 head times the 2,432 rows of a lens,
+# 2.4 against 3.3 s (`scripts/diag_memory.py head`). Other variants and types keep BLAS for many rows.
+VNNI_KERNEL_TYPES = frozenset({3, 6, 8})  # GGML_TYPE_Q4_1, GGML_TYPE_Q5_0, GGML_TYPE_Q8_0
+VNNI_VARIANTS = frozenset({"icelake", "cascadelake", "cooperlake", "zen4", "sapphirerapids"})
 TRANSPOSE_ROWS = 128  # rows dequantized at once by `dequantize_transposed`
 # From this many rows on, `Multiplier` lays each dequantized chunk out transposed: the copy costs 0.6-0.96 ms
 # more per head chunk and BLAS saves 0.1-0.56 ms per 128 rows multiplied by it (SmolLM2 and Gemma 3 chunks,
@@ -160,6 +166,8 @@ class StoredMatrix:
                              f"ggml expects {self.row_bytes}")
         self.n_threads = max(1, n_threads)
         self.vec_dot_type = vec_dot_type(self.ggml_type)
+        # whether ggml multiplies many rows faster than BLAS on dequantized chunks (`Multiplier`)
+        self.batched_kernel = self.ggml_type in VNNI_KERNEL_TYPES and CPU_VARIANT in VNNI_VARIANTS
         self.largest_dequantized = 0  # most rows ever expanded to float32 at once (tests: never the whole matrix)
         self._work = np.empty(0, np.uint8)
 
@@ -238,7 +246,14 @@ class StoredMatrix:
 
     def dequantize_rows(self, row_ids: np.ndarray) -> np.ndarray:
         """Rows by id, read from the file: scattered reads through the mapping map a folio each."""
-        return self._dequantize(self.tensor.read_rows(row_ids).reshape(-1, self.raw.shape[1]))
+        return self._dequantize(self._stored_rows(row_ids))
+
+    def products_of_rows(self, x: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
+        """x @ W[row_ids].T by ggml, the rows read from the file (as `dequantize_rows`)."""
+        return self._products(self._stored_rows(row_ids), x, None)
+
+    def _stored_rows(self, row_ids: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self.tensor.read_rows(row_ids).reshape(-1, self.raw.shape[1]))
 
     def _dequantize(self, raw_rows: np.ndarray) -> np.ndarray:
         out = dequantize_raw(raw_rows, self.ggml_type, self.n_cols)
@@ -264,9 +279,10 @@ class Multiplier:
     Many rows (a lens: layers x positions): x is rounded to the vec_dot_type once, each chunk of W is
     dequantized once (float32, chunk-sized) and multiplied by BLAS, which is faster than ggml's CPU kernels
     on portable builds and sums the same products (q_x d_x)(q_w d_w): the two differ by float32 summation
-    order only (~3e-7 of sum |x_i w_i| measured on SmolLM2 and Gemma 3 heads). Few rows (a word's
-    neighbours, one vector): `ggml_mul_mat` on the stored rows, which reads 0.5-1 byte per weight instead of
-    expanding the whole vocabulary to float32 for one product.
+    order only (~3e-7 of sum |x_i w_i| measured on SmolLM2 and Gemma 3 heads). Where ggml has a faster
+    kernel for the type (`StoredMatrix.batched_kernel`), and for few rows (a word's neighbours, one vector):
+    `ggml_mul_mat` on the stored rows, which reads 0.5-1 byte per weight instead of expanding the vocabulary
+    to float32. Either way the target rows (`products_of_rows`) take the same arithmetic as the chunks.
     """
 
     def __init__(self, matrix: StoredMatrix, x: np.ndarray | list[np.ndarray], transform=None):
@@ -277,7 +293,7 @@ class Multiplier:
         blocks = x if isinstance(x, list) else [x]
         self.matrix = matrix
         n = sum(block.shape[0] for block in blocks)
-        self.by_blas = n >= BLAS_MIN_ROWS
+        self.by_blas = n >= BLAS_MIN_ROWS and not matrix.batched_kernel
         self.transposed = n >= TRANSPOSED_CHUNK_MIN_ROWS
         self.x = np.empty((n, matrix.n_cols), np.float32)
         row = 0
@@ -301,6 +317,7 @@ class Multiplier:
         return self.x[rows] @ self._chunk[2]
 
     def products_of_rows(self, rows: slice, row_ids: np.ndarray) -> np.ndarray:
-        """x @ W[row_ids].T for a few vocabulary rows (targets), in the BLAS path's arithmetic."""
-        x = self.x[rows] if self.by_blas else self.matrix.rounded(self.x[rows])
-        return x @ self.matrix.dequantize_rows(row_ids).T
+        """x @ W[row_ids].T for a few vocabulary rows (targets), in the arithmetic of `products`."""
+        if not self.by_blas:
+            return self.matrix.products_of_rows(self.x[rows], row_ids)
+        return self.x[rows] @ self.matrix.dequantize_rows(row_ids).T

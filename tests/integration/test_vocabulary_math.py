@@ -53,9 +53,12 @@ def test_a_chunk_dequantized_transposed_is_the_chunk_transposed(tiny_weights):
         np.testing.assert_array_equal(head.dequantize_transposed(start, stop), head.dequantize(start, stop).T)
 
 
-@pytest.mark.parametrize("n_rows", [5, 80])  # below and above BLAS_MIN_ROWS: ggml_mul_mat, and BLAS on chunks
-def test_chunked_reductions_equal_one_chunk(tiny_weights, monkeypatch, n_rows):
+# below and above BLAS_MIN_ROWS: ggml_mul_mat, and BLAS on chunks unless ggml's kernel for the type is the
+# faster (`StoredMatrix.batched_kernel`, which depends on the CPU: both are held here on every machine)
+@pytest.mark.parametrize("n_rows, batched_kernel", [(5, False), (80, False), (80, True)])
+def test_chunked_reductions_equal_one_chunk(tiny_weights, monkeypatch, n_rows, batched_kernel):
     path, weights = tiny_weights
+    monkeypatch.setattr(weights.head, "batched_kernel", batched_kernel)
     rng = np.random.default_rng(n_rows)
     x = (rng.normal(size=(n_rows, weights.head.n_cols)) * 3).astype(np.float32)
     targets = [0, 17, 123, weights.n_vocab - 1]
