@@ -9,11 +9,11 @@ as stored (`stored_matrix`: ggml_mul_mat for a few rows, and for many where ggml
 the faster; otherwise BLAS on chunks dequantized by ggml with the rows rounded as ggml rounds them): no
 float32 copy of a vocabulary-sized matrix is ever made, and every reduction (top-k, entropy, target
 probabilities and ranks, KL to the final layer) runs over vocabulary chunks within `REDUCTION_BUDGET_BYTES`
-per request, whatever the vocabulary size. The head's arithmetic is
-the model's own (activations rounded to the weight type's vec_dot_type, float32 accumulation), so the
-lens's last layer repeats llama.cpp's logits. Small pieces (norm weights, a few rows) are dequantized with
-the `gguf` package. `final_norm` and `logit_transform` (head bias, final soft-capping) follow the model's
-family in the architecture registry (`service/architectures.py`).
+per request, whatever the vocabulary size. The head's arithmetic is the model's own (activations rounded to
+the weight type's vec_dot_type, float32 accumulation), so the lens's last layer repeats llama.cpp's logits.
+Small pieces (norm weights, a few rows) are dequantized with the `gguf` package. `final_norm` and
+`logit_transform` (head bias, final soft-capping) follow the model's family in the architecture registry
+(`service/architectures.py`).
 
 The engine checks at start-up that final norm + head reproduce llama.cpp's own logits
 (`service/verification.py`), so a model whose unembedding differs from what the registry says is reported
