@@ -29,8 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+# bench_transformers sets OpenMP's waiting as in lmscope's workers, for the peer too
 from bench_transformers import TEXT, load_average, median_ms, memory_mb, process_tree  # noqa: E402
 
 WORD = " Paris"

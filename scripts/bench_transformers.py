@@ -27,10 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lmscope.service.worker import openmp_wait_settings
+
 ROOT = Path(__file__).resolve().parent.parent
-# lmscope's workers wait passively between OpenMP regions (service/worker.py); "llama.cpp alone" here and the
-# peer (torch also runs on OpenMP) get the same policy, so that every tool is measured alike.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# "llama.cpp alone" here and the peer (torch also runs on OpenMP) wait between OpenMP regions as lmscope's
+# workers do (service/worker.py), so that every tool is measured alike.
+os.environ.update(openmp_wait_settings(os.environ, n_threads=os.cpu_count() or 1, n_workers=1))
+OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
         "movable metal type, oil-based ink and a wooden screw press into a system that could produce books "
         "faster and more cheaply than ever before. Within decades, presses had spread to hundreds of cities "
@@ -377,7 +380,7 @@ def write_report(path: Path, machine: dict, work: dict, ours: dict, peer: dict |
         f"`{machine['llama_build']}`; lmscope {machine['lmscope']}",
         f"- Peer: transformers {p.get('transformers', 'n/a')}, torch {p.get('torch', 'n/a')}, fp32, "
         f"`output_hidden_states=True`, the same GGUF file dequantized by transformers",
-        f"- OpenMP wait policy for every tool: `{os.environ['OMP_WAIT_POLICY']}`",
+        f"- OpenMP wait for every tool: `{' '.join(f'{k}={os.environ[k]}' for k in OPENMP_WAIT_VARIABLES if k in os.environ)}`",
         f"- Model: {work['model_name']} ({work['model_description']}), {work['threads']} threads for both tools",
         f"- Load average (1, 5, 15 min) before: {machine['load_before']}; after: {machine['load_after']}", "",
     ]

@@ -55,9 +55,14 @@ __all__ = ["Cancelled", "Engine", "EngineConfig", "ForwardRequest", "ForwardResu
 # of the ubatch it is decoded in (`Contexts.ubatches` says how; patches/ gives flash attention one kernel for
 # every ubatch of two rows or more), so a position subset is the full run indexed, bit for bit, though the
 # two decode in ubatches of other lengths, and n_batch can be as long as speed wants. The curve these are
-# chosen from is in docs/performance.md (scripts/bench_ubatch.py).
+# chosen from is in docs/performance.md (scripts/bench_ubatch.py). A call with the head streams the whole head
+# through the CPU kernels whatever its rows, which costs Gemma 3 (a 262,144 x 640 head) about 25 ms a call:
+# every position's logits of 128 tokens took 340 ms in-process in 4 calls of 32 rows, 288 in 2 of 64, 264 in
+# one of 128, for a worker's peak of 542, 606 and 735 MiB. A big vocabulary gets MIN_OUTPUT_ROWS rows, more
+# than LOGITS_RESERVE_BYTES holds; 64, not 128: the session of docs/performance.md (scripts/bench_session.py)
+# peaks at 597, 661 and 791 MB with 32, 64 and 128 rows, against 2,622-3,260 MB for transformers.
 LOGITS_RESERVE_BYTES = 32 << 20
-MIN_OUTPUT_ROWS = 16
+MIN_OUTPUT_ROWS = 64
 
 
 def output_rows_per_ubatch(n_vocab: int) -> int:

@@ -54,13 +54,28 @@ from .contracts import PIECE_BYTES, Job, RunResult, TensorPiece, Tensors, Worker
 from .errors import Code, RequestError, internal_error
 from .pipe import Kind, receive_message, send_message
 
-# llama.cpp's CPU back end runs on OpenMP. By default libgomp's idle threads spin after each parallel region,
-# and a worker leaves a region many times per request (each captured node ends a graph segment, each generated
-# token is a decode): whenever the worker's threads and anything else (the front end, the client, other
-# programs) want more cores than there are, spinning threads steal the time the working ones need. Measured on
-# 2 busy cores, SmolLM2: 128-token all-layer capture 7.3-10.6 s spinning vs 1.7-2.3 s passive; generation
-# 0.7-4.5 vs 30-53 tok/s. Workers wait passively unless OMP_WAIT_POLICY is set.
-OPENMP_WAIT_POLICY = "PASSIVE"
+# llama.cpp's CPU back end runs on OpenMP, and a worker leaves a parallel region at every graph node (~900 per
+# decode of SmolLM2). libgomp's idle threads then spin before they sleep: 300,000 times by default, which steals
+# the cores from everything else whenever more threads want them than there are (2 cores at load 10-15,
+# SmolLM2: 128-token all-layer capture 7.3-10.6 s spinning vs 1.7-2.3 s passive; generation 0.7-4.5 vs 30-53
+# tok/s). Not spinning at all costs a futex sleep and wake-up per node instead, which on an idle machine was
+# most of a generated token's time: SmolLM2 through the server, 2 threads on 2 cores, 35 tok/s passive
+# against 136 with a spin of 1,000, and every hidden state of 128 tokens 154 vs 144 ms. At load 10 the short
+# spin costs generation 8 against 10-12 tok/s and leaves the capture as it is (1.07-1.16 vs 1.10-1.26 s); two
+# workers of 2 threads on 2 cores, 20 requests at once, took 2.64 s with it against 2.43 passive, so workers
+# that outnumber the cores between them wait passively. A setting the user made is kept.
+OPENMP_SPIN_COUNT = "1000"
+
+
+def openmp_wait_settings(environ: dict[str, str], n_threads: int, n_workers: int) -> dict[str, str]:
+    """The libgomp variables a worker is started with, read when it loads llama.cpp."""
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return {}
+    if n_threads * n_workers > (os.cpu_count() or 1):
+        return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {"GOMP_SPINCOUNT": OPENMP_SPIN_COUNT}
+
+
 _CANCEL_GRACE_S = 10.0
 _RESTART_PAUSES_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # before each restart attempt; the last one repeats
 
@@ -133,20 +148,22 @@ def _worker_main(fd: int, cancel_fd: int) -> None:
 
 
 class _Worker:
-    def __init__(self, config, test_hooks: bool, index: int):
+    def __init__(self, config, test_hooks: bool, index: int, n_workers: int):
         self.config = config
         self.test_hooks = test_hooks
         self.index = index
+        self.n_workers = n_workers
         self.info: WorkerInfo | None = None
         self._start()
 
     def _start(self) -> None:
         env = dict(os.environ)
-        env.setdefault("OMP_WAIT_POLICY", OPENMP_WAIT_POLICY)  # read by libgomp when the child loads it
+        n_threads = self.config.n_threads or os.cpu_count() or 1
+        env.update(openmp_wait_settings(env, n_threads, self.n_workers))
         # numpy's BLAS (the lens's products) takes every core unless told: with several workers, their BLAS
         # threads outnumber the cores and wait on each other (docs/gotchas.md: two SmolLM2 lenses at once on
         # 2 cores, 18.4 s each oversubscribed, 4.5 s with the cores shared).
-        env.setdefault("OPENBLAS_NUM_THREADS", str(self.config.n_threads or os.cpu_count() or 1))
+        env.setdefault("OPENBLAS_NUM_THREADS", str(n_threads))
         ours, theirs = socket.socketpair()
         flag_file = tempfile.TemporaryFile()
         try:
@@ -278,7 +295,7 @@ class WorkerPool:
         self.config = config
         self.max_queue = max_queue
         self._on_health = on_health
-        self._workers = [_Worker(config, test_hooks, i) for i in range(n_workers)]
+        self._workers = [_Worker(config, test_hooks, i, n_workers) for i in range(n_workers)]
         try:
             infos = [w.wait_ready(start_timeout) for w in self._workers]
         except BaseException:

@@ -17,6 +17,7 @@ from tolerances import FLASH_F16, assert_same_as_alone
 from lmscope.client import Client, Intervention
 from lmscope.service import procinfo
 from lmscope.service.launch import launch_server
+from lmscope.service.worker import openmp_wait_settings
 
 PROMPT_WORDS = "one two three four five six seven eight nine ten " * 4
 
@@ -73,14 +74,27 @@ def _worker_environments(server) -> list[dict[str, str]]:
             for c in procinfo.worker_pids(server.process.pid)]
 
 
-def test_workers_wait_passively_between_openmp_regions(tiny_server, client):
+def test_workers_spin_briefly_between_openmp_regions_unless_they_outnumber_the_cores(tiny_server, client):
     client.model_info()
     workers = _worker_environments(tiny_server)
     assert workers
-    expected = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")  # a policy the user set is kept
-    assert all(e.get("OMP_WAIT_POLICY") == expected for e in workers)
+    variables = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    # a setting the user made is kept; otherwise the server's one worker of 2 threads (--threads 2)
+    expected = ({k: os.environ[k] for k in variables if k in os.environ}
+                or openmp_wait_settings({}, n_threads=2, n_workers=1))
+    for environment in workers:
+        assert {k: environment[k] for k in variables if k in environment} == expected
     # numpy's BLAS gets the worker's threads (--threads 2 here), not every core; a setting the user made is kept.
     assert all(e.get("OPENBLAS_NUM_THREADS") == os.environ.get("OPENBLAS_NUM_THREADS", "2") for e in workers)
+
+
+def test_workers_that_outnumber_the_cores_wait_passively():
+    cores = os.cpu_count() or 1
+    assert openmp_wait_settings({}, n_threads=cores, n_workers=1) == {"GOMP_SPINCOUNT": "1000"}
+    assert openmp_wait_settings({}, n_threads=cores, n_workers=2) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert openmp_wait_settings({}, n_threads=cores + 1, n_workers=1) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert openmp_wait_settings({"OMP_WAIT_POLICY": "ACTIVE"}, n_threads=cores, n_workers=2) == {}
+    assert openmp_wait_settings({"GOMP_SPINCOUNT": "0"}, n_threads=1, n_workers=1) == {}
 
 
 def test_workers_share_the_cores_unless_told_otherwise(tiny_model):

@@ -236,4 +236,5 @@ def test_a_big_vocabulary_gets_fewer_output_rows_per_ubatch():
         assert rows >= MIN_OUTPUT_ROWS
         assert rows % 4 == 0
         assert rows == MIN_OUTPUT_ROWS or rows * 4 * n_vocab <= LOGITS_RESERVE_BYTES < (rows + 4) * 4 * n_vocab
-    assert output_rows_per_ubatch(262_144) == 32  # Gemma 3: 32 MiB of logits per ubatch
+    assert output_rows_per_ubatch(262_144) == 64  # Gemma 3: 64 MiB of logits per ubatch
+    assert output_rows_per_ubatch(49_152) == 168  # SmolLM2: 32 MiB
