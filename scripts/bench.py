@@ -36,11 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmscope.service.worker import openmp_wait_settings
+from lmscope.service.worker import wait_as_one_worker
 
 ROOT = Path(__file__).resolve().parent.parent
-# OpenMP waits as in lmscope's workers (service/worker.py), for torch too
-os.environ.update(openmp_wait_settings(os.environ, n_threads=os.cpu_count() or 1, n_workers=1))
+wait_as_one_worker()  # torch too
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
         "movable metal type, oil-based ink and a wooden screw press into a system that could produce books "
         "faster and more cheaply than ever before. Within decades, presses had spread to hundreds of cities "

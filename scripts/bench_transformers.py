@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lmscope.service.worker import openmp_wait_settings
+from lmscope.service.worker import wait_as_one_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 # "llama.cpp alone" here and the peer (torch also runs on OpenMP) wait between OpenMP regions as lmscope's
-# workers do (service/worker.py), so that every tool is measured alike.
-os.environ.update(openmp_wait_settings(os.environ, n_threads=os.cpu_count() or 1, n_workers=1))
+# workers do, so that every tool is measured alike.
+wait_as_one_worker()
 OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
         "movable metal type, oil-based ink and a wooden screw press into a system that could produce books "

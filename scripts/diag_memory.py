@@ -252,8 +252,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="GGUF file (default: the default model)")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
-    from lmscope.service.worker import openmp_wait_settings  # before llama.cpp loads: OpenMP reads it at start
-    os.environ.update(openmp_wait_settings(os.environ, n_threads=os.cpu_count() or 1, n_workers=1))
+    from lmscope.service.worker import wait_as_one_worker
+    wait_as_one_worker()
     if not args.model:
         from lmscope.service.model_files import pull_default_model
         args.model = str(pull_default_model(progress=None))

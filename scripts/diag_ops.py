@@ -25,10 +25,9 @@ import pathlib
 import statistics
 import time
 
-from lmscope.service.worker import openmp_wait_settings  # noqa: E402
+from lmscope.service.worker import wait_as_one_worker
 
-# OpenMP waits as in the server's workers (service/worker.py)
-os.environ.update(openmp_wait_settings(os.environ, n_threads=os.cpu_count() or 1, n_workers=1))
+wait_as_one_worker()
 
 from lmscope.service import ggml, llama_log  # noqa: E402  (after the wait policy: OpenMP reads it at start)
 from lmscope.service.model_files import pull_default_model  # noqa: E402

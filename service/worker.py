@@ -76,6 +76,12 @@ def openmp_wait_settings(environ: dict[str, str], n_threads: int, n_workers: int
     return {"GOMP_SPINCOUNT": OPENMP_SPIN_COUNT}
 
 
+def wait_as_one_worker() -> None:
+    """This process's OpenMP waits as one worker's on every core (benchmarks and diagnostics, for llama.cpp and
+    torch alike); before either loads OpenMP, which reads the variables once."""
+    os.environ.update(openmp_wait_settings(os.environ, n_threads=os.cpu_count() or 1, n_workers=1))
+
+
 _CANCEL_GRACE_S = 10.0
 _RESTART_PAUSES_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # before each restart attempt; the last one repeats
 
