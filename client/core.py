@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import grpc
 import numpy as np
 
+from lmscope.proto import shared_memory as shared
 from lmscope.proto import tensors
 from lmscope.proto.sites import SiteFilter, select_sites
 from lmscope.proto.wire import lmscope_pb2 as pb
@@ -136,12 +137,16 @@ class CoreClient:
         the worker processes of all servers, so no worker waits for the network between requests.
     retries: times a batch request is sent again when its server fails (UNAVAILABLE).
     tls_server_name: the name to check server certificates against when it is not the address dialled.
+    shared_memory: take Run answers from a file shared with the server instead of the stream
+        (`lmscope.proto.shared_memory`; Linux). None (default): when every server is on this host (loopback
+        addresses, a Unix socket); a server that cannot use it streams the answer and the client stops
+        offering it. False: never; True: to any server.
     """
 
     def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, *, token: str | None = None,
                  tls: bool = False, root_certificates: bytes | None = None, timeout: float | None = None,
                  max_message_mb: int = 64, max_in_flight: int | None = None, retries: int = 3,
-                 tls_server_name: str | None = None):
+                 tls_server_name: str | None = None, shared_memory: bool | None = None):
         self.address = address
         self.servers = ServerSet.parse(address)
         self.timeout = timeout
@@ -154,8 +159,15 @@ class CoreClient:
         self._stub = pb_grpc.InspectorStub(self._channel)
         self._info: ModelInfo | None = None
         self._n_workers = 1
+        self._share_answers = shared.SUPPORTED and (self.servers.local if shared_memory is None else shared_memory)
 
     # ----- plumbing --------------------------------------------------------------------------------
+
+    @property
+    def answers_in_shared_memory(self) -> bool:
+        """Whether Run answers are offered a file shared with the server (`shared_memory=`); False from the
+        first refusal on."""
+        return self._share_answers
 
     def close(self) -> None:
         self._channel.close()
@@ -309,7 +321,19 @@ class CoreClient:
 
     def send_run(self, request: pb.RunRequest, metadata=None) -> list[Run]:
         """Send a RunRequest (from `run_request`, possibly with a lens spec); one Run per prompt."""
-        header, arrays = self._tensor_stream("Run", request, metadata)
+        if not self._share_answers:
+            header, arrays = self._tensor_stream("Run", request, metadata)
+        else:
+            with shared.AnswerFile() as answer_file:
+                offered = pb.RunRequest()
+                offered.CopyFrom(request)
+                offered.shared_memory.CopyFrom(answer_file.offer())
+                header, arrays = self._tensor_stream("Run", offered, metadata)
+                if header.shared_memory_refused:
+                    log.info("shared memory refused by the server (%s): answers come on the stream from now on",
+                             header.shared_memory_refused)
+                    self._share_answers = False
+                arrays.update(answer_file.arrays(header.placements))
         runs = []
         for s, seq in enumerate(header.sequences):
             captures = {site: arrays[(site, s)] for site in header.sites if (site, s) in arrays}

@@ -30,7 +30,7 @@ from google.protobuf import descriptor_pb2
 from lmscope.proto.addresses import join_host_port
 from lmscope.proto.wire import lmscope_pb2 as pb
 
-from .errors import invalid_argument
+from .errors import LmscopeError, invalid_argument
 
 DEFAULT_PORT = 50051
 
@@ -107,6 +107,21 @@ class ServerSet:
     target: str
     endpoints: tuple[str, ...]
     authority: str | None = None
+
+    @property
+    def local(self) -> bool:
+        """Every server is on this host: a Unix socket, or loopback addresses and names only."""
+        if self.target.startswith(("unix:", "unix-abstract:")):
+            return True
+        for endpoint in self.endpoints:
+            try:
+                host, _ = split_host_port(endpoint)
+            except LmscopeError:  # a URI's endpoint (dns:///...): not known to be here
+                return False
+            ip = _ip(host)
+            if not (host == "localhost" or (ip is not None and ip.is_loopback)):
+                return False
+        return True
 
     @classmethod
     def parse(cls, address: str | Sequence[str]) -> "ServerSet":

@@ -4,9 +4,11 @@
                                       [--sizes 16,128,512,2000] [--repeat 3] [--no-peer]
                                       [--serve "--n-batch 60"]                    # the measured configuration
                                       [--compare "--n-batch 16 --n-outputs 16"]   # a second configuration
+                                      [--no-shared-memory]   # answers on the gRPC stream, as a remote client
 
 For each model (a name `lmscope pull` knows, or a path) and prompt size, through a real `lmscope serve` and
-the public client over gRPC:
+the public client over gRPC (on loopback the client takes a Run's tensors from shared memory, its default
+there; `--no-shared-memory` streams them, what a client on another host gets):
 
 - `states`: every block's output at every position, no logits (`run(ids, logits=False)`);
 - `states+last`: the same with the last position's logits (`run(ids, logits="last")`), what transformers'
@@ -76,7 +78,7 @@ def peak_mb(pid: int) -> float:
 # ----- lmscope ------------------------------------------------------------------------------------------------
 
 def measure_lmscope(model: str, sizes: list[int], lens_sizes: set[int], repeat: int, threads: int,
-                    server_args: tuple = ()) -> tuple[dict, dict]:
+                    server_args: tuple = (), shared_memory: bool | None = None) -> tuple[dict, dict]:
     """The figures per size, and the workload (token ids) the peer runs."""
     from lmscope.client import Client
     from lmscope.service.launch import launch_server
@@ -84,11 +86,13 @@ def measure_lmscope(model: str, sizes: list[int], lens_sizes: set[int], repeat: 
     out: dict = {"sizes": {}}
     n_ctx = max(4096, 2 * max(sizes))
     with launch_server(model, args=("--threads", str(threads), "--n-ctx", str(n_ctx), *server_args)) as server, \
-            Client(server.address) as c:
+            Client(server.address, shared_memory=shared_memory) as c:
         info = c.model_info()
         out["model"] = info.name + (f" `{' '.join(server_args)}`" if server_args else "")
         out["ubatch"] = f"{info.memory['n_ubatch']} tokens, {info.memory.get('n_outputs_max', '?')} output rows"
         out["cpu"] = getattr(info, "cpu_variant", "") or "portable"
+        c.run([1], logits=False)  # the first Run settles whether the server takes the offer of shared memory
+        out["answers"] = "shared memory" if c.answers_in_shared_memory else "gRPC stream"
         base = c.tokenize(TEXT).token_ids
         ids = (base * (max(sizes) // len(base) + 1))[:max(sizes)]
         chat_ids = c.tokenize(CHAT, chat=info.has_chat_template).token_ids
@@ -169,7 +173,8 @@ def run_peer(work: dict) -> dict:
 # ----- the report ---------------------------------------------------------------------------------------------
 
 def report(ours: dict, theirs: dict | None, load: str) -> None:
-    print(f"\n### {ours['model']} (ubatch: {ours['ubatch']}; CPU kernels: {ours['cpu']}; load {load})\n")
+    print(f"\n### {ours['model']} (ubatch: {ours['ubatch']}; CPU kernels: {ours['cpu']}; answers: {ours['answers']}; "
+          f"load {load})\n")
     print("| tokens | states | states+last | states+logits | lens (top-10, every layer x position) |")
     print("| --- | --- | --- | --- | --- |")
     peer_key = {"states": "states", "states+last": "states", "states+logits": "states+logits", "lens": "lens"}
@@ -207,6 +212,8 @@ def main() -> None:
     parser.add_argument("--compare", default="",
                         help="server arguments of a second lmscope configuration measured in the same run, "
                              "e.g. '--n-batch 16 --n-outputs 16' (the ubatches before issue #24)")
+    parser.add_argument("--no-shared-memory", action="store_true",
+                        help="the client streams every answer (what a client on another host gets)")
     parser.add_argument("--peer", help=argparse.SUPPRESS)  # a workload file: run transformers on it
     args = parser.parse_args()
     if args.peer:
@@ -220,7 +227,9 @@ def main() -> None:
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
         print(f"[{time.strftime('%H:%M:%S')}] {name}: lmscope", flush=True)
         lens_sizes = {int(s) for s in args.lens_sizes.split(",") if s}
-        ours, work = measure_lmscope(model, sizes, lens_sizes, args.repeat, args.threads, tuple(args.serve.split()))
+        shared = False if args.no_shared_memory else None
+        ours, work = measure_lmscope(model, sizes, lens_sizes, args.repeat, args.threads, tuple(args.serve.split()),
+                                     shared)
         theirs = None
         if not args.no_peer:
             print(f"[{time.strftime('%H:%M:%S')}] {name}: transformers", flush=True)
@@ -228,7 +237,8 @@ def main() -> None:
         report(ours, theirs, load + " -> " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
         if args.compare:
             print(f"[{time.strftime('%H:%M:%S')}] {name}: lmscope {args.compare}", flush=True)
-            other, _ = measure_lmscope(model, sizes, lens_sizes, args.repeat, args.threads, tuple(args.compare.split()))
+            other, _ = measure_lmscope(model, sizes, lens_sizes, args.repeat, args.threads, tuple(args.compare.split()),
+                                       shared)
             report(other, theirs, " ".join(f"{x:.1f}" for x in os.getloadavg()))
 
 

@@ -99,6 +99,8 @@ class RunJob:
     interventions: list[Intervention] = field(default_factory=list)
     lens: Lens | None = None
     fidelity: bool = False             # also return the fidelity map (service/fidelity.py)
+    shared_memory: tuple[int, int, bytes] | None = None  # the client's offered answer file: pid, fd, token
+    shared_memory_refused: str = ""    # why an offer was set aside before the worker (the client is elsewhere)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Jobs arrive already validated against the model's shape (`service/requests.py`); what can only be checked
 once prompts are tokenized (lengths, positions, capture size) is checked by the engine before any call into
 llama.cpp. Small answers are the wire's own messages, arrays are `NamedTensor`s (or `TensorPiece`s sent ahead)
-the front end streams.
+the front end streams, or, for a Run whose client offered shared memory, written into the client's file
+(`lmscope.proto.shared_memory`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from lmscope.proto.shared_memory import AnswerWriter, SharedMemoryRefused
 from lmscope.proto.wire import lmscope_pb2 as pb
 
 from .contracts import (
@@ -53,6 +55,16 @@ def as_float16(array: np.ndarray, name: str) -> np.ndarray:
         raise RequestError(Code.OUT_OF_RANGE, f"{name} has values up to {np.abs(array[overflow]).max():.4g}, beyond "
                                            f"float16's largest value {FLOAT16_MAX:,.0f}: ask for dtype float32")
     return array.astype(np.float16)
+
+
+def _written(write, *args) -> None:
+    """A write into the client's answer file; a full memory is the client's to hear about."""
+    try:
+        write(*args)
+    except OSError as exc:
+        raise RequestError(Code.RESOURCE_EXHAUSTED, f"could not write the answer into the client's shared memory "
+                                                    f"({exc.strerror}): ask for less, or run without shared memory "
+                                                    f"(Client(..., shared_memory=False))") from None
 
 
 class Operations:
@@ -95,10 +107,30 @@ class Operations:
     def run(self, job: RunJob) -> RunResult:
         start = time.perf_counter()
         token_lists = [self._tokens(p) for p in job.prompts]
+        writer, refused = None, job.shared_memory_refused
+        if job.shared_memory is not None:
+            try:
+                writer = AnswerWriter(*job.shared_memory)
+            except SharedMemoryRefused as exc:
+                refused = str(exc)
+        try:
+            result = self._run(job, token_lists, writer)
+        finally:
+            if writer is not None:
+                writer.close()
+        result.header.shared_memory_refused = refused
+        result.header.total_ms = (time.perf_counter() - start) * 1e3
+        return result
+
+    def _run(self, job: RunJob, token_lists: list[list[int]], writer: AnswerWriter | None) -> RunResult:
         sink = None
-        if self.emit is not None:
+        if writer is not None or self.emit is not None:
             def sink(sequence: int, shape: tuple[int, int], first_row: int, rows: np.ndarray) -> None:
                 rows = as_float16(rows, "logits") if job.float16 else rows
+                if writer is not None:
+                    offset = writer.place("logits", sequence, shape, rows.dtype)
+                    _written(writer.write, offset + first_row * shape[1] * rows.itemsize, rows)
+                    return
                 for piece in tensor_pieces("logits", sequence, shape, rows, first_row * shape[1] * rows.itemsize):
                     self.emit(piece)
         fidelity = self._fidelity_map() if job.fidelity else None
@@ -129,11 +161,18 @@ class Operations:
                               sites=job.capture, decode_ms=result.decode_ms,
                               n_ubatches=result.n_ubatches)
         del result  # `tensors` now owns the arrays: converting one frees its float32 original at once
-        if job.float16:
-            for i, tensor in enumerate(tensors):
-                if tensor.array.dtype == np.float32:
-                    tensors[i] = NamedTensor(tensor.name, tensor.sequence, as_float16(tensor.array, tensor.name))
-        header.total_ms = (time.perf_counter() - start) * 1e3
+        for i, tensor in enumerate(tensors):
+            array = tensor.array
+            if job.float16 and array.dtype == np.float32:
+                array = as_float16(array, tensor.name)
+            if writer is not None:
+                _written(writer.write_tensor, tensor.name, tensor.sequence, array)
+                tensors[i] = None  # written: its memory can go
+            else:
+                tensors[i] = NamedTensor(tensor.name, tensor.sequence, array)
+        if writer is not None:
+            header.placements.extend(writer.placements())
+            tensors = []
         return RunResult(header=header, tensors=tensors)
 
     def _fidelity_map(self) -> FidelityMap:

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from lmscope.proto import tensors
+from lmscope.proto import shared_memory, tensors
 from lmscope.proto.sites import select_sites, site_editable
 from lmscope.proto.wire import lmscope_pb2 as pb
 
@@ -220,7 +220,17 @@ class RequestParser:
                       capture=capture, positions=self.positions(request.positions, "capture"), logits=logits,
                       float16=self.dtype(request.dtype),
                       interventions=self.interventions(request.interventions, len(request.prompts)), lens=lens,
-                      fidelity=request.fidelity)
+                      fidelity=request.fidelity, shared_memory=self.shared_memory(request))
+
+    def shared_memory(self, request: pb.RunRequest) -> tuple[int, int, bytes] | None:
+        if not request.HasField("shared_memory"):
+            return None
+        offer = request.shared_memory
+        if offer.pid <= 0 or offer.fd < 0 or len(offer.token) != shared_memory.TOKEN_BYTES:
+            _fail(Code.INVALID_ARGUMENT, f"shared_memory needs the client's pid (> 0), its file's descriptor "
+                                      f"(>= 0) and a token of {shared_memory.TOKEN_BYTES} bytes; got pid {offer.pid}, "
+                                      f"fd {offer.fd}, {len(offer.token)} bytes")
+        return offer.pid, offer.fd, bytes(offer.token)
 
     def generate(self, request: pb.GenerateRequest) -> GenerateJob:
         limit = self.limits.max_generated_tokens

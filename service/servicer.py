@@ -7,7 +7,10 @@ any kind become gRPC statuses; nothing here can take the process down.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import ipaddress
+from urllib.parse import unquote
 
 import grpc
 
@@ -69,6 +72,23 @@ def _tensor_answer(messages):
         heap.return_free_memory()
 
 
+def on_this_host(peer: str) -> bool:
+    """Whether a gRPC peer ("ipv4:127.0.0.1:5000", "ipv6:%5B::1%5D:5000", "unix:...") connected from this host:
+    only such a client's offer of shared memory is looked at (`lmscope.proto.shared_memory`)."""
+    scheme, _, rest = peer.partition(":")
+    if scheme in ("unix", "unix-abstract"):
+        return True
+    if scheme not in ("ipv4", "ipv6"):
+        return False
+    host = unquote(rest).rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
 class InspectorServicer(pb_grpc.InspectorServicer):
     def __init__(self, pool: WorkerPool, max_message_bytes: int, test_hooks: bool = False):
         self.pool = pool
@@ -103,6 +123,9 @@ class InspectorServicer(pb_grpc.InspectorServicer):
     @_statuses
     def Run(self, request, context):
         job = self.parser.run(request)
+        if job.shared_memory is not None and not on_this_host(context.peer()):
+            job = dataclasses.replace(job, shared_memory=None, shared_memory_refused=(
+                f"the client connects from {context.peer()}, not from this host: its memory cannot be shared"))
         yield from _tensor_answer(self.pool.messages(self._crash_job(context) or job, context.is_active))
 
     @_statuses

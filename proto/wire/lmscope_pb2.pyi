@@ -263,7 +263,7 @@ class Intervention(_message.Message):
     def __init__(self, op: _Optional[_Union[Intervention.Op, str]] = ..., sites: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ..., vector: _Optional[_Union[Tensor, _Mapping]] = ..., sequences: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RunRequest(_message.Message):
-    __slots__ = ("prompts", "capture", "positions", "logits", "dtype", "interventions", "lens", "fidelity")
+    __slots__ = ("prompts", "capture", "positions", "logits", "dtype", "interventions", "lens", "fidelity", "shared_memory")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +272,7 @@ class RunRequest(_message.Message):
     INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
     LENS_FIELD_NUMBER: _ClassVar[int]
     FIDELITY_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedCompositeFieldContainer[Prompt]
     capture: _containers.RepeatedScalarFieldContainer[str]
     positions: _containers.RepeatedScalarFieldContainer[int]
@@ -280,7 +281,32 @@ class RunRequest(_message.Message):
     interventions: _containers.RepeatedCompositeFieldContainer[Intervention]
     lens: LensSpec
     fidelity: bool
-    def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., capture: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ..., logits: _Optional[_Union[LogitsMode, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., lens: _Optional[_Union[LensSpec, _Mapping]] = ..., fidelity: _Optional[bool] = ...) -> None: ...
+    shared_memory: SharedMemory
+    def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., capture: _Optional[_Iterable[str]] = ..., positions: _Optional[_Iterable[int]] = ..., logits: _Optional[_Union[LogitsMode, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., lens: _Optional[_Union[LensSpec, _Mapping]] = ..., fidelity: _Optional[bool] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ...) -> None: ...
+
+class SharedMemory(_message.Message):
+    __slots__ = ("pid", "fd", "token")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    FD_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    fd: int
+    token: bytes
+    def __init__(self, pid: _Optional[int] = ..., fd: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...
+
+class TensorPlacement(_message.Message):
+    __slots__ = ("name", "sequence", "dtype", "shape", "offset")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    sequence: int
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., sequence: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class LensSpec(_message.Message):
     __slots__ = ("enabled", "top_k", "temperature", "target_ids", "skip_final_norm", "return_logits", "keep_captures", "kl_reference_rows")
@@ -303,7 +329,7 @@ class LensSpec(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., target_ids: _Optional[_Iterable[int]] = ..., skip_final_norm: _Optional[bool] = ..., return_logits: _Optional[bool] = ..., keep_captures: _Optional[bool] = ..., kl_reference_rows: _Optional[int] = ...) -> None: ...
 
 class RunHeader(_message.Message):
-    __slots__ = ("sequences", "sites", "decode_ms", "total_ms", "n_ubatches")
+    __slots__ = ("sequences", "sites", "decode_ms", "total_ms", "n_ubatches", "placements", "shared_memory_refused")
     class Sequence(_message.Message):
         __slots__ = ("token_ids", "positions")
         TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -316,12 +342,16 @@ class RunHeader(_message.Message):
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     N_UBATCHES_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_REFUSED_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[RunHeader.Sequence]
     sites: _containers.RepeatedScalarFieldContainer[str]
     decode_ms: float
     total_ms: float
     n_ubatches: int
-    def __init__(self, sequences: _Optional[_Iterable[_Union[RunHeader.Sequence, _Mapping]]] = ..., sites: _Optional[_Iterable[str]] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., n_ubatches: _Optional[int] = ...) -> None: ...
+    placements: _containers.RepeatedCompositeFieldContainer[TensorPlacement]
+    shared_memory_refused: str
+    def __init__(self, sequences: _Optional[_Iterable[_Union[RunHeader.Sequence, _Mapping]]] = ..., sites: _Optional[_Iterable[str]] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., n_ubatches: _Optional[int] = ..., placements: _Optional[_Iterable[_Union[TensorPlacement, _Mapping]]] = ..., shared_memory_refused: _Optional[str] = ...) -> None: ...
 
 class RunChunk(_message.Message):
     __slots__ = ("header", "tensor")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import shutil
 import subprocess
@@ -221,8 +222,13 @@ def test_the_token_is_compared_in_constant_time():
 # ----- no request names a file ---------------------------------------------------------------------
 
 # Every string or bytes field a client can send, and what the server does with it. None is a path: a new
-# field of either type must be added here only after checking that the server never opens it as one.
+# field of either type must be added here only after checking that the server never opens it as one. The one
+# file a request can have the server open is a local client's own answer file (`RunRequest.shared_memory`):
+# /proc/{pid}/fd/{fd}, two integers, used only from a client on this host, only if it is a memfd named
+# lmscope-answer whose first bytes are the request's random token (tests/integration/test_shared_memory.py
+# offers other files and other tokens; below, a client from another address).
 CLIENT_TEXT_FIELDS = {
+    "lmscope.v1.SharedMemory.token": "16 random bytes compared with the first bytes of the client's answer file",
     "lmscope.v1.TokenizeRequest.text": "text to tokenize",
     "lmscope.v1.Prompt.text": "prompt text",
     "lmscope.v1.Intervention.sites": "site names or globs, matched against ModelInfo.capture_sites",
@@ -265,3 +271,50 @@ def test_path_like_strings_are_only_names_or_text(token_server, tiny_model):
         with pytest.raises(LmscopeError) as info:
             client.run(PROMPT, capture=["/etc/passwd"])
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ----- shared memory only for clients on this host ------------------------------------------------------
+
+@pytest.mark.parametrize("peer, here", [
+    ("ipv4:127.0.0.1:5000", True), ("ipv4:127.8.9.1:5000", True), ("ipv6:%5B::1%5D:5000", True),
+    ("ipv6:[::ffff:127.0.0.1]:5000", True), ("unix:/tmp/lmscope.sock", True), ("unix-abstract:lmscope", True),
+    ("ipv4:192.0.2.2:5000", False), ("ipv6:%5Bfd00::2%5D:5000", False), ("ipv6:[::ffff:10.0.0.1]:5000", False),
+    ("dns:example.org:5000", False), ("ipv4:not-an-ip:1", False), ("", False),
+])
+def test_only_a_peer_on_this_host_counts_as_local(peer, here):
+    from lmscope.service.servicer import on_this_host
+
+    assert on_this_host(peer) is here
+
+
+def _address_of_this_host() -> str | None:
+    """An IPv4 address of this machine other than loopback (None without a network interface)."""
+    import socket
+
+    for target in ("10.1.2.3", "198.51.100.1"):  # no packet leaves: connecting a UDP socket picks a route
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect((target, 9))
+            except OSError:
+                continue
+            address = s.getsockname()[0]
+            if not address.startswith("127."):
+                return address
+    return None
+
+
+def test_a_shared_memory_offer_over_the_network_is_not_looked_at(tiny_model, token_file):
+    from lmscope.proto import shared_memory as shared
+
+    address = _address_of_this_host()
+    if address is None or not shared.SUPPORTED:
+        pytest.skip("needs a network interface besides loopback, and Linux")
+    args = BASE_ARGS + ("--token-file", str(token_file), "--insecure")
+    with launch_server(tiny_model, host=address, args=args) as server, \
+            Client(server.address, token=TOKEN, shared_memory=True) as client, shared.AnswerFile() as answer:
+        request = client.run_request([PROMPT])
+        request.shared_memory.CopyFrom(answer.offer())
+        chunks = list(client._stream("Run", request))
+        header = next(c.header for c in chunks if c.HasField("header"))
+        assert "not from this host" in header.shared_memory_refused and len(chunks) > 1
+        assert os.fstat(answer.fd).st_size == shared.TOKEN_BYTES  # never written
