@@ -2,10 +2,11 @@
 
 A Run's tensors take one of two ways to a client on the server's host: written into the client's memfd, or
 streamed as chunks. The same request must give the same bits either way, for every shape of answer: a batch
-of prompts of mixed lengths decoded over several ubatches (served with ubatches of 4 tokens), a position
-subset, every logits mode (all-position logits leave the worker ubatch by ubatch), float16, the lens with
-and without the raw states, the fidelity map. The refusals: an offer the server cannot use is answered on
-the stream with the reason, and the server never writes into a file that is not the client's answer file.
+of prompts of mixed lengths decoded over several ubatches (served with ubatches of 4 tokens), requests in
+flight at once on two workers, a position subset, every logits mode (all-position logits leave the worker
+ubatch by ubatch), float16, the lens with and without the raw states, the fidelity map. The refusals: an
+offer the server cannot use is answered on the stream with the reason, and the server never writes into a
+file that is not the client's answer file.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from lmscope.service.launch import launch_server
 
 pytestmark = pytest.mark.skipif(not shared.SUPPORTED, reason="answers in shared memory need Linux's memfd")
 
-SERVER_ARGS = ("--threads", "1", "--n-ctx", "512", "--n-batch", "4")
+SERVER_ARGS = ("--threads", "1", "--n-ctx", "512", "--n-batch", "4", "--workers", "2")
 PROMPTS = [[1, 5, 9, 13], [1] + list(range(4, 27)), [1, 7], [1] + list(range(30, 41))]  # 4, 24, 2, 12 tokens
 
 
@@ -69,6 +70,18 @@ def test_a_batch_in_shared_memory_is_the_streamed_batch(clients, options):
         for name in arrays_b:
             assert arrays_a[name].dtype == arrays_b[name].dtype, name
             np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+
+
+def test_requests_in_flight_at_once_each_get_their_own_answer(server, clients):
+    _, streamed = clients
+    prompts = PROMPTS * 3
+    expected = streamed.run_batch(prompts, batch_size=1)
+    with Client(server.address, shared_memory=True, max_in_flight=4) as c:
+        for got, want in zip(c.run_batch(prompts, batch_size=1), expected):
+            assert got.token_ids == want.token_ids
+            np.testing.assert_array_equal(got.logits, want.logits)
+            np.testing.assert_array_equal(got.hidden_states, want.hidden_states)
+        assert c.answers_in_shared_memory
 
 
 def test_the_lens_in_shared_memory_is_the_streamed_lens(clients):
