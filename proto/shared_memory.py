@@ -130,10 +130,13 @@ class AnswerWriter:
         if not target.startswith(f"/memfd:{NAME}"):
             raise SharedMemoryRefused(f"{path} is not an {NAME} memfd")
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise SharedMemoryRefused(f"cannot open the client's file {path} ({exc.strerror})") from None
         try:
+            # again on the file opened: the client could have put another file at that number in between
+            if not os.readlink(f"/proc/self/fd/{self.fd}").startswith(f"/memfd:{NAME}"):
+                raise SharedMemoryRefused(f"{path} is not an {NAME} memfd")
             info = os.fstat(self.fd)
             if not stat.S_ISREG(info.st_mode) or info.st_nlink != 0:
                 raise SharedMemoryRefused(f"{path} is not an anonymous memory file")

@@ -141,6 +141,14 @@ class CapturePass:
                                            f"at start-up")
         if not rows:  # a ubatch without output rows: the last block's output-rows-only sites are empty
             return
+        plan = self._output_copies if late else self._row_copies
+        if site not in self.interventions and all(isinstance(picked, slice) for _, picked, _ in plan):
+            # runs of consecutive rows go from llama.cpp's buffer straight into their slots, without a copy
+            # between (SmolLM2's 270 sites of the fidelity map: the decode 194-197 ms with it, 186-189 without)
+            out, row_bytes = self.out[site], self.row_size[site] * 4
+            for s, picked, slots in plan:
+                ggml.read(tensor, out[s].reshape(len(out[s]), -1)[slots], picked.start * row_bytes)
+            return
         data = np.empty(size, np.float32)
         ggml.read(tensor, data)
         data = data.reshape(len(rows), -1)
@@ -148,7 +156,7 @@ class CapturePass:
             ggml.write(tensor, data)
         if site in self.out:
             out = self.out[site]
-            for s, picked, slots in self._output_copies if late else self._row_copies:
+            for s, picked, slots in plan:
                 out[s].reshape(len(out[s]), -1)[slots] = data[picked]
 
     def _intervene(self, site: str, data: np.ndarray, rows: list[tuple[int, int]]) -> bool:

@@ -146,6 +146,25 @@ def test_an_offer_of_another_kind_of_file_is_refused_untouched(clients):
     assert "is not an lmscope-answer memfd" in header.shared_memory_refused and chunks > 0
 
 
+def test_a_file_swapped_in_after_the_name_was_checked_is_refused(monkeypatch):
+    """The client could put another file at the offered number between the server's look at its name and
+    its open: the name is checked again on the file the server holds."""
+    real_readlink = os.readlink
+
+    def claimed(path):  # the offered number looks like an answer memfd when first looked at
+        return f"/memfd:{shared.NAME} (deleted)" if str(path).startswith(f"/proc/{os.getpid()}/fd/") \
+            else real_readlink(path)
+
+    with tempfile.TemporaryFile() as f:
+        token = os.urandom(shared.TOKEN_BYTES)
+        f.write(token)
+        f.flush()
+        monkeypatch.setattr(os, "readlink", claimed)
+        with pytest.raises(shared.SharedMemoryRefused, match="is not an lmscope-answer memfd"):
+            shared.AnswerWriter(os.getpid(), f.fileno(), token)
+        assert os.fstat(f.fileno()).st_size == shared.TOKEN_BYTES
+
+
 def test_an_offer_from_elsewhere_is_refused(clients):
     """A process the server cannot see (another host or pid namespace: here, a pid that does not exist)."""
     _, streamed = clients
