@@ -8,9 +8,12 @@ Linux), sends the big request, and reads each peak: "added" is the peak over the
 process held before it. "wire_ms" is the client's time for the request minus the worker's own (the
 header's total_ms): the pipe, the front end, gRPC and the client's assembly. "CPU" is each process's CPU time
 over the request (user + system, `/proc/PID/stat`): on a machine with few cores, what the front end and the
-client spend is taken from llama.cpp's threads.
+client spend is taken from llama.cpp's threads. The answer is streamed (what a client on another host gets);
+`--shared-memory` takes it from a file shared with the worker instead, a local client's default
+(`lmscope.proto.shared_memory`).
 
-    python scripts/bench_wire.py [--model PATH] [--tokens 128] [--repeat 3] [--dtype float16] [--json out.json]
+    python scripts/bench_wire.py [--model PATH] [--tokens 128] [--repeat 3] [--dtype float16] [--shared-memory]
+                                 [--json out.json]
 
 Report the machine load (`uptime`) with the figures: the times move with it, the memory does not.
 """
@@ -42,11 +45,11 @@ def _reset_peak(pid: int | str) -> None:
     pathlib.Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def measure_once(address: str, server_pid: int, tokens: int, dtype: str) -> dict:
+def measure_once(address: str, server_pid: int, tokens: int, dtype: str, shared_memory: bool) -> dict:
     """One big request from this (fresh) process, with every process's peak memory over it."""
     from lmscope.client import Client
 
-    with Client(address, timeout=600) as client:
+    with Client(address, timeout=600, shared_memory=shared_memory) as client:
         text = " ".join(f"word{i}" for i in range(4 * tokens))
         ids = client.tokenize(text).token_ids[:tokens]
         assert len(ids) == tokens, f"the prompt has only {len(ids)} tokens"
@@ -63,6 +66,7 @@ def measure_once(address: str, server_pid: int, tokens: int, dtype: str) -> dict
         peaks = {name: _status_kib(pid, "VmHWM") for name, pid in pids.items()}
         answer_mib = run.logits.nbytes / 2**20
         wire_ms = seconds * 1e3 - run.total_ms  # all but the worker's own time: pipe, front end, gRPC, client
+        assert client.answers_in_shared_memory == shared_memory, "the server refused the shared memory offered"
         del run
         time.sleep(0.5)
         after = {name: _status_kib(pid, "VmRSS") for name, pid in pids.items()}
@@ -74,22 +78,24 @@ def measure_once(address: str, server_pid: int, tokens: int, dtype: str) -> dict
             **{f"{name}_after_mib": after[name] / 1024 for name in PROCESSES}}
 
 
-def _child(address: str, server_pid: int, tokens: int, dtype: str, out) -> None:
-    out.send(measure_once(address, server_pid, tokens, dtype))
+def _child(address: str, server_pid: int, tokens: int, dtype: str, shared_memory: bool, out) -> None:
+    out.send(measure_once(address, server_pid, tokens, dtype, shared_memory))
 
 
-def measure(model, tokens: int, repeat: int, dtype: str = "float32") -> dict:
+def measure(model, tokens: int, repeat: int, dtype: str = "float32", shared_memory: bool = False) -> dict:
     rows = []
     context = mp.get_context("spawn")
     for _ in range(repeat):
         with launch_server(model, args=("--workers", "1")) as server:
             receiver, sender = context.Pipe(duplex=False)
-            child = context.Process(target=_child, args=(server.address, server.process.pid, tokens, dtype, sender))
+            child = context.Process(target=_child, args=(server.address, server.process.pid, tokens, dtype,
+                                                         shared_memory, sender))
             child.start()
             rows.append(receiver.recv())
             child.join()
     summary = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
-    return {"tokens": tokens, "dtype": dtype, "repeat": repeat, "median": summary, "runs": rows, "load": os.getloadavg()}
+    return {"tokens": tokens, "dtype": dtype, "shared_memory": shared_memory, "repeat": repeat, "median": summary,
+            "runs": rows, "load": os.getloadavg()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,17 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="the answer's dtype")
+    parser.add_argument("--shared-memory", action="store_true", help="the answer through shared memory, not the stream")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args(argv)
     model = args.model
     if model is None:
         from lmscope.service.model_files import pull_default_model
         model = pull_default_model(progress=None)
-    result = measure(model, args.tokens, args.repeat, args.dtype)
+    result = measure(model, args.tokens, args.repeat, args.dtype, args.shared_memory)
     result["model"] = str(model)
     m = result["median"]
-    print(f"run() with all logits as {args.dtype}, {args.tokens} tokens ({m['answer_mib']:.1f} MiB answer), median of "
-          f"{args.repeat} fresh servers and clients, load {result['load'][0]:.2f}:")
+    way = "shared memory" if args.shared_memory else "the stream"
+    print(f"run() with all logits as {args.dtype}, {args.tokens} tokens ({m['answer_mib']:.1f} MiB answer, through {way}), "
+          f"median of {args.repeat} fresh servers and clients, load {result['load'][0]:.2f}:")
     print(f"  time {m['seconds'] * 1e3:.0f} ms, of which {m['wire_ms']:.0f} ms outside the worker's own time")
     for name in PROCESSES:
         print(f"  {name:9s} before {m[name + '_before_mib']:6.1f}  peak {m[name + '_peak_mib']:6.1f}  "
