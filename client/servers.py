@@ -27,7 +27,7 @@ from typing import Sequence
 
 from google.protobuf import descriptor_pb2
 
-from lmscope.proto.addresses import join_host_port
+from lmscope.proto.addresses import is_loopback_host, join_host_port
 from lmscope.proto.wire import lmscope_pb2 as pb
 
 from .errors import LmscopeError, invalid_argument
@@ -118,8 +118,7 @@ class ServerSet:
                 host, _ = split_host_port(endpoint)
             except LmscopeError:  # a URI's endpoint (dns:///...): not known to be here
                 return False
-            ip = _ip(host)
-            if not (host == "localhost" or (ip is not None and ip.is_loopback)):
+            if not is_loopback_host(host):
                 return False
         return True
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hmac
-import ipaddress
 import math
 import multiprocessing as mp
 import os
@@ -31,7 +30,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lmscope.proto.addresses import join_host_port
+from lmscope.proto.addresses import is_loopback_host, join_host_port
 from lmscope.proto.wire import lmscope_pb2 as pb
 
 from . import heap, llama_rpc
@@ -63,15 +62,6 @@ class _TokenAuth(grpc.ServerInterceptor):
         if hmac.compare_digest(presented.encode(), self._expected):
             return continuation(handler_call_details)
         return self._deny
-
-
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class Server:
@@ -247,10 +237,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _argument_error(args: argparse.Namespace) -> str | None:
-    if args.test_hooks and not _is_loopback(args.host):
+    if args.test_hooks and not is_loopback_host(args.host):
         return (f"--test-hooks let any client crash the server's workers: they are for the test suite, on a "
                 f"loopback --host only, not {args.host}")
-    if not _is_loopback(args.host) and not (args.tls_cert or args.insecure):
+    if not is_loopback_host(args.host) and not (args.tls_cert or args.insecure):
         return (f"--host {args.host} exposes the server beyond this machine; add --tls-cert/--tls-key, "
                 f"or --insecure if the network is trusted")
     if args.precise and args.requantize:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import ipaddress
 from urllib.parse import unquote
 
 import grpc
 
 from lmscope.proto import tensors
+from lmscope.proto.addresses import is_loopback_host
 from lmscope.proto.wire import lmscope_pb2 as pb
 from lmscope.proto.wire import lmscope_pb2_grpc as pb_grpc
 
@@ -80,13 +80,7 @@ def on_this_host(peer: str) -> bool:
         return True
     if scheme not in ("ipv4", "ipv6"):
         return False
-    host = unquote(rest).rpartition(":")[0].strip("[]")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+    return is_loopback_host(unquote(rest).rpartition(":")[0])
 
 
 class InspectorServicer(pb_grpc.InspectorServicer):
