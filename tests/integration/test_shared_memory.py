@@ -2,7 +2,8 @@
 
 A Run's tensors take one of two ways to a client on the server's host: written into the client's memfd, or
 streamed as chunks. The same request must give the same bits either way, for every shape of answer: a batch
-of prompts of mixed lengths decoded over several ubatches (served with ubatches of 4 tokens), requests in
+of prompts of mixed lengths decoded over several ubatches (served with ubatches of 4 tokens; a llama and a
+gemma3 tiny model), requests in
 flight at once on two workers, a position subset, every logits mode (all-position logits leave the worker
 ubatch by ubatch), float16, the lens with and without the raw states, the fidelity map. The refusals: an
 offer the server cannot use is answered on the stream with the reason, and the server never writes into a
@@ -10,6 +11,7 @@ file that is not the client's answer file.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 
@@ -23,6 +25,7 @@ from lmscope.proto import shared_memory as shared
 from lmscope.proto import tensors
 from lmscope.proto.wire import lmscope_pb2 as pb
 from lmscope.service.launch import launch_server
+from lmscope.service.testing import build_tiny_model
 
 pytestmark = pytest.mark.skipif(not shared.SUPPORTED, reason="answers in shared memory need Linux's memfd")
 
@@ -30,9 +33,10 @@ SERVER_ARGS = ("--threads", "1", "--n-ctx", "512", "--n-batch", "4", "--workers"
 PROMPTS = [[1, 5, 9, 13], [1] + list(range(4, 27)), [1, 7], [1] + list(range(30, 41))]  # 4, 24, 2, 12 tokens
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model):
-    with launch_server(tiny_model, args=SERVER_ARGS) as s:
+@pytest.fixture(scope="module", params=["llama", "gemma3"])  # gemma3: sliding window, post-norms, GeGLU
+def server(request, tmp_path_factory):
+    model = build_tiny_model(tmp_path_factory.mktemp("shared") / f"{request.param}.gguf", family=request.param)
+    with launch_server(model, args=SERVER_ARGS) as s:
         yield s
 
 
@@ -163,6 +167,24 @@ def test_a_file_swapped_in_after_the_name_was_checked_is_refused(monkeypatch):
         with pytest.raises(shared.SharedMemoryRefused, match="is not an lmscope-answer memfd"):
             shared.AnswerWriter(os.getpid(), f.fileno(), token)
         assert os.fstat(f.fileno()).st_size == shared.TOKEN_BYTES
+
+
+def test_a_file_that_cannot_hold_the_answer_is_a_clear_error_and_the_server_goes_on(clients):
+    """A write into the client's file that fails (here a memfd sealed against growing; in life a full
+    memory) is RESOURCE_EXHAUSTED with what to do, not INTERNAL; the worker serves the next request."""
+    _, streamed = clients
+    fd = os.memfd_create(shared.NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        token = os.urandom(shared.TOKEN_BYTES)
+        os.pwrite(fd, token, 0)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
+        with pytest.raises(grpc.RpcError) as caught:
+            _raw_run(streamed, pb.SharedMemory(pid=os.getpid(), fd=fd, token=token))
+    finally:
+        os.close(fd)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "shared_memory=False" in caught.value.details()
+    assert streamed.run(PROMPTS[0]).logits.shape == (len(PROMPTS[0]), streamed.model_info().n_vocab)
 
 
 def test_an_offer_from_elsewhere_is_refused(clients):
